@@ -1,0 +1,71 @@
+"""DiT (Peebles & Xie): class-conditional, ``DiTTransformer2DModel``, driven by DDIM.
+
+Null class = ``num_embeds_ada_norm`` (the label the model was trained to treat as "no
+class"; 1000 for ImageNet DiT-XL/2).  With learned sigma the transformer outputs
+``2C`` channels and guidance applies to the first ``C`` (eps) only, as in ``DiTPipeline``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rstr.errors import RstrError
+from rstr.families.base import Conditioning, Family, TensorSpec
+
+
+class DiTFamily(Family):
+    name = "dit"
+    transformer_class = "DiTTransformer2DModel"
+    pipeline_class = "DiTPipeline"
+    default_steps_fallback = 50
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.transformer.config.num_embeds_ada_norm)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.transformer.config.in_channels)
+
+    @property
+    def learned_sigma(self) -> bool:
+        return self.transformer.config.out_channels == 2 * self.latent_channels
+
+    def sample_shape(self, batch: int) -> tuple[int, ...]:
+        s = int(self.transformer.config.sample_size)
+        return (batch, self.latent_channels, s, s)
+
+    def output_shape(self, batch: int) -> tuple[int, ...]:
+        s = int(self.transformer.config.sample_size)
+        return (batch, int(self.transformer.config.out_channels), s, s)
+
+    def cond_specs(self) -> list[TensorSpec]:
+        return [TensorSpec("class_labels", torch.int64, ("batch",))]
+
+    def labels(self, labels: list[int] | torch.Tensor) -> Conditioning:
+        """Conditioning for a list of class labels, checked against ``num_classes``."""
+        t = torch.as_tensor(labels, dtype=torch.int64).reshape(-1)
+        bad = [int(x) for x in t if not 0 <= int(x) < self.num_classes]
+        if bad:
+            raise RstrError(f"class label {bad[0]} is out of range; this model has classes 0..{self.num_classes - 1}")
+        return {"class_labels": t.to(self.device)}
+
+    def check_conditioning(self, cond: Conditioning, batch: int, what: str = "conditioning") -> Conditioning:
+        out = super().check_conditioning(cond, batch, what)
+        labels = out["class_labels"]
+        if what == "conditioning" and ((labels < 0) | (labels >= self.num_classes)).any():
+            bad = int(labels[(labels < 0) | (labels >= self.num_classes)][0])
+            raise RstrError(f"class label {bad} is out of range; this model has classes 0..{self.num_classes - 1}")
+        return out
+
+    def unconditional(self, cond: Conditioning) -> Conditioning:
+        return {"class_labels": torch.full_like(cond["class_labels"], self.num_classes)}
+
+    def denoise(self, sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        return self.transformer(sample, timestep=timestep, class_labels=cond["class_labels"], return_dict=False)[0]
+
+    def single(self, out: torch.Tensor) -> torch.Tensor:
+        return out[:, : self.latent_channels] if self.learned_sigma else out
+
+    def blocks(self):
+        return [(f"transformer_blocks.{i}", b) for i, b in enumerate(self.transformer.transformer_blocks)]

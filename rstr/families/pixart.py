@@ -1,0 +1,71 @@
+"""PixArt-alpha: T5 prompt embeddings with an attention mask, ``PixArtTransformer2DModel``.
+
+The unconditional input is the negative-prompt embedding (the pipeline encodes ``""``),
+given by the user or by the pipeline's text encoder when the directory has one.  As in
+``PixArtAlphaPipeline``, guidance is combined before learned sigma is dropped.  1024-px
+checkpoints (``sample_size == 128``) take resolution and aspect-ratio conditioning, which is
+constant for a fixed output size and therefore baked in rather than a graph input.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rstr.families.base import Conditioning, Family, TensorSpec
+
+
+class PixArtFamily(Family):
+    name = "pixart"
+    transformer_class = "PixArtTransformer2DModel"
+    pipeline_class = "PixArtAlphaPipeline"
+    default_steps_fallback = 20
+    text_len = 120
+
+    def __init__(self, *args, text_len: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.text_len = text_len or self.meta.get("text_len", self.text_len)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.transformer.config.in_channels)
+
+    def sample_shape(self, batch: int) -> tuple[int, ...]:
+        s = int(self.transformer.config.sample_size)
+        return (batch, self.latent_channels, s, s)
+
+    def output_shape(self, batch: int) -> tuple[int, ...]:
+        s = int(self.transformer.config.sample_size)
+        return (batch, int(self.transformer.config.out_channels), s, s)
+
+    def cond_specs(self) -> list[TensorSpec]:
+        dim = int(self.transformer.config.caption_channels)
+        return [
+            TensorSpec("encoder_hidden_states", torch.float32, ("batch", self.text_len, dim)),
+            TensorSpec("encoder_attention_mask", torch.float32, ("batch", self.text_len)),
+        ]
+
+    def _added_cond(self, n: int) -> dict:
+        if int(self.transformer.config.sample_size) != 128:
+            return {"resolution": None, "aspect_ratio": None}
+        px = 8 * int(self.transformer.config.sample_size)
+        return {
+            "resolution": torch.tensor([[px, px]], dtype=torch.float32, device=self.device).repeat(n, 1),
+            "aspect_ratio": torch.tensor([[1.0]], dtype=torch.float32, device=self.device).repeat(n, 1),
+        }
+
+    def denoise(self, sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        return self.transformer(
+            sample,
+            encoder_hidden_states=cond["encoder_hidden_states"],
+            encoder_attention_mask=cond["encoder_attention_mask"],
+            timestep=timestep,
+            added_cond_kwargs=self._added_cond(sample.shape[0]),
+            return_dict=False,
+        )[0]
+
+    def single(self, out: torch.Tensor) -> torch.Tensor:
+        learned_sigma = self.transformer.config.out_channels // 2 == self.latent_channels
+        return out[:, : self.latent_channels] if learned_sigma else out
+
+    def blocks(self):
+        return [(f"transformer_blocks.{i}", b) for i, b in enumerate(self.transformer.transformer_blocks)]

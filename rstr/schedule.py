@@ -1,0 +1,190 @@
+"""Guidance schedules: which denoising steps run classifier-free guidance, and at what scale.
+
+Convention (used everywhere in rstr, from the sampler to the compiled step plan):
+
+* a **guided** step runs two transformer passes (batch 2B: conditional rows first, then
+  unconditional) and combines them as ``eps = eps_u + w_t * (eps_c - eps_u)``;
+* an **unguided** step runs ONE pass (batch B) on the conditional input and uses
+  ``eps = eps_c`` -- numerically the same as ``w_t = 1`` without paying for ``eps_u``.
+
+Reviews of OUSAC describe skipped steps as "``w_t`` set to 0, only the conditional pass
+runs"; read literally, ``w_t = 0`` would give ``eps_u``.  rstr uses the convention above:
+an unguided step is conditional-only, and a guided step may still use any ``w_t >= 0``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rstr._io import write_json
+from rstr.errors import ScheduleError
+
+FORMAT = "rstr.schedule/1"
+_FIELDS = {"format", "family", "sampler", "num_steps", "default_steps", "steps"}
+
+
+@dataclass(frozen=True)
+class GuidanceSchedule:
+    """A per-step guidance plan for one model family and sampler.
+
+    ``scales[i]`` is the CFG scale of step ``i`` when ``guided[i]``, else ``None``.
+    ``num_steps`` may be smaller than ``default_steps`` (the model's usual step count,
+    the reference for :attr:`compute_fraction`): the sampler then respaces its timesteps.
+    """
+
+    family: str
+    sampler: str
+    guided: tuple[bool, ...]
+    scales: tuple[float | None, ...]
+    default_steps: int
+    num_steps: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "guided", tuple(bool(g) for g in self.guided))
+        object.__setattr__(self, "scales", tuple(None if s is None else float(s) for s in self.scales))
+        object.__setattr__(self, "num_steps", len(self.guided))
+        if self.num_steps < 1:
+            raise ScheduleError("schedule has no steps; give at least one step")
+        if len(self.scales) != self.num_steps:
+            raise ScheduleError(f"schedule has {self.num_steps} guided flags but {len(self.scales)} scales")
+        for i, (g, s) in enumerate(zip(self.guided, self.scales)):
+            if g and (s is None or not math.isfinite(s) or s < 0):
+                raise ScheduleError(f"step {i}: scale {s} must be a finite number >= 0 on a guided step")
+            if not g and s is not None:
+                raise ScheduleError(f"step {i}: an unguided step takes no scale (got {s}); drop it or mark the step guided")
+        if self.default_steps < 1:
+            raise ScheduleError(f"default_steps {self.default_steps} must be at least 1")
+
+    # ----------------------------------------------------------------- constructors
+    @classmethod
+    def constant(cls, scale: float, num_steps: int, *, family: str, sampler: str, default_steps: int | None = None) -> "GuidanceSchedule":
+        """Classic CFG: every step guided at ``scale`` (two passes per step)."""
+        return cls.interval(scale, num_steps, 0, num_steps, family=family, sampler=sampler, default_steps=default_steps)
+
+    @classmethod
+    def conditional_only(cls, num_steps: int, *, family: str, sampler: str, default_steps: int | None = None) -> "GuidanceSchedule":
+        """No guidance at all: one conditional pass per step."""
+        return cls.interval(0.0, num_steps, 0, 0, family=family, sampler=sampler, default_steps=default_steps)
+
+    @classmethod
+    def interval(
+        cls, scale: float, num_steps: int, start: int, stop: int, *, family: str, sampler: str, default_steps: int | None = None
+    ) -> "GuidanceSchedule":
+        """Guidance only on steps ``start <= i < stop`` (Kynkaanniemi et al. 2024)."""
+        if not 0 <= start <= stop <= num_steps:
+            raise ScheduleError(f"interval [{start}, {stop}) does not fit in {num_steps} steps")
+        guided = tuple(start <= i < stop for i in range(num_steps))
+        return cls(
+            family=family,
+            sampler=sampler,
+            guided=guided,
+            scales=tuple(scale if g else None for g in guided),
+            default_steps=default_steps or num_steps,
+        )
+
+    @classmethod
+    def first_k(cls, scale: float, num_steps: int, k: int, *, family: str, sampler: str, default_steps: int | None = None) -> "GuidanceSchedule":
+        """Guidance only on the first ``k`` steps ("Step AG")."""
+        return cls.interval(scale, num_steps, 0, k, family=family, sampler=sampler, default_steps=default_steps)
+
+    # ------------------------------------------------------------------- properties
+    @property
+    def num_guided(self) -> int:
+        return sum(self.guided)
+
+    @property
+    def passes_per_image(self) -> int:
+        """Transformer passes (forward rows) per image: 2 per guided step, 1 per unguided."""
+        return self.num_steps + self.num_guided
+
+    @property
+    def compute_fraction(self) -> float:
+        """Passes relative to constant CFG at ``default_steps`` (``2 * default_steps`` passes)."""
+        return self.passes_per_image / (2 * self.default_steps)
+
+    def describe(self) -> str:
+        """One line for logs: steps, guided steps and compute."""
+        return (
+            f"{self.num_steps} steps, {self.num_guided} guided, {self.passes_per_image} passes/image, "
+            f"{self.compute_fraction:.0%} of constant CFG at {self.default_steps} steps"
+        )
+
+    # ---------------------------------------------------------------- serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "family": self.family,
+            "sampler": self.sampler,
+            "num_steps": self.num_steps,
+            "default_steps": self.default_steps,
+            "steps": [{"guided": True, "scale": s} if g else {"guided": False} for g, s in zip(self.guided, self.scales)],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "schedule") -> "GuidanceSchedule":
+        """Validate and build; every problem is one :class:`ScheduleError` line naming the field."""
+        if not isinstance(data, dict):
+            raise ScheduleError(f"{source}: expected a JSON object, got {type(data).__name__}")
+        if data.get("format") != FORMAT:
+            raise ScheduleError(f"{source}: format {data.get('format')!r} is not {FORMAT!r}; write the file with rstr")
+        unknown = sorted(set(data) - _FIELDS)
+        if unknown:
+            raise ScheduleError(f"{source}: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(sorted(_FIELDS))}")
+        missing = sorted(_FIELDS - set(data))
+        if missing:
+            raise ScheduleError(f"{source}: missing field(s) {', '.join(missing)}")
+        steps = data["steps"]
+        if not isinstance(steps, list):
+            raise ScheduleError(f"{source}: 'steps' must be a list")
+        if len(steps) != data["num_steps"]:
+            raise ScheduleError(f"{source}: num_steps is {data['num_steps']} but 'steps' has {len(steps)} entries")
+        guided, scales = [], []
+        for i, step in enumerate(steps):
+            if not isinstance(step, dict) or not set(step) <= {"guided", "scale"} or "guided" not in step:
+                raise ScheduleError(f"{source}: step {i} must be {{'guided': bool, 'scale': float}}, got {step!r}")
+            scale = step.get("scale")
+            if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+                raise ScheduleError(f"{source}: step {i} scale {scale!r} is not a number")
+            guided.append(bool(step["guided"]))
+            scales.append(scale)
+        try:
+            return cls(
+                family=str(data["family"]),
+                sampler=str(data["sampler"]),
+                guided=tuple(guided),
+                scales=tuple(scales),
+                default_steps=int(data["default_steps"]),
+            )
+        except ScheduleError as err:
+            raise ScheduleError(f"{source}: {err}") from None
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> "GuidanceSchedule":
+        path = Path(path)
+        if not path.is_file():
+            raise ScheduleError(f"schedule file {path} does not exist; write one with `rstr search --out {path}`")
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ScheduleError(f"schedule file {path} is not valid JSON ({err})") from None
+        return cls.from_dict(data, source=str(path))
+
+    def sha256(self) -> str:
+        """Content hash of the canonical JSON, for provenance."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+    def check_fits(self, family: str, sampler: str | None = None) -> None:
+        """Refuse a schedule written for another family (or sampler)."""
+        if self.family != family:
+            raise ScheduleError(f"schedule is for family {self.family!r} but the model is {family!r}; search a schedule for this model")
+        if sampler is not None and self.sampler != sampler:
+            raise ScheduleError(f"schedule is for sampler {self.sampler!r} but the model uses {sampler!r}")
