@@ -39,7 +39,9 @@ class QwenImageFamily(FlowMatchFamily):
             timestep=timestep,
             encoder_hidden_states=cond["encoder_hidden_states"],
             encoder_hidden_states_mask=cond["encoder_hidden_states_mask"],
-            img_shapes=[[(1, half, half)]] * sample.shape[0],
+            # One entry: the rotary embedding reads only the first image's shape, and a
+            # list sized by the batch would freeze the batch axis when exported.
+            img_shapes=[[(1, half, half)]],
             return_dict=False,
         )[0]
 
