@@ -59,9 +59,6 @@ class FlowMatchFamily(Family):
     def sample_shape(self, batch: int) -> tuple[int, ...]:
         return (batch, self.seq_len, self.latent_channels * 4)
 
-    def output_shape(self, batch: int) -> tuple[int, ...]:
-        return (batch, self.seq_len, int(self.transformer.config.out_channels or self.transformer.config.in_channels))
-
     def model_timestep(self, t) -> float:
         return float(torch.as_tensor(t, dtype=torch.float32) / 1000)
 

@@ -1,0 +1,106 @@
+"""The Python embedding API: load a bundle once, then generate.
+
+``Pipeline.load(bundle, backend="auto")`` picks TensorRT when it is installed, a GPU is
+present and the bundle holds engines built for this TensorRT and GPU; otherwise it falls
+back to ONNX Runtime (CUDA if available, else CPU) with a warning saying why.
+
+Thread safety: a pipeline may be shared between threads; calls are serialised by the
+runner's lock (one generation at a time per pipeline).  Load one pipeline per thread for
+parallel generation.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+from rstr.engines.base import Runner
+from rstr.engines.bundle import Bundle
+from rstr.errors import BackendUnavailable, RstrError
+
+BACKENDS = ("auto", "tensorrt", "onnxruntime", "onnxruntime-cpu", "onnxruntime-cuda")
+
+
+@dataclass(frozen=True)
+class Result:
+    """Final latents ``[B, ...]`` and, when the bundle has a decoder, images ``[B, H, W, C]`` in [0, 1]."""
+
+    latents: np.ndarray
+    images: np.ndarray | None
+
+
+def make_runner(bundle: Bundle, backend: str = "auto") -> Runner:
+    """The runner for ``backend``; ``auto`` falls back from TensorRT to ONNX Runtime with a warning."""
+    from rstr.engines.onnxruntime import OnnxRuntimeRunner, cuda_available
+
+    if backend not in BACKENDS:
+        raise RstrError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    if backend in ("auto", "tensorrt"):
+        from rstr.engines.tensorrt import TensorRTRunner
+
+        try:
+            return TensorRTRunner(bundle)
+        except BackendUnavailable as why:
+            if backend == "tensorrt":
+                raise
+            fallback = "cuda" if cuda_available() else "cpu"
+            warnings.warn(f"TensorRT not used ({why}); falling back to ONNX Runtime ({fallback})", stacklevel=3)
+            return OnnxRuntimeRunner(bundle, device=fallback)
+    if backend == "onnxruntime":
+        return OnnxRuntimeRunner(bundle, device="cuda" if cuda_available() else "cpu")
+    return OnnxRuntimeRunner(bundle, device=backend.removeprefix("onnxruntime-"))
+
+
+class Pipeline:
+    """A loaded bundle with an active runner."""
+
+    def __init__(self, bundle: Bundle, runner: Runner):
+        self.bundle = bundle
+        self.runner = runner
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], backend: str = "auto") -> "Pipeline":
+        bundle = Bundle.open(path)
+        runner = make_runner(bundle, backend)
+        runner.activate()
+        return cls(bundle, runner)
+
+    def close(self) -> None:
+        self.runner.deactivate()
+
+    def __enter__(self) -> "Pipeline":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def backend(self) -> str:
+        return self.runner.backend
+
+    def noise(self, seed: int) -> np.ndarray:
+        """Standard normal noise of the bundle's sample shape from numpy's PCG64 with ``seed``."""
+        shape = self.bundle.sample.concrete(self.bundle.batch)
+        return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+
+    def __call__(self, conditioning: dict, *, uncond: dict | None = None, seed: int | None = None,
+                 noise: np.ndarray | None = None) -> Result:
+        """Generate from conditioning (e.g. ``{"class_labels": [3]}``) and either ``seed`` or ``noise``."""
+        if (seed is None) == (noise is None):
+            raise RstrError("give exactly one of seed= or noise=")
+        if noise is None:
+            noise = self.noise(seed)
+        conditioning = {k: np.asarray(v) for k, v in conditioning.items()}
+        latents = self.runner.infer(noise, conditioning, uncond)
+        return Result(latents, decode(self.bundle.manifest.get("decoder"), latents))
+
+
+def decode(decoder: dict | None, latents: np.ndarray) -> np.ndarray | None:
+    """Images in [0, 1], ``[B, H, W, C]``, for bundles whose latents are pixels; else None."""
+    if not decoder or decoder.get("kind") != "pixels":
+        return None
+    lo, hi = decoder["range"]
+    return np.clip((latents - lo) / (hi - lo), 0.0, 1.0).transpose(0, 2, 3, 1)

@@ -1,0 +1,241 @@
+"""``rstr-export build``: Stage-1, Stage-2, merge, export, verify, report -- one bundle.
+
+Each step is a function below, called in order by :func:`build`; a step is skipped when its
+result is given (``schedule``, ``adapter``).  The bundle is assembled in a temporary
+directory and renamed onto ``out`` only when verified and complete.
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from rstr._io import atomic_dir
+from rstr.engines.bundle import Bundle
+from rstr.errors import BackendUnavailable, RstrError
+from rstr.export.bundle import versions, write_manifest
+from rstr.export.graphs import export_denoiser, export_steps, graph_description
+from rstr.export.plan import build_plan
+from rstr.export.verify import Verification, example_inputs, rel, verify
+from rstr.families import load_model
+from rstr.families.base import Family
+from rstr.schedule import GuidanceSchedule
+
+MERGE_TOLERANCE = 1e-5
+
+
+@dataclass
+class BuildOptions:
+    model: Path | None = None
+    schedule: Path | None = None
+    adapter: Path | None = None
+    out: Path = Path("rstr-bundle")
+    backend: str = "auto"
+    dtype: str = "fp32"
+    batch: int = 1
+    force: bool = False
+    preset: str = "fast"
+    budget: float = 0.5
+    seed: int = 0
+    measure: bool = True
+
+
+@dataclass
+class BuildResult:
+    out: Path
+    manifest: dict
+    verification: Verification
+    summary: dict = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------- stages
+def run_stage1(family: Family, opts: BuildOptions, workdir: Path, console: Console) -> Path:
+    """Stage-1 search (fast preset by default); returns the schedule file (reports beside it)."""
+    import tempfile
+
+    from rstr.search import preset_config, run_search
+
+    config = preset_config(opts.preset, budget=opts.budget, steps=family.default_steps, seed=opts.seed)
+    out = workdir / "schedule.json"
+    console.print(f"[bold]Stage-1[/bold] searching a guidance schedule ({opts.preset} preset, budget {opts.budget:.0%})")
+    with tempfile.TemporaryDirectory(prefix="rstr-search-") as checkpoints:
+        run_search(family, config, checkpoints, out=out, progress=True)
+    return out
+
+
+def run_stage2(family: Family, schedule_path: Path, opts: BuildOptions, workdir: Path, console: Console) -> Path:
+    """Stage-2 calibration (fast preset by default); returns the adapter directory."""
+    from rstr.calibrate import calibrate
+
+    out = workdir / "adapter"
+    console.print(f"[bold]Stage-2[/bold] calibrating LoRA against the constant-CFG teacher ({opts.preset} preset)")
+    calibrate(family, GuidanceSchedule.load(schedule_path), out, preset=opts.preset, seed=opts.seed, progress=True)
+    return out
+
+
+def merge_adapter(family: Family, adapter: Path, batch: int) -> str:
+    """Merge the LoRA into the block weights; check merged == adapter model to 1e-5 first."""
+    from rstr.calibrate import adapter_sha256, load_adapter
+
+    peft_model = load_adapter(family, adapter)
+    cond, uncond = example_inputs(family, 2 * batch, seed=1)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(family.sample_shape(2 * batch), generator=g)
+    t = torch.full((2 * batch,), family.model_timestep(family.fresh_scheduler().config.num_train_timesteps // 2), dtype=torch.float32)
+    c = family.check_conditioning({k: torch.from_numpy(v) for k, v in cond.items()}, 2 * batch)
+    with torch.no_grad():
+        family.transformer = peft_model
+        with_adapter = family.denoise(x, t, c).numpy()
+        family.transformer = peft_model.merge_and_unload().eval()
+        merged = family.denoise(x, t, c).numpy()
+    err = rel(merged, with_adapter)
+    if err > MERGE_TOLERANCE:
+        raise RuntimeError(f"merged LoRA differs from the adapter model by {err:.1e} (> {MERGE_TOLERANCE:.0e})")
+    return adapter_sha256(adapter)
+
+
+def build_engines_if_usable(root: Path, manifest: dict, opts: BuildOptions, console: Console) -> list[dict]:
+    """TensorRT engines when asked for (or ``auto`` and usable); ``[]`` means ONNX Runtime only."""
+    if opts.backend == "onnxruntime":
+        return []
+    from rstr.engines.tensorrt import build_engines
+
+    try:
+        return build_engines(root, manifest)
+    except BackendUnavailable as why:
+        if opts.backend == "tensorrt":
+            raise
+        console.print(f"[yellow]TensorRT not used:[/yellow] {why}; the bundle runs on ONNX Runtime")
+        return []
+
+
+# ---------------------------------------------------------------------------- measures
+def measure_speed(family: Family, bundle: Bundle, schedule: GuidanceSchedule, reps: int = 5) -> dict:
+    """Median end-to-end seconds, interleaved: PyTorch eager constant CFG vs the bundle (ORT)."""
+    from rstr.engines.onnxruntime import OnnxRuntimeRunner
+    from rstr.sampler import sample
+
+    b = bundle.batch
+    cond, uncond = example_inputs(family, b)
+    noise = np.random.default_rng(0).standard_normal(bundle.sample.concrete(b), dtype=np.float32)
+    tcond = {k: torch.from_numpy(v) for k, v in cond.items()}
+    tuncond = None if uncond is None else {k: torch.from_numpy(v) for k, v in uncond.items()}
+    scale = float(family.meta.get("default_scale", 4.0))
+    baseline = GuidanceSchedule.constant(scale, family.default_steps, family=family.name, sampler=family.sampler)
+    times: dict[str, list[float]] = {"pytorch_constant_cfg": [], "bundle": []}
+    with OnnxRuntimeRunner(bundle) as runner:
+        runner.infer(noise, cond, uncond)  # warm-up
+        sample(family, baseline, tcond, uncond=tuncond, noise=torch.from_numpy(noise))
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            sample(family, baseline, tcond, uncond=tuncond, noise=torch.from_numpy(noise))
+            times["pytorch_constant_cfg"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            runner.infer(noise, cond, uncond)
+            times["bundle"].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"baseline": baseline.describe(), "seconds": med, "speedup": med["pytorch_constant_cfg"] / med["bundle"], "reps": reps}
+
+
+def measure_quality(family: Family, schedule: GuidanceSchedule) -> dict | None:
+    """Held-out FD and accuracy of the bundle's schedule and of constant CFG (reference model only)."""
+    if family.name != "dit" or tuple(family.sample_shape(1)) != (1, 1, 8, 8):
+        return None
+    from rstr.evaluate import HELD_OUT_SEEDS, evaluate
+
+    scale = float(family.meta.get("default_scale", 4.0))
+    baseline = GuidanceSchedule.constant(scale, family.default_steps, family=family.name, sampler=family.sampler)
+    kw = dict(num=250, groups=2, seed_start=HELD_OUT_SEEDS.start, progress=False)
+    ours, base = evaluate(family, schedule, **kw), evaluate(family, baseline, **kw)
+    return {"rstr": ours.to_dict(), "constant_cfg": base.to_dict(), "seeds": "held-out", "images_per_group": 250}
+
+
+# ------------------------------------------------------------------------------- build
+def build(opts: BuildOptions, console: Console | None = None) -> BuildResult:
+    """The whole job: stages as needed, merge, export, verify, engines, report, manifest."""
+    console = console or Console(stderr=True)
+    if opts.out.exists() and not opts.force:
+        raise RstrError(f"output directory {opts.out} exists; pass --force to replace it or choose another --out")
+    if opts.batch < 1:
+        raise RstrError(f"--batch {opts.batch} must be at least 1")
+    family = load_model(opts.model)
+    if opts.schedule is not None:
+        build_plan(family, GuidanceSchedule.load(opts.schedule), opts.batch)  # refuse a misfit before any work
+
+    with atomic_dir(opts.out, force=opts.force) as root:
+        stages = root / "stages"
+        stages.mkdir()
+        schedule_path = opts.schedule or run_stage1(family, opts, stages, console)
+        schedule = GuidanceSchedule.load(schedule_path)
+        schedule.check_fits(family.name)
+        if opts.adapter is None and opts.schedule is None:
+            adapter = run_stage2(family, schedule_path, opts, stages, console)
+        else:
+            adapter = opts.adapter
+        schedule.save(root / "schedule.json")
+
+        adapter_hash = None
+        if adapter is not None:
+            console.print(f"merging adapter {adapter}")
+            adapter_hash = merge_adapter(family, adapter, opts.batch)
+            if not (stages / "adapter").exists():
+                shutil.copytree(adapter, stages / "adapter")
+
+        plan = build_plan(family, schedule, opts.batch)
+        console.print(f"exporting {family.name} ({opts.dtype}, batch {opts.batch}) to ONNX")
+        export_denoiser(family, root / "denoiser.onnx", dtype=opts.dtype, batch=opts.batch)
+        export_steps(family, root, batch=opts.batch)
+
+        manifest = {
+            "family": family.name,
+            "batch": opts.batch,
+            "dtype": opts.dtype,
+            "sample": {"name": "sample", "dtype": "float32", "shape": list(family.sample_shape(opts.batch))},
+            "graphs": graph_description(family, opts.batch),
+            "conditioning": conditioning_section(family),
+            "plan": plan,
+            "decoder": decoder_section(family),
+            "engines": [],
+            "provenance": {**versions(), "model": str(getattr(family, "path", opts.model)), "schedule_sha256": schedule.sha256(),
+                           "adapter_sha256": adapter_hash, "adapter": "stages/adapter" if adapter is not None else None},
+        }
+        write_manifest(root, manifest)  # provisional, so the bundle can be opened and verified
+        console.print("verifying the bundle against PyTorch (ONNX Runtime, CPU)")
+        bundle = Bundle.open(root)
+        check = verify(bundle, family, schedule)
+        manifest["verification"] = check.to_json()
+        manifest["engines"] = build_engines_if_usable(root, manifest, opts, console)
+
+        summary = {"schedule": schedule.describe(), "compute_saved": 1 - schedule.compute_fraction,
+                   "max_rel_error": check.max_rel_error}
+        if opts.measure:
+            console.print("measuring quality (held-out seeds) and speed (interleaved, median of 5)")
+            summary["quality"] = measure_quality(family, schedule)
+            summary["speed"] = measure_speed(family, bundle, schedule)
+        manifest["summary"] = summary
+        from rstr.export.report import write_report
+
+        write_report(root, manifest, family, schedule)
+        manifest = write_manifest(root, manifest)
+    return BuildResult(opts.out, manifest, check, summary)
+
+
+def conditioning_section(family: Family) -> dict:
+    inputs = [s.to_json() for s in family.cond_specs()]
+    if family.name == "dit":
+        return {"inputs": inputs, "unconditional": {"class_labels": {"fill": family.num_classes}}, "num_classes": family.num_classes}  # type: ignore[attr-defined]
+    return {"inputs": inputs, "unconditional": {s["name"]: "required" for s in inputs}}
+
+
+def decoder_section(family: Family) -> dict | None:
+    image = family.meta.get("image")
+    if not image:
+        return None
+    return {"kind": "pixels", "channels": image["channels"], "size": image["size"], "range": list(image["range"])}

@@ -1,0 +1,43 @@
+"""Write a bundle directory: graphs, manifest with sha256 of every file, provenance.
+
+Everything is written into a temporary sibling directory and renamed onto the target only
+when complete, so an interrupted build never leaves a bundle that looks finished.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from pathlib import Path
+from typing import Any
+
+from rstr.engines.bundle import FORMAT, VERSION, sha256_file
+
+
+def versions() -> dict[str, str]:
+    import diffusers
+    import onnx
+    import torch
+
+    import rstr
+
+    return {"rstr": rstr.__version__, "torch": torch.__version__, "onnx": onnx.__version__, "diffusers": diffusers.__version__}
+
+
+def file_table(root: Path, names: list[str]) -> dict[str, dict[str, Any]]:
+    """sha256 and size of each listed file (relative POSIX paths)."""
+    return {n: {"sha256": sha256_file(root / n), "bytes": (root / n).stat().st_size} for n in sorted(names)}
+
+
+def bundle_files(root: Path) -> list[str]:
+    """Every file of the bundle but the manifest itself."""
+    return [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p.name != "manifest.json"]
+
+
+def write_manifest(root: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Fill ``format``, ``version``, ``files`` and creation time; write ``manifest.json``."""
+    manifest = {"format": FORMAT, "version": VERSION, **manifest}
+    manifest["files"] = file_table(root, bundle_files(root))
+    manifest.setdefault("provenance", {})["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    (root / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest

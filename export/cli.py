@@ -1,0 +1,161 @@
+"""`rstr-export`: build, inspect, verify and run deployment bundles.
+
+`rstr-export build` with no arguments does the whole job on the reference model:
+Stage-1 search, Stage-2 calibration, LoRA merge, ONNX export with a baked step plan,
+engines for the best backend present, verification and a report.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from rstr._cli import run_app
+from rstr.errors import RstrError
+
+app = typer.Typer(name="rstr-export", help=__doc__.split("\n\n")[0].split(": ", 1)[1], no_args_is_help=True,
+                  add_completion=False, pretty_exceptions_enable=False)
+console = Console()
+err_console = Console(stderr=True)
+BundleArg = Annotated[Path, typer.Argument(help="Bundle directory written by `rstr-export build`.")]
+
+
+@app.command()
+def build(
+    model: Annotated[Optional[Path], typer.Option(help="Local diffusers directory. Default: the reference digits DiT.")] = None,
+    schedule: Annotated[Optional[Path], typer.Option(help="Schedule JSON from `rstr search`; skips Stage-1 (and Stage-2 unless --adapter).")] = None,
+    adapter: Annotated[Optional[Path], typer.Option(help="Adapter directory from `rstr calibrate`; skips Stage-2.")] = None,
+    out: Annotated[Path, typer.Option(help="Bundle directory to write (refused if it exists, unless --force).")] = Path("rstr-bundle"),
+    backend: Annotated[str, typer.Option(help="auto (TensorRT when usable, else ONNX Runtime) | tensorrt | onnxruntime.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="Precision inside the denoiser graph: fp32 | fp16 | bf16.")] = "fp32",
+    batch: Annotated[int, typer.Option(help="Images per call (B); guided steps run 2B rows, unguided B.")] = 1,
+    preset: Annotated[str, typer.Option(help="Stage-1/Stage-2 effort when they run: fast | full.")] = "fast",
+    budget: Annotated[float, typer.Option(help="Stage-1 compute budget, fraction of constant CFG at full steps.")] = 0.5,
+    seed: Annotated[int, typer.Option(help="Seed of the stages.")] = 0,
+    force: Annotated[bool, typer.Option(help="Replace an existing --out (only once the new bundle is complete).")] = False,
+    measure: Annotated[bool, typer.Option(help="Measure quality and speed for the report.")] = True,
+) -> None:
+    """Build a verified bundle. With no arguments: the whole job on the reference model.
+
+    Examples: `rstr-export build` | `rstr-export build --schedule s.json --adapter calib/ --out b/`
+    """
+    from rstr.export.build import BuildOptions
+    from rstr.export.build import build as run_build
+
+    if backend not in ("auto", "tensorrt", "onnxruntime"):
+        raise RstrError(f"--backend {backend!r} is not one of auto, tensorrt, onnxruntime")
+    if preset not in ("fast", "full"):
+        raise RstrError(f"--preset {preset!r} is not one of fast, full")
+    result = run_build(BuildOptions(model, schedule, adapter, out, backend, dtype, batch, force, preset, budget, seed, measure), err_console)
+    s = result.summary
+    table = Table(title=f"bundle {result.out}")
+    table.add_column("measure")
+    table.add_column("value")
+    table.add_row("schedule", s["schedule"])
+    table.add_row("compute saved vs constant CFG", f"{s['compute_saved']:.0%}")
+    table.add_row("bundle vs PyTorch (max rel. error)", f"{s['max_rel_error']:.1e}")
+    q = s.get("quality")
+    if q:
+        table.add_row("held-out FD: rstr / constant CFG", f"{q['rstr']['fd_mean']:.3f} / {q['constant_cfg']['fd_mean']:.3f}")
+        table.add_row("accuracy: rstr / constant CFG", f"{q['rstr']['accuracy']:.3f} / {q['constant_cfg']['accuracy']:.3f}")
+    if s.get("speed"):
+        table.add_row("speedup vs PyTorch constant CFG", f"{s['speed']['speedup']:.2f}x (end to end, this machine)")
+    console.print(table)
+    console.print(f"report: {result.out / 'report.md'}")
+
+
+@app.command()
+def inspect(bundle: BundleArg, json_out: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False) -> None:
+    """Show a bundle's step plan: timestep, guided or not, scale and batch of every step."""
+    from rstr.engines.bundle import Bundle
+
+    b = Bundle.open(bundle)
+    if json_out:
+        print(json.dumps(b.plan, indent=2))
+        return
+    plan = b.plan
+    table = Table(title=f"{bundle}: {b.family}, batch {b.batch}, {plan['num_steps']} steps, "
+                        f"{plan['passes_per_image']} passes/image ({plan['compute_fraction']:.0%} of constant CFG)")
+    for col in ("step", "timestep", "model t", "guided", "scale", "batch", "coef_sample", "coef_eps"):
+        table.add_column(col, justify="right")
+    for s in b.steps:
+        table.add_row(str(s["index"]), f"{s['timestep']:.1f}", f"{s['model_timestep']:.4g}", "yes" if s["guided"] else "no",
+                      "" if s["scale"] is None else f"{s['scale']:.3f}", str(s["batch"]), f"{s['coef_sample']:.5f}", f"{s['coef_eps']:.5f}")
+    console.print(table)
+
+
+@app.command()
+def verify(bundle: BundleArg, seed: Annotated[int, typer.Option(help="Seed of the noise.")] = 0) -> None:
+    """Run the bundle (ONNX Runtime, CPU) and the PyTorch sampler from the same noise and compare.
+
+    The model, schedule and adapter are the ones recorded in the bundle.
+    """
+    from rstr.engines.bundle import Bundle
+    from rstr.export.verify import verify as run_verify
+    from rstr.families import load_model
+    from rstr.schedule import GuidanceSchedule
+
+    b = Bundle.open(bundle)
+    prov = b.manifest["provenance"]
+    family = load_model(Path(prov["model"]))
+    if prov.get("adapter"):
+        from rstr.calibrate import apply_adapter
+
+        apply_adapter(family, b.root / prov["adapter"])
+    result = run_verify(b, family, GuidanceSchedule.load(b.root / "schedule.json"), seed=seed)
+    console.print(f"[green]verified[/green]: max relative error {result.max_rel_error:.2e} <= {result.tolerance:.0e} "
+                  f"over {len(result.per_step)} steps ({result.backend})")
+
+
+@app.command()
+def run(
+    bundle: BundleArg,
+    classes: Annotated[str, typer.Option("--class", help="Class label(s), comma-separated, one per batch row.")] = "0",
+    cond: Annotated[Optional[Path], typer.Option(help=".npz of conditioning arrays (and uncond_<name> for negatives).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the noise (numpy PCG64); ignored with --noise.")] = 0,
+    noise: Annotated[Optional[Path], typer.Option(help=".npy noise of the bundle's sample shape.")] = None,
+    backend: Annotated[str, typer.Option(help="auto | tensorrt | onnxruntime | onnxruntime-cpu | onnxruntime-cuda.")] = "auto",
+    out: Annotated[Path, typer.Option(help=".png (bundles with a pixel decoder) or .npy latents.")] = Path("out.png"),
+) -> None:
+    """Generate with a bundle and save the image grid or the latents."""
+    import numpy as np
+
+    from rstr._io import atomic_path
+    from rstr.engines.pipeline import Pipeline
+
+    with Pipeline.load(bundle, backend=backend) as pipe:
+        if cond is not None:
+            arrays = dict(np.load(cond))
+            conditioning = {k: v for k, v in arrays.items() if not k.startswith("uncond_")}
+            uncond = {k.removeprefix("uncond_"): v for k, v in arrays.items() if k.startswith("uncond_")} or None
+        else:
+            try:
+                conditioning, uncond = {"class_labels": np.array([int(c) for c in classes.split(",")], np.int64)}, None
+            except ValueError:
+                raise RstrError(f"--class {classes!r} must be comma-separated integers") from None
+        noise_arr = None if noise is None else np.load(noise)
+        result = pipe(conditioning, uncond=uncond, seed=None if noise_arr is not None else seed, noise=noise_arr)
+        with atomic_path(out) as tmp:
+            if out.suffix == ".npy":
+                with open(tmp, "wb") as fh:
+                    np.save(fh, result.latents)
+            elif out.suffix == ".png" and result.images is not None:
+                import matplotlib.pyplot as plt
+
+                plt.imsave(tmp, np.concatenate(list(result.images), axis=1).squeeze(-1), cmap="gray", vmin=0, vmax=1, format="png")
+            else:
+                raise RstrError(f"--out {out}: use .npy (latents){' or .png' if result.images is not None else ''}")
+    console.print(f"wrote {out} ({pipe.backend})")
+
+
+def main() -> None:
+    run_app(app, "rstr-export")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,222 @@
+"""ONNX graphs of a bundle: the denoiser and the two step graphs.
+
+* ``denoiser``: the family's transformer call (LoRA already merged), dynamic batch ``N``
+  covering B and 2B, float32 I/O with the arithmetic precision (fp32/fp16/bf16) set inside
+  the graph, since TensorRT 11 is strongly typed.
+* ``step_guided`` / ``step_single``: the family's CFG combine and the affine scheduler update,
+  so the runtime needs neither diffusers nor a scheduler.
+
+Export uses the dynamo exporter where it works (DiT, FLUX, Qwen-Image with the patches
+below) and the TorchScript exporter for PixArt-alpha, whose dynamo graph ONNX Runtime
+refuses (``deployment.md``).  Graphs are cleaned and constant-folded with onnx-graphsurgeon
+and polygraphy, and saved with external data when they exceed 2 GB.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from rstr.errors import RstrError
+from rstr.families.base import Family, TensorSpec
+
+OPSET = 18
+TWO_GB = 2**31
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Exporters known to give graphs ONNX Runtime runs (deployment.md): dynamo where it works.
+DYNAMO = {"dit": True, "pixart": False, "flux": True, "qwenimage": True}
+
+
+class Denoiser(nn.Module):
+    """``(sample, timestep, *cond) -> model_output`` with float32 I/O and ``dtype`` inside."""
+
+    def __init__(self, family: Family, dtype: torch.dtype):
+        super().__init__()
+        self.family = family
+        self.transformer = family.transformer  # registered so the exporter sees the weights
+        self.dtype = dtype
+        self.cond_names = [s.name for s in family.cond_specs()]
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, *cond: torch.Tensor) -> torch.Tensor:
+        c = {n: (v.to(self.dtype) if v.is_floating_point() else v) for n, v in zip(self.cond_names, cond)}
+        return self.family.denoise(sample.to(self.dtype), timestep.to(self.dtype), c).float()
+
+
+class GuidedStep(nn.Module):
+    """``x_next = a x + b combine(out[:B], out[B:], w)``; also returns ``[x_next; x_next]``."""
+
+    def __init__(self, family: Family):
+        super().__init__()
+        self.family = family
+
+    def forward(self, sample, model_output, scale, coef_sample, coef_eps):
+        b = sample.shape[0]
+        eps = self.family.combine(model_output[:b], model_output[b:], scale)
+        nxt = coef_sample * sample + coef_eps * eps
+        return nxt, torch.cat([nxt, nxt])
+
+
+class SingleStep(nn.Module):
+    """``x_next = a x + b single(out)``; also returns ``[x_next; x_next]``."""
+
+    def __init__(self, family: Family):
+        super().__init__()
+        self.family = family
+
+    def forward(self, sample, model_output, coef_sample, coef_eps):
+        nxt = coef_sample * sample + coef_eps * self.family.single(model_output)
+        return nxt, torch.cat([nxt, nxt])
+
+
+# ----------------------------------------------------------------------- family patches
+def _real_rotary(x: torch.Tensor, freqs: tuple[torch.Tensor, torch.Tensor], use_real: bool = False,
+                 use_real_unbind_dim: int = -1) -> torch.Tensor:
+    """Qwen-Image rotary embedding with real cos/sin tables instead of complex numbers.
+
+    ``(a + ib)(c + is)`` on interleaved pairs, written with strided slices (not a reshape
+    to ``(..., -1, 2)``, which freezes shapes when traced).
+    """
+    cos, sin = freqs  # [S, 1, D] each, interleave-repeated
+    xf = x.float()
+    rotated = torch.stack([-xf[..., 1::2], xf[..., 0::2]], dim=-1).flatten(-2)
+    return (xf * cos + rotated * sin).to(x.dtype)
+
+
+@contextlib.contextmanager
+def export_patches(family: Family) -> Iterator[None]:
+    """Patches that make a family exportable, undone on exit (the model is left as found)."""
+    if family.name != "qwenimage":
+        yield
+        return
+    from diffusers.models.transformers import transformer_qwenimage as qmod
+
+    pos_embed = family.transformer.pos_embed
+    half = family.latent_size // 2
+    with torch.no_grad():
+        img, txt = pos_embed([[(1, half, half)]], max_txt_seq_len=family.text_len, device=family.device)
+
+    def table(freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return (freqs.real.repeat_interleave(2, -1)[:, None].contiguous(), freqs.imag.repeat_interleave(2, -1)[:, None].contiguous())
+
+    tables = (table(img), table(txt))
+    original_apply = qmod.apply_rotary_emb_qwen
+    pos_embed.forward = lambda *args, **kwargs: tables
+    qmod.apply_rotary_emb_qwen = _real_rotary
+    try:
+        yield
+    finally:
+        del pos_embed.forward
+        qmod.apply_rotary_emb_qwen = original_apply
+
+
+# --------------------------------------------------------------------------- export
+def _example(spec: TensorSpec, batch: int, family: Family) -> torch.Tensor:
+    shape = spec.concrete(batch)
+    if spec.dtype == torch.int64:
+        return torch.zeros(shape, dtype=torch.int64)
+    if spec.name.endswith("mask"):
+        return torch.ones(shape)
+    return torch.randn(shape)
+
+
+def _export(module: nn.Module, args: tuple, path: Path, input_names: list[str], output_names: list[str],
+            batch_axes: dict[str, str], dynamo: bool) -> None:
+    """Export with dynamic axes named in ``batch_axes`` (input/output name -> axis symbol)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if dynamo:
+            dims = {"batch": torch.export.Dim("batch", min=1, max=4096)}
+            dims["batch2"] = 2 * dims["batch"]
+            dynamic_shapes = [({0: dims[batch_axes[n]]} if n in batch_axes else None) for n in input_names]
+            if isinstance(module, Denoiser):  # forward(sample, timestep, *cond): varargs form one tuple
+                dynamic_shapes = [*dynamic_shapes[:2], tuple(dynamic_shapes[2:])]
+            program = torch.onnx.export(module, args, dynamo=True, input_names=input_names, output_names=output_names,
+                                        dynamic_shapes=dynamic_shapes, opset_version=OPSET, verbose=False)
+            program.save(str(path), external_data=False)
+        else:
+            axes = {n: {0: batch_axes[n]} for n in [*input_names, *output_names] if n in batch_axes}
+            torch.onnx.export(module, args, str(path), dynamo=False, input_names=input_names, output_names=output_names,
+                              dynamic_axes=axes, opset_version=OPSET, do_constant_folding=True)
+
+
+def clean(path: Path) -> None:
+    """Fold constants (polygraphy), drop dead nodes (graphsurgeon), save with external data past 2 GB."""
+    import onnx_graphsurgeon as gs
+    from polygraphy.backend.onnx import fold_constants
+
+    model = onnx.load(str(path))
+    model = fold_constants(model, allow_onnxruntime_shape_inference=True, error_ok=True)
+    graph = gs.import_onnx(model)
+    graph.cleanup().toposort()
+    model = gs.export_onnx(graph)
+    _refuse_float64(model, path)
+    if model.ByteSize() >= TWO_GB - (64 << 20):
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=path.name + ".data")
+    else:
+        onnx.save_model(model, str(path))
+
+
+def _refuse_float64(model: onnx.ModelProto, path: Path) -> None:
+    """TensorRT has no float64: a graph that still computes in double is an export bug."""
+    double = onnx.TensorProto.DOUBLE
+    bad = [i.name for i in model.graph.initializer if i.data_type == double]
+    bad += [n.name for n in model.graph.node if n.op_type == "Cast" and any(a.name == "to" and a.i == double for a in n.attribute)]
+    if bad:
+        raise RuntimeError(f"{path.name} computes in float64 at {bad[:3]}; TensorRT cannot run it")
+
+
+def export_denoiser(family: Family, path: Path, dtype: str = "fp32", batch: int = 1) -> None:
+    """Export the family's transformer call with a dynamic batch axis."""
+    if dtype not in DTYPES:
+        raise RstrError(f"--dtype {dtype} is not one of {', '.join(DTYPES)}")
+    specs = family.graph_inputs()
+    module = Denoiser(family, DTYPES[dtype]).eval()
+    original = family.transformer.dtype
+    family.transformer.to(DTYPES[dtype])
+    try:
+        args = tuple(_example(s, 2 * max(batch, 1), family) for s in specs)
+        names = [s.name for s in specs]
+        with export_patches(family), torch.no_grad():
+            _export(module, args, path, names, ["model_output"], {n: "batch" for n in [*names, "model_output"]}, DYNAMO[family.name])
+    finally:
+        family.transformer.to(original)
+    clean(path)
+
+
+def export_steps(family: Family, directory: Path, batch: int = 1) -> None:
+    """Export ``step_guided.onnx`` and ``step_single.onnx`` (tiny, always fp32)."""
+    b = max(batch, 2)
+    x = torch.randn(family.sample_shape(b))
+    out1 = torch.randn(family.output_shape(b))
+    out2 = torch.randn(family.output_shape(2 * b))
+    one = torch.ones(1)
+    with torch.no_grad():
+        _export(GuidedStep(family).eval(), (x, out2, one, one, one), directory / "step_guided.onnx",
+                ["sample", "model_output", "scale", "coef_sample", "coef_eps"], ["next_sample", "next_sample_pair"],
+                {"sample": "batch", "model_output": "batch2", "next_sample": "batch", "next_sample_pair": "batch2"}, dynamo=False)
+        _export(SingleStep(family).eval(), (x, out1, one, one), directory / "step_single.onnx",
+                ["sample", "model_output", "coef_sample", "coef_eps"], ["next_sample", "next_sample_pair"],
+                {"sample": "batch", "model_output": "batch", "next_sample": "batch", "next_sample_pair": "batch2"}, dynamo=False)
+    for name in ("step_guided.onnx", "step_single.onnx"):
+        clean(directory / name)
+
+
+def graph_description(family: Family, batch: int) -> dict:
+    """The manifest's ``graphs`` section: each graph's inputs and outputs, described once."""
+    sample = TensorSpec("sample", torch.float32, ("batch", *family.sample_shape(1)[1:]))
+    out_b = TensorSpec("model_output", torch.float32, ("batch", *family.output_shape(1)[1:]))
+    out_2b = TensorSpec("model_output", torch.float32, ("batch2", *family.output_shape(1)[1:]))
+    scalar = [TensorSpec(n, torch.float32, (1,)) for n in ("coef_sample", "coef_eps")]
+    nexts = [TensorSpec("next_sample", torch.float32, sample.shape), TensorSpec("next_sample_pair", torch.float32, ("batch2", *sample.shape[1:]))]
+    as_json = lambda specs: [s.to_json() for s in specs]  # noqa: E731
+    return {
+        "denoiser": {"file": "denoiser.onnx", "inputs": as_json(family.graph_inputs()), "outputs": as_json([family.graph_output()])},
+        "step_guided": {"file": "step_guided.onnx", "inputs": as_json([sample, out_2b, TensorSpec("scale", torch.float32, (1,)), *scalar]), "outputs": as_json(nexts)},
+        "step_single": {"file": "step_single.onnx", "inputs": as_json([sample, out_b, *scalar]), "outputs": as_json(nexts)},
+    }

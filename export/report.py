@@ -1,0 +1,70 @@
+"""The human side of a bundle: ``report.md``, ``samples.png`` and ``schedule.png``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rstr.engines.bundle import Bundle
+from rstr.engines.onnxruntime import OnnxRuntimeRunner
+from rstr.families.base import Family
+from rstr.schedule import GuidanceSchedule
+
+
+def write_samples(root: Path, manifest: dict, family: Family, per_class: int = 8) -> str | None:
+    """A grid of bundle outputs, one row per class, when the latents are pixels (reference model)."""
+    if not manifest.get("decoder") or family.name != "dit":
+        return None
+    from rstr.evaluate import sample_grid
+
+    bundle = Bundle.open(root, verify_checksums=False)
+    b, n_classes = bundle.batch, family.num_classes  # type: ignore[attr-defined]
+    labels = np.repeat(np.arange(n_classes), per_class)
+    images = []
+    with OnnxRuntimeRunner(bundle) as runner:
+        for lo in range(0, len(labels), b):
+            chunk = np.resize(labels[lo:lo + b], b).astype(np.int64)
+            noise = np.random.default_rng(10_000 + lo).standard_normal(bundle.sample.concrete(b), dtype=np.float32)
+            images.append(runner.infer(noise, {"class_labels": chunk})[: len(labels[lo:lo + b])])
+    sample_grid(torch.from_numpy(np.concatenate(images)), torch.from_numpy(labels), root / "samples.png", per_class=per_class)
+    return "samples.png"
+
+
+def write_report(root: Path, manifest: dict, family: Family, schedule: GuidanceSchedule) -> None:
+    """Write report.md (summary, plan, verification) with the schedule plot and sample grid."""
+    from rstr.plots import plot_schedule
+
+    plot_schedule(schedule, root / "schedule.png")
+    samples = write_samples(root, manifest, family)
+    s = manifest["summary"]
+    lines = [
+        f"# rstr bundle: {family.name}",
+        "",
+        f"- schedule: {s['schedule']}",
+        f"- compute saved against constant CFG at {schedule.default_steps} steps: **{s['compute_saved']:.0%}**",
+        f"- verification ({manifest['verification']['backend']}): max relative error {s['max_rel_error']:.2e} "
+        f"(tolerance {manifest['verification']['tolerance']:.0e})",
+        f"- precision: {manifest['dtype']}, batch {manifest['batch']}, engines: "
+        f"{', '.join(e['graph'] for e in manifest['engines']) or 'none (ONNX Runtime)'}",
+    ]
+    if s.get("quality"):
+        q = s["quality"]
+        lines += ["", "## Quality (held-out seeds, %d groups of %d images)" % (q["rstr"]["groups"], q["images_per_group"]), "",
+                  "| | passes/image | FD | accuracy |", "|---|---|---|---|"]
+        for name in ("constant_cfg", "rstr"):
+            r = q[name]
+            lines.append(f"| {name} | {r['passes_per_image']} | {r['fd_mean']:.3f} ± {r['fd_std']:.3f} | {r['accuracy']:.3f} |")
+    if s.get("speed"):
+        sp = s["speed"]
+        lines += ["", f"## Speed (end to end, batch {manifest['batch']}, median of {sp['reps']} interleaved runs, this machine)", "",
+                  f"- PyTorch eager, {sp['baseline']}: {sp['seconds']['pytorch_constant_cfg'] * 1e3:.1f} ms",
+                  f"- this bundle on ONNX Runtime CPU: {sp['seconds']['bundle'] * 1e3:.1f} ms",
+                  f"- speedup: **{sp['speedup']:.2f}x**"]
+    lines += ["", "## Plan", "", "| step | timestep | guided | scale | batch |", "|---|---|---|---|---|"]
+    for st in manifest["plan"]["steps"]:
+        scale = "" if st["scale"] is None else f"{st['scale']:.2f}"
+        lines.append(f"| {st['index']} | {st['timestep']:.0f} | {'yes' if st['guided'] else 'no'} | {scale} | {st['batch']} |")
+    lines += ["", "![schedule](schedule.png)"] + (["", f"![samples]({samples})"] if samples else [])
+    (root / "report.md").write_text("\n".join(lines) + "\n")

@@ -1,0 +1,140 @@
+"""Exporter: all four families export and verify; inspect shows pruned steps; bad inputs refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rstr.engines.bundle import Bundle
+from rstr.errors import BundleError, RstrError, ScheduleError
+from rstr.export.build import BuildOptions, build
+from rstr.schedule import GuidanceSchedule
+from tiny import TEXT_LEN, tiny_dit, tiny_flux, tiny_pixart, tiny_qwenimage
+
+MAKERS = {"dit": lambda: tiny_dit(num_classes=10), "pixart": tiny_pixart, "flux": lambda: tiny_flux(True), "qwenimage": tiny_qwenimage}
+
+
+def save_model(family, directory: Path) -> Path:
+    """A transformer-plus-scheduler directory, as a user would have on disk."""
+    family.transformer.save_pretrained(directory / "transformer")
+    family.scheduler.save_pretrained(directory / "scheduler")
+    meta = {"default_steps": 4}
+    if family.name != "dit":
+        meta["text_len"] = TEXT_LEN
+    if family.name in ("flux", "qwenimage"):
+        meta["latent_size"] = family.latent_size
+    (directory / "rstr.json").write_text(json.dumps(meta))
+    return directory
+
+
+def sparse_schedule(family, path: Path) -> Path:
+    guided = (True, True, False, False)
+    GuidanceSchedule(family=family.name, sampler=family.sampler, guided=guided,
+                     scales=(2.5, 1.5, None, None), default_steps=4).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def dit_bundle(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("dit")
+    family = MAKERS["dit"]()
+    model = save_model(family, tmp / "model")
+    out = tmp / "bundle"
+    build(BuildOptions(model=model, schedule=sparse_schedule(family, tmp / "s.json"), out=out, measure=False, batch=2))
+    return out
+
+
+@pytest.mark.parametrize("name", ["pixart", "flux", "qwenimage"])
+def test_text_families_export_and_verify(tmp_path, name):
+    family = MAKERS[name]()
+    model = save_model(family, tmp_path / "model")
+    result = build(BuildOptions(model=model, schedule=sparse_schedule(family, tmp_path / "s.json"), out=tmp_path / "b", measure=False))
+    assert result.verification.max_rel_error <= 1e-4
+    assert result.manifest["conditioning"]["unconditional"] == {s.name: "required" for s in family.cond_specs()}
+
+
+def test_dit_bundle_verifies_and_is_complete(dit_bundle):
+    bundle = Bundle.open(dit_bundle)
+    assert bundle.manifest["verification"]["max_rel_error"] <= 1e-4
+    assert {"denoiser.onnx", "step_guided.onnx", "step_single.onnx", "schedule.json", "report.md"} <= set(bundle.manifest["files"])
+    prov = bundle.manifest["provenance"]
+    assert prov["schedule_sha256"] == GuidanceSchedule.load(dit_bundle / "schedule.json").sha256()
+    assert {"rstr", "torch", "onnx", "diffusers"} <= set(prov)
+
+
+def test_inspect_json_shows_unguided_steps_at_batch_b(dit_bundle):
+    out = subprocess.run([sys.executable, "-m", "rstr.export.cli", "inspect", str(dit_bundle), "--json"], capture_output=True, text=True, check=True)
+    steps = json.loads(out.stdout)["steps"]
+    assert [(s["guided"], s["scale"], s["batch"]) for s in steps] == [(True, 2.5, 4), (True, 1.5, 4), (False, None, 2), (False, None, 2)]
+
+
+def test_verify_command_passes(dit_bundle):
+    out = subprocess.run([sys.executable, "-m", "rstr.export.cli", "verify", str(dit_bundle)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "verified" in out.stdout
+
+
+def _copy(bundle: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "copy"
+    shutil.copytree(bundle, dst)
+    return dst
+
+
+def _edit_manifest(bundle: Path, edit) -> None:
+    m = json.loads((bundle / "manifest.json").read_text())
+    edit(m)
+    (bundle / "manifest.json").write_text(json.dumps(m))
+
+
+def test_corrupt_file_fails_checksum(dit_bundle, tmp_path):
+    b = _copy(dit_bundle, tmp_path)
+    with open(b / "step_single.onnx", "ab") as fh:
+        fh.write(b"x")
+    with pytest.raises(BundleError, match="step_single.onnx fails its sha256"):
+        Bundle.open(b)
+
+
+def test_unknown_version_refused(dit_bundle, tmp_path):
+    b = _copy(dit_bundle, tmp_path)
+    _edit_manifest(b, lambda m: m.update(version=99))
+    with pytest.raises(BundleError, match="version 99 is not supported"):
+        Bundle.open(b)
+
+
+@pytest.mark.parametrize("entry", ["../outside.onnx", "/etc/passwd"])
+def test_entries_outside_bundle_refused(dit_bundle, tmp_path, entry):
+    b = _copy(dit_bundle, tmp_path)
+    _edit_manifest(b, lambda m: m["files"].update({entry: {"sha256": "0" * 64}}))
+    with pytest.raises(BundleError, match="points outside the bundle"):
+        Bundle.open(b)
+
+
+def test_existing_output_refused_without_force(dit_bundle):
+    with pytest.raises(RstrError, match="exists; pass --force"):
+        build(BuildOptions(schedule=dit_bundle / "schedule.json", out=dit_bundle))
+
+
+def test_schedule_for_another_family_refused(tmp_path):
+    family = MAKERS["dit"]()
+    model = save_model(family, tmp_path / "model")
+    GuidanceSchedule.constant(2.0, 4, family="flux", sampler="flow_euler").save(tmp_path / "s.json")
+    with pytest.raises(ScheduleError, match="family 'flux' but the model is 'dit'"):
+        build(BuildOptions(model=model, schedule=tmp_path / "s.json", out=tmp_path / "b"))
+    assert not (tmp_path / "b").exists()
+
+
+def test_schedule_with_too_many_steps_refused_and_nothing_written(tmp_path):
+    family = MAKERS["dit"]()
+    model = save_model(family, tmp_path / "model")
+    GuidanceSchedule.constant(2.0, 2000, family="dit", sampler="ddim").save(tmp_path / "s.json")
+    out = subprocess.run([sys.executable, "-m", "rstr.export.cli", "build", "--model", str(model), "--schedule", str(tmp_path / "s.json"),
+                          "--out", str(tmp_path / "b")], capture_output=True, text=True)
+    assert out.returncode == 1
+    assert "2000 steps, more than the model's 1000 training timesteps" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "b").exists() and not list(tmp_path.glob(".b.*"))
