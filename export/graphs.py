@@ -151,15 +151,28 @@ def clean(path: Path) -> None:
     from polygraphy.backend.onnx import fold_constants
 
     model = onnx.load(str(path))
-    model = fold_constants(model, allow_onnxruntime_shape_inference=True, error_ok=True)
+    declared = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in [*model.graph.input, *model.graph.output]}
+    model = fold_constants(model, allow_onnxruntime_shape_inference=False, error_ok=True)
     graph = gs.import_onnx(model)
     graph.cleanup().toposort()
     model = gs.export_onnx(graph)
+    _restore_io_shapes(model, declared)
     _refuse_float64(model, path)
     if model.ByteSize() >= TWO_GB - (64 << 20):
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=path.name + ".data")
     else:
         onnx.save_model(model, str(path))
+
+
+def _restore_io_shapes(model: onnx.ModelProto, declared: dict[str, list]) -> None:
+    """Keep the exporter's declared I/O shapes (symbolic batch axes) through folding and cleanup."""
+    for v in [*model.graph.input, *model.graph.output]:
+        dims = v.type.tensor_type.shape.dim
+        for d, want in zip(dims, declared.get(v.name, [])):
+            if isinstance(want, str) and want:
+                d.dim_param = want
+            else:
+                d.dim_value = want
 
 
 def _refuse_float64(model: onnx.ModelProto, path: Path) -> None:

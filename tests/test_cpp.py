@@ -1,0 +1,243 @@
+"""C++ runtime (engines/cpp): rstr-run against the Python ONNX Runtime runner, and bad inputs.
+
+The module builds the project once with tools/build_cpp.sh (ONNX Runtime headers from Debian,
+the library from the onnxruntime wheel) and exports one tiny bundle with rstr.export: a
+random pixel-space DiT (1 channel, 8x8, 10 classes, so the bundle's decoder is "pixels"),
+batch 2, a sparse schedule of 2 guided and 2 unguided DDIM steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.cpp
+
+ROOT = Path(__file__).resolve().parent.parent
+BUILD = ROOT / "engines" / "cpp" / "build"
+INSTALL = BUILD / "install"
+RSTR_RUN = INSTALL / "bin" / "rstr-run"
+BATCH = 2
+NUM_CLASSES = 10
+
+
+# ------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def rstr_run() -> Path:
+    """Build and install the C++ project once (incremental when engines/cpp/build exists)."""
+    missing = [tool for tool in ("cmake", "c++") if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"cannot build the C++ runtime: {', '.join(missing)} not found (apt-get install cmake g++)")
+    have_headers = (ROOT / "third_party" / "onnxruntime" / "include" / "onnxruntime_cxx_api.h").is_file()
+    if shutil.which("apt-get") is None and not have_headers:
+        pytest.skip("cannot fetch the ONNX Runtime headers without apt-get (Debian); see engines/cpp/README.md")
+    env = {**os.environ, "PYTHON": sys.executable}  # link the onnxruntime that this Python runs
+    proc = subprocess.run(["bash", str(ROOT / "tools" / "build_cpp.sh")], capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, f"tools/build_cpp.sh failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert RSTR_RUN.is_file()
+    return RSTR_RUN
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    """A pixel-space tiny DiT bundle built by rstr.export (verified against PyTorch on export)."""
+    from diffusers import DDIMScheduler, DiTTransformer2DModel
+
+    from rstr.export.build import BuildOptions, build
+    from rstr.schedule import GuidanceSchedule
+
+    tmp = tmp_path_factory.mktemp("cpp")
+    torch.manual_seed(0)
+    model = DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=1, out_channels=2, num_layers=2, sample_size=8,
+        patch_size=2, num_embeds_ada_norm=NUM_CLASSES, norm_type="ada_norm_zero",
+    )
+    model.save_pretrained(tmp / "model" / "transformer")
+    DDIMScheduler(clip_sample=False).save_pretrained(tmp / "model" / "scheduler")
+    meta = {"default_steps": 4, "image": {"channels": 1, "size": 8, "range": [-1.0, 1.0]}}
+    (tmp / "model" / "rstr.json").write_text(json.dumps(meta))
+    schedule = GuidanceSchedule(family="dit", sampler="ddim", guided=(True, True, False, False),
+                                scales=(2.5, 1.5, None, None), default_steps=4)
+    schedule.save(tmp / "schedule.json")
+    out = tmp / "bundle"
+    build(BuildOptions(model=tmp / "model", schedule=tmp / "schedule.json", out=out, measure=False, batch=BATCH))
+    return out
+
+
+@pytest.fixture(scope="module")
+def noise(bundle) -> Path:
+    path = bundle.parent / "noise.npy"
+    np.save(path, np.random.default_rng(0).standard_normal((BATCH, 1, 8, 8), dtype=np.float32))
+    return path
+
+
+def run(exe: Path, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, timeout=120)
+
+
+def python_latents(bundle: Path, noise: np.ndarray, labels: list[int]) -> np.ndarray:
+    from rstr.engines.bundle import Bundle
+    from rstr.engines.onnxruntime import OnnxRuntimeRunner
+
+    with OnnxRuntimeRunner(Bundle.open(bundle)) as runner:
+        return runner.infer(noise, {"class_labels": np.array(labels, dtype=np.int64)})
+
+
+def rel(a: np.ndarray, b: np.ndarray) -> float:
+    """Largest difference relative to the largest magnitude of the reference."""
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
+
+
+# --------------------------------------------------------------------------------- parity
+def test_latents_match_python_onnxruntime(rstr_run, bundle, noise, tmp_path):
+    out, png = tmp_path / "latents.npy", tmp_path / "image.png"
+    proc = run(rstr_run, bundle, "--out", out, "--png", png, "--class", "3,7", "--noise", noise)
+    assert proc.returncode == 0, proc.stderr
+    assert "4 steps (2 guided)" in proc.stdout
+    got = np.load(out)
+    want = python_latents(bundle, np.load(noise), [3, 7])
+    assert got.dtype == np.float32 and got.shape == want.shape == (BATCH, 1, 8, 8)
+    assert rel(got, want) <= 1e-6
+
+    from PIL import Image
+
+    with Image.open(png) as image:  # B images side by side, upscaled 8x
+        assert image.mode == "L" and image.size == (BATCH * 8 * 8, 8 * 8)
+        pixels = np.asarray(image)
+    expected = np.clip((want[1, 0] + 1) / 2, 0, 1) * 255
+    assert np.abs(pixels[::8, 8 * 8::8].astype(np.float32) - expected).max() <= 1.0
+
+
+def test_cond_file_equals_class_flag(rstr_run, bundle, noise, tmp_path):
+    labels = tmp_path / "labels.npy"
+    np.save(labels, np.array([3, 7], dtype=np.int64))
+    a, b = tmp_path / "a.npy", tmp_path / "b.npy"
+    assert run(rstr_run, bundle, "--out", a, "--class", "3,7", "--noise", noise).returncode == 0
+    proc = run(rstr_run, bundle, "--out", b, "--cond", f"class_labels={labels}", "--noise", noise)
+    assert proc.returncode == 0, proc.stderr
+    np.testing.assert_array_equal(np.load(a), np.load(b))
+
+
+def test_seed_is_reproducible(rstr_run, bundle, tmp_path):
+    outs = [tmp_path / f"{i}.npy" for i in range(3)]
+    for out, seed in zip(outs, (5, 5, 6)):
+        proc = run(rstr_run, bundle, "--out", out, "--class", "1", "--seed", seed)
+        assert proc.returncode == 0, proc.stderr
+    first, again, other = (np.load(p) for p in outs)
+    np.testing.assert_array_equal(first, again)
+    assert not np.array_equal(first, other)
+
+
+def test_installed_package_config(rstr_run, bundle, tmp_path):
+    """An application finds the installed library with find_package(rstr_runtime)."""
+    src = ROOT / "engines" / "cpp" / "examples" / "consumer"
+    configure = subprocess.run(["cmake", "-S", src, "-B", tmp_path, f"-DCMAKE_PREFIX_PATH={INSTALL}"], capture_output=True, text=True)
+    assert configure.returncode == 0, configure.stdout + configure.stderr
+    compiled = subprocess.run(["cmake", "--build", tmp_path, "-j", "2"], capture_output=True, text=True)
+    assert compiled.returncode == 0, compiled.stdout + compiled.stderr
+    proc = run(tmp_path / "rstr-plan", bundle)
+    assert proc.returncode == 0, proc.stderr
+    assert "dit bundle, batch 2, sample [2, 1, 8, 8], 4 steps (2 guided)" in proc.stdout
+
+
+# ----------------------------------------------------------------------------- bad inputs
+def edited_copy(bundle: Path, tmp_path: Path, edit) -> Path:
+    """A copy of the bundle whose manifest (a dict) is changed by ``edit(manifest, copy_dir)``."""
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    edit(manifest, copy)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    return copy
+
+
+def set_version(m, _):
+    m["version"] = 2
+
+
+def corrupt_step_graph(_, copy):
+    data = bytearray((copy / "step_single.onnx").read_bytes())
+    data[-1] ^= 0xFF
+    (copy / "step_single.onnx").write_bytes(bytes(data))
+
+
+def entry_outside(m, copy):
+    (copy.parent / "outside.bin").write_bytes(b"x")
+    m["files"]["../outside.bin"] = {"sha256": "0" * 64, "bytes": 1}
+
+
+def entry_absolute(m, _):
+    m["files"]["/etc/hostname"] = {"sha256": "0" * 64}
+
+
+def drop_graph_file(_, copy):
+    (copy / "step_guided.onnx").unlink()
+
+
+BAD_BUNDLES = {
+    "unknown-version": (set_version, "version is 2; this runtime reads version 1"),
+    "failing-checksum": (corrupt_step_graph, "'step_single.onnx' fails its checksum"),
+    "entry-outside": (entry_outside, "'../outside.bin' has a '..' component"),
+    "entry-absolute": (entry_absolute, "'/etc/hostname' is an absolute path"),
+    "missing-file": (drop_graph_file, "'step_guided.onnx' listed in manifest.json is missing"),
+}
+
+
+def assert_error(proc: subprocess.CompletedProcess, text: str) -> None:
+    assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("rstr-run: error: "), proc.stderr
+    assert text in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("case", sorted(BAD_BUNDLES))
+def test_bad_bundle_is_refused(rstr_run, bundle, noise, tmp_path, case):
+    edit, message = BAD_BUNDLES[case]
+    copy = edited_copy(bundle, tmp_path, edit)
+    assert_error(run(rstr_run, copy, "--out", tmp_path / "x.npy", "--class", "3", "--noise", noise), message)
+    assert not (tmp_path / "x.npy").exists()
+
+
+def test_missing_bundle_directory(rstr_run, tmp_path):
+    assert_error(run(rstr_run, tmp_path / "nope", "--out", tmp_path / "x.npy", "--class", "3", "--seed", 0), "does not exist")
+
+
+def test_noise_of_the_wrong_shape(rstr_run, bundle, tmp_path):
+    bad = tmp_path / "noise.npy"
+    np.save(bad, np.zeros((1, 1, 8, 8), np.float32))
+    assert_error(run(rstr_run, bundle, "--out", tmp_path / "x.npy", "--class", "3", "--noise", bad),
+                 "noise has shape [1, 1, 8, 8] but the bundle expects [2, 1, 8, 8]")
+
+
+def test_noise_of_the_wrong_dtype(rstr_run, bundle, tmp_path):
+    bad = tmp_path / "noise.npy"
+    np.save(bad, np.zeros((BATCH, 1, 8, 8), np.float64))
+    assert_error(run(rstr_run, bundle, "--out", tmp_path / "x.npy", "--class", "3", "--noise", bad), "dtype '<f8' is not supported")
+
+
+@pytest.mark.parametrize("label", ["10", "-1"])
+def test_class_label_out_of_range(rstr_run, bundle, noise, tmp_path, label):
+    assert_error(run(rstr_run, bundle, "--out", tmp_path / "x.npy", "--class", label, "--noise", noise),
+                 f"class label {label}, out of range: this bundle has classes 0..9")
+
+
+@pytest.mark.parametrize("backend, option, message", [("cuda", "RSTR_WITH_CUDA", "no ONNX Runtime CUDA support"),
+                                                       ("tensorrt", "RSTR_WITH_TENSORRT", "no TensorRT backend")])
+def test_backend_not_in_this_build(rstr_run, bundle, noise, tmp_path, backend, option, message):
+    if f"{option}:BOOL=ON" in (BUILD / "CMakeCache.txt").read_text():
+        pytest.skip(f"this build has {option}=ON")
+    assert_error(run(rstr_run, bundle, "--out", tmp_path / "x.npy", "--class", "3", "--noise", noise, "--backend", backend), message)
+
+
+def test_png_needs_a_pixels_decoder(rstr_run, bundle, noise, tmp_path):
+    copy = edited_copy(bundle, tmp_path, lambda m, _: m.update(decoder=None))
+    assert_error(run(rstr_run, copy, "--out", tmp_path / "x.npy", "--png", tmp_path / "x.png", "--class", "3", "--noise", noise),
+                 'decoder is "pixels"')
