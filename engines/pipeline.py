@@ -33,7 +33,11 @@ class Result:
 
 
 def make_runner(bundle: Bundle, backend: str = "auto") -> Runner:
-    """The runner for ``backend``; ``auto`` falls back from TensorRT to ONNX Runtime with a warning."""
+    """The runner for ``backend``; ``auto`` falls back from TensorRT to ONNX Runtime with a warning.
+
+    A TensorRT runner is returned already active, so that an engine that fails to load
+    (another GPU, another TensorRT) also falls back under ``auto``.
+    """
     from rstr.engines.onnxruntime import OnnxRuntimeRunner, cuda_available
 
     if backend not in BACKENDS:
@@ -42,7 +46,9 @@ def make_runner(bundle: Bundle, backend: str = "auto") -> Runner:
         from rstr.engines.tensorrt import TensorRTRunner
 
         try:
-            return TensorRTRunner(bundle)
+            runner = TensorRTRunner(bundle)
+            runner.activate()
+            return runner
         except BackendUnavailable as why:
             if backend == "tensorrt":
                 raise
