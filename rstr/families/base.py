@@ -171,6 +171,33 @@ class Family(ABC):
         }
 
 
+class SpatialFamily(Family):
+    """DiT and PixArt-alpha: ``[B, C, S, S]`` latents, optional learned sigma in the output."""
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.transformer.config.in_channels)
+
+    @property
+    def learned_sigma(self) -> bool:
+        """True when the transformer predicts ``[eps, sigma]`` (``2C`` output channels)."""
+        return int(self.transformer.config.out_channels) == 2 * self.latent_channels
+
+    def sample_shape(self, batch: int) -> tuple[int, ...]:
+        s = int(self.transformer.config.sample_size)
+        return (batch, self.latent_channels, s, s)
+
+    def output_shape(self, batch: int) -> tuple[int, ...]:
+        s = int(self.transformer.config.sample_size)
+        return (batch, int(self.transformer.config.out_channels), s, s)
+
+    def single(self, out: torch.Tensor) -> torch.Tensor:
+        return out[:, : self.latent_channels] if self.learned_sigma else out
+
+    def blocks(self):
+        return [(f"transformer_blocks.{i}", b) for i, b in enumerate(self.transformer.transformer_blocks)]
+
+
 def _sampler_name(scheduler) -> str:
     name = type(scheduler).__name__
     return {

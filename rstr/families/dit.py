@@ -10,10 +10,10 @@ from __future__ import annotations
 import torch
 
 from rstr.errors import RstrError
-from rstr.families.base import Conditioning, Family, TensorSpec
+from rstr.families.base import Conditioning, SpatialFamily, TensorSpec
 
 
-class DiTFamily(Family):
+class DiTFamily(SpatialFamily):
     name = "dit"
     transformer_class = "DiTTransformer2DModel"
     pipeline_class = "DiTPipeline"
@@ -22,22 +22,6 @@ class DiTFamily(Family):
     @property
     def num_classes(self) -> int:
         return int(self.transformer.config.num_embeds_ada_norm)
-
-    @property
-    def latent_channels(self) -> int:
-        return int(self.transformer.config.in_channels)
-
-    @property
-    def learned_sigma(self) -> bool:
-        return self.transformer.config.out_channels == 2 * self.latent_channels
-
-    def sample_shape(self, batch: int) -> tuple[int, ...]:
-        s = int(self.transformer.config.sample_size)
-        return (batch, self.latent_channels, s, s)
-
-    def output_shape(self, batch: int) -> tuple[int, ...]:
-        s = int(self.transformer.config.sample_size)
-        return (batch, int(self.transformer.config.out_channels), s, s)
 
     def cond_specs(self) -> list[TensorSpec]:
         return [TensorSpec("class_labels", torch.int64, ("batch",))]
@@ -63,9 +47,3 @@ class DiTFamily(Family):
 
     def denoise(self, sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         return self.transformer(sample, timestep=timestep, class_labels=cond["class_labels"], return_dict=False)[0]
-
-    def single(self, out: torch.Tensor) -> torch.Tensor:
-        return out[:, : self.latent_channels] if self.learned_sigma else out
-
-    def blocks(self):
-        return [(f"transformer_blocks.{i}", b) for i, b in enumerate(self.transformer.transformer_blocks)]

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from rstr.families.base import Conditioning, Family, TensorSpec
+from rstr.families.base import Conditioning, SpatialFamily, TensorSpec
 
 
-class PixArtFamily(Family):
+class PixArtFamily(SpatialFamily):
     name = "pixart"
     transformer_class = "PixArtTransformer2DModel"
     pipeline_class = "PixArtAlphaPipeline"
@@ -24,18 +24,6 @@ class PixArtFamily(Family):
     def __init__(self, *args, text_len: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.text_len = text_len or self.meta.get("text_len", self.text_len)
-
-    @property
-    def latent_channels(self) -> int:
-        return int(self.transformer.config.in_channels)
-
-    def sample_shape(self, batch: int) -> tuple[int, ...]:
-        s = int(self.transformer.config.sample_size)
-        return (batch, self.latent_channels, s, s)
-
-    def output_shape(self, batch: int) -> tuple[int, ...]:
-        s = int(self.transformer.config.sample_size)
-        return (batch, int(self.transformer.config.out_channels), s, s)
 
     def cond_specs(self) -> list[TensorSpec]:
         dim = int(self.transformer.config.caption_channels)
@@ -62,10 +50,3 @@ class PixArtFamily(Family):
             added_cond_kwargs=self._added_cond(sample.shape[0]),
             return_dict=False,
         )[0]
-
-    def single(self, out: torch.Tensor) -> torch.Tensor:
-        learned_sigma = self.transformer.config.out_channels // 2 == self.latent_channels
-        return out[:, : self.latent_channels] if learned_sigma else out
-
-    def blocks(self):
-        return [(f"transformer_blocks.{i}", b) for i, b in enumerate(self.transformer.transformer_blocks)]
