@@ -47,29 +47,9 @@ def rstr_run() -> Path:
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory) -> Path:
-    """A pixel-space tiny DiT bundle built by rstr.export (verified against PyTorch on export)."""
-    from diffusers import DDIMScheduler, DiTTransformer2DModel
-
-    from rstr.export.build import BuildOptions, build
-    from rstr.schedule import GuidanceSchedule
-
-    tmp = tmp_path_factory.mktemp("cpp")
-    torch.manual_seed(0)
-    model = DiTTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=8, in_channels=1, out_channels=2, num_layers=2, sample_size=8,
-        patch_size=2, num_embeds_ada_norm=NUM_CLASSES, norm_type="ada_norm_zero",
-    )
-    model.save_pretrained(tmp / "model" / "transformer")
-    DDIMScheduler(clip_sample=False).save_pretrained(tmp / "model" / "scheduler")
-    meta = {"default_steps": 4, "image": {"channels": 1, "size": 8, "range": [-1.0, 1.0]}}
-    (tmp / "model" / "rstr.json").write_text(json.dumps(meta))
-    schedule = GuidanceSchedule(family="dit", sampler="ddim", guided=(True, True, False, False),
-                                scales=(2.5, 1.5, None, None), default_steps=4)
-    schedule.save(tmp / "schedule.json")
-    out = tmp / "bundle"
-    build(BuildOptions(model=tmp / "model", schedule=tmp / "schedule.json", out=out, measure=False, batch=BATCH))
-    return out
+def bundle(pixel_dit_bundle) -> Path:
+    """The shared pixel-space tiny DiT bundle (tests/conftest.py), batch 2, 10 classes."""
+    return pixel_dit_bundle
 
 
 @pytest.fixture(scope="module")

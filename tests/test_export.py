@@ -40,13 +40,8 @@ def sparse_schedule(family, path: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def dit_bundle(tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("dit")
-    family = MAKERS["dit"]()
-    model = save_model(family, tmp / "model")
-    out = tmp / "bundle"
-    build(BuildOptions(model=model, schedule=sparse_schedule(family, tmp / "s.json"), out=out, measure=False, batch=2))
-    return out
+def dit_bundle(pixel_dit_bundle) -> Path:
+    return pixel_dit_bundle
 
 
 @pytest.mark.parametrize("name", ["pixart", "flux", "qwenimage"])

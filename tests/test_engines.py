@@ -1,0 +1,113 @@
+"""Python runtime: Pipeline on ONNX Runtime (CPU) equals the PyTorch sampler; fallback; bad inputs."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+import threading
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from rstr.engines import Bundle, Pipeline
+from rstr.engines.base import InputError
+from rstr.errors import BackendUnavailable, RstrError
+from rstr.export.verify import rel
+from rstr.families import load_model
+from rstr.sampler import sample
+from rstr.schedule import GuidanceSchedule
+
+NO_TENSORRT = importlib.util.find_spec("tensorrt") is None
+
+
+@pytest.fixture(scope="module")
+def pipe(pixel_dit_bundle):
+    with Pipeline.load(pixel_dit_bundle, backend="onnxruntime-cpu") as p:
+        yield p
+
+
+def test_pipeline_equals_pytorch_sampler(pipe, pixel_dit_bundle):
+    bundle = Bundle.open(pixel_dit_bundle)
+    family = load_model(bundle.manifest["provenance"]["model"])
+    schedule = GuidanceSchedule.load(pixel_dit_bundle / "schedule.json")
+    noise = pipe.noise(seed=3)
+    out = pipe({"class_labels": [4, 9]}, noise=noise)
+    expected = sample(family, schedule, family.labels([4, 9]), noise=torch.from_numpy(noise)).numpy()
+    assert rel(out.latents, expected) <= 1e-4
+    assert out.images.shape == (2, 8, 8, 1) and 0.0 <= out.images.min() and out.images.max() <= 1.0
+
+
+def test_seed_is_reproducible_and_thread_safe(pipe):
+    first = pipe({"class_labels": [1, 2]}, seed=7).latents
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(pipe({"class_labels": [1, 2]}, seed=7).latents)) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(np.array_equal(first, r) for r in results)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"conditioning": {"class_labels": [1, 2]}, "noise": np.zeros((2, 1, 4, 4), np.float32)}, "noise has shape (2, 1, 4, 4), expected (2, 1, 8, 8)"),
+        ({"conditioning": {"class_labels": [1]}, "seed": 0}, "class_labels has shape (1,), expected (2,)"),
+        ({"conditioning": {"class_labels": [1.5, 2.0]}, "seed": 0}, "expected integers"),
+        ({"conditioning": {"class_labels": [1, 10]}, "seed": 0}, "class label 10 is out of range"),
+        ({"conditioning": {"class_labels": [1, 2]}, "noise": np.full((2, 1, 8, 8), np.nan, np.float32)}, "noise contains NaN"),
+        ({"conditioning": {"labels": [1, 2]}, "seed": 0}, "missing ['class_labels']"),
+        ({"conditioning": {"class_labels": [1, 2]}}, "exactly one of seed= or noise="),
+    ],
+)
+def test_bad_inputs_raise_typed_errors(pipe, kwargs, message):
+    conditioning = kwargs.pop("conditioning")
+    with pytest.raises(RstrError) as err:
+        pipe(conditioning, **kwargs)
+    assert message in str(err.value)
+    if "seed= or noise=" not in message:
+        assert isinstance(err.value, InputError)
+
+
+@pytest.mark.skipif(not NO_TENSORRT, reason="TensorRT is installed: the fallback path is not taken")
+def test_auto_falls_back_to_onnxruntime_with_a_warning(pixel_dit_bundle):
+    with pytest.warns(UserWarning, match="falling back to ONNX Runtime"):
+        p = Pipeline.load(pixel_dit_bundle, backend="auto")
+    assert p.backend.startswith("onnxruntime")
+    p.close()
+    with pytest.raises(BackendUnavailable):
+        Pipeline.load(pixel_dit_bundle, backend="tensorrt")
+
+
+@pytest.mark.skipif(not NO_TENSORRT, reason="TensorRT is installed")
+def test_cli_backend_tensorrt_is_one_line_exit_1(pixel_dit_bundle, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "rstr.export.cli", "run", str(pixel_dit_bundle), "--class", "1,2",
+                          "--backend", "tensorrt", "--out", str(tmp_path / "x.npy")], capture_output=True, text=True)
+    assert out.returncode == 1
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("rstr-export: error:") and "TensorRT" in lines[0]
+    assert not (tmp_path / "x.npy").exists()
+
+
+def test_cli_run_writes_png_and_refuses_bad_label(pixel_dit_bundle, tmp_path):
+    with warnings.catch_warnings():
+        ok = subprocess.run([sys.executable, "-m", "rstr.export.cli", "run", str(pixel_dit_bundle), "--class", "3,4",
+                             "--backend", "onnxruntime", "--out", str(tmp_path / "x.png")], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert (tmp_path / "x.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bad = subprocess.run([sys.executable, "-m", "rstr.export.cli", "run", str(pixel_dit_bundle), "--class", "3,42",
+                          "--backend", "onnxruntime", "--out", str(tmp_path / "y.png")], capture_output=True, text=True)
+    assert bad.returncode == 1 and "class label 42 is out of range" in bad.stderr
+
+
+def test_missing_file_refused(pixel_dit_bundle, tmp_path):
+    import shutil
+
+    copy = tmp_path / "b"
+    shutil.copytree(pixel_dit_bundle, copy)
+    (copy / "denoiser.onnx").unlink()
+    with pytest.raises(RstrError, match="bundle file denoiser.onnx is missing"):
+        Pipeline.load(copy, backend="onnxruntime")
