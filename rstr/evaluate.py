@@ -1,0 +1,278 @@
+"""Evaluate a guidance schedule on the reference (class-conditional digits) model.
+
+Noise is drawn from explicit seeds, one ``torch.Generator`` per image seeded with the image's
+seed, so two evaluations over the same seeds start every image from identical noise and
+schedules are compared *paired*.  Seeds live in half-open ranges (:class:`SeedRange`): the
+search, calibration and held-out pools below never overlap, and a search is reported on
+held-out seeds it never saw.
+
+Evaluation ``g`` of ``groups`` uses seeds ``[seed_start + g*num, seed_start + (g+1)*num)``,
+image ``i`` of a group gets class label ``i % num_classes``; each group is scored on its own
+(Frechet distance against the real digits' statistics, and class accuracy), so the spread
+over groups is reported next to the mean.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from rstr.errors import RstrError
+from rstr.families.base import Family
+from rstr.metrics import DigitsClassifier, FeatureExtractor, GaussianStats, frechet_distance, load_classifier, reference_stats
+from rstr.sampler import sample
+from rstr.schedule import GuidanceSchedule
+
+
+# --------------------------------------------------------------------------- seed ranges
+@dataclass(frozen=True)
+class SeedRange:
+    """Seeds ``start <= s < stop``, a half-open interval."""
+
+    start: int
+    stop: int
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.start, int) and isinstance(self.stop, int)) or self.start < 0 or self.stop <= self.start:
+            raise RstrError(f"seed range [{self.start}, {self.stop}) is empty or negative; give 0 <= start < stop")
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __iter__(self):
+        return iter(range(self.start, self.stop))
+
+    def __contains__(self, seed: object) -> bool:
+        return isinstance(seed, int) and self.start <= seed < self.stop
+
+    def __str__(self) -> str:
+        return f"[{self.start}, {self.stop})"
+
+    def overlaps(self, other: "SeedRange") -> bool:
+        return self.start < other.stop and other.start < self.stop
+
+    def contains_range(self, other: "SeedRange") -> bool:
+        return self.start <= other.start and other.stop <= self.stop
+
+    def require_within(self, pool: "SeedRange", what: str = "seeds") -> "SeedRange":
+        """Return ``self`` if it lies inside ``pool``, else raise naming both ranges."""
+        if not pool.contains_range(self):
+            raise RstrError(f"{what} {self} are not inside the pool {pool}; pick a seed_start inside it")
+        return self
+
+    def require_disjoint(self, other: "SeedRange", what: str = "seed ranges") -> None:
+        """Raise if the two ranges share a seed (e.g. search seeds leaking into held-out seeds)."""
+        if self.overlaps(other):
+            raise RstrError(f"{what} {self} and {other} overlap; use disjoint seed ranges (e.g. search vs held-out pools)")
+
+
+def check_disjoint(*ranges: SeedRange) -> None:
+    """Raise :class:`RstrError` if any two of ``ranges`` overlap."""
+    for i, a in enumerate(ranges):
+        for b in ranges[i + 1 :]:
+            a.require_disjoint(b)
+
+
+# One place for the seed pools.  Search never sees calibration or held-out seeds.
+SEARCH_SEEDS = SeedRange(0, 100_000)
+CALIBRATION_SEEDS = SeedRange(100_000, 200_000)
+HELD_OUT_SEEDS = SeedRange(1_000_000, 2_000_000)
+check_disjoint(SEARCH_SEEDS, CALIBRATION_SEEDS, HELD_OUT_SEEDS)
+
+
+def eval_seeds(seed_start: int, num: int, groups: int) -> SeedRange:
+    """The seeds an evaluation of ``groups`` x ``num`` images from ``seed_start`` uses."""
+    if num < 2 or groups < 1:
+        raise RstrError(f"num {num} and groups {groups}: need num >= 2 images per group and groups >= 1")
+    return SeedRange(seed_start, seed_start + num * groups)
+
+
+def noise_for_seeds(family: Family, seeds: range | SeedRange) -> torch.Tensor:
+    """One noise tensor per seed, each from its own CPU generator: independent of batching and device."""
+    return torch.cat([family.noise(1, torch.Generator("cpu").manual_seed(int(s))) for s in seeds])
+
+
+# ---------------------------------------------------------------------------- evaluation
+@dataclass
+class EvalResult:
+    """Scores of one schedule over ``groups`` seed groups of ``num`` images."""
+
+    schedule: str
+    num: int
+    groups: int
+    seeds: tuple[int, int]
+    fd: list[float]
+    accuracy_per_group: list[float]
+    passes_per_image: int
+    compute_fraction: float
+    seconds: float
+    images: torch.Tensor | None = field(default=None, repr=False)
+    labels: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def fd_mean(self) -> float:
+        return sum(self.fd) / len(self.fd)
+
+    @property
+    def fd_std(self) -> float:
+        return _std(self.fd)
+
+    @property
+    def accuracy(self) -> float:
+        return sum(self.accuracy_per_group) / len(self.accuracy_per_group)
+
+    @property
+    def accuracy_std(self) -> float:
+        return _std(self.accuracy_per_group)
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if k not in ("images", "labels")}
+        d.update(fd_mean=self.fd_mean, fd_std=self.fd_std, accuracy=self.accuracy, accuracy_std=self.accuracy_std)
+        return d
+
+    def summary(self) -> str:
+        return (
+            f"FD {self.fd_mean:.3f} ± {self.fd_std:.3f}, accuracy {self.accuracy:.3f} ± {self.accuracy_std:.3f}, "
+            f"{self.passes_per_image} passes/image ({self.compute_fraction:.0%}), {self.seconds:.1f} s"
+        )
+
+
+def _std(xs: list[float]) -> float:
+    if len(xs) < 2:
+        return 0.0
+    m = sum(xs) / len(xs)
+    return (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5
+
+
+def _check_digits_family(family: Family) -> None:
+    num_classes = getattr(family, "num_classes", None)
+    if family.name != "dit" or num_classes is None:
+        raise RstrError(f"evaluate() scores class-conditional DiT models; got family {family.name!r}")
+
+
+def evaluate(
+    family: Family,
+    schedule: GuidanceSchedule,
+    *,
+    num: int,
+    groups: int,
+    seed_start: int,
+    adapter: object | None = None,
+    batch_size: int = 500,
+    progress: bool = True,
+    extractor: FeatureExtractor | None = None,
+    reference: GaussianStats | None = None,
+    classifier: DigitsClassifier | None = None,
+    keep_images: bool = False,
+) -> EvalResult:
+    """Sample ``groups`` x ``num`` images under ``schedule`` and score each group.
+
+    Defaults score the digits reference model: features and accuracy from its classifier,
+    Frechet distance against the real digits.  Another class-conditional model goes through the
+    same code path with ``extractor`` (e.g. :class:`rstr.metrics.InceptionExtractor`) and
+    ``reference`` statistics of its real data; accuracy is then reported only if ``classifier``
+    is given.  ``adapter`` is the Stage-2 hook: calibration adapters are merged into the
+    weights before deployment, so pass the merged family instead; a non-``None`` adapter is
+    refused until Stage-2 defines an unmerged evaluation path.
+    """
+    if adapter is not None:
+        raise RstrError("evaluate(adapter=...) is not supported yet; merge the adapter into the model and evaluate the merged family")
+    _check_digits_family(family)
+    if batch_size < 1:
+        raise RstrError(f"batch_size {batch_size} must be at least 1")
+    seeds = eval_seeds(seed_start, num, groups)
+    digits = extractor is None
+    if digits:
+        if tuple(family.sample_shape(1)) != (1, 1, 8, 8):
+            raise RstrError(
+                f"the default digits metrics need 1x8x8 samples, the model makes {tuple(family.sample_shape(1)[1:])}; "
+                "pass extractor= and reference= for this model"
+            )
+        classifier = classifier if classifier is not None else load_classifier(_classifier_path(family))
+        extractor = classifier
+        reference = reference if reference is not None else reference_stats(classifier)
+    elif reference is None:
+        raise RstrError("evaluate(extractor=...) needs reference= statistics of the real data (GaussianStats.of(features))")
+
+    n_classes = family.num_classes  # type: ignore[attr-defined]
+    labels_group = torch.arange(num) % n_classes
+    fds: list[float] = []
+    accs: list[float] = []
+    kept_images, kept_labels = [], []
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for g in range(groups):
+            g_seeds = range(seed_start + g * num, seed_start + (g + 1) * num)
+            noise = noise_for_seeds(family, g_seeds)
+            outs = []
+            for lo in range(0, num, batch_size):
+                hi = min(num, lo + batch_size)
+                cond = {"class_labels": labels_group[lo:hi].to(family.device)}
+                outs.append(sample(family, schedule, cond, noise=noise[lo:hi], progress=progress).float().cpu())
+            images = torch.cat(outs).clamp(-1.0, 1.0)
+            fds.append(frechet_distance(extractor.features(images), reference))
+            if classifier is not None:
+                accs.append(float((classifier.logits(images).argmax(1) == labels_group).float().mean()))
+            if keep_images:
+                kept_images.append(images)
+                kept_labels.append(labels_group.clone())
+    seconds = time.perf_counter() - t0
+    return EvalResult(
+        schedule=schedule.describe(),
+        num=num,
+        groups=groups,
+        seeds=(seeds.start, seeds.stop),
+        fd=fds,
+        accuracy_per_group=accs or [float("nan")] * groups,
+        passes_per_image=schedule.passes_per_image,
+        compute_fraction=schedule.compute_fraction,
+        seconds=seconds,
+        images=torch.cat(kept_images) if keep_images else None,
+        labels=torch.cat(kept_labels) if keep_images else None,
+    )
+
+
+def _classifier_path(family: Family) -> Path | None:
+    """The classifier named in the model's ``rstr.json`` (None: the reference model's)."""
+    base = getattr(family, "path", None)
+    name = family.meta.get("classifier")
+    if base is None or name is None:
+        return None
+    return Path(base) / name
+
+
+# ----------------------------------------------------------------------------- pictures
+def sample_grid(images: torch.Tensor, labels: torch.Tensor | list[int], path: str | os.PathLike[str], per_class: int = 10) -> Path:
+    """Write a PNG grid, one row per class (up to ``per_class`` images each), images in ``[-1, 1]``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from rstr._io import atomic_path
+
+    labels = torch.as_tensor(labels).reshape(-1)
+    if images.ndim != 4 or len(images) != len(labels):
+        raise RstrError(f"sample_grid needs images [N, C, H, W] and N labels; got {tuple(images.shape)} and {len(labels)} labels")
+    classes = sorted({int(c) for c in labels})
+    width = per_class * 0.6 + 0.4  # inches; 0.4 on the left for the class labels
+    fig, axes = plt.subplots(len(classes), per_class, figsize=(width, len(classes) * 0.6), squeeze=False)
+    for r, c in enumerate(classes):
+        rows = images[labels == c][:per_class]
+        for j in range(per_class):
+            ax = axes[r][j]
+            ax.set_axis_off()
+            if j < len(rows):
+                img = (rows[j].float().clamp(-1, 1) + 1) / 2
+                ax.imshow(img[0] if img.shape[0] == 1 else img.permute(1, 2, 0), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        axes[r][0].text(-0.15, 0.5, str(c), transform=axes[r][0].transAxes, ha="right", va="center", fontsize=9)
+    fig.subplots_adjust(left=0.4 / width, right=1, top=1, bottom=0, wspace=0.05, hspace=0.05)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return path
