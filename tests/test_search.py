@@ -1,0 +1,245 @@
+"""Stage-1 search: genome invariants, baselines, resumable determinism, CLI errors, executor parity.
+
+Most tests drive the evolution with a synthetic objective (a closed-form score of the
+schedule) on a tiny in-memory DiT, so they check the search logic in milliseconds; the
+executor and CLI tests sample a tiny random DiT saved to disk, scored by teacher fidelity.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rstr import search as s
+from rstr.errors import RstrError
+from rstr.executor import LocalExecutor
+from rstr.schedule import GuidanceSchedule
+from tiny import tiny_dit
+
+SPACE = s.SearchSpace.for_budget(0.3, 25, range(6, 26), w_max=4.0, init_scales=(1.0, 2.0), sigma=1.0)  # 15 passes, 6..15 steps
+
+
+@dataclass
+class Synthetic(s.Objective):
+    """Closed-form stand-in for a sample metric: likes scale ~2 early, little guidance late, more steps."""
+
+    name = "synthetic"
+    metric = "loss"
+
+    def measure(self, family, schedule, *, seed_start, num, groups):
+        n = schedule.num_steps
+        loss = 4.0 / n
+        for i, (g, w) in enumerate(zip(schedule.guided, schedule.scales)):
+            early = (i + 0.5) / n < 0.5
+            loss += ((w - 2.0) ** 2 / n if early else 0.3 * abs(w - 1.0) / n) if g else (0.5 / n if early else 0.0)
+        return {"loss": [loss + 0.001 * ((seed_start + g) % 5) for g in range(groups)]}
+
+
+def small_config(**kw) -> s.SearchConfig:
+    base = s.preset_config("fast", budget=0.5, steps=8, seed=0)
+    return replace(base, step_counts=(3, 4, 5, 6, 7), population=6, generations=3, search_num=4, held_out_num=4,
+                   held_out_groups=3, baseline_scales=(0.75, 1.25), **kw)
+
+
+def save_tiny(path: Path) -> Path:
+    """A tiny random class-conditional DiT on disk (8 default steps), loadable by workers and the CLI."""
+    family = tiny_dit(learned_sigma=False, num_classes=10)
+    family.transformer.save_pretrained(path / "transformer")
+    family.scheduler.save_pretrained(path / "scheduler")
+    (path / "rstr.json").write_text(json.dumps({"default_steps": 8, "default_scale": 2.0}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    return save_tiny(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: on a shared two-core machine, more threads only wait on each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ----------------------------------------------------------------------------- genome
+def test_operators_keep_invariants():
+    rng = np.random.default_rng(0)
+    pop = [s.random_genome(SPACE, rng) for _ in range(20)] + [s.Genome.span(4, 0, 4, 2.0)]  # 4 steps: a baseline off the grid
+    for _ in range(300):
+        a, b = pop[rng.integers(len(pop))], pop[rng.integers(len(pop))]
+        child = s.mutate(s.crossover(a, b, rng), SPACE, rng, p_steps=0.5, p_scale=0.5)
+        assert child.passes <= SPACE.max_passes
+        assert all(0.0 <= w <= SPACE.w_max and abs(w / s.QUANTUM - round(w / s.QUANTUM)) < 1e-9 for w in child.scales)
+        assert child.num_steps in SPACE.step_counts or child.num_steps == 4
+        pop.append(child)
+    assert len({g.num_steps for g in pop[21:]}) > 3  # step-count mutation explores
+
+
+def test_repair_unguides_steps_nearest_scale_one():
+    g = s.Genome((True,) * 10, (3.0, 1.1, 2.0, 0.9, 1.0, 2.5, 1.5, 3.5, 1.2, 4.0))
+    fixed = s.repair(g, SPACE)  # 10 steps + 10 guided = 20 passes; budget 15 -> drop 5 guided steps
+    assert fixed.passes == 15
+    assert [i for i, x in enumerate(fixed.guided) if not x] == [1, 3, 4, 6, 8]
+    assert fixed.scales == g.scales  # latent genes are kept
+
+
+def test_remap_keeps_relative_position():
+    g = s.Genome.span(10, 0, 5, 2.0)  # first half guided
+    assert s.remap(g, 6).guided == (True, True, True, False, False, False)
+    assert s.Genome.from_key(g.key).key == g.key
+
+
+def test_budget_and_steps_are_checked():
+    with pytest.raises(RstrError, match="budget 0.02 allows 1"):
+        s.SearchSpace.for_budget(0.02, 25, range(2, 26))
+    with pytest.raises(RstrError, match=r"must be in \(0, 1\]"):
+        s.preset_config("fast", budget=1.5, steps=25, seed=0)
+    with pytest.raises(RstrError, match="fewer than the 2 steps"):
+        s.preset_config("fast", budget=0.5, steps=1, seed=0)
+
+
+# ------------------------------------------------------------------------ the search
+def run(tmp: Path, config: s.SearchConfig, **kw) -> s.SearchResult:
+    return s.run_search(tiny_dit(learned_sigma=False, num_classes=10), config, tmp, objective=Synthetic(), progress=False, **kw)
+
+
+def test_baselines_seed_the_population_and_result_beats_them(tmp_path):
+    seen: list[list[s.Genome]] = []
+    result = run(tmp_path / "ck", small_config(), on_checkpoint=lambda st: seen.append(list(st.population)) if st.generation == 0 else None)
+    first = seen[0]
+    kinds = {b["kind"] for b in result.report["baselines"] if b["in_budget"] and b["schedule"] in {g.key for g in first}}
+    assert kinds == {"constant", "first-k", "interval", "conditional-only"}
+    assert len(first) == 6 and len({g.key for g in first}) == 6
+    r = result.report
+    assert result.schedule.compute_fraction <= 0.5
+    assert r["result"]["search"]["mean"]["loss"] <= min(b["search"]["mean"]["loss"] for b in r["baselines"] if b["in_budget"])
+    assert len(r["result"]["held_out"]["groups"]["loss"]) == 3
+    front = [(e["compute_fraction"], e["search"]["mean"]["loss"]) for e in r["pareto_front"]]
+    assert front == sorted(front) and all(a[1] > b[1] for a, b in zip(front, front[1:]))
+    steps_const = sorted(b["passes_per_image"] // 2 for b in r["baselines"] if b["kind"] == "constant" and b["in_budget"])
+    assert steps_const == [2, 3, 4]  # constant CFG at every step count that fits 8 passes
+
+
+def test_interrupted_search_resumes_to_identical_result(tmp_path):
+    config = small_config()
+    straight = run(tmp_path / "a", config)
+
+    def stop_after_generation_1(state: s.SearchState) -> None:
+        if state.generation == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(s.SearchInterrupted) as info:
+        run(tmp_path / "b", config, on_checkpoint=stop_after_generation_1)
+    assert info.value.generation == 1
+    resumed = run(tmp_path / "b", config, resume=True)
+    assert resumed.schedule == straight.schedule
+    for k in ("history", "pareto_front", "baselines", "result"):
+        assert resumed.report[k] == straight.report[k]
+    with pytest.raises(RstrError, match="seed=0, this run has seed=1"):
+        run(tmp_path / "b", replace(config, seed=1), resume=True)
+
+
+# --------------------------------------------------------------------------- the CLI
+def cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
+    """Run `rstr search ARGS` in-process through the real entry point; return (exit code, stderr)."""
+    from rstr.cli import main
+
+    monkeypatch.setattr("sys.argv", ["rstr", "search", *args])
+    with pytest.raises(SystemExit) as info:
+        main()
+    return int(info.value.code), capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--budget", "0"], "--budget 0.0 must be in (0, 1]"),
+        (["--budget", "1.5"], "--budget 1.5 must be in (0, 1]"),
+        (["--steps", "1"], "--steps 1 is fewer than the 2 steps the sampler supports"),
+        (["--workers", "999"], "workers 999 is more than the"),
+        (["--preset", "huge"], "--preset 'huge' is unknown"),
+    ],
+)
+def test_cli_bad_input_is_one_line_exit_1(monkeypatch, capsys, tmp_path, tiny_dir, args, message):
+    code, err = cli(monkeypatch, capsys, "--model", str(tiny_dir), "--out", str(tmp_path / "s.json"), *args)
+    assert code == 1
+    assert err.count("\n") == 1 and err.startswith("rstr: error: ") and message in err
+
+
+def test_cli_resume_refuses_other_model_or_seed(monkeypatch, capsys, tmp_path, tiny_dir):
+    other = save_tiny(tmp_path / "other")
+    code, err = cli(monkeypatch, capsys, "--model", str(tiny_dir), "--resume", str(tmp_path / "missing"))
+    assert code == 1 and "no checkpoint.json there" in err
+
+    def stop(state):
+        raise KeyboardInterrupt
+
+    from rstr.families import load_model
+
+    config = s.preset_config("fast", budget=0.5, steps=8, seed=0)
+    family = load_model(tiny_dir)
+    with pytest.raises(s.SearchInterrupted):
+        s.run_search(family, config, tmp_path / "ck", objective=s.objective_for(family, config), progress=False, on_checkpoint=stop)
+    code, err = cli(monkeypatch, capsys, "--model", str(other), "--resume", str(tmp_path / "ck"))
+    assert code == 1 and err.count("\n") == 1 and "was made for model" in err
+    code, err = cli(monkeypatch, capsys, "--seed", "3", "--resume", str(tmp_path / "ck"))
+    assert code == 1 and err.count("\n") == 1 and "seed=0, this run has seed=3" in err
+
+
+def test_cli_fast_search_writes_schedule_report_and_plots(monkeypatch, capsys, tmp_path, tiny_dir):
+    out = tmp_path / "res" / "schedule.json"
+    code, _ = cli(monkeypatch, capsys, "--model", str(tiny_dir), "--preset", "fast", "--steps", "6", "--out", str(out))
+    assert code == 0
+    schedule = GuidanceSchedule.load(out)
+    assert schedule.compute_fraction <= 0.5 and schedule.default_steps == 6
+    report = json.loads((out.parent / "search-report.json").read_text())
+    assert report["objective"]["name"] == "teacher-fidelity"
+    assert report["result"]["held_out"]["groups"]["teacher_mse"] and report["pareto_front"]
+    assert "## Held-out comparison" in (out.parent / "search-report.md").read_text()
+    for png in ("search-schedule.png", "search-pareto.png"):
+        assert (out.parent / png).read_bytes()[:4] == b"\x89PNG"
+    assert (out.parent / "schedule.search" / "checkpoint.json").is_file()
+
+
+# ------------------------------------------------------------------------- executors
+def _items(family_name: str) -> list:
+    schedules = [GuidanceSchedule.first_k(w, n, k, family=family_name, sampler="ddim", default_steps=8)
+                 for w, n, k in ((2.0, 4, 2), (1.5, 6, 1), (3.0, 3, 3))]
+    return [(sch, 0, 6, 2) for sch in schedules]
+
+
+def test_local_executor_workers_match_inline(tiny_dir):
+    task = s.EvalTask(str(tiny_dir), s.TeacherFidelity(scale=2.0, steps=8, batch_size=4))
+    with LocalExecutor(task, workers=1) as ex:
+        inline = list(ex.map(_items("dit")))
+    task = s.EvalTask(str(tiny_dir), s.TeacherFidelity(scale=2.0, steps=8, batch_size=4))
+    with LocalExecutor(task, workers=2) as ex:
+        pooled = list(ex.map(_items("dit")))
+    assert pooled == inline
+    assert all(statistics.fmean(m["teacher_mse"]) > 0 for m in inline)
+
+
+@pytest.mark.ray
+def test_ray_executor_matches_inline(tiny_dir):
+    import ray
+
+    from rstr.executor import RayExecutor
+
+    task = s.EvalTask(str(tiny_dir), s.TeacherFidelity(scale=2.0, steps=8, batch_size=4))
+    with LocalExecutor(task, workers=1) as ex:
+        inline = list(ex.map(_items("dit")))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        with RayExecutor(s.EvalTask(str(tiny_dir), s.TeacherFidelity(scale=2.0, steps=8, batch_size=4)), workers=2) as ex:
+            assert list(ex.map(_items("dit"))) == inline
+    finally:
+        ray.shutdown()
