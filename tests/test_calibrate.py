@@ -1,0 +1,185 @@
+"""Stage-2 calibration on a tiny random DiT: allocation, peft round trip, merge, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rstr import calibrate as c
+from rstr.errors import RstrError
+from rstr.schedule import GuidanceSchedule
+from tiny import tiny_dit
+
+TINY = c.Preset(pool=32, probe=16, validation=16, batch_size=8, iterations=12, lr=3e-3, checkpoint_every=4)
+
+
+def family(**kwargs):
+    f = tiny_dit(learned_sigma=False, num_classes=10, **kwargs)
+    f.meta["default_scale"] = 3.0
+    return f
+
+
+def sparse(f) -> GuidanceSchedule:
+    return GuidanceSchedule.first_k(3.0, 2, 1, family="dit", sampler=f.sampler, default_steps=f.default_steps)
+
+
+def save_model(f, path):
+    f.transformer.save_pretrained(path / "transformer")
+    f.scheduler.save_pretrained(path / "scheduler")
+    (path / "rstr.json").write_text(json.dumps({"default_steps": f.default_steps, "default_scale": 3.0}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cal") / "adapter"
+    result = c.calibrate(family(), sparse(family()), out, preset=TINY, budget=0.05, progress=False)
+    return out, result
+
+
+def run_cli(argv, capsys, monkeypatch) -> tuple[int, str]:
+    from rstr.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["rstr", *map(str, argv)])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    return exc.value.code, capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- allocation
+def synthetic_modules() -> list[c.TargetModule]:
+    return [c.TargetModule(f"b{b}.{k}", f"b{b}", k, 32, 32) for b in range(3) for k in ("attn.q", "ff")]
+
+
+def test_module_kinds():
+    kinds = {m.name.split(".", 2)[2]: m.kind for m in c.target_modules(family()) if m.block == "transformer_blocks.0"}
+    assert kinds == {
+        "norm1.emb.timestep_embedder.linear_1": "emb", "norm1.emb.timestep_embedder.linear_2": "emb", "norm1.linear": "adanorm",
+        "attn1.to_q": "attn.q", "attn1.to_k": "attn.k", "attn1.to_v": "attn.v", "attn1.to_out.0": "attn.out",
+        "ff.net.0.proj": "ff", "ff.net.2": "ff",
+    }
+
+
+def test_allocation_respects_budget_and_rank_set():
+    modules = synthetic_modules()
+    spectra = {m.name: [100.0 if m.block == "b1" else 1.0] * 32 for m in modules}
+    budget = 24 * 64
+    adaptive = c.allocate(modules, budget, "adaptive", spectra)
+    uniform = c.allocate(modules, budget, "uniform")
+    for ranks in (adaptive, uniform):
+        assert sum(m.cost(ranks[m.name]) for m in modules) <= budget
+        assert all(ranks[m.name] in m.ranks() for m in modules)
+    assert adaptive != uniform
+    assert sum(adaptive[n] for n in adaptive if n.startswith("b1.")) > sum(adaptive[n] for n in adaptive if n.startswith("b0."))
+    assert sorted(set(uniform.values())) == [4]  # 24 ranks over 6 layers: rank 4 everywhere
+
+
+def test_rank_capped_at_layer_dimensions():
+    m = c.TargetModule("x", "b", "ff", 6, 40)
+    assert c.allocate([m], 10**6, "adaptive", {"x": [1.0] * 6})["x"] == 4  # 8 > min(6, 40)
+
+
+def test_budget_too_small():
+    with pytest.raises(RstrError, match="cannot hold even a rank-1"):
+        c.allocate(synthetic_modules(), 10, "uniform")
+
+
+# ---------------------------------------------------------------------------- training
+def test_calibration_lowers_the_loss(calibrated):
+    out, result = calibrated
+    assert result.validation_after < result.validation_before
+    assert result.params <= int(0.05 * sum(p.numel() for p in family().transformer.parameters()))
+    record = json.loads((out / "allocation.json").read_text())
+    assert record["budget"]["used"] == result.params
+    assert {p.name for p in out.iterdir()} >= {*c.ADAPTER_FILES, "allocation.json", "calibration.json", "report.md", "calibration.png"}
+
+
+def test_adapter_loads_and_merges(calibrated):
+    from peft import PeftModel
+
+    out, _ = calibrated
+    f = family()
+    x = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    t = torch.full((3,), 500.0)
+    cond = {"class_labels": torch.tensor([1, 2, 10])}
+    base = f.denoise(x, t, cond)
+    peft_model = c.load_adapter(f, out)
+    assert isinstance(peft_model, PeftModel)
+    with_adapter = f.denoise(x, t, cond)
+    f.transformer = c.merge_adapter(peft_model)
+    merged = f.denoise(x, t, cond)
+    assert (with_adapter - base).abs().max() > 1e-4  # the adapter does something
+    assert float((merged - with_adapter).abs().max() / with_adapter.abs().max()) < 1e-5
+
+    direct = PeftModel.from_pretrained(family().transformer, str(out))
+    assert torch.allclose(direct(x, timestep=t, class_labels=cond["class_labels"]).sample, with_adapter, atol=1e-6)
+
+
+def test_resume_matches_uninterrupted(calibrated, tmp_path, monkeypatch):
+    out, result = calibrated
+    save = c._save_checkpoint
+
+    def save_then_crash(path, state):
+        save(path, state)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(c, "_save_checkpoint", save_then_crash)
+    target = tmp_path / "adapter"
+    with pytest.raises(KeyboardInterrupt):
+        c.calibrate(family(), sparse(family()), target, preset=TINY, budget=0.05, progress=False)
+    assert not target.exists() and c.checkpoint_path(target).is_file()
+    monkeypatch.setattr(c, "_save_checkpoint", save)
+    resumed = c.calibrate(family(), sparse(family()), target, preset=TINY, budget=0.05, progress=False, resume=True)
+    assert resumed.losses == result.losses
+    a, b = load_file(out / "adapter_model.safetensors"), load_file(target / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not c.checkpoint_path(target).exists()
+
+
+# ----------------------------------------------------------------------------- the CLI
+def test_cli_calibrate_then_sample(tmp_path, capsys, monkeypatch):
+    model = save_model(family(), tmp_path / "model")
+    code, err = run_cli(["calibrate", "--model", model, "--preset", "fast", "--steps", "2", "--out", tmp_path / "ad"], capsys, monkeypatch)
+    assert code == 0, err
+    code, err = run_cli(["sample", "--model", model, "--adapter", tmp_path / "ad", "--steps", "2", "--out", tmp_path / "x.npy"],
+                        capsys, monkeypatch)
+    assert code == 0, err
+
+
+def test_cli_adapter_for_another_model(calibrated, tmp_path, capsys, monkeypatch):
+    from diffusers import DiTTransformer2DModel
+
+    other = family()
+    other.transformer = DiTTransformer2DModel(  # same layer names, hidden 8 instead of 16
+        num_attention_heads=2, attention_head_dim=4, in_channels=4, out_channels=4, num_layers=2, sample_size=8,
+        patch_size=2, num_embeds_ada_norm=10, norm_type="ada_norm_zero",
+    )
+    model = save_model(other, tmp_path / "other")
+    code, err = run_cli(["sample", "--model", model, "--adapter", calibrated[0], "--out", tmp_path / "x.npy"], capsys, monkeypatch)
+    assert code == 1 and "does not fit this model" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x.npy").exists()
+
+
+@pytest.mark.parametrize("case", ["budget", "family", "rank"])
+def test_cli_bad_input(case, tmp_path, capsys, monkeypatch):
+    model = save_model(family(), tmp_path / "model")
+    args = ["calibrate", "--model", model, "--out", tmp_path / "ad"]
+    if case == "budget":
+        args += ["--budget", "0.0001"]
+        expect = "cannot hold even"
+    elif case == "family":
+        s = GuidanceSchedule.first_k(3.0, 2, 1, family="pixart", sampler="ddim", default_steps=4)
+        s.save(tmp_path / "s.json")
+        args += ["--schedule", tmp_path / "s.json"]
+        expect = "schedule is for family 'pixart'"
+    else:
+        (tmp_path / "alloc.json").write_text(json.dumps({"modules": [{"name": "transformer_blocks.0.attn1.to_q", "rank": 32}]}))
+        args += ["--allocation", tmp_path / "alloc.json", "--budget", "0.5"]
+        expect = "exceeds the layer's dimensions"
+    code, err = run_cli(args, capsys, monkeypatch)
+    assert code == 1 and expect in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "model") == (["s.json"] if case == "family" else ["alloc.json"] if case == "rank" else [])
