@@ -60,13 +60,13 @@ def run_stage1(family: Family, opts: BuildOptions, workdir: Path, console: Conso
     """Stage-1 search (fast preset by default); returns the schedule file (reports beside it)."""
     import tempfile
 
-    from rstr.search import preset_config, run_search
+    from rstr.search import preset_config, run_search, write_outputs
 
     config = preset_config(opts.preset, budget=opts.budget, steps=family.default_steps, seed=opts.seed)
     out = workdir / "schedule.json"
     console.print(f"[bold]Stage-1[/bold] searching a guidance schedule ({opts.preset} preset, budget {opts.budget:.0%})")
     with tempfile.TemporaryDirectory(prefix="rstr-search-") as checkpoints:
-        run_search(family, config, checkpoints, out=out, progress=True)
+        write_outputs(run_search(family, config, checkpoints, out=out, progress=True), out)
     return out
 
 

@@ -7,6 +7,7 @@ line and exits 1; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -124,6 +125,157 @@ def sample(
     else:
         raise RstrError(f"--out {out}: use a .png or .npy file name")
     console.print(f"[green]wrote[/green] {out}  ({sched.describe()})")
+
+
+@app.command()
+def evaluate(
+    model: ModelOpt = None,
+    schedule: ScheduleOpt = None,
+    scale: ScaleOpt = None,
+    steps: StepsOpt = None,
+    adapter: AdapterOpt = None,
+    num: Annotated[int, typer.Option("--num", help="Images per seed group.")] = 500,
+    groups: Annotated[int, typer.Option("--groups", help="Consecutive seed groups; the spread over groups is reported.")] = 3,
+    seed_start: Annotated[Optional[int], typer.Option("--seed-start", help="First seed (default: the start of the held-out pool, 1,000,000).")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object (passes_per_image, compute_fraction, fd, fd_groups, accuracy, seconds, ...).")] = False,
+    grid: Annotated[Optional[Path], typer.Option("--grid", help="Also write a PNG grid of samples, one row per class.")] = None,
+) -> None:
+    """Score a schedule (or constant CFG) on the reference model: FD, accuracy, compute, time.
+
+    Two evaluations with the same --seed-start, --num and --groups draw identical noise, so
+    schedules compare group by group (paired).  Example: `rstr evaluate --scale 1.5 --steps 8 --json`.
+    """
+    from rstr.evaluate import HELD_OUT_SEEDS, sample_grid
+    from rstr.evaluate import evaluate as run_evaluate
+
+    family = load_family(model, adapter)
+    sched = load_schedule_for(family, schedule, scale, steps)
+    start = HELD_OUT_SEEDS.start if seed_start is None else seed_start
+    result = run_evaluate(family, sched, num=num, groups=groups, seed_start=start, progress=not json_out, keep_images=grid is not None)
+    record = {
+        "schedule": sched.to_dict(),
+        "passes_per_image": result.passes_per_image,
+        "compute_fraction": result.compute_fraction,
+        "fd": result.fd_mean,
+        "fd_std": result.fd_std,
+        "fd_groups": result.fd,
+        "accuracy": result.accuracy,
+        "accuracy_groups": result.accuracy_per_group,
+        "seconds": result.seconds,
+        "num": num,
+        "groups": groups,
+        "seeds": list(result.seeds),
+    }
+    if grid is not None:
+        sample_grid(result.images, result.labels, grid)
+    if json_out:
+        print(json.dumps(record))
+        return
+    table = Table(title=sched.describe())
+    for col in ("passes/image", "compute", "FD (mean ± sd)", "FD per group", "accuracy", "seconds"):
+        table.add_column(col, justify="right")
+    table.add_row(str(result.passes_per_image), f"{result.compute_fraction:.0%}", f"{result.fd_mean:.3f} ± {result.fd_std:.3f}",
+                  " / ".join(f"{v:.3f}" for v in result.fd), f"{result.accuracy:.3f}", f"{result.seconds:.1f}")
+    console.print(table)
+    if grid is not None:
+        console.print(f"[green]wrote[/green] {grid}")
+
+
+@app.command()
+def calibrate(
+    model: ModelOpt = None,
+    schedule: Annotated[Optional[Path], typer.Option("--schedule", help="Sparse schedule JSON from `rstr search`. Default: a hand-made one (a third of the steps, guidance on the first 60%).")] = None,
+    preset: Annotated[str, typer.Option("--preset", help="fast: ~1-2 minutes on two CPU cores (what `rstr-export build` runs); full: the default, under 10 minutes.")] = "full",
+    budget: Annotated[float, typer.Option("--budget", help="Trainable LoRA parameters as a fraction of the transformer's.")] = 0.01,
+    allocation: Annotated[str, typer.Option("--allocation", help="adaptive: ranks follow sensitivity; uniform: the same rank everywhere (ablation); or an allocation.json to reuse.")] = "adaptive",
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Training iterations (default: the preset's).")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Calibration seed: picks the calibration images, the LoRA init and the batch order.")] = 0,
+    out: Annotated[Path, typer.Option("--out", help="Adapter directory to write (peft format plus allocation.json, report.md).")] = Path("adapter"),
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the checkpoint an interrupted run left beside --out.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
+) -> None:
+    """Stage-2: train a per-module-rank LoRA so the model under a sparse schedule matches full CFG.
+
+    Sensitivity of every linear layer in every block decides its rank under the budget; the
+    adapter merges into the weights at export.  Example: `rstr calibrate --schedule s.json --out adapter`.
+    """
+    from rstr import calibrate as stage2
+    from rstr.schedule import GuidanceSchedule
+
+    family = load_family(model)
+    if schedule is None:
+        sched = stage2.default_schedule(family)
+    else:
+        sched = GuidanceSchedule.load(schedule)
+    method = allocation if allocation in ("adaptive", "uniform") else Path(allocation)
+    if isinstance(method, Path) and not method.is_file():
+        raise RstrError(f"--allocation {allocation}: use adaptive, uniform or an existing allocation.json")
+    console.print(f"calibrating for: {sched.describe()}")
+    result = stage2.calibrate(family, sched, out, preset=preset, budget=budget, allocation=method, iterations=steps,
+                              seed=seed, resume=resume, force=force)
+    console.print(
+        f"[green]wrote[/green] {out}: {result.params:,} LoRA parameters, loss to the teacher "
+        f"{result.validation_before:.4g} -> {result.validation_after:.4g} on validation images, {result.seconds:.0f} s"
+    )
+
+
+@app.command()
+def search(
+    model: ModelOpt = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Full step count: compute is counted against constant CFG at this many steps, and no schedule is longer. Default: the model's (25 for the reference).")] = None,
+    budget: Annotated[Optional[float], typer.Option("--budget", help="Compute budget in (0, 1]: transformer passes per image as a fraction of constant CFG at --steps. Default 0.5.")] = None,
+    preset: Annotated[Optional[str], typer.Option("--preset", help="full (default): the search reports quote, 3 held-out groups of 500 images, ~20-30 minutes on two CPU cores; fast: ~1-2 minutes with small image counts (what `rstr-export build` runs).")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of the evolution's random draws (default 0). Image seeds come from fixed search and held-out pools.")] = None,
+    workers: Annotated[int, typer.Option("--workers", help="Parallel workers, each with its own copy of the model; 1 runs inline. Local workers: at most the CPU cores here.")] = 1,
+    executor: Annotated[str, typer.Option("--executor", help="local: worker processes on this machine; ray: one Ray actor per worker, on a GPU when the cluster has them (pip install 'rstr\\[ray]'; RAY_ADDRESS picks a cluster).")] = "local",
+    out: Annotated[Optional[Path], typer.Option("--out", help="Schedule JSON to write (default schedule.json); search-report.md/.json and PNG plots go beside it.")] = None,
+    resume: Annotated[Optional[Path], typer.Option("--resume", help="Checkpoint directory to continue (a search checkpoints into <out stem>.search/ beside --out). Options left out are taken from it; options given must match it.")] = None,
+) -> None:
+    """Stage-1: search a sparse, variable-scale guidance schedule under a compute budget.
+
+    An evolutionary search over per-step guided flags, scales and the step count, scored on
+    search seeds; the result and the simple baselines (constant CFG at every step count that
+    fits, first-k, interval, conditional-only; tuned on the same seeds) are re-scored on
+    held-out seeds.  The reference model is scored by digits FD (class accuracy >= 0.98),
+    other models by fidelity to their constant-CFG samples.  Checkpoints after every
+    generation; Ctrl-C stops resumably.  Example: `rstr search --budget 0.3 --out s.json`.
+    """
+    from rstr import search as stage1
+
+    saved = stage1.load_checkpoint(resume) if resume is not None else {}
+    config_saved = saved.get("config", {})
+    if model is None and saved.get("model", {}).get("path"):
+        model = Path(saved["model"]["path"])
+    family = load_family(model)
+    config = stage1.preset_config(
+        preset if preset is not None else config_saved.get("preset", "full"),
+        budget=budget if budget is not None else config_saved.get("budget", 0.5),
+        steps=steps if steps is not None else config_saved.get("steps", family.default_steps),
+        seed=seed if seed is not None else config_saved.get("seed", 0),
+    )
+    out = out if out is not None else Path(saved.get("out") or "schedule.json")
+    if out.suffix != ".json":
+        raise RstrError(f"--out {out}: give a .json file name for the schedule, e.g. schedule.json")
+    directory = resume if resume is not None else out.with_name(out.stem + ".search")
+    console.print(
+        f"{'resuming' if resume else 'searching'}: preset {config.preset}, budget {config.budget:.0%} of constant CFG at "
+        f"{config.steps} steps, seed {config.seed}; checkpoints in {directory}"
+    )
+    try:
+        result = stage1.run_search(family, config, directory, resume=resume is not None, workers=workers, backend=executor, out=out)
+    except stage1.SearchInterrupted as err:
+        print(f"rstr: {err}; progress is saved: continue with `rstr search --resume {directory}`", file=sys.stderr)
+        raise typer.Exit(130) from None
+    paths = stage1.write_outputs(result, out)
+    r, metric = result.report, result.report["objective"]["metric"]
+    held = r["result"]["held_out"]["groups"][metric]
+    console.print(f"result: {result.schedule.describe()}")
+    console.print(
+        f"  {metric}: search seeds {r['result']['search']['mean'][metric]:.4f}, held-out "
+        + " / ".join(f"{v:.4f}" for v in held)
+        + f"; {'beats' if r['beats_every_in_budget_baseline'] else 'does NOT beat'} every in-budget baseline on every held-out group"
+    )
+    console.print("[green]wrote[/green] " + ", ".join(str(p) for p in paths))
 
 
 def main() -> None:
