@@ -267,8 +267,9 @@ def sample_grid(images: torch.Tensor, labels: torch.Tensor | list[int], path: st
             ax = axes[r][j]
             ax.set_axis_off()
             if j < len(rows):
-                img = (rows[j].float().clamp(-1, 1) + 1) / 2
-                ax.imshow(img[0] if img.shape[0] == 1 else img.permute(1, 2, 0), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+                img = ((rows[j].float().clamp(-1, 1) + 1) / 2).cpu()
+                pixels = (img[0] if img.shape[0] == 1 else img.permute(1, 2, 0)).numpy()
+                ax.imshow(pixels, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
         axes[r][0].text(-0.15, 0.5, str(c), transform=axes[r][0].transAxes, ha="right", va="center", fontsize=9)
     fig.subplots_adjust(left=0.4 / width, right=1, top=1, bottom=0, wspace=0.05, hspace=0.05)
     path = Path(path)
