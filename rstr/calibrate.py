@@ -86,7 +86,7 @@ class Preset:
 
 PRESETS = {
     "fast": Preset(pool=64, probe=32, validation=32, batch_size=8, iterations=40, lr=1e-3, checkpoint_every=10),
-    "full": Preset(pool=256, probe=64, validation=64, batch_size=16, iterations=200, lr=1e-3, checkpoint_every=25),
+    "full": Preset(pool=192, probe=48, validation=48, batch_size=12, iterations=120, lr=1e-3, checkpoint_every=20),
 }
 
 

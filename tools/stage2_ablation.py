@@ -140,6 +140,14 @@ def report(data: dict, schedule: GuidanceSchedule, teacher: GuidanceSchedule, pn
         "",
         f"![FD per held-out group, loss and allocation]({png})",
         "",
+        "How it works (details in `rstr/calibrate.py`): the loss is the mean squared difference between the "
+        "student's final samples (LoRA model, sparse schedule) and the teacher's (uncalibrated model, constant CFG at "
+        "full steps) from the same noise and class, back-propagated through the whole student sampling loop. A layer's "
+        "sensitivity is the squared singular values of the mean gradient of that loss w.r.t. its weight at the "
+        "uncalibrated model (the first-order loss drop a rank-r update can buy); `adaptive` greedily buys the rank step "
+        "with the largest gain per LoRA parameter under the budget, `uniform` raises every layer to the same rank first, "
+        "block by block in turn. FD is the digits Frechet distance of `rstr.evaluate` against the real digits.",
+        "",
         "## Frechet distance per held-out group (lower is better)",
         "",
         "| model | " + " | ".join(f"group {g}" for g in range(groups)) + " | mean |",
