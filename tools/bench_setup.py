@@ -1,0 +1,479 @@
+"""What ``tools/bench.py`` measures: the models, their schedules, inputs, pipelines and bundles.
+
+Kept apart from the timing code so that a child process (the peak-memory measurement) can set
+up exactly one row the way the parent does.  Everything is built from configs with fixed
+seeds (random weights, no downloads) except the reference model, which is read from
+``rstr/reference/digits-dit``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+SEARCH_DIR = ROOT / "docs" / "search"
+BENCH_SEED = 0  # image i of a timed batch starts from the noise of seed BENCH_SEED + i
+
+# Row keys, in table order.
+ROWS = ("diffusers", "cache-dit", "rstr-torch", "ort-cfg", "ort-rstr", "trt-cfg", "trt-rstr")
+ROW_LABELS = {
+    "diffusers": "diffusers pipeline, eager, constant CFG (baseline)",
+    "cache-dit": "diffusers + cache-dit (DBCache defaults), constant CFG",
+    "rstr-torch": "rstr sampler, PyTorch eager, rstr schedule",
+    "ort-cfg": "rstr bundle, ONNX Runtime CPU, constant CFG",
+    "ort-rstr": "rstr bundle, ONNX Runtime CPU, rstr schedule",
+    "trt-cfg": "rstr bundle, TensorRT, constant CFG",
+    "trt-rstr": "rstr bundle, TensorRT, rstr schedule",
+}
+ROW_SCHEDULE = {"diffusers": "cfg", "cache-dit": "cfg", "rstr-torch": "rstr", "ort-cfg": "cfg", "ort-rstr": "rstr",
+                "trt-cfg": "cfg", "trt-rstr": "rstr"}
+ROW_ENGINE = {"diffusers": "torch", "cache-dit": "torch", "rstr-torch": "torch", "ort-cfg": "ort", "ort-rstr": "ort",
+              "trt-cfg": "trt", "trt-rstr": "trt"}
+
+
+# ================================================================================ models
+@dataclass(frozen=True)
+class ModelSpec:
+    """One benchmarked model: a config with random weights (seed 0), or the reference model."""
+
+    key: str
+    title: str
+    family: str
+    shape: str
+    steps: int  # nominal steps: constant CFG runs this many, the rstr schedule is a fraction of it
+    scale: float  # constant-CFG scale (the reference model's own default_scale wins)
+    big_batch: int | None  # the larger batch for images/s (None: batch 1 only)
+    config: dict | None = None  # transformer constructor arguments; None = the reference model
+    meta: dict = field(default_factory=dict)  # rstr.json extras
+    skip: dict = field(default_factory=dict)  # row key -> why it is not run for this model
+    quick_steps: int | None = None  # nominal steps under --quick
+
+
+DIT_XL_STEPS = 4
+XL_EXPORT = ("not run: the ONNX export of this 3 GB model fails in `export/graphs.py` `clean()` "
+             "(`ModelProto.ByteSize()` raises protobuf `EncodeError: Failed to serialize proto` above 2 GB, before the "
+             "external-data save is reached) after 5 min and a 21.9 GB peak RSS on this 24 GB machine (measured once, "
+             "rstr 0.1.0)")
+MODELS: dict[str, ModelSpec] = {
+    "ref": ModelSpec(
+        "ref", "reference digits DiT", "dit", "DiT 4 blocks, hidden 128 (4x32), 8x8x1 pixels, 16 tokens, 10 classes",
+        steps=25, scale=2.0, big_batch=8,
+    ),
+    "dit-s": ModelSpec(
+        "dit-s", "DiT-S/2-shaped (random weights)", "dit",
+        "DiT 12 blocks, hidden 384 (6x64), patch 2, 32x32x4 latents (256 px), 256 tokens, learned sigma, 1000 classes",
+        steps=20, scale=4.0, big_batch=2, quick_steps=10,
+        config=dict(num_attention_heads=6, attention_head_dim=64, in_channels=4, out_channels=8, num_layers=12, sample_size=32,
+                    patch_size=2, num_embeds_ada_norm=1000, norm_type="ada_norm_zero"),
+    ),
+    "dit-xl": ModelSpec(
+        "dit-xl", "DiT-XL/2-shaped (random weights)", "dit",
+        "DiT 28 blocks, hidden 1152 (16x72), patch 2, 32x32x4 latents (256 px), 256 tokens, learned sigma, 1000 classes",
+        steps=DIT_XL_STEPS, scale=4.0, big_batch=None,
+        config=dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28, sample_size=32,
+                    patch_size=2, num_embeds_ada_norm=1000, norm_type="ada_norm_zero"),
+        skip={"cache-dit": f"not run: with {DIT_XL_STEPS} steps, DBCache's default 8 warm-up steps (max_warmup_steps=8) never "
+                           "cache, so it would compute exactly what the diffusers row computes",
+              "ort-cfg": XL_EXPORT, "ort-rstr": XL_EXPORT},
+    ),
+    "pixart": ModelSpec(
+        "pixart", "PixArt-alpha-shaped, small (random weights)", "pixart",
+        "PixArt 12 blocks, hidden 256 (4x64), patch 2, 16x16x4 latents, 64 tokens, 32 text tokens (dim 512), learned sigma",
+        steps=20, scale=4.5, big_batch=4, quick_steps=10,
+        config=dict(num_attention_heads=4, attention_head_dim=64, in_channels=4, out_channels=8, num_layers=12, sample_size=16,
+                    patch_size=2, cross_attention_dim=256, caption_channels=512, norm_type="ada_norm_single",
+                    use_additional_conditions=False),
+        meta={"text_len": 32},
+    ),
+    "flux": ModelSpec(
+        "flux", "FLUX.1-shaped, small (random weights)", "flux",
+        "FLUX 4 double + 8 single blocks, hidden 256 (4x64), 16x16x16 latents packed to 64 tokens, 32 text tokens (dim 256)",
+        steps=20, scale=4.0, big_batch=4, quick_steps=10,
+        config=dict(patch_size=1, in_channels=64, num_layers=4, num_single_layers=8, attention_head_dim=64, num_attention_heads=4,
+                    joint_attention_dim=256, pooled_projection_dim=128, guidance_embeds=False, axes_dims_rope=(16, 24, 24)),
+        meta={"text_len": 32, "latent_size": 16},
+    ),
+    "qwen": ModelSpec(
+        "qwen", "Qwen-Image-shaped, small (random weights)", "qwenimage",
+        "Qwen-Image 12 blocks, hidden 256 (4x64), 16x16x16 latents packed to 64 tokens, 32 text tokens (dim 256)",
+        steps=20, scale=4.0, big_batch=4, quick_steps=10,
+        config=dict(patch_size=2, in_channels=64, out_channels=16, num_layers=12, attention_head_dim=64, num_attention_heads=4,
+                    joint_attention_dim=256, axes_dims_rope=(16, 24, 24)),
+        meta={"text_len": 32, "latent_size": 16},
+    ),
+}
+DEFAULT_MODELS = ("ref", "dit-s", "dit-xl", "pixart", "flux", "qwen")
+QUICK_MODELS = ("ref", "dit-s", "pixart", "flux", "qwen")
+TRANSFORMER_CLASS = {"dit": "DiTTransformer2DModel", "pixart": "PixArtTransformer2DModel", "flux": "FluxTransformer2DModel",
+                     "qwenimage": "QwenImageTransformer2DModel"}
+
+
+def make_scheduler(family: str):
+    """DDIM for DiT/PixArt (the plan needs an affine update: DDIM eta=0), flow-matching Euler for FLUX/Qwen-Image."""
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+
+    if family in ("dit", "pixart"):
+        return DDIMScheduler(clip_sample=False)
+    if family == "flux":
+        return FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
+    return FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9, base_image_seq_len=256,
+                                           max_image_seq_len=4096, shift_terminal=0.02)
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+REFERENCE: Path | None = None  # --reference; None: rstr's shipped reference model
+
+
+def reference_dir() -> Path:
+    from rstr.families import REFERENCE_MODEL
+
+    return REFERENCE or REFERENCE_MODEL
+
+
+def model_dir(spec: ModelSpec, work: Path, steps: int, log: Callable[[str], None] = print) -> Path:
+    """The model's diffusers directory: the reference model, or a random-weight one made once and cached in ``work``."""
+    if spec.config is None:
+        path = reference_dir()
+        if not (path / "transformer").is_dir():
+            raise FileNotFoundError(f"the reference model {path} is missing; train it with "
+                                    "`python tools/train_reference.py --out rstr/reference/digits-dit --seed 0`")
+        return path
+    import diffusers
+    import torch
+
+    meta = {"default_steps": steps, **spec.meta}
+    path = work / "models" / f"{spec.key}-{_digest([spec.config, meta, diffusers.__version__])}"
+    if (path / "rstr.json").is_file():
+        return path
+    log(f"  making {spec.key} model directory {path} (random weights, seed 0)")
+    from rstr._io import atomic_dir
+
+    with atomic_dir(path, force=True) as tmp:
+        torch.manual_seed(0)
+        model = getattr(diffusers, TRANSFORMER_CLASS[spec.family])(**spec.config)
+        model.save_pretrained(tmp / "transformer")
+        make_scheduler(spec.family).save_pretrained(tmp / "scheduler")
+        (tmp / "rstr.json").write_text(json.dumps(meta))
+        del model
+    return path
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+# ============================================================================= schedules
+def find_searched_schedule(family, explicit: Path | None) -> tuple[Any, str]:
+    """The reference model's searched schedule: ``explicit``, else the best candidate under ``docs/search/``.
+
+    Candidates are the ``rstr.schedule/1`` files there that fit the model (family, sampler,
+    default steps) within 50% of constant-CFG compute; the largest such compute fraction wins
+    (the 50%-budget search), ties broken by file name.  ``None`` when there is none.
+    """
+    from rstr.schedule import GuidanceSchedule
+
+    if explicit is not None:
+        s = GuidanceSchedule.load(explicit)
+        s.check_fits(family.name, family.sampler)
+        return s, str(explicit)
+    found = []
+    for path in sorted(SEARCH_DIR.rglob("*.json")) if SEARCH_DIR.is_dir() else []:
+        try:
+            data = json.loads(path.read_text())
+            if not isinstance(data, dict) or data.get("format") != "rstr.schedule/1":
+                continue
+            s = GuidanceSchedule.from_dict(data, source=str(path))
+        except Exception:  # noqa: BLE001 - any unreadable file is simply not a candidate
+            continue
+        if (s.family, s.sampler, s.default_steps) == (family.name, family.sampler, family.default_steps) and s.compute_fraction <= 0.5:
+            found.append((s.compute_fraction, str(path.relative_to(ROOT)), s))
+    if not found:
+        return None, ""
+    found.sort(key=lambda f: (-f[0], f[1]))
+    return found[0][2], found[0][1]
+
+
+def hand_schedule(family, steps: int, scale: float):
+    """Stand-in until a searched schedule exists: 60% of the steps, guidance at ``scale`` on the first third of them."""
+    from rstr.schedule import GuidanceSchedule
+
+    n = max(2, round(0.6 * steps))
+    k = max(1, round(n / 3))
+    return GuidanceSchedule.first_k(scale, n, k, family=family.name, sampler=family.sampler, default_steps=steps)
+
+
+def transfer_schedule(source, family, steps: int):
+    """The reference schedule's shape on another model: same relative step positions and compute fraction.
+
+    Step count scales with the nominal steps; guided flags and scales are resampled by relative
+    position (``rstr.search.remap``) and, if that overshoots the source's compute fraction,
+    trimmed with ``rstr.search.repair``.
+    """
+    from rstr.search import Genome, SearchSpace, remap, repair
+
+    n = max(2, min(steps, round(source.num_steps * steps / source.default_steps)))
+    genome = Genome(source.guided, tuple(s if s is not None else 1.0 for s in source.scales))
+    genome = remap(genome, n)
+    max_passes = max(n, math.floor(source.compute_fraction * 2 * steps + 1e-9))
+    genome = repair(genome, SearchSpace(default_steps=steps, max_passes=max_passes, step_counts=(n,), w_max=10.0))
+    return genome.schedule(family.name, family.sampler, steps)
+
+
+# ================================================================================ inputs
+@dataclass
+class Inputs:
+    """One batch: per-image seeded noise (as the stock pipelines draw it) and conditioning, torch and numpy."""
+
+    batch: int
+    seeds: list[int]
+    noise: Any  # torch [B, ...]
+    cond: dict
+    uncond: dict | None
+    labels: list[int] | None = None
+
+    @property
+    def noise_np(self) -> np.ndarray:
+        return self.noise.numpy()
+
+    def np(self, which: str) -> dict | None:
+        d = self.cond if which == "cond" else self.uncond
+        return None if d is None else {k: v.numpy() for k, v in d.items()}
+
+
+def make_inputs(family, batch: int, seed_start: int = BENCH_SEED) -> Inputs:
+    import torch
+
+    from rstr.evaluate import noise_for_seeds
+    from rstr.export.verify import example_inputs
+
+    seeds = list(range(seed_start, seed_start + batch))
+    noise = noise_for_seeds(family, seeds)
+    cond, uncond = example_inputs(family, batch)
+    to_t = lambda d: None if d is None else {k: torch.from_numpy(v) for k, v in d.items()}  # noqa: E731
+    labels = [int(x) for x in cond["class_labels"]] if family.name == "dit" else None
+    return Inputs(batch, seeds, noise, to_t(cond), to_t(uncond), labels)
+
+
+# ============================================================================= pipelines
+def identity_vae():
+    """A VAE whose decode is the identity: DiTPipeline always decodes, so this times the denoising loop only."""
+    import torch
+    from diffusers import ConfigMixin, ModelMixin
+    from diffusers.configuration_utils import register_to_config
+    from diffusers.models.autoencoders.vae import DecoderOutput
+
+    class IdentityVAE(ModelMixin, ConfigMixin):
+        @register_to_config
+        def __init__(self, scaling_factor: float = 1.0):
+            super().__init__()
+            self.register_buffer("anchor", torch.zeros(1), persistent=False)  # gives the pipeline a device and dtype
+
+        def decode(self, z, return_dict: bool = True):
+            return DecoderOutput(sample=z) if return_dict else (z,)
+
+    return IdentityVAE()
+
+
+def remap_null_class(transformer, num_classes: int) -> None:
+    """DiTPipeline hard-codes the null class as 1000; map it to this model's null class (a pre-hook, no other change)."""
+    import torch
+
+    def hook(module, args, kwargs):
+        labels = kwargs.get("class_labels")
+        if labels is not None:
+            kwargs["class_labels"] = torch.where(labels == 1000, torch.full_like(labels, num_classes), labels)
+        return args, kwargs
+
+    transformer.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def stock_pipeline(family, transformer):
+    """The family's stock diffusers pipeline around ``transformer``, no text encoders, progress bar off."""
+    import diffusers
+
+    sched = family.fresh_scheduler()
+    if family.name == "dit":
+        if family.num_classes != 1000:
+            remap_null_class(transformer, family.num_classes)
+        pipe = diffusers.DiTPipeline(transformer=transformer, vae=identity_vae(), scheduler=sched)
+    elif family.name == "pixart":
+        pipe = diffusers.PixArtAlphaPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer, scheduler=sched)
+    elif family.name == "flux":
+        pipe = diffusers.FluxPipeline(scheduler=sched, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
+                                      tokenizer_2=None, transformer=transformer)
+    else:
+        pipe = diffusers.QwenImagePipeline(scheduler=sched, vae=None, text_encoder=None, tokenizer=None, transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def call_pipeline(pipe, family, inputs: Inputs, steps: int, scale: float):
+    """One stock-pipeline generation, constant CFG, from the same noise and conditioning as every other row.
+
+    DiTPipeline draws its own noise: it gets one generator per image, seeded like
+    ``rstr.evaluate.noise_for_seeds``, so its noise is identical.  It returns decoded images,
+    here ``(x / 2 + 0.5).clamp(0, 1)`` of the final latents (identity VAE); the others return latents.
+    """
+    import torch
+
+    if family.name == "dit":
+        gens = [torch.Generator().manual_seed(s) for s in inputs.seeds]
+        return pipe(class_labels=inputs.labels, guidance_scale=scale, num_inference_steps=steps, generator=gens,
+                    output_type="pt").images
+    c, u = inputs.cond, inputs.uncond
+    if family.name == "pixart":
+        px = family.sample_shape(1)[-1] * 8
+        return pipe(negative_prompt=None, prompt_embeds=c["encoder_hidden_states"], prompt_attention_mask=c["encoder_attention_mask"],
+                    negative_prompt_embeds=u["encoder_hidden_states"], negative_prompt_attention_mask=u["encoder_attention_mask"],
+                    guidance_scale=scale, num_inference_steps=steps, latents=inputs.noise.clone(), output_type="latent",
+                    use_resolution_binning=False, height=px, width=px).images
+    px = family.latent_size * 8
+    if family.name == "flux":
+        return pipe(prompt_embeds=c["encoder_hidden_states"], pooled_prompt_embeds=c["pooled_projections"],
+                    negative_prompt_embeds=u["encoder_hidden_states"], negative_pooled_prompt_embeds=u["pooled_projections"],
+                    true_cfg_scale=scale, num_inference_steps=steps, height=px, width=px, latents=inputs.noise.clone(),
+                    output_type="latent").images
+    return pipe(prompt_embeds=c["encoder_hidden_states"], prompt_embeds_mask=c["encoder_hidden_states_mask"],
+                negative_prompt_embeds=u["encoder_hidden_states"], negative_prompt_embeds_mask=u["encoder_hidden_states_mask"],
+                true_cfg_scale=scale, num_inference_steps=steps, height=px, width=px, latents=inputs.noise.clone(),
+                output_type="latent").images
+
+
+def cache_dit_version() -> str | None:
+    try:
+        import importlib.metadata as md
+
+        return md.version("cache-dit")
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def cache_dit_pipeline(family, copy_transformer: bool = True):
+    """A stock pipeline with ``cache_dit.enable_cache(pipe)`` at its defaults.
+
+    cache-dit patches the transformer it is given, so next to the other rows it gets its own
+    copy (``copy_transformer``); a process measuring only this row uses the model itself.
+    """
+    os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "warning")
+    import cache_dit
+
+    pipe = stock_pipeline(family, copy.deepcopy(family.transformer) if copy_transformer else family.transformer)
+    cache_dit.enable_cache(pipe)
+    return pipe
+
+
+def cache_dit_unavailable(family) -> str | None:
+    """Why cache-dit's default settings cannot run on this model, or None."""
+    if cache_dit_version() is None:
+        return "cache-dit is not installed (`pip install cache-dit`; it does not change torch)"
+    blocks = len(family.blocks())
+    if blocks < 8:
+        return (f"cache-dit's default DBCache (Fn_compute_blocks=8) needs at least 8 transformer blocks and this model has "
+                f"{blocks}; cache-dit refuses it (AssertionError)")
+    return None
+
+
+def cache_dit_stats(pipe) -> dict:
+    import cache_dit
+
+    out = {}
+    for s in cache_dit.summary(pipe, details=False, logging=False) or []:
+        out.setdefault("cached_steps", len(s.cached_steps or []))
+        out.setdefault("cfg_cached_steps", len(s.cfg_cached_steps or []))
+    return out
+
+
+# =============================================================================== bundles
+def replan(bundle, batch: int):
+    """The same bundle walked at another batch: graphs are batch-dynamic, only the manifest's batch fields change.
+
+    Equal to ``build_plan(family, schedule, batch)`` (the step constants do not depend on the
+    batch); the parent process checks that once per bundle.  Torch-free, so a child process
+    measuring the ONNX Runtime rows' memory never imports torch.
+    """
+    from rstr.engines.bundle import Bundle
+
+    m = copy.deepcopy(bundle.manifest)
+    m["batch"] = batch
+    m["sample"]["shape"] = [batch, *m["sample"]["shape"][1:]]
+    for step in m["plan"]["steps"]:
+        step["batch"] = 2 * batch if step["guided"] else batch
+    return Bundle(bundle.root, m)
+
+
+def build_bundle(model: Path, schedule, out: Path, log: Callable[[str], None], backend: str = "onnxruntime", rebuild: bool = False):
+    """Export (or reuse a cached) batch-1 bundle of ``model`` under ``schedule``; returns the opened Bundle."""
+    from rich.console import Console
+
+    from rstr.engines.bundle import Bundle
+    from rstr.errors import BundleError
+    from rstr.export.build import BuildOptions, build
+
+    if out.is_dir() and not rebuild:
+        try:
+            return Bundle.open(out)
+        except BundleError:
+            pass
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sched_path = out.parent / f"{out.name}.schedule.json"
+    schedule.save(sched_path)
+    log(f"  exporting bundle {out.name} ({schedule.describe()})")
+    import io
+
+    build(BuildOptions(model=model, schedule=sched_path, out=out, measure=False, batch=1, force=True, backend=backend),
+          console=Console(file=io.StringIO()))
+    return Bundle.open(out)
+
+
+def bundle_inputs_np(bundle, batch: int, seed: int = BENCH_SEED) -> tuple[np.ndarray, dict, dict | None]:
+    """Torch-free inputs for a bundle (memory children): normal noise, labels ``i % classes`` or random embeddings."""
+    rng = np.random.default_rng(seed)
+    shape = [batch, *bundle.manifest["sample"]["shape"][1:]]
+    noise = rng.standard_normal(shape, dtype=np.float32)
+    conditioning = bundle.manifest["conditioning"]
+    if "num_classes" in conditioning:
+        return noise, {"class_labels": np.arange(batch, dtype=np.int64) % conditioning["num_classes"]}, None
+    pair = []
+    for _ in range(2):
+        c = {}
+        for d in bundle.cond_inputs:
+            shp = d.concrete(batch)
+            c[d.name] = np.ones(shp, np.float32) if d.name.endswith("mask") else rng.standard_normal(shp, dtype=np.float32)
+        pair.append(c)
+    return noise, pair[0], pair[1]
+
+
+def tensorrt_unavailable() -> str | None:
+    """Why the TensorRT rows cannot run here, or None."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return "no CUDA GPU on this machine (TensorRT needs one)"
+    except ImportError:
+        return "torch is not installed"
+    from rstr.errors import BackendUnavailable
+
+    try:
+        from rstr.engines.tensorrt import _trt
+
+        _trt()
+    except BackendUnavailable as why:
+        return str(why)
+    return None
