@@ -284,14 +284,11 @@ class Objective(ABC):
     missed (0 when met).  Candidates rank by ``(violation, mean metric)``: a feasible candidate
     always beats an infeasible one, and among infeasible ones the smaller violation wins
     (Deb's feasibility rules -- no penalty weight to tune).  Subclasses are picklable
-    dataclasses; :meth:`setup` builds heavy state inside each worker.
+    dataclasses that build heavy state lazily, inside each worker.
     """
 
     name: ClassVar[str]
     metric: ClassVar[str]
-
-    def setup(self, family: Family) -> None:
-        """Prepare per-worker state (reference statistics, teacher samples)."""
 
     @abstractmethod
     def measure(self, family: Family, schedule: GuidanceSchedule, *, seed_start: int, num: int, groups: int) -> Metrics:
@@ -654,7 +651,6 @@ class EvalTask(Task):
                 raise RstrError("this model was built in memory, so workers cannot load it; save it to a directory or use one worker")
 
             self.family = load_model(self.model, device=device)
-        self.objective.setup(self.family)
 
     def run(self, item: tuple[GuidanceSchedule, int, int, int]) -> Metrics:
         schedule, seed_start, num, groups = item
