@@ -80,10 +80,14 @@ def stats(xs: list[float]) -> dict:
 
 
 def matmul_peak(threads: int, sizes=(1024, 2048, 4096), reps: int = 5) -> dict:
-    """fp32 matmul rate of this machine (torch.matmul, ``threads`` threads): the best median over sizes."""
+    """fp32 matmul rate of this machine (torch.matmul on ``threads`` threads): best over sizes of the fastest rep.
+
+    The fastest repetition, not the median: this is the physical limit the rows are compared
+    with, and on a shared machine the median understates it.
+    """
     import torch
 
-    out = {}
+    best, median = {}, {}
     for n in sizes:
         a, b = torch.randn(n, n), torch.randn(n, n)
         torch.matmul(a, b)
@@ -92,8 +96,9 @@ def matmul_peak(threads: int, sizes=(1024, 2048, 4096), reps: int = 5) -> dict:
             t0 = time.perf_counter()
             torch.matmul(a, b)
             ts.append(time.perf_counter() - t0)
-        out[str(n)] = 2 * n**3 / statistics.median(ts) / 1e9
-    return {"gflops_by_size": out, "gflops": max(out.values()), "threads": threads}
+        best[str(n)] = 2 * n**3 / min(ts) / 1e9
+        median[str(n)] = 2 * n**3 / statistics.median(ts) / 1e9
+    return {"gflops_by_size": best, "median_gflops_by_size": median, "gflops": max(best.values()), "threads": threads}
 
 
 def contention_probe(threads: int, calls: int = 300) -> dict:
@@ -333,6 +338,7 @@ def bench_model(spec, args, source_schedule) -> dict:
     t_start = time.time()
     log(f"== {spec.key}: {spec.title}")
     started = time.strftime("%Y-%m-%d %H:%M:%S")
+    peak = matmul_peak(args.threads, (1024, 2048) if args.quick else (1024, 2048, 4096), reps=3)
     mb = ModelBench(spec, args, source_schedule)
     f = mb.family
     res: dict = {
@@ -341,7 +347,7 @@ def bench_model(spec, args, source_schedule) -> dict:
         "blocks": len(f.blocks()), "schedules": {k: {"describe": s.describe(), "passes": s.passes_per_image,
                                                        "compute_fraction": s.compute_fraction, "schedule": s.to_dict()}
                                                    for k, s in mb.schedules.items()},
-        "rows": {}, "loadavg": {"start": os.getloadavg()}, "started": started,
+        "rows": {}, "loadavg": {"start": os.getloadavg()}, "started": started, "matmul": peak,
     }
     rstr_file = args.work / "schedules" / f"{spec.key}-rstr.json"
     mb.rstr.save(rstr_file)
@@ -739,8 +745,7 @@ def main(argv=None) -> int:
     for key in args.models:
         try:
             results["models"][key] = bench_model(MODELS[key], args, sched)
-            results["models"][key].update(threads=args.threads, reps=args.reps, peak_gflops=results["matmul_start"]["gflops"],
-                                          schedule_source=where)
+            results["models"][key].update(threads=args.threads, reps=args.reps, schedule_source=where)
         except Exception as err:  # noqa: BLE001 - one model failing must not lose the others
             import traceback
 
@@ -749,7 +754,12 @@ def main(argv=None) -> int:
         _partial(results, args, t0, write_report)  # a report after every model: an interrupted run keeps what it measured
     results["matmul_end"] = matmul_peak(args.threads, sizes)
     results["contention_end"] = contention_probe(args.threads)
-    results["peak_gflops"] = max(results["matmul_start"]["gflops"], results["matmul_end"]["gflops"])
+    # The peak: the best rate seen at any of this run's measurements (start, before each model, end).
+    seen = [results["matmul_start"]["gflops"], results["matmul_end"]["gflops"]]
+    seen += [m["matmul"]["gflops"] for k, m in results["models"].items() if k in args.models and "matmul" in m]
+    results["peak_gflops"] = max(seen)
+    for key in args.models:
+        results["models"][key]["peak_gflops"] = results["peak_gflops"]
     results["seconds"] = time.time() - t0
     paths = write_report(results, args.out)
     log(f"wrote {', '.join(str(p) for p in paths)} in {results['seconds'] / 60:.1f} min")

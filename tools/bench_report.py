@@ -114,12 +114,15 @@ def markdown(results: dict, plots: dict[str, str]) -> str:
     if results.get("updated"):
         L += [f"Models {', '.join(results['updated'])} come from an earlier run (`--update`); each model's rows were "
               "measured together in one run, and each model below says when.", ""]
+    per_model = ", ".join(f"{k} {md['matmul']['gflops']:.1f}" for k, md in results["models"].items() if "matmul" in md)
     L += [f"**Machine:** {m['cpu']}, {m['logical_cpus']} logical CPUs, {m['memory_gb']:.0f} GB RAM, "
           f"{m.get('gpu') or 'no GPU'}; torch {m['torch']}, ONNX Runtime {m['onnxruntime']}, diffusers {m['diffusers']}, "
           f"cache-dit {m['cache_dit'] or 'not installed'}, Python {m['python']}. {results['threads']} intra-op thread(s) for "
-          f"torch and ONNX Runtime. Measured fp32 matmul peak (torch.matmul, best size): "
-          f"{results['matmul_start']['gflops']:.1f} GFLOP/s at the start, {results['matmul_end']['gflops']:.1f} at the end; "
-          f"the higher, {peak:.1f} GFLOP/s, is the \"peak\" below.", ""]
+          f"torch and ONNX Runtime.", ""]
+    L += [f"**fp32 peak:** torch.matmul on 1024² to 4096² matrices, fastest repetition, best size: "
+          f"{results['matmul_start']['gflops']:.1f} GFLOP/s at the start, {results['matmul_end']['gflops']:.1f} at the end"
+          + (f", before each model: {per_model}" if per_model else "")
+          + f". The highest, {peak:.1f} GFLOP/s, is the \"peak\" of the % columns.", ""]
     c0, c1 = results.get("contention"), results.get("contention_end")
     if c0 and c1 and c0["threads"] > 1:
         busy = max(c0["ratio"], c1["ratio"]) > 2

@@ -3,15 +3,16 @@
 For a sparse schedule (Stage-1's if given, else rstr's hand-made default) this script
 
 1. scores the uncalibrated model and the full-CFG teacher on ``--groups`` held-out seed groups;
-2. calibrates with ``adaptive`` and ``uniform`` allocation at the same budget for every
-   calibration seed in ``--seeds`` (adapters are kept in ``--work`` and reused on a rerun);
+2. calibrates with ``adaptive`` and ``uniform`` allocation at each budget in ``--budgets`` for
+   every calibration seed in ``--seeds`` (adapters are kept in ``--work`` and reused on a rerun;
+   an interrupted calibration resumes from its checkpoint);
 3. merges each adapter and scores it on the same held-out groups (paired: same noise, same classes);
 4. writes ``--out`` (markdown), a PNG and a JSON of every number beside it.
 
-Usage (the numbers in docs/stage2.md came from the command recorded in that file)::
+Usage (docs/stage2.md records the exact command that produced it)::
 
-    python tools/stage2_ablation.py                       # CPU, about an hour on two cores
-    python tools/stage2_ablation.py --device cuda         # the same on a GPU, minutes
+    nice -n 10 python tools/stage2_ablation.py            # CPU: hours on two shared cores
+    python tools/stage2_ablation.py --device cuda         # the same on a GPU
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -47,24 +49,36 @@ def score(family, schedule: GuidanceSchedule, args: argparse.Namespace) -> EvalR
     return evaluate(family, schedule, num=args.num, groups=args.groups, seed_start=HELD_OUT_SEEDS.start, progress=False)
 
 
-def calibrated_family(args: argparse.Namespace, schedule: GuidanceSchedule, method: str, seed: int) -> tuple[object, dict]:
-    """Calibrate (or reuse a finished adapter with the same settings) and return the merged family."""
-    adapter = args.work / f"{method}-seed{seed}"
+def label(method: str, budget: float) -> str:
+    return f"{method} {budget:.2%}"
+
+
+def calibrated_run(args: argparse.Namespace, schedule: GuidanceSchedule, method: str, budget: float, seed: int) -> dict:
+    """Calibrate (or reuse a finished adapter with the same settings), merge it and score it."""
+    adapter = args.work / f"{method}-{budget:g}-seed{seed}"
     record_path = adapter / "calibration.json"
-    record = json.loads(record_path.read_text()) if record_path.is_file() else None
-    wanted = {"schedule_sha256": schedule.sha256(), "preset": args.preset, "budget": args.budget, "allocation": method, "seed": seed}
-    if record is None or any(record.get(k) != v for k, v in wanted.items()):
-        family = load_model(args.model, device=args.device)
-        stage2.calibrate(family, schedule, adapter, preset=args.preset, budget=args.budget, allocation=method, seed=seed,
-                         resume=True, force=True, progress=False)
+    wanted = {"schedule_sha256": schedule.sha256(), "preset": args.preset, "budget": budget, "allocation": method, "seed": seed}
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    if any(record.get(k) != v for k, v in wanted.items()):
+        stage2.calibrate(load_model(args.model, device=args.device), schedule, adapter, preset=args.preset, budget=budget,
+                         allocation=method, seed=seed, resume=True, force=True, progress=False)
         record = json.loads(record_path.read_text())
     family = load_model(args.model, device=args.device)
     stage2.apply_adapter(family, adapter)
-    return family, record
+    allocation = json.loads((adapter / "allocation.json").read_text())
+    return {
+        "eval": score(family, schedule, args).to_dict(),
+        "validation_loss": record["validation_loss"],
+        "seconds": record["seconds"],
+        "lora_params": record["lora_params"],
+        "blocks": allocation["blocks"],
+        "kinds": allocation["kinds"],
+    }
 
 
-def spread(xs: list[float]) -> str:
-    return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:.3f}"
+def spread(xs: list[float], fmt: str = ".3f") -> str:
+    sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
+    return f"{statistics.mean(xs):{fmt}} ± {sd:{fmt}}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--schedule", type=Path, help="Stage-1 schedule JSON (default: rstr.calibrate.default_schedule)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="calibration seeds")
     p.add_argument("--preset", default="full")
-    p.add_argument("--budget", type=float, default=0.01)
+    p.add_argument("--budgets", type=float, nargs="+", default=[0.01, 0.0025], help="LoRA budgets (fractions of the transformer)")
     p.add_argument("--num", type=int, default=500, help="images per held-out group")
     p.add_argument("--groups", type=int, default=3, help="held-out seed groups")
     p.add_argument("--device", default="cpu")
@@ -82,8 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.device == "cpu":
         torch.set_num_threads(2)
+    command = " ".join(["python", "tools/stage2_ablation.py", *(argv if argv is not None else sys.argv[1:])])
     try:
-        return run(args, " ".join(["python", "tools/stage2_ablation.py", *(argv if argv is not None else sys.argv[1:])]))
+        return run(args, command)
     except RstrError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -95,25 +110,18 @@ def run(args: argparse.Namespace, command: str) -> int:
     schedule = load_schedule(args, base)
     teacher = stage2.teacher_schedule(base)
     print(f"schedule: {schedule.describe()}\nteacher: {teacher.describe()}", flush=True)
-    results: dict[str, dict] = {"teacher": score(base, teacher, args).to_dict(), "uncalibrated": score(base, schedule, args).to_dict()}
+    results = {"teacher": score(base, teacher, args).to_dict(), "uncalibrated": score(base, schedule, args).to_dict()}
     print(f"teacher       FD {results['teacher']['fd']}\nuncalibrated  FD {results['uncalibrated']['fd']}", flush=True)
-    runs: dict[str, dict[int, dict]] = {m: {} for m in METHODS}
-    for seed in args.seeds:
-        for method in METHODS:
-            family, record = calibrated_family(args, schedule, method, seed)
-            r = score(family, schedule, args)
-            allocation = json.loads((args.work / f"{method}-seed{seed}" / "allocation.json").read_text())
-            runs[method][seed] = {
-                "eval": r.to_dict(),
-                "validation_loss": record["validation_loss"],
-                "seconds": record["seconds"],
-                "lora_params": record["lora_params"],
-                "blocks": allocation["blocks"],
-                "kinds": allocation["kinds"],
-            }
-            print(f"{method:9s} seed {seed}: FD {[round(x, 3) for x in r.fd]}, calibration {record['seconds']:.0f} s", flush=True)
+    runs: dict[str, dict[int, dict]] = {}
+    for budget in args.budgets:
+        for seed in args.seeds:
+            for method in METHODS:
+                r = runs.setdefault(label(method, budget), {})[seed] = calibrated_run(args, schedule, method, budget, seed)
+                print(f"{label(method, budget)} seed {seed}: FD {[round(x, 3) for x in r['eval']['fd']]}, "
+                      f"loss {r['validation_loss']['calibrated']:.3g}, {r['seconds']:.0f} s", flush=True)
     data = {"command": command, "device": args.device, "schedule": schedule.to_dict(), "teacher": teacher.to_dict(),
-            "budget": args.budget, "preset": args.preset, "num": args.num, "groups": args.groups,
+            "budgets": args.budgets, "preset": args.preset, "preset_settings": asdict(stage2.PRESETS[args.preset]),
+            "num": args.num, "groups": args.groups, "seeds": args.seeds,
             "held_out_seeds": [HELD_OUT_SEEDS.start, HELD_OUT_SEEDS.start + args.num * args.groups],
             "results": results, "runs": runs, "seconds": round(time.perf_counter() - t0)}
     write_json(args.out.with_suffix(".json"), data)
@@ -125,15 +133,17 @@ def run(args: argparse.Namespace, command: str) -> int:
 
 
 def report(data: dict, schedule: GuidanceSchedule, teacher: GuidanceSchedule, png: str) -> str:
-    groups = data["groups"]
+    groups, seeds = data["groups"], data["seeds"]
     uncal = data["results"]["uncalibrated"]["fd"]
-    seeds = sorted(data["runs"]["adaptive"], key=int)
+    p = data["preset_settings"]
     lines = [
         "# Stage-2 ablation: calibration under a sparse schedule, adaptive vs uniform ranks",
         "",
         f"- student schedule: {schedule.describe()}",
         f"- teacher: {teacher.describe()}, scale {teacher.scales[0]}",
-        f"- LoRA budget {data['budget']:.0%} of the transformer, preset `{data['preset']}`, calibration seeds {', '.join(map(str, seeds))}",
+        f"- LoRA budgets {', '.join(f'{b:.2%}' for b in data['budgets'])} of the transformer; preset `{data['preset']}` "
+        f"({p['iterations']} iterations of {p['batch_size']} images from a pool of {p['pool']}, lr {p['lr']}); "
+        f"calibration seeds {', '.join(map(str, seeds))}",
         f"- held-out seeds [{data['held_out_seeds'][0]}, {data['held_out_seeds'][1]}): {groups} groups of {data['num']} images, "
         "every model sampled from the same noise and classes (paired)",
         f"- device `{data['device']}`, {data['seconds'] / 60:.0f} minutes in all; rerun: `{data['command']}`",
@@ -155,30 +165,33 @@ def report(data: dict, schedule: GuidanceSchedule, teacher: GuidanceSchedule, pn
         _row("teacher (constant CFG, full steps)", data["results"]["teacher"]["fd"]),
         _row("uncalibrated, sparse schedule", uncal),
     ]
-    for method in METHODS:
+    for name, runs in data["runs"].items():
         for seed in seeds:
-            lines.append(_row(f"{method}, seed {seed}", data["runs"][method][seed]["eval"]["fd"]))
+            lines.append(_row(f"{name}, seed {seed}", runs[seed]["eval"]["fd"]))
     lines += ["", "## Summary over calibration seeds (mean ± standard deviation)", "",
-              "| allocation | FD (mean over groups) | groups better than uncalibrated | loss to teacher, validation | LoRA params | calibration time |",
-              "|---|---|---|---|---|---|",
-              f"| none | {statistics.mean(uncal):.3f} | - | {spread([data['runs']['adaptive'][s]['validation_loss']['uncalibrated'] for s in seeds])} | 0 | - |"]
-    for method in METHODS:
-        runs = [data["runs"][method][s] for s in seeds]
-        fd = [statistics.mean(r["eval"]["fd"]) for r in runs]
-        wins = [sum(a < b for a, b in zip(r["eval"]["fd"], uncal)) for r in runs]
-        loss = [r["validation_loss"]["calibrated"] for r in runs]
-        lines.append(f"| {method} | {spread(fd)} | {', '.join(f'{w}/{groups}' for w in wins)} | {spread(loss)} | "
-                     f"{runs[0]['lora_params']:,} | {spread([r['seconds'] for r in runs])} s |")
-    lines += ["", "## Where the adaptive ranks went (LoRA parameters, seed " + str(seeds[0]) + ")", "",
-              "| block | adaptive | uniform | sensitivity share |", "|---|---|---|---|"]
-    a, u = data["runs"]["adaptive"][seeds[0]]["blocks"], data["runs"]["uniform"][seeds[0]]["blocks"]
-    total = sum(b["sensitivity"] for b in a.values()) or 1.0
-    for name in a:
-        lines.append(f"| {name} | {a[name]['params']:,} | {u[name]['params']:,} | {a[name]['sensitivity'] / total:.1%} |")
-    lines += ["", "| layer kind | adaptive | uniform | sensitivity share |", "|---|---|---|---|"]
-    a, u = data["runs"]["adaptive"][seeds[0]]["kinds"], data["runs"]["uniform"][seeds[0]]["kinds"]
-    for name in a:
-        lines.append(f"| {name} | {a[name]['params']:,} | {u[name]['params']:,} | {a[name]['sensitivity'] / total:.1%} |")
+              "| allocation, budget | FD (mean of groups) | FD change vs uncalibrated | groups better than uncalibrated, per seed "
+              "| loss to teacher (validation) | LoRA params | calibration time |",
+              "|---|---|---|---|---|---|---|"]
+    first = next(iter(data["runs"].values()))
+    lines.append(f"| none | {statistics.mean(uncal):.3f} | - | - | {first[seeds[0]]['validation_loss']['uncalibrated']:.3g} | 0 | - |")
+    for name, runs in data["runs"].items():
+        rs = [runs[s] for s in seeds]
+        fd = [statistics.mean(r["eval"]["fd"]) for r in rs]
+        wins = [sum(a < b for a, b in zip(r["eval"]["fd"], uncal)) for r in rs]
+        lines.append(
+            f"| {name} | {spread(fd)} | {spread([f - statistics.mean(uncal) for f in fd])} | "
+            f"{', '.join(f'{w}/{groups}' for w in wins)} | {spread([r['validation_loss']['calibrated'] for r in rs], '.3g')} | "
+            f"{rs[0]['lora_params']:,} | {spread([r['seconds'] for r in rs], '.0f')} s |"
+        )
+    for budget in data["budgets"]:
+        a, u = data["runs"][label("adaptive", budget)][seeds[0]], data["runs"][label("uniform", budget)][seeds[0]]
+        total = sum(b["sensitivity"] for b in a["blocks"].values()) or 1.0
+        lines += ["", f"## Where the LoRA parameters went at {budget:.2%} (seed {seeds[0]})", "",
+                  "| block or layer kind | adaptive | uniform | sensitivity share |", "|---|---|---|---|"]
+        for part in ("blocks", "kinds"):
+            for name in a[part]:
+                lines.append(f"| {name} | {a[part][name]['params']:,} | {u[part][name]['params']:,} | "
+                             f"{a[part][name]['sensitivity'] / total:.1%} |")
     return "\n".join(lines) + "\n"
 
 
@@ -192,39 +205,41 @@ def plot(data: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = range(data["groups"])
-    seeds = sorted(data["runs"]["adaptive"], key=int)
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+    groups, seeds = range(data["groups"]), data["seeds"]
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
     ax = axes[0]
-    width = 0.2
     bars = [("teacher", [data["results"]["teacher"]["fd"]]), ("uncalibrated", [data["results"]["uncalibrated"]["fd"]])]
-    bars += [(m, [data["runs"][m][s]["eval"]["fd"] for s in seeds]) for m in METHODS]
-    for i, (label, per_seed) in enumerate(bars):
+    bars += [(name, [runs[s]["eval"]["fd"] for s in seeds]) for name, runs in data["runs"].items()]
+    width = 0.8 / len(bars)
+    for i, (name, per_seed) in enumerate(bars):
         means = [statistics.mean(run[g] for run in per_seed) for g in groups]
         errs = [statistics.stdev(run[g] for run in per_seed) if len(per_seed) > 1 else 0.0 for g in groups]
-        ax.bar([g + (i - 1.5) * width for g in groups], means, width, yerr=errs, label=label, capsize=2)
+        ax.bar([g + (i - (len(bars) - 1) / 2) * width for g in groups], means, width, yerr=errs, label=name, capsize=2)
     ax.set_xticks(list(groups), [f"group {g}" for g in groups])
     ax.set_ylabel("Frechet distance (held-out)")
     ax.set_title("FD per held-out group (mean ± sd over calibration seeds)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     ax = axes[1]
-    for m in METHODS:
-        ax.plot(seeds, [data["runs"][m][s]["validation_loss"]["calibrated"] for s in seeds], "o-", label=m)
-    ax.plot(seeds, [data["runs"]["adaptive"][s]["validation_loss"]["uncalibrated"] for s in seeds], "k--", label="uncalibrated")
-    ax.set_xlabel("calibration seed")
+    names = list(data["runs"])
+    for j, name in enumerate(names):
+        losses = [data["runs"][name][s]["validation_loss"]["calibrated"] for s in seeds]
+        ax.plot([j] * len(losses), losses, "o", alpha=0.7)
+    ax.axhline(data["runs"][names[0]][seeds[0]]["validation_loss"]["uncalibrated"], color="k", ls="--", label="uncalibrated")
+    ax.set_xticks(range(len(names)), names, rotation=15, fontsize=8)
     ax.set_ylabel("MSE to teacher samples (validation)")
-    ax.set_title("calibration loss")
+    ax.set_title("calibration loss, one dot per seed")
     ax.legend(fontsize=8)
     ax = axes[2]
-    a, u = data["runs"]["adaptive"][seeds[0]]["blocks"], data["runs"]["uniform"][seeds[0]]["blocks"]
-    x = range(len(a))
-    ax.bar([i - 0.2 for i in x], [b["params"] for b in a.values()], 0.4, label="adaptive")
-    ax.bar([i + 0.2 for i in x], [b["params"] for b in u.values()], 0.4, label="uniform")
-    ax.set_xticks(list(x), [n.rsplit(".", 1)[-1] for n in a])
+    blocks = list(data["runs"][names[0]][seeds[0]]["blocks"])
+    width = 0.8 / len(names)
+    for j, name in enumerate(names):
+        ax.bar([i + (j - (len(names) - 1) / 2) * width for i in range(len(blocks))],
+               [data["runs"][name][seeds[0]]["blocks"][b]["params"] for b in blocks], width, label=name)
+    ax.set_xticks(range(len(blocks)), [b.rsplit(".", 1)[-1] for b in blocks])
     ax.set_xlabel("block")
     ax.set_ylabel("LoRA parameters")
-    ax.set_title(f"allocation (seed {seeds[0]})")
-    ax.legend(fontsize=8)
+    ax.set_title(f"allocation per block (seed {seeds[0]})")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
