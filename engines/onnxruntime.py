@@ -1,9 +1,12 @@
 """ONNX Runtime backend: CPU, or CUDA when onnxruntime-gpu and a GPU are present.
 
-The plan is walked with I/O binding: every step's outputs are OrtValues on the execution
-device and feed the next step directly, so on CUDA no tensor leaves the GPU between the
-first and the last step.  Per-step constants (timestep rows, scale, coefficients) are made
-into device OrtValues once, at activation.
+The plan is walked with I/O binding over buffers allocated once, at activation: the latents
+ping-pong between two pairs of device buffers (``x [B]`` and ``x2 [2B] = [x; x]``), the
+denoiser writes into one output buffer per batch, and every step's two bindings (denoiser,
+step graph) are built at activation with its constants (timestep rows, scale, coefficients)
+as device values.  ``infer`` copies the noise and conditioning in, runs two session calls per
+step and copies the final latents out: no tensor leaves the device in between and no Python
+work per step beyond the two calls.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import os
 import numpy as np
 
 from rstr.engines.base import Runner
-from rstr.engines.bundle import Bundle
+from rstr.engines.bundle import Bundle, TensorDesc
 from rstr.errors import BackendUnavailable
 
 GRAPHS = ("denoiser", "step_guided", "step_single")
@@ -68,59 +71,62 @@ class OnnxRuntimeRunner(Runner):
     def _value(self, array: np.ndarray):
         return _ort().OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, 0)
 
+    def _buffer(self, shape: tuple[int, ...], dtype) -> object:
+        return _ort().OrtValue.ortvalue_from_shape_and_type(shape, dtype, self.device, 0)
+
     def _activate(self) -> None:
         ort = _ort()
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if self.device == "cuda" else ["CPUExecutionProvider"]
         opts = self._session_options()
         self.sessions = {g: ort.InferenceSession(str(self.bundle.graph_path(g)), opts, providers=providers) for g in GRAPHS}
-        b = self.bundle.batch
-        self.step_values = []
-        for step in self.bundle.steps:
-            rows = 2 * b if step["guided"] else b
-            self.step_values.append({
-                "timestep": self._value(np.full((rows,), step["model_timestep"], np.float32)),
-                "scale": self._value(np.array([step["scale"] or 0.0], np.float32)),
-                "coef_sample": self._value(np.array([step["coef_sample"]], np.float32)),
-                "coef_eps": self._value(np.array([step["coef_eps"]], np.float32)),
-            })
+        b, sample = self.bundle.batch, self.bundle.sample.concrete(self.bundle.batch)
+        pair = (2 * b,) + sample[1:]
+        out = TensorDesc.from_json(self.bundle.manifest["graphs"]["denoiser"]["outputs"][0])
+        # Latents by parity of the step index: step i reads x[i % 2] and writes x[(i + 1) % 2].
+        self.x = [self._buffer(sample, np.float32) for _ in range(2)]
+        self.x2 = [self._buffer(pair, np.float32) for _ in range(2)]
+        self.cond = {rows: {d.name: self._buffer(d.concrete(rows), d.np_dtype) for d in self.bundle.cond_inputs} for rows in (b, 2 * b)}
+        model_output = {rows: self._buffer(out.concrete(rows), out.np_dtype) for rows in (b, 2 * b)}
+        self.walk = []
+        for i, step in enumerate(self.bundle.steps):
+            guided, now, nxt = step["guided"], i % 2, (i + 1) % 2
+            rows = 2 * b if guided else b
+            den = self.sessions["denoiser"].io_binding()
+            den.bind_ortvalue_input("sample", self.x2[now] if guided else self.x[now])
+            den.bind_ortvalue_input("timestep", self._value(np.full((rows,), step["model_timestep"], np.float32)))
+            for name, value in self.cond[rows].items():
+                den.bind_ortvalue_input(name, value)
+            den.bind_ortvalue_output("model_output", model_output[rows])
+            graph = "step_guided" if guided else "step_single"
+            upd = self.sessions[graph].io_binding()
+            upd.bind_ortvalue_input("sample", self.x[now])
+            upd.bind_ortvalue_input("model_output", model_output[rows])
+            if guided:
+                upd.bind_ortvalue_input("scale", self._value(np.array([step["scale"] or 0.0], np.float32)))
+            upd.bind_ortvalue_input("coef_sample", self._value(np.array([step["coef_sample"]], np.float32)))
+            upd.bind_ortvalue_input("coef_eps", self._value(np.array([step["coef_eps"]], np.float32)))
+            upd.bind_ortvalue_output("next_sample", self.x[nxt])
+            upd.bind_ortvalue_output("next_sample_pair", self.x2[nxt])
+            self.walk.append((den, graph, upd, self.x[nxt]))
 
     def _deactivate(self) -> None:
-        self.sessions = {}
-        self.step_values = []
+        self.sessions, self.walk, self.x, self.x2, self.cond = {}, [], [], [], {}
 
     def _infer(self, noise, cond, uncond, trace):
-        sigma = np.float32(self.bundle.plan["init_noise_sigma"])
-        x0 = noise * sigma
-        x, x2 = self._value(x0), self._value(np.concatenate([x0, x0]))
-        cond_b = {k: self._value(v) for k, v in cond.items()}
-        cond_2b = {k: self._value(np.concatenate([v, uncond[k]])) for k, v in cond.items()} if uncond is not None else {}
-        denoiser = self.sessions["denoiser"]
-        for step, values in zip(self.bundle.steps, self.step_values):
-            guided = step["guided"]
-            binding = denoiser.io_binding()
-            binding.bind_ortvalue_input("sample", x2 if guided else x)
-            binding.bind_ortvalue_input("timestep", values["timestep"])
-            for name, value in (cond_2b if guided else cond_b).items():
-                binding.bind_ortvalue_input(name, value)
-            binding.bind_output("model_output", self.device)
-            denoiser.run_with_iobinding(binding)
-            model_output = binding.get_outputs()[0]
-
-            session = self.sessions["step_guided" if guided else "step_single"]
-            sb = session.io_binding()
-            sb.bind_ortvalue_input("sample", x)
-            sb.bind_ortvalue_input("model_output", model_output)
-            if guided:
-                sb.bind_ortvalue_input("scale", values["scale"])
-            sb.bind_ortvalue_input("coef_sample", values["coef_sample"])
-            sb.bind_ortvalue_input("coef_eps", values["coef_eps"])
-            sb.bind_output("next_sample", self.device)
-            sb.bind_output("next_sample_pair", self.device)
-            session.run_with_iobinding(sb)
-            x, x2 = sb.get_outputs()
+        b = self.bundle.batch
+        x0 = noise * np.float32(self.bundle.plan["init_noise_sigma"])
+        self.x[0].update_inplace(x0)
+        self.x2[0].update_inplace(np.concatenate([x0, x0]))
+        for name, value in cond.items():
+            self.cond[b][name].update_inplace(value)
+            if uncond is not None:
+                self.cond[2 * b][name].update_inplace(np.concatenate([value, uncond[name]]))
+        for den, graph, upd, x_next in self.walk:
+            self.sessions["denoiser"].run_with_iobinding(den)
+            self.sessions[graph].run_with_iobinding(upd)
             if trace is not None:
-                trace.append(x.numpy())
-        return x.numpy()
+                trace.append(x_next.numpy().copy())
+        return self.x[len(self.walk) % 2].numpy().copy()  # a copy: the buffer is reused by the next call
 
     def describe(self) -> dict:
         return {

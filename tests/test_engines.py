@@ -51,6 +51,16 @@ def test_seed_is_reproducible_and_thread_safe(pipe):
     assert all(np.array_equal(first, r) for r in results)
 
 
+def test_calls_do_not_share_state(pipe):
+    """The runner reuses its device buffers: a result must survive the next call, and a call
+    must not depend on the one before it."""
+    a = pipe({"class_labels": [3, 5]}, seed=11).latents
+    a_kept = a.copy()
+    b = pipe({"class_labels": [7, 0]}, seed=12).latents
+    assert np.array_equal(a, a_kept) and not np.allclose(a, b)
+    assert np.array_equal(pipe({"class_labels": [3, 5]}, seed=11).latents, a_kept)
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
