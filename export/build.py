@@ -70,14 +70,28 @@ def run_stage1(family: Family, opts: BuildOptions, workdir: Path, console: Conso
     return out
 
 
-def run_stage2(family: Family, schedule_path: Path, opts: BuildOptions, workdir: Path, console: Console) -> Path:
-    """Stage-2 calibration (fast preset by default); returns the adapter directory."""
-    from rstr.calibrate import calibrate
+def run_stage2(family: Family, schedule_path: Path, opts: BuildOptions, workdir: Path, console: Console) -> tuple[Path | None, dict]:
+    """Stage-2 calibration (fast preset by default); the adapter directory, or None when it would cost quality.
+
+    The adapter is kept only if :func:`rstr.calibrate.quality_check` finds that it improves the
+    model's quality measure under the schedule (models without one: always kept).
+    """
+    from rstr.calibrate import calibrate, quality_check
 
     out = workdir / "adapter"
     console.print(f"[bold]Stage-2[/bold] calibrating LoRA against the constant-CFG teacher ({opts.preset} preset)")
-    calibrate(family, GuidanceSchedule.load(schedule_path), out, preset=opts.preset, seed=opts.seed, progress=True)
-    return out
+    schedule = GuidanceSchedule.load(schedule_path)
+    calibrate(family, schedule, out, preset=opts.preset, seed=opts.seed, progress=True)
+    check = quality_check(family, schedule, out)
+    if check is None:
+        return out, {"used": True}
+    before, after = (sum(check[k]) / len(check[k]) for k in ("uncalibrated", "calibrated"))
+    if check["improves"]:
+        console.print(f"Stage-2 adapter used: FD {before:.3f} -> {after:.3f} on validation seeds")
+        return out, {"used": True, "check": check}
+    console.print(f"[yellow]Stage-2 adapter not used[/yellow]: FD {before:.3f} -> {after:.3f} on validation seeds; "
+                  "matching the constant-CFG teacher made the samples worse (stages/adapter keeps it for inspection)")
+    return None, {"used": False, "check": check}
 
 
 def merge_adapter(family: Family, adapter: Path, batch: int) -> str:
@@ -175,8 +189,9 @@ def build(opts: BuildOptions, console: Console | None = None) -> BuildResult:
         schedule_path = opts.schedule or run_stage1(family, opts, stages, console)
         schedule = GuidanceSchedule.load(schedule_path)
         schedule.check_fits(family.name)
+        stage2 = None
         if opts.adapter is None and opts.schedule is None:
-            adapter = run_stage2(family, schedule_path, opts, stages, console)
+            adapter, stage2 = run_stage2(family, schedule_path, opts, stages, console)
         else:
             adapter = opts.adapter
         schedule.save(root / "schedule.json")
@@ -215,6 +230,8 @@ def build(opts: BuildOptions, console: Console | None = None) -> BuildResult:
 
         summary = {"schedule": schedule.describe(), "compute_saved": 1 - schedule.compute_fraction,
                    "max_rel_error": check.max_rel_error}
+        if stage2 is not None:
+            summary["stage2"] = stage2
         if opts.measure:
             console.print("measuring quality (held-out seeds) and speed (interleaved, median of 5)")
             summary["quality"] = measure_quality(family, schedule)

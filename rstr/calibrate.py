@@ -58,6 +58,7 @@ CALIBRATION_FORMAT = "rstr.calibration/1"
 RANKS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)  # allowed positive ranks; 0 = no adapter
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 Method = Literal["adaptive", "uniform"]
+QUALITY_CHECK_IMAGES = 500  # the last calibration-range seeds: quality_check's, never trained on
 
 # Layer kinds, first match wins (reported per kind; the allocation itself is per module).
 _KINDS = (
@@ -468,7 +469,8 @@ def _check_inputs(
         raise RstrError(f"allocation {allocation!r} is unknown; use adaptive, uniform or an allocation.json")
     per_seed = p.pool + p.validation
     seeds = SeedRange(CALIBRATION_SEEDS.start + seed * per_seed, CALIBRATION_SEEDS.start + (seed + 1) * per_seed)
-    seeds.require_within(CALIBRATION_SEEDS, "calibration seeds (lower --seed)")
+    seeds.require_within(SeedRange(CALIBRATION_SEEDS.start, CALIBRATION_SEEDS.stop - QUALITY_CHECK_IMAGES),
+                         "calibration seeds (lower --seed)")
     settings = {
         "model": str(getattr(family, "path", type(family.transformer).__name__)),
         "family": family.name,
@@ -741,3 +743,28 @@ def merge_adapter(peft_model) -> nn.Module:
 def apply_adapter(family: Family, directory: str | os.PathLike[str]) -> None:
     """Load the adapter in ``directory`` and merge it into ``family``'s transformer."""
     family.transformer = merge_adapter(load_adapter(family, directory)).eval()
+
+
+def quality_check(family: Family, schedule: GuidanceSchedule, adapter: str | os.PathLike[str], *, groups: int = 2) -> dict | None:
+    """The model's own quality measure under ``schedule``, without and with the adapter (paired); None if it has none.
+
+    Calibration lowers the distance to the constant-CFG teacher.  That improves the samples only
+    where the sparse schedule is worse than the teacher: a schedule that already beats it (on the
+    reference model, every searched schedule at 30-50% compute; docs/stage2.md) loses quality by
+    matching it.  Models with a digits classifier are scored by FD on the last
+    ``QUALITY_CHECK_IMAGES`` seeds of the calibration range, which no calibration seed reaches;
+    other models have no sample-quality measure here, and their validation loss to the teacher
+    (``calibration.json``) is the measure.
+    """
+    if not family.meta.get("classifier"):
+        return None
+    from rstr.evaluate import CALIBRATION_SEEDS, evaluate
+
+    start = CALIBRATION_SEEDS.stop - QUALITY_CHECK_IMAGES
+    kw = dict(num=QUALITY_CHECK_IMAGES // groups, groups=groups, seed_start=start, progress=False)
+    before = evaluate(family, schedule, **kw)
+    calibrated = copy.deepcopy(family)
+    apply_adapter(calibrated, adapter)
+    after = evaluate(calibrated, schedule, **kw)
+    return {"metric": "fd", "seeds": [start, CALIBRATION_SEEDS.stop], "uncalibrated": before.fd, "calibrated": after.fd,
+            "improves": after.fd_mean < before.fd_mean}

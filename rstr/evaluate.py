@@ -161,7 +161,6 @@ def evaluate(
     num: int,
     groups: int,
     seed_start: int,
-    adapter: object | None = None,
     batch_size: int = 500,
     progress: bool = True,
     extractor: FeatureExtractor | None = None,
@@ -175,12 +174,9 @@ def evaluate(
     Frechet distance against the real digits.  Another class-conditional model goes through the
     same code path with ``extractor`` (e.g. :class:`rstr.metrics.InceptionExtractor`) and
     ``reference`` statistics of its real data; accuracy is then reported only if ``classifier``
-    is given.  ``adapter`` is the Stage-2 hook: calibration adapters are merged into the
-    weights before deployment, so pass the merged family instead; a non-``None`` adapter is
-    refused until Stage-2 defines an unmerged evaluation path.
+    is given.  A Stage-2 adapter is scored the way it is deployed: merged into the family
+    first (:func:`rstr.calibrate.apply_adapter`).
     """
-    if adapter is not None:
-        raise RstrError("evaluate(adapter=...) is not supported yet; merge the adapter into the model and evaluate the merged family")
     _check_digits_family(family)
     if batch_size < 1:
         raise RstrError(f"batch_size {batch_size} must be at least 1")

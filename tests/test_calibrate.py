@@ -183,3 +183,22 @@ def test_cli_bad_input(case, tmp_path, capsys, monkeypatch):
     code, err = run_cli(args, capsys, monkeypatch)
     assert code == 1 and expect in err and len(err.strip().splitlines()) == 1, err
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != "model") == (["s.json"] if case == "family" else ["alloc.json"] if case == "rank" else [])
+
+
+def test_quality_check_scores_with_and_without_the_adapter(tmp_path):
+    """The reference model has a quality measure (digits FD): the check scores the merged adapter
+    against the plain model on the same noise, on seeds no calibration seed trains on."""
+    from rstr.evaluate import CALIBRATION_SEEDS
+    from rstr.families import REFERENCE_MODEL, load_model
+
+    ref = load_model(REFERENCE_MODEL)
+    schedule = GuidanceSchedule.first_k(2.5, 4, 1, family="dit", sampler=ref.sampler, default_steps=ref.default_steps)
+    result = c.calibrate(ref, schedule, tmp_path / "a", preset=TINY, budget=0.01, iterations=6, progress=False)
+    check = c.quality_check(ref, schedule, tmp_path / "a")
+    assert check["seeds"] == [CALIBRATION_SEEDS.stop - c.QUALITY_CHECK_IMAGES, CALIBRATION_SEEDS.stop]
+    assert check["seeds"][0] >= json.loads((tmp_path / "a" / "calibration.json").read_text())["calibration_seeds"][1]
+    assert len(check["uncalibrated"]) == len(check["calibrated"]) == 2
+    assert check["calibrated"] != check["uncalibrated"]  # the adapter changed the samples
+    assert check["improves"] == (sum(check["calibrated"]) < sum(check["uncalibrated"]))
+    assert result.validation_after < result.validation_before
+    assert c.quality_check(family(), sparse(family()), tmp_path / "a") is None  # no classifier: no sample-quality measure
