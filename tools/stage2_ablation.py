@@ -9,7 +9,7 @@ For a sparse schedule (Stage-1's if given, else rstr's hand-made default) this s
 3. merges each adapter and scores it on the same held-out groups (paired: same noise, same classes);
 4. writes ``--out`` (markdown), a PNG and a JSON of every number beside it.
 
-Usage (docs/stage2.md records the exact command that produced it)::
+Usage (docs/stage2/ablation.md records the exact command that produced it)::
 
     nice -n 10 python tools/stage2_ablation.py            # CPU: hours on two shared cores
     python tools/stage2_ablation.py --device cuda         # the same on a GPU
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--groups", type=int, default=3, help="held-out seed groups")
     p.add_argument("--device", default="cpu")
     p.add_argument("--work", type=Path, default=Path("out/stage2"), help="where adapters are kept between runs")
-    p.add_argument("--out", type=Path, default=Path("docs/stage2.md"))
+    p.add_argument("--out", type=Path, default=Path("docs/stage2/ablation.md"))
     args = p.parse_args(argv)
     if args.device == "cpu":
         torch.set_num_threads(2)
