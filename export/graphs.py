@@ -27,7 +27,7 @@ from rstr.errors import RstrError
 from rstr.families.base import Family, TensorSpec
 
 OPSET = 18
-TWO_GB = 2**31
+EXTERNAL_DATA_BYTES = 2**31 - (64 << 20)  # weights past this go to <graph>.onnx.data (protobuf caps a file at 2 GB)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Exporters known to give graphs ONNX Runtime runs (deployment.md): dynamo where it works.
 DYNAMO = {"dit": True, "pixart": False, "flux": True, "qwenimage": True}
@@ -138,7 +138,7 @@ def _export(module: nn.Module, args: tuple, path: Path, input_names: list[str], 
                 dynamic_shapes = [*dynamic_shapes[:2], tuple(dynamic_shapes[2:])]
             program = torch.onnx.export(module, args, dynamo=True, input_names=input_names, output_names=output_names,
                                         dynamic_shapes=dynamic_shapes, opset_version=OPSET, verbose=False)
-            program.save(str(path), external_data=False)
+            program.save(str(path))  # external data when past 2 GB
         else:
             axes = {n: {0: batch_axes[n]} for n in [*input_names, *output_names] if n in batch_axes}
             torch.onnx.export(module, args, str(path), dynamo=False, input_names=input_names, output_names=output_names,
@@ -158,7 +158,8 @@ def clean(path: Path) -> None:
     model = gs.export_onnx(graph)
     _restore_io_shapes(model, declared)
     _refuse_float64(model, path)
-    if model.ByteSize() >= TWO_GB - (64 << 20):
+    # Sized by its initializers: ModelProto.ByteSize() itself fails on a model past 2 GB.
+    if sum(t.ByteSize() for t in model.graph.initializer) >= EXTERNAL_DATA_BYTES:
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=path.name + ".data")
     else:
         onnx.save_model(model, str(path))

@@ -59,10 +59,9 @@ class ModelSpec:
 
 
 DIT_XL_STEPS = 4
-XL_EXPORT = ("not run: the ONNX export of this 3 GB model fails in `export/graphs.py` `clean()` "
-             "(`ModelProto.ByteSize()` raises protobuf `EncodeError: Failed to serialize proto` above 2 GB, before the "
-             "external-data save is reached) after 5 min and a 21.9 GB peak RSS on this 24 GB machine (measured once, "
-             "rstr 0.1.0)")
+XL_EXPORT = ("not run here: exporting this 3 GB model peaked at 21.9 GB RSS on this 24 GB machine (measured once, "
+             "rstr 0.1.0, when it then failed on protobuf's 2 GB limit in `export/graphs.py` `clean()`, since fixed and "
+             "tested with a lowered threshold); run it on a machine with more memory")
 MODELS: dict[str, ModelSpec] = {
     "ref": ModelSpec(
         "ref", "reference digits DiT", "dit", "DiT 4 blocks, hidden 128 (4x32), 8x8x1 pixels, 16 tokens, 10 classes",
