@@ -224,7 +224,7 @@ def search(
     model: ModelOpt = None,
     steps: Annotated[Optional[int], typer.Option("--steps", help="Full step count: compute is counted against constant CFG at this many steps, and no schedule is longer. Default: the model's (25 for the reference).")] = None,
     budget: Annotated[Optional[float], typer.Option("--budget", help="Compute budget in (0, 1]: transformer passes per image as a fraction of constant CFG at --steps. Default 0.5.")] = None,
-    preset: Annotated[Optional[str], typer.Option("--preset", help="full (default): the search reports quote, 3 held-out groups of 500 images, ~20-30 minutes on two CPU cores; fast: ~1-2 minutes with small image counts (what `rstr-export build` runs).")] = None,
+    preset: Annotated[Optional[str], typer.Option("--preset", help="full (default): the search reports quote, 3 held-out groups of 500 images, ~30-50 minutes on two CPU cores; fast: ~2 minutes with small image counts (what `rstr-export build` runs).")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of the evolution's random draws (default 0). Image seeds come from fixed search and held-out pools.")] = None,
     workers: Annotated[int, typer.Option("--workers", help="Parallel workers, each with its own copy of the model; 1 runs inline. Local workers: at most the CPU cores here.")] = 1,
     executor: Annotated[str, typer.Option("--executor", help="local: worker processes on this machine; ray: one Ray actor per worker, on a GPU when the cluster has them (pip install 'rstr\\[ray]'; RAY_ADDRESS picks a cluster).")] = "local",

@@ -439,7 +439,7 @@ class SearchConfig:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # ~1-2 minutes on two CPU cores (used by `rstr-export build`): a look, not a claim.
+    # ~2 minutes on two CPU cores (used by `rstr-export build`): a look, not a claim.
     "fast": dict(
         population=6, generations=2, step_fractions=(0.32, 0.4, 0.48), search_num=64, held_out_num=48, held_out_groups=2,
         baseline_scales=(1.0,), partial_counts=2, interval_starts=(0.5,), finalists=2,
