@@ -70,27 +70,25 @@ def run_stage1(family: Family, opts: BuildOptions, workdir: Path, console: Conso
     return out
 
 
-def run_stage2(family: Family, schedule_path: Path, opts: BuildOptions, workdir: Path, console: Console) -> tuple[Path | None, dict]:
+def run_stage2(family: Family, schedule: GuidanceSchedule, opts: BuildOptions, workdir: Path, console: Console) -> tuple[Path | None, dict]:
     """Stage-2 calibration (fast preset by default); the adapter directory, or None when it would cost quality.
 
     The adapter is kept only if :func:`rstr.calibrate.quality_check` finds that it improves the
     model's quality measure under the schedule (models without one: always kept).
     """
-    from rstr.calibrate import calibrate, quality_check
+    from rstr.calibrate import calibrate, describe_check, quality_check
 
     out = workdir / "adapter"
     console.print(f"[bold]Stage-2[/bold] calibrating LoRA against the constant-CFG teacher ({opts.preset} preset)")
-    schedule = GuidanceSchedule.load(schedule_path)
     calibrate(family, schedule, out, preset=opts.preset, seed=opts.seed, progress=True)
     check = quality_check(family, schedule, out)
     if check is None:
         return out, {"used": True}
-    before, after = (sum(check[k]) / len(check[k]) for k in ("uncalibrated", "calibrated"))
     if check["improves"]:
-        console.print(f"Stage-2 adapter used: FD {before:.3f} -> {after:.3f} on validation seeds")
+        console.print(f"Stage-2 adapter used: {describe_check(check)}")
         return out, {"used": True, "check": check}
-    console.print(f"[yellow]Stage-2 adapter not used[/yellow]: FD {before:.3f} -> {after:.3f} on validation seeds; "
-                  "matching the constant-CFG teacher made the samples worse (stages/adapter keeps it for inspection)")
+    console.print(f"[yellow]Stage-2 adapter not used[/yellow]: {describe_check(check)}; matching the constant-CFG "
+                  "teacher made the samples worse (stages/adapter keeps it for inspection)")
     return None, {"used": False, "check": check}
 
 
@@ -191,7 +189,7 @@ def build(opts: BuildOptions, console: Console | None = None) -> BuildResult:
         schedule.check_fits(family.name)
         stage2 = None
         if opts.adapter is None and opts.schedule is None:
-            adapter, stage2 = run_stage2(family, schedule_path, opts, stages, console)
+            adapter, stage2 = run_stage2(family, schedule, opts, stages, console)
         else:
             adapter = opts.adapter
         schedule.save(root / "schedule.json")

@@ -50,10 +50,9 @@ def write_report(root: Path, manifest: dict, family: Family, schedule: GuidanceS
         f"{', '.join(e['graph'] for e in manifest['engines']) or 'none (ONNX Runtime)'}",
     ]
     if s.get("stage2", {}).get("check"):
-        c = s["stage2"]["check"]
-        before, after = (sum(c[k]) / len(c[k]) for k in ("uncalibrated", "calibrated"))
-        lines.append(f"- Stage-2 adapter {'merged' if s['stage2']['used'] else '**not used**'}: FD {before:.3f} without, "
-                     f"{after:.3f} with it (validation seeds {c['seeds'][0]}-{c['seeds'][1]}, paired)")
+        from rstr.calibrate import describe_check
+
+        lines.append(f"- Stage-2 adapter {'merged' if s['stage2']['used'] else '**not used**'}: {describe_check(s['stage2']['check'])}")
     if s.get("quality"):
         q = s["quality"]
         lines += ["", "## Quality (held-out seeds, %d groups of %d images)" % (q["rstr"]["groups"], q["images_per_group"]), "",

@@ -768,3 +768,9 @@ def quality_check(family: Family, schedule: GuidanceSchedule, adapter: str | os.
     after = evaluate(calibrated, schedule, **kw)
     return {"metric": "fd", "seeds": [start, CALIBRATION_SEEDS.stop], "uncalibrated": before.fd, "calibrated": after.fd,
             "improves": after.fd_mean < before.fd_mean}
+
+
+def describe_check(check: dict) -> str:
+    """One line for a :func:`quality_check` record: the mean FD without and with the adapter."""
+    before, after = (sum(check[k]) / len(check[k]) for k in ("uncalibrated", "calibrated"))
+    return f"FD {before:.3f} without the adapter, {after:.3f} with it (validation seeds {check['seeds'][0]}-{check['seeds'][1]}, paired)"

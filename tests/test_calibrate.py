@@ -200,5 +200,6 @@ def test_quality_check_scores_with_and_without_the_adapter(tmp_path):
     assert len(check["uncalibrated"]) == len(check["calibrated"]) == 2
     assert check["calibrated"] != check["uncalibrated"]  # the adapter changed the samples
     assert check["improves"] == (sum(check["calibrated"]) < sum(check["uncalibrated"]))
+    assert c.describe_check(check).startswith("FD ") and f"{check['seeds'][0]}-" in c.describe_check(check)
     assert result.validation_after < result.validation_before
     assert c.quality_check(family(), sparse(family()), tmp_path / "a") is None  # no classifier: no sample-quality measure
