@@ -29,11 +29,10 @@ def _step(scheduler, t, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
 def build_plan(family: Family, schedule: GuidanceSchedule, batch: int) -> dict:
     """The ``plan`` section of a manifest for ``schedule`` at batch ``batch``."""
     schedule.check_fits(family.name)
-    scheduler = family.fresh_scheduler()
-    limit = int(scheduler.config.get("num_train_timesteps", 1000))
+    limit = int(family.scheduler.config.get("num_train_timesteps", 1000))
     if schedule.num_steps > limit:
         raise RstrError(f"schedule has {schedule.num_steps} steps, more than the model's {limit} training timesteps; use fewer steps")
-    family.set_timesteps(scheduler, schedule.num_steps)
+    scheduler = family.scheduler_for(schedule)
     shape = family.sample_shape(1)
     g = torch.Generator().manual_seed(0)
     steps = []

@@ -50,8 +50,10 @@ def plot_schedule(schedule: GuidanceSchedule, path: str | os.PathLike[str]) -> P
     ax.scatter(unguided, [1.0] * len(unguided), marker="x", color="tab:gray", zorder=3, label="unguided = cond. only (1 pass)")
     ax.axhline(1.0, color="tab:gray", lw=0.6, ls=":")
     ax.set_xticks(range(n))
+    if schedule.timesteps is not None:  # the schedule's own timesteps under the step numbers
+        ax.set_xticklabels([f"{i}\n{t}" for i, t in enumerate(schedule.timesteps)], fontsize=6)
     ax.set_xlim(-0.6, n - 0.4)
-    ax.set_xlabel("denoising step (0 = most noise)")
+    ax.set_xlabel("denoising step (0 = most noise)" + (" / timestep" if schedule.timesteps is not None else ""))
     ax.set_ylabel("CFG scale w")
     ax.set_title(schedule.describe(), fontsize=8)
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=2, frameon=False)

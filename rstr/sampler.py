@@ -71,8 +71,7 @@ def sample(
     if tuple(noise.shape) != family.sample_shape(b):
         raise RstrError(f"noise has shape {tuple(noise.shape)}, expected {family.sample_shape(b)}")
 
-    scheduler = family.fresh_scheduler()
-    family.set_timesteps(scheduler, schedule.num_steps)
+    scheduler = family.scheduler_for(schedule)
     timesteps = scheduler.timesteps
     if len(timesteps) != schedule.num_steps:
         raise RstrError(f"scheduler produced {len(timesteps)} timesteps for a {schedule.num_steps}-step schedule")

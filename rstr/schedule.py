@@ -27,6 +27,7 @@ from rstr.errors import ScheduleError
 
 FORMAT = "rstr.schedule/1"
 _FIELDS = {"format", "family", "sampler", "num_steps", "default_steps", "steps"}
+_OPTIONAL = {"timesteps"}
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,9 @@ class GuidanceSchedule:
     ``scales[i]`` is the CFG scale of step ``i`` when ``guided[i]``, else ``None``.
     ``num_steps`` may be smaller than ``default_steps`` (the model's usual step count,
     the reference for :attr:`compute_fraction`): the sampler then respaces its timesteps.
+    ``timesteps``, when given, are the scheduler timesteps of the steps (strictly decreasing
+    integers, e.g. found by Stage-1); ``None`` keeps the scheduler's own spacing for
+    ``num_steps`` steps.
     """
 
     family: str
@@ -43,12 +47,22 @@ class GuidanceSchedule:
     guided: tuple[bool, ...]
     scales: tuple[float | None, ...]
     default_steps: int
+    timesteps: tuple[int, ...] | None = None
     num_steps: int = field(init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "guided", tuple(bool(g) for g in self.guided))
         object.__setattr__(self, "scales", tuple(None if s is None else float(s) for s in self.scales))
         object.__setattr__(self, "num_steps", len(self.guided))
+        if self.timesteps is not None:
+            ts = tuple(self.timesteps)
+            if any(isinstance(t, bool) or not isinstance(t, int) for t in ts):
+                raise ScheduleError(f"timesteps {list(ts)} must be integers")
+            object.__setattr__(self, "timesteps", ts)
+            if len(ts) != self.num_steps:
+                raise ScheduleError(f"schedule has {self.num_steps} steps but {len(ts)} timesteps; give one timestep per step")
+            if ts[-1] < 0 or any(a <= b for a, b in zip(ts, ts[1:])):
+                raise ScheduleError(f"timesteps {list(ts)} must be strictly decreasing and >= 0")
         if self.num_steps < 1:
             raise ScheduleError("schedule has no steps; give at least one step")
         if len(self.scales) != self.num_steps:
@@ -109,15 +123,16 @@ class GuidanceSchedule:
         return self.passes_per_image / (2 * self.default_steps)
 
     def describe(self) -> str:
-        """One line for logs: steps, guided steps and compute."""
+        """One line for logs: steps, guided steps and compute (and the timesteps when they are the schedule's own)."""
+        own = f", timesteps {self.timesteps[0]}..{self.timesteps[-1]}" if self.timesteps is not None else ""
         return (
-            f"{self.num_steps} steps, {self.num_guided} guided, {self.passes_per_image} passes/image, "
+            f"{self.num_steps} steps{own}, {self.num_guided} guided, {self.passes_per_image} passes/image, "
             f"{self.compute_fraction:.0%} of constant CFG at {self.default_steps} steps"
         )
 
     # ---------------------------------------------------------------- serialisation
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data = {
             "format": FORMAT,
             "family": self.family,
             "sampler": self.sampler,
@@ -125,6 +140,9 @@ class GuidanceSchedule:
             "default_steps": self.default_steps,
             "steps": [{"guided": True, "scale": s} if g else {"guided": False} for g, s in zip(self.guided, self.scales)],
         }
+        if self.timesteps is not None:
+            data["timesteps"] = list(self.timesteps)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "schedule") -> "GuidanceSchedule":
@@ -133,9 +151,9 @@ class GuidanceSchedule:
             raise ScheduleError(f"{source}: expected a JSON object, got {type(data).__name__}")
         if data.get("format") != FORMAT:
             raise ScheduleError(f"{source}: format {data.get('format')!r} is not {FORMAT!r}; write the file with rstr")
-        unknown = sorted(set(data) - _FIELDS)
+        unknown = sorted(set(data) - _FIELDS - _OPTIONAL)
         if unknown:
-            raise ScheduleError(f"{source}: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(sorted(_FIELDS))}")
+            raise ScheduleError(f"{source}: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(sorted(_FIELDS | _OPTIONAL))}")
         missing = sorted(_FIELDS - set(data))
         if missing:
             raise ScheduleError(f"{source}: missing field(s) {', '.join(missing)}")
@@ -153,6 +171,9 @@ class GuidanceSchedule:
                 raise ScheduleError(f"{source}: step {i} scale {scale!r} is not a number")
             guided.append(bool(step["guided"]))
             scales.append(scale)
+        timesteps = data.get("timesteps")
+        if timesteps is not None and not isinstance(timesteps, list):
+            raise ScheduleError(f"{source}: 'timesteps' must be a list of integers or null")
         try:
             return cls(
                 family=str(data["family"]),
@@ -160,6 +181,7 @@ class GuidanceSchedule:
                 guided=tuple(guided),
                 scales=tuple(scales),
                 default_steps=int(data["default_steps"]),
+                timesteps=None if timesteps is None else tuple(timesteps),
             )
         except ScheduleError as err:
             raise ScheduleError(f"{source}: {err}") from None

@@ -36,8 +36,9 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def pixel_dit_bundle(tmp_path_factory) -> Path:
-    """One tiny pixel-space DiT bundle (10 classes, batch 2, steps guided/guided/unguided/unguided),
-    built by rstr.export and verified against PyTorch on export; shared by the export, engine and C++ tests."""
+    """One tiny pixel-space DiT bundle (10 classes, batch 2, steps guided/guided/unguided/unguided on the
+    schedule's own timesteps, as Stage-1 writes them), built by rstr.export and verified against PyTorch
+    on export; shared by the export, engine and C++ tests."""
     import json
 
     from diffusers import DDIMScheduler, DiTTransformer2DModel
@@ -56,7 +57,7 @@ def pixel_dit_bundle(tmp_path_factory) -> Path:
     meta = {"default_steps": 4, "image": {"channels": 1, "size": 8, "range": [-1.0, 1.0]}}
     (tmp / "model" / "rstr.json").write_text(json.dumps(meta))
     schedule = GuidanceSchedule(family="dit", sampler="ddim", guided=(True, True, False, False),
-                                scales=(2.5, 1.5, None, None), default_steps=4)
+                                scales=(2.5, 1.5, None, None), default_steps=4, timesteps=(900, 610, 280, 0))
     schedule.save(tmp / "schedule.json")
     out = tmp / "bundle"
     build(BuildOptions(model=tmp / "model", schedule=tmp / "schedule.json", out=out, measure=False, batch=2))

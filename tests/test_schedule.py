@@ -34,7 +34,10 @@ def test_json_round_trip_is_identical(tmp_path):
     loaded = GuidanceSchedule.load(tmp_path / "s.json")
     assert loaded == s and loaded.sha256() == s.sha256()
     data = json.loads((tmp_path / "s.json").read_text())
-    assert data["format"] == "rstr.schedule/1" and data["num_steps"] == 3
+    assert data["format"] == "rstr.schedule/1" and data["num_steps"] == 3 and "timesteps" not in data
+    own = GuidanceSchedule(family="dit", sampler="ddim", guided=(True, False), scales=(2.0, None), default_steps=25, timesteps=(910, 0))
+    own.save(tmp_path / "own.json")
+    assert GuidanceSchedule.load(tmp_path / "own.json") == own and "timesteps 910..0" in own.describe()
 
 
 def _write(tmp_path, **changes):
@@ -55,6 +58,11 @@ def _write(tmp_path, **changes):
         ({"steps": [{"guided": True, "scale": float("inf")}] + [{"guided": False}] * 3}, "step 0: scale inf"),
         ({"extra": 1}, "unknown field(s) extra"),
         ({"steps": [{"guided": True, "scale": 1.0, "w": 2}] + [{"guided": False}] * 3}, "step 0 must be"),
+        ({"timesteps": [900, 600, 0]}, "4 steps but 3 timesteps"),
+        ({"timesteps": [900, 600, 600, 0]}, "must be strictly decreasing and >= 0"),
+        ({"timesteps": [900, 600, 300, -1]}, "must be strictly decreasing and >= 0"),
+        ({"timesteps": [900.5, 600, 300, 0]}, "must be integers"),
+        ({"timesteps": "900,0"}, "'timesteps' must be a list of integers or null"),
     ],
 )
 def test_malformed_schedule_refused(tmp_path, changes, message):
@@ -83,3 +91,40 @@ def test_cli_bad_schedule_is_one_line_exit_1(tmp_path):
     assert out.returncode == 1
     assert out.stderr.strip().startswith("rstr: error:") and len(out.stderr.strip().splitlines()) == 1
     assert "format 'nope'" in out.stderr
+
+
+def test_own_timesteps_drive_ddim_and_the_step_plan():
+    """A schedule's own timesteps: on the stock grid they reproduce diffusers' DDIM exactly; on any grid the
+    exported plan's coefficients are DDIM's closed form between consecutive timesteps."""
+    import torch
+
+    from rstr.export.plan import build_plan
+    from rstr.sampler import sample
+
+    family = load_model()
+    stock = GuidanceSchedule.first_k(1.5, 6, 2, default_steps=25, **KW)
+    grid = tuple(int(t) for t in family.scheduler_for(stock).timesteps)
+    same = GuidanceSchedule(guided=stock.guided, scales=stock.scales, default_steps=25, timesteps=grid, **KW)
+    noise = family.noise(4, torch.Generator().manual_seed(0))
+    labels = family.labels([0, 3, 5, 9])
+    assert torch.equal(sample(family, same, labels, noise=noise), sample(family, stock, labels, noise=noise))
+
+    own = GuidanceSchedule(guided=stock.guided, scales=stock.scales, default_steps=25, timesteps=(930, 700, 420, 200, 60, 0), **KW)
+    assert not torch.allclose(sample(family, own, labels, noise=noise), sample(family, stock, labels, noise=noise))
+    plan = build_plan(family, own, batch=1)
+    alphas = family.scheduler.alphas_cumprod.double()
+    final = float(family.scheduler.final_alpha_cumprod)
+    for step, nxt in zip(plan["steps"], [*own.timesteps[1:], None]):
+        a, a_prev = float(alphas[int(step["timestep"])]), float(alphas[nxt]) if nxt is not None else final
+        assert math.isclose(step["coef_sample"], (a_prev / a) ** 0.5, rel_tol=1e-5)
+        assert math.isclose(step["coef_eps"], (1 - a_prev) ** 0.5 - (a_prev * (1 - a) / a) ** 0.5, rel_tol=1e-4, abs_tol=1e-6)
+
+
+def test_own_timesteps_need_a_ddim_sampler():
+    from tiny import tiny_flux
+
+    family = tiny_flux()
+    schedule = GuidanceSchedule(family="flux", sampler=family.sampler, guided=(False, False), scales=(None, None),
+                                default_steps=2, timesteps=(900, 0))
+    with pytest.raises(ScheduleError, match="need a deterministic DDIM scheduler; this model uses FlowMatchEulerDiscreteScheduler"):
+        family.scheduler_for(schedule)

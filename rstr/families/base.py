@@ -18,12 +18,15 @@ from __future__ import annotations
 import copy
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
 
 from rstr.errors import ModelError, RstrError
+
+if TYPE_CHECKING:
+    from rstr.schedule import GuidanceSchedule
 
 Conditioning = dict[str, torch.Tensor]
 
@@ -137,6 +140,16 @@ class Family(ABC):
     def set_timesteps(self, scheduler, num_steps: int) -> None:
         """Configure ``scheduler`` for ``num_steps`` steps the way the stock pipeline does."""
         scheduler.set_timesteps(num_steps, device=self.device)
+
+    def scheduler_for(self, schedule: GuidanceSchedule):
+        """A fresh scheduler set up for ``schedule``: its own timesteps when it has them, else the stock spacing."""
+        scheduler = self.fresh_scheduler()
+        if schedule.timesteps is None:
+            self.set_timesteps(scheduler, schedule.num_steps)
+            return scheduler
+        from rstr.families.ddim import at_timesteps
+
+        return at_timesteps(scheduler, schedule.timesteps, device=self.device)
 
     @abstractmethod
     def denoise(self, sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning) -> torch.Tensor:
