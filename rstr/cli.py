@@ -56,11 +56,16 @@ def load_schedule_for(family, schedule: Path | None, scale: float | None, steps:
     return GuidanceSchedule.constant(w, n, family=family.name, sampler=family.sampler, default_steps=family.default_steps)
 
 
-def load_family(model: Path | None, adapter: Path | None = None):
-    """Load the model (and merge a Stage-2 adapter into it when given)."""
+def load_family(model: Path | None, adapter: Path | None = None, device: str = "cpu"):
+    """Load the model onto ``device`` (and merge a Stage-2 adapter into it when given)."""
     from rstr.families import load_model
 
-    family = load_model(model)
+    if device != "cpu":
+        import torch
+
+        if not device.startswith("cuda") or not torch.cuda.is_available():
+            raise RstrError(f"--device {device}: torch sees no such device here; use --device cpu" + ("" if device.startswith("cuda") else " or cuda"))
+    family = load_model(model, device=device)
     if adapter is not None:
         from rstr.calibrate import apply_adapter
 
@@ -224,10 +229,13 @@ def search(
     model: ModelOpt = None,
     steps: Annotated[Optional[int], typer.Option("--steps", help="Full step count: compute is counted against constant CFG at this many steps, and no schedule is longer. Default: the model's (25 for the reference).")] = None,
     budget: Annotated[Optional[float], typer.Option("--budget", help="Compute budget in (0, 1]: transformer passes per image as a fraction of constant CFG at --steps. Default 0.5.")] = None,
-    preset: Annotated[Optional[str], typer.Option("--preset", help="full (default): the search reports quote, 3 held-out groups of 500 images, ~30-50 minutes on two CPU cores; fast: ~2 minutes with small image counts (what `rstr-export build` runs).")] = None,
+    preset: Annotated[Optional[str], typer.Option("--preset", help="full (default): the search the reports quote, 2000 images per candidate and 3 held-out groups of 2000; ~2 minutes with --device cuda, about 2-3 hours on two CPU cores (--images 500: ~30-50 minutes, coarser). fast: ~2 minutes on CPU with small image counts (what `rstr-export build` runs).")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of the evolution's random draws (default 0). Image seeds come from fixed search and held-out pools.")] = None,
     workers: Annotated[int, typer.Option("--workers", help="Parallel workers, each with its own copy of the model; 1 runs inline. Local workers: at most the CPU cores here.")] = 1,
     executor: Annotated[str, typer.Option("--executor", help="local: worker processes on this machine; ray: one Ray actor per worker, on a GPU when the cluster has them (pip install 'rstr\\[ray]'; RAY_ADDRESS picks a cluster).")] = "local",
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda: where local workers run the model (Ray actors take a GPU when the cluster has one).")] = "cpu",
+    images: Annotated[Optional[int], typer.Option("--images", help="Images per candidate and per held-out group (default: the preset's, 2000 for full). More resolves smaller quality differences; time grows in proportion.")] = None,
+    stock_timesteps: Annotated[Optional[bool], typer.Option("--stock-timesteps/--own-timesteps", help="--own-timesteps (default, DDIM models): the search may also warp where the steps sit in time, and the schedule carries its timesteps; --stock-timesteps keeps the sampler's spacing.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Schedule JSON to write (default schedule.json); search-report.md/.json and PNG plots go beside it.")] = None,
     resume: Annotated[Optional[Path], typer.Option("--resume", help="Checkpoint directory to continue (a search checkpoints into <out stem>.search/ beside --out). Options left out are taken from it; options given must match it.")] = None,
 ) -> None:
@@ -246,12 +254,19 @@ def search(
     config_saved = saved.get("config", {})
     if model is None and saved.get("model", {}).get("path"):
         model = Path(saved["model"]["path"])
-    family = load_family(model)
+    if executor == "ray" and device != "cpu":
+        raise RstrError(f"--device {device} applies to local workers; Ray actors take a GPU when the cluster has one: drop --device")
+    family = load_family(model, device=device)
+    preset = preset if preset is not None else config_saved.get("preset", "full")
+    if images is None and config_saved and config_saved.get("search_num") != stage1.PRESETS.get(preset, {}).get("search_num"):
+        images = config_saved["search_num"]  # the resumed search ran with --images
     config = stage1.preset_config(
-        preset if preset is not None else config_saved.get("preset", "full"),
+        preset,
         budget=budget if budget is not None else config_saved.get("budget", 0.5),
         steps=steps if steps is not None else config_saved.get("steps", family.default_steps),
         seed=seed if seed is not None else config_saved.get("seed", 0),
+        images=images,
+        own_timesteps=not stock_timesteps if stock_timesteps is not None else config_saved.get("own_timesteps", True),
     )
     out = out if out is not None else Path(saved.get("out") or "schedule.json")
     if out.suffix != ".json":
@@ -262,7 +277,8 @@ def search(
         f"{config.steps} steps, seed {config.seed}; checkpoints in {directory}"
     )
     try:
-        result = stage1.run_search(family, config, directory, resume=resume is not None, workers=workers, backend=executor, out=out)
+        result = stage1.run_search(family, config, directory, resume=resume is not None, workers=workers, backend=executor,
+                                   device=device, out=out)
     except stage1.SearchInterrupted as err:
         print(f"rstr: {err}; progress is saved: continue with `rstr search --resume {directory}`", file=sys.stderr)
         raise typer.Exit(130) from None

@@ -181,10 +181,10 @@ class RayExecutor(Executor):
             self._owns_ray = False
 
 
-def make_executor(task: Task, workers: int = 1, backend: str = "local") -> Executor:
-    """The executor for ``backend`` (``local`` or ``ray``) with ``workers`` workers."""
+def make_executor(task: Task, workers: int = 1, backend: str = "local", device: str = "cpu") -> Executor:
+    """The executor for ``backend`` (``local`` or ``ray``) with ``workers`` workers; local ones on ``device``."""
     if backend == "local":
-        return LocalExecutor(task, workers)
+        return LocalExecutor(task, workers, device=device)
     if backend == "ray":
         return RayExecutor(task, workers)
     raise RstrError(f"executor backend {backend!r} is unknown; use 'local' or 'ray'")

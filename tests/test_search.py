@@ -22,19 +22,22 @@ from rstr.executor import LocalExecutor
 from rstr.schedule import GuidanceSchedule
 from tiny import tiny_dit
 
-SPACE = s.SearchSpace.for_budget(0.3, 25, range(6, 26), w_max=4.0, init_scales=(1.0, 2.0), sigma=1.0)  # 15 passes, 6..15 steps
+SPACE = s.SearchSpace.for_budget(0.3, 25, range(6, 26), w_max=4.0, init_scales=(1.0, 2.0), sigma=1.0,
+                                 own_timesteps=True)  # 15 passes, 6..15 steps, warp genes on
 
 
 @dataclass
 class Synthetic(s.Objective):
-    """Closed-form stand-in for a sample metric: likes scale ~2 early, little guidance late, more steps."""
+    """Closed-form stand-in for a sample metric: likes scale ~2 early, little guidance late, more steps,
+    and a first timestep near 900 (the stock grid's is 875 at 8 steps, 857 at 7)."""
 
     name = "synthetic"
     metric = "loss"
 
     def measure(self, family, schedule, *, seed_start, num, groups):
         n = schedule.num_steps
-        loss = 4.0 / n
+        first = schedule.timesteps[0] if schedule.timesteps is not None else family.scheduler_for(schedule).timesteps[0]
+        loss = 4.0 / n + abs(int(first) - 900) / 1000
         for i, (g, w) in enumerate(zip(schedule.guided, schedule.scales)):
             early = (i + 0.5) / n < 0.5
             loss += ((w - 2.0) ** 2 / n if early else 0.3 * abs(w - 1.0) / n) if g else (0.5 / n if early else 0.0)
@@ -43,8 +46,9 @@ class Synthetic(s.Objective):
 
 def small_config(**kw) -> s.SearchConfig:
     base = s.preset_config("fast", budget=0.5, steps=8, seed=0)
-    return replace(base, step_counts=(3, 4, 5, 6, 7), population=6, generations=3, search_num=4, held_out_num=4,
-                   held_out_groups=3, baseline_scales=(0.75, 1.25), **kw)
+    small = dict(step_counts=(3, 4, 5, 6, 7), population=6, generations=3, search_num=4, held_out_num=4, held_out_groups=3,
+                 baseline_scales=(0.75, 1.25))
+    return replace(base, **{**small, **kw})
 
 
 def save_tiny(path: Path) -> Path:
@@ -76,12 +80,31 @@ def test_operators_keep_invariants():
     pop = [s.random_genome(SPACE, rng) for _ in range(20)] + [s.Genome.span(4, 0, 4, 2.0)]  # 4 steps: a baseline off the grid
     for _ in range(300):
         a, b = pop[rng.integers(len(pop))], pop[rng.integers(len(pop))]
-        child = s.mutate(s.crossover(a, b, rng), SPACE, rng, p_steps=0.5, p_scale=0.5)
+        child = s.mutate(s.crossover(a, b, rng), SPACE, rng, p_steps=0.5, p_scale=0.5, p_warp=0.5)
         assert child.passes <= SPACE.max_passes
         assert all(0.0 <= w <= SPACE.w_max and abs(w / s.QUANTUM - round(w / s.QUANTUM)) < 1e-9 for w in child.scales)
         assert child.num_steps in SPACE.step_counts or child.num_steps == 4
+        assert s.Genome.from_key(child.key).key == child.key
+        if child.warp is not None:
+            start, rho = child.warp
+            assert SPACE.start_range[0] <= start <= SPACE.start_range[1] and SPACE.rho_range[0] <= rho <= SPACE.rho_range[1]
+            child.schedule("dit", "ddim", 25)  # GuidanceSchedule validates the timesteps
         pop.append(child)
     assert len({g.num_steps for g in pop[21:]}) > 3  # step-count mutation explores
+    warps = {g.warp for g in pop[21:]}
+    assert None in warps and len(warps) > 10  # warp genes are switched on and explored
+
+
+def test_warp_genes_place_the_steps():
+    g = s.Genome.span(8, 0, 2, 2.0).with_warp((0.9, 1.5))
+    ts = g.timesteps(1000)
+    assert ts[0] == 900 and ts[-1] == 0 and all(a > b for a, b in zip(ts, ts[1:]))
+    assert ts[1] == round(900 * (6 / 7) ** 1.5)
+    assert s.remap(g, 5).warp == g.warp and s.repair(g, SPACE).warp == g.warp
+    assert g.key.endswith("@0.90^1.50") and s.Genome.from_key(g.key).warp == g.warp
+    dense = s.Genome.span(60, 0, 0, 1.0).with_warp((0.8, 2.0)).timesteps(1000)  # rounds 0.2, 0.9, 2.1 -> 0, 1, 2
+    assert dense[-4:] == (3, 2, 1, 0) and all(a > b for a, b in zip(dense, dense[1:]))  # ties at low noise separated
+    assert s.Genome.span(8, 0, 2, 2.0).timesteps(1000) is None  # baselines keep the stock spacing
 
 
 def test_repair_unguides_steps_nearest_scale_one():
@@ -128,6 +151,17 @@ def test_baselines_seed_the_population_and_result_beats_them(tmp_path):
     assert front == sorted(front) and all(a[1] > b[1] for a, b in zip(front, front[1:]))
     steps_const = sorted(b["passes_per_image"] // 2 for b in r["baselines"] if b["kind"] == "constant" and b["in_budget"])
     assert steps_const == [2, 3, 4]  # constant CFG at every step count that fits 8 passes
+    assert all(b["timesteps"] is None for b in r["baselines"])  # baselines run on the stock spacing
+
+
+def test_own_timesteps_are_searched_and_ablated(tmp_path):
+    result = run(tmp_path / "own", small_config(generations=6))
+    assert result.schedule.timesteps is not None  # the synthetic objective rewards moving the first timestep
+    labels = [e["label"] for e in result.report["ablations"]]
+    assert labels[0] == "search result on the stock timesteps" and labels[1].endswith("on the result's timesteps")
+    assert all(len(e["held_out"]["groups"]["loss"]) == 3 for e in result.report["ablations"])
+    stock = run(tmp_path / "stock", small_config(generations=6, own_timesteps=False))
+    assert stock.schedule.timesteps is None and stock.report["ablations"] == []
 
 
 def test_interrupted_search_resumes_to_identical_result(tmp_path):
@@ -168,6 +202,9 @@ def cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
         (["--steps", "1"], "--steps 1 is fewer than the 2 steps the sampler supports"),
         (["--workers", "999"], "workers 999 is more than the"),
         (["--preset", "huge"], "--preset 'huge' is unknown"),
+        (["--images", "1"], "--images 1 is too few to score a schedule"),
+        (["--device", "tpu"], "--device tpu: torch sees no such device here; use --device cpu or cuda"),
+        (["--device", "cuda:0", "--executor", "ray"], "--device cuda:0 applies to local workers"),
     ],
 )
 def test_cli_bad_input_is_one_line_exit_1(monkeypatch, capsys, tmp_path, tiny_dir, args, message):
