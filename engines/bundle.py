@@ -116,6 +116,17 @@ class Bundle:
     def graph_inputs(self, name: str) -> list[TensorDesc]:
         return [TensorDesc.from_json(d) for d in self.manifest["graphs"][name]["inputs"]]
 
+    def graph_outputs(self, name: str) -> list[TensorDesc]:
+        """The graph's outputs; a manifest that omits them gets them from the contract (``[batch, ...]`` like the sample)."""
+        descs = self.manifest["graphs"][name].get("outputs")
+        if descs:
+            return [TensorDesc.from_json(d) for d in descs]
+        sample = self.sample
+        shape = ("batch",) + tuple(sample.shape[1:])
+        if name == "denoiser":
+            return [TensorDesc("model_output", sample.dtype, shape)]
+        return [TensorDesc("next_sample", sample.dtype, shape), TensorDesc("next_sample_pair", sample.dtype, shape)]
+
     @property
     def sample(self) -> TensorDesc:
         return TensorDesc.from_json(self.manifest["sample"])

@@ -16,7 +16,7 @@ import os
 import numpy as np
 
 from rstr.engines.base import Runner
-from rstr.engines.bundle import Bundle, TensorDesc
+from rstr.engines.bundle import Bundle
 from rstr.errors import BackendUnavailable
 
 GRAPHS = ("denoiser", "step_guided", "step_single")
@@ -81,7 +81,7 @@ class OnnxRuntimeRunner(Runner):
         self.sessions = {g: ort.InferenceSession(str(self.bundle.graph_path(g)), opts, providers=providers) for g in GRAPHS}
         b, sample = self.bundle.batch, self.bundle.sample.concrete(self.bundle.batch)
         pair = (2 * b,) + sample[1:]
-        out = TensorDesc.from_json(self.bundle.manifest["graphs"]["denoiser"]["outputs"][0])
+        out = self.bundle.graph_outputs("denoiser")[0]
         # Latents by parity of the step index: step i reads x[i % 2] and writes x[(i + 1) % 2].
         self.x = [self._buffer(sample, np.float32) for _ in range(2)]
         self.x2 = [self._buffer(pair, np.float32) for _ in range(2)]

@@ -318,18 +318,6 @@ def _batched_sample(bundle: Bundle) -> TensorDesc:
     return TensorDesc(sample.name, sample.dtype, ("batch",) + tuple(sample.shape[1:]))
 
 
-def _outputs(bundle: Bundle, graph: str) -> list[TensorDesc]:
-    descs = bundle.manifest["graphs"][graph].get("outputs") or []
-    out = [TensorDesc.from_json(d) for d in descs]
-    if out:
-        return out
-    # Older manifests may omit outputs: derive them from the contract.
-    sample = _batched_sample(bundle)
-    if graph == "denoiser":
-        return [TensorDesc("model_output", sample.dtype, sample.shape)]
-    return [TensorDesc("next_sample", sample.dtype, sample.shape), TensorDesc("next_sample_pair", sample.dtype, sample.shape)]
-
-
 def _profile_index(entry: dict | None, rows: int, default_rows: list[int]) -> int:
     if entry is None:
         return default_rows.index(rows)
@@ -360,7 +348,7 @@ def plan_bindings(bundle: Bundle, entries: dict[str, dict] | None = None) -> lis
         step_graph = STEP_GRAPH[kind]
         shapes: dict[str, dict[str, Shape]] = {}
         for graph in ("denoiser", step_graph):
-            descs = bundle.graph_inputs(graph) + _outputs(bundle, graph)
+            descs = bundle.graph_inputs(graph) + bundle.graph_outputs(graph)
             shapes[graph] = {d.name: resolve_shape(graph, d, rows, b) for d in descs}
         den = {"sample": "x2" if kind == "guided" else "x", "timestep": "record/timestep", "model_output": "model_output"}
         den.update({name: f"cond/{name}" for name in cond_names})
@@ -396,7 +384,7 @@ def buffer_specs(bundle: Bundle) -> dict[str, BufferSpec]:
     b = bundle.batch
     rows = max(rows_needed(bundle.steps, b), default=b)
     sample = _batched_sample(bundle)
-    out_desc = {d.name: d for d in _outputs(bundle, "denoiser")}.get("model_output")
+    out_desc = {d.name: d for d in bundle.graph_outputs("denoiser")}.get("model_output")
     if out_desc is None:
         raise BundleError("the denoiser graph has no 'model_output' output (docs/bundle.md)")
     specs = {
@@ -755,7 +743,7 @@ class TensorRTRunner(Runner):
     def _check_engine(self, graph: str, engine) -> None:
         trt = self.trt
         names = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
-        manifest = {d.name: d for d in self.bundle.graph_inputs(graph) + _outputs(self.bundle, graph)}
+        manifest = {d.name: d for d in self.bundle.graph_inputs(graph) + self.bundle.graph_outputs(graph)}
         if names != set(manifest):
             raise BundleError(f"engine {self.entries[graph]['file']} has tensors {sorted(names)} but the manifest's {graph} "
                               f"graph has {sorted(manifest)}; {REBUILD}")
@@ -814,7 +802,7 @@ class TensorRTRunner(Runner):
         missing = ctx.infer_shapes()
         if missing:
             raise BundleError(f"engine {self.entries[graph]['file']} cannot infer shapes for {list(missing)}; {REBUILD}")
-        for name in (d.name for d in _outputs(self.bundle, graph)):
+        for name in (d.name for d in self.bundle.graph_outputs(graph)):
             got = tuple(ctx.get_tensor_shape(name))
             if got != shapes[name]:
                 raise BundleError(f"engine {self.entries[graph]['file']} gives {name} shape {got}, expected {shapes[name]}; {REBUILD}")
