@@ -11,11 +11,29 @@ real sampler, :func:`rstr.sampler.sample`).  It is what deployment runs: it sees
 own states (no exposure bias), the skipped guidance passes *and* the coarser step grid, with no
 per-scheduler algebra.  Teacher samples are computed once per calibration image.
 
-Sensitivity (our choice): for every ``nn.Linear`` inside a transformer block, the gradient
-``G`` of that loss w.r.t. the weight at the uncalibrated model, averaged over the probe images.
-A weight update of rank ``r`` along ``-G`` lowers the loss, to first order and for a fixed step
-size, by the sum of the ``r`` largest squared singular values of ``G``: that sum is the module's
-*gain* at rank ``r``, and ``||G||_F^2`` (all ranks) its sensitivity.
+Sensitivity (our choice): how much of that loss each ``nn.Linear`` inside a transformer block
+can remove, per rank, measured on the probe images (the first ``preset.probe`` of the pool) in
+two cheap parts:
+
+- *How much a module is worth* is measured, not extrapolated from a gradient: a rank-1 LoRA on
+  every module is trained jointly for ``preset.probe_iterations`` steps (the real optimiser, lr
+  and batch), then each module's adapter is switched off in turn (``B = 0``); the rise in the
+  probe loss is the module's *drop* at rank 1.  This accounts for what a squared gradient at
+  the uncalibrated model does not: LoRA starts at ``B = 0`` with a random ``A`` (it does not
+  step along the top singular vector of the gradient), Adam moves every parameter at about
+  ``lr`` per step whatever its gradient's scale, and the modules compete for the same error.
+- *How the worth spreads over ranks* follows an empirical Fisher of the weight: with ``G_b``
+  the loss gradient w.r.t. the weight on group ``b`` of ``FISHER_IMAGES`` probe images, the
+  eigenvalues ``l_1 >= l_2 >= ...`` of ``sum_b G_b G_b^T`` (output side) or ``sum_b G_b^T G_b``
+  (input side), whichever side is smaller (``min(in, out)`` eigenvalues, one per possible
+  rank; the side that bounds the update's rank).  Unlike the mean gradient (nearly rank 1:
+  one step's direction), it spans the directions that differ from image to image, which a
+  higher-rank adapter needs to fit them all.
+
+A module's gain at rank ``r`` is ``drop * (l_1 + ... + l_r) / l_1``, and its sensitivity the
+gain at its full rank.  On the reference model (docs/stage2/ablation.md, 3 seeds) adaptive
+then beats uniform by 0.22 FD at a 0.25% budget and on every seed at 1% (by 0.04 on the mean,
+inside the seed spread); the mean-gradient measure it replaces tied with uniform at 1%.
 
 Allocation: ranks come from ``RANKS`` (capped at ``min(in, out)``) and a LoRA of rank ``r`` on
 ``Linear(in, out)`` costs ``r * (in + out)`` parameters.  ``adaptive`` greedily takes the rank
@@ -59,6 +77,7 @@ RANKS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)  # allowed positive ranks;
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 Method = Literal["adaptive", "uniform"]
 QUALITY_CHECK_IMAGES = 500  # the last calibration-range seeds: quality_check's, never trained on
+FISHER_IMAGES = 4  # images per gradient sample of the sensitivity's Fisher estimate
 
 # Layer kinds, first match wins (reported per kind; the allocation itself is per module).
 _KINDS = (
@@ -77,7 +96,8 @@ class Preset:
     """How much calibration to run: images, batch, iterations and learning rate."""
 
     pool: int  # calibration images (teacher samples computed once each)
-    probe: int  # the first images of the pool, whose mean gradient gives the sensitivity
+    probe: int  # the first images of the pool, on which the sensitivity is measured
+    probe_iterations: int  # training iterations of the rank-1 probe adapter
     validation: int  # calibration-range images never trained on, for the before/after loss
     batch_size: int
     iterations: int
@@ -86,8 +106,8 @@ class Preset:
 
 
 PRESETS = {
-    "fast": Preset(pool=64, probe=32, validation=32, batch_size=8, iterations=40, lr=1e-3, checkpoint_every=10),
-    "full": Preset(pool=192, probe=48, validation=48, batch_size=12, iterations=120, lr=1e-3, checkpoint_every=20),
+    "fast": Preset(pool=64, probe=32, probe_iterations=10, validation=32, batch_size=8, iterations=40, lr=1e-3, checkpoint_every=10),
+    "full": Preset(pool=192, probe=48, probe_iterations=30, validation=48, batch_size=12, iterations=120, lr=1e-3, checkpoint_every=20),
 }
 
 
@@ -218,28 +238,69 @@ def mean_loss(family: Family, schedule: GuidanceSchedule, data: CalibrationData,
 
 # ------------------------------------------------------------------------- sensitivity
 def measure_sensitivity(
-    family: Family, schedule: GuidanceSchedule, data: CalibrationData, modules: Sequence[TargetModule], batch_size: int
+    family: Family, schedule: GuidanceSchedule, data: CalibrationData, modules: Sequence[TargetModule], p: Preset, seed: int
 ) -> dict[str, list[float]]:
-    """Squared singular values (descending) of the mean loss gradient of each module's weight."""
+    """Each module's loss drop per added rank: the probe's rank-1 drop, spread over ranks like its Fisher eigenvalues."""
+    drops = probe_drops(family, schedule, data, modules, p, seed)
+    spectra = gradient_spectra(family, schedule, data, modules)
+    return {name: [drops[name] * s / (spectrum[0] or 1.0) for s in spectrum] for name, spectrum in spectra.items()}
+
+
+def probe_drops(
+    family: Family, schedule: GuidanceSchedule, data: CalibrationData, modules: Sequence[TargetModule], p: Preset, seed: int
+) -> dict[str, float]:
+    """Loss each module's rank-1 LoRA is worth after a short joint probe training (leave-one-out, >= 0)."""
+    from peft import get_peft_model
+
+    probe = copy.deepcopy(family)
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(probe.transformer, lora_config({m.name: 1 for m in modules}))
+    params = [q for q in peft_model.parameters() if q.requires_grad]
+    opt = torch.optim.AdamW(params, lr=p.lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(p.probe_iterations):
+        idx = torch.randperm(len(data), generator=gen)[: p.batch_size]
+        loss = endpoint_loss(probe, schedule, data.take(idx.to(data.noise.device)))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+    trained = mean_loss(probe, schedule, data)
+    drops = {}
+    with torch.no_grad():
+        for m in modules:
+            b = probe.transformer.get_submodule(m.name).lora_B["default"].weight
+            saved = b.clone()
+            b.zero_()
+            drops[m.name] = max(0.0, mean_loss(probe, schedule, data) - trained)
+            b.copy_(saved)
+    return drops
+
+
+def gradient_spectra(
+    family: Family, schedule: GuidanceSchedule, data: CalibrationData, modules: Sequence[TargetModule]
+) -> dict[str, list[float]]:
+    """Eigenvalues (descending) of each module's ``sum_b G_b G_b^T`` or ``sum_b G_b^T G_b``, the smaller, over image groups."""
     weights = {m.name: family.transformer.get_submodule(m.name).weight for m in modules}
-    grads = {name: torch.zeros_like(w) for name, w in weights.items()}
+    grams: dict[str, torch.Tensor] = {}
     saved = {name: w.requires_grad for name, w in weights.items()}
     try:
         for w in weights.values():
             w.requires_grad_(True)
-        for lo in range(0, len(data), batch_size):
-            part = data.take(slice(lo, lo + batch_size))
-            loss = endpoint_loss(family, schedule, part) * (len(part) / len(data))
+        for lo in range(0, len(data), FISHER_IMAGES):
+            loss = endpoint_loss(family, schedule, data.take(slice(lo, lo + FISHER_IMAGES)))
             for name, g in zip(weights, torch.autograd.grad(loss, list(weights.values()))):
-                grads[name] += g
+                g = g.double()
+                gg = g @ g.T if g.shape[0] <= g.shape[1] else g.T @ g  # output side if out <= in, else input side
+                grams[name] = grams[name] + gg if name in grams else gg
     finally:
         for name, w in weights.items():
             w.requires_grad_(saved[name])
-    return {name: (torch.linalg.svdvals(g.double()) ** 2).tolist() for name, g in grads.items()}
+    return {name: torch.linalg.eigvalsh(gg).flip(0).clamp_min(0).tolist() for name, gg in grams.items()}
 
 
 def gain(spectrum: Sequence[float], rank: int) -> float:
-    """First-order loss drop a rank-``rank`` update can buy: the top ``rank`` squared singular values."""
+    """Loss drop a rank-``rank`` adapter can buy: the sum of the first ``rank`` per-rank drops of :func:`measure_sensitivity`."""
     return float(sum(spectrum[:rank]))
 
 
@@ -497,7 +558,7 @@ def _initial_state(
     noise, cond = class_conditioning(family, range(start, stop))
     data = teacher_data(family, teacher_schedule(family), noise, cond)
     pool, val = data.take(slice(0, p.pool)), data.take(slice(p.pool, None))
-    spectra = measure_sensitivity(family, schedule, pool.take(slice(0, p.probe)), modules, p.batch_size)
+    spectra = measure_sensitivity(family, schedule, pool.take(slice(0, p.probe)), modules, p, settings["seed"])
     if isinstance(allocation, Path):
         ranks = ranks_from_file(allocation, modules)
     else:
@@ -658,7 +719,8 @@ def write_report(
             cells.append("/".join(rs) or "-")
         share = sum(sens[b, k] for k in kinds) / total_sens
         lines.append(f"| {b} | " + " | ".join(cells) + f" | {sum(params[b, k] for k in kinds):,} | {share:.1%} |")
-    lines += ["", "Sensitivity: squared Frobenius norm of the mean gradient of the calibration loss w.r.t. the weight "
+    lines += ["", "Sensitivity: the calibration loss a full-rank adapter on the module is predicted to remove: a rank-1 "
+              "probe adapter's leave-one-out loss drop, spread over ranks by the module's Fisher eigenvalues "
               "(see `rstr.calibrate`).", ""]
     (directory / "report.md").write_text("\n".join(lines))
 

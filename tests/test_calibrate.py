@@ -14,7 +14,7 @@ from rstr.errors import RstrError
 from rstr.schedule import GuidanceSchedule
 from tiny import tiny_dit
 
-TINY = c.Preset(pool=32, probe=16, validation=16, batch_size=8, iterations=12, lr=3e-3, checkpoint_every=4)
+TINY = c.Preset(pool=32, probe=16, probe_iterations=4, validation=16, batch_size=8, iterations=12, lr=3e-3, checkpoint_every=4)
 
 
 def family(**kwargs):
@@ -86,6 +86,60 @@ def test_rank_capped_at_layer_dimensions():
 def test_budget_too_small():
     with pytest.raises(RstrError, match="cannot hold even a rank-1"):
         c.allocate(synthetic_modules(), 10, "uniform")
+
+
+# --------------------------------------------------------------------------- sensitivity
+def probe_setup():
+    f = family()
+    teacher = c.teacher_schedule(f)
+    noise, cond = c.class_conditioning(f, range(TINY.probe))
+    return f, c.teacher_data(f, teacher, noise, cond), c.target_modules(f)
+
+
+def test_fisher_spectrum_is_that_of_the_stacked_group_gradients():
+    f, data, modules = probe_setup()
+    grad_flags = [q.requires_grad for q in f.transformer.parameters()]
+    spectra = c.gradient_spectra(f, sparse(f), data, modules)
+    assert [q.requires_grad for q in f.transformer.parameters()] == grad_flags
+    wide = next(m for m in modules if m.out_features < m.in_features)  # sum G G^T: the output side is the smaller
+    tall = next(m for m in modules if m.out_features > m.in_features)  # sum G^T G: the input side is the smaller
+    weights = [f.transformer.get_submodule(m.name).weight for m in (wide, tall)]
+    for w in weights:
+        w.requires_grad_(True)
+    groups = [torch.autograd.grad(c.endpoint_loss(f, sparse(f), data.take(slice(lo, lo + c.FISHER_IMAGES))), weights)
+              for lo in range(0, len(data), c.FISHER_IMAGES)]
+    assert len(groups) == TINY.probe // c.FISHER_IMAGES
+    for i, m in enumerate((wide, tall)):
+        side_by_side = torch.cat([g[i].double() for g in groups], dim=1 if m is wide else 0)  # [G_1 G_2 ..] or [G_1; G_2; ..]
+        expected = torch.linalg.svdvals(side_by_side) ** 2
+        got = torch.tensor(spectra[m.name], dtype=torch.float64)
+        assert len(got) == m.max_rank
+        assert torch.allclose(got[:4], expected[:4], rtol=1e-6)
+        assert float(got.sum()) == pytest.approx(sum(float((g[i].double() ** 2).sum()) for g in groups), rel=1e-9)
+        assert all(x >= y for x, y in zip(got, got[1:]))
+
+
+def test_probe_drops_measure_what_the_trained_probe_adapter_is_worth():
+    f, data, modules = probe_setup()
+    before = {k: v.clone() for k, v in f.transformer.state_dict().items()}
+    untrained = c.probe_drops(f, sparse(f), data, modules, c.Preset(**{**TINY.__dict__, "probe_iterations": 0}), seed=0)
+    assert set(untrained) == {m.name for m in modules}
+    assert all(d == 0.0 for d in untrained.values())  # LoRA starts at B = 0: switching it off changes nothing
+    trained = c.probe_drops(f, sparse(f), data, modules, c.Preset(**{**TINY.__dict__, "probe_iterations": 8}), seed=0)
+    assert all(d >= 0.0 for d in trained.values()) and sum(trained.values()) > 0
+    assert len(set(trained.values())) > len(modules) // 2  # a ranking, not a constant
+    assert {k for k in f.transformer.state_dict()} == set(before)  # no LoRA left in the family ...
+    assert all(torch.equal(v, before[k]) for k, v in f.transformer.state_dict().items())  # ... and its weights untouched
+
+
+def test_sensitivity_is_the_probe_drop_spread_like_the_fisher_eigenvalues(monkeypatch):
+    modules = synthetic_modules()[:2]
+    a, b = (m.name for m in modules)
+    monkeypatch.setattr(c, "probe_drops", lambda *args: {a: 2.0, b: 0.0})
+    monkeypatch.setattr(c, "gradient_spectra", lambda *args: {a: [4.0, 1.0, 0.0], b: [3.0, 3.0, 0.0]})
+    spectra = c.measure_sensitivity(None, None, None, modules, TINY, 0)
+    assert spectra == {a: [2.0, 0.5, 0.0], b: [0.0, 0.0, 0.0]}
+    assert c.gain(spectra[a], 2) == 2.5
 
 
 # ---------------------------------------------------------------------------- training

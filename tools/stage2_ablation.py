@@ -91,11 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num", type=int, default=500, help="images per held-out group")
     p.add_argument("--groups", type=int, default=3, help="held-out seed groups")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads) when --device cpu")
     p.add_argument("--work", type=Path, default=Path("out/stage2"), help="where adapters are kept between runs")
     p.add_argument("--out", type=Path, default=Path("docs/stage2/ablation.md"))
     args = p.parse_args(argv)
     if args.device == "cpu":
-        torch.set_num_threads(2)
+        torch.set_num_threads(args.threads)
     command = " ".join(["python", "tools/stage2_ablation.py", *(argv if argv is not None else sys.argv[1:])])
     try:
         return run(args, command)
@@ -153,8 +154,9 @@ def report(data: dict, schedule: GuidanceSchedule, teacher: GuidanceSchedule, pn
         "How it works (details in `rstr/calibrate.py`): the loss is the mean squared difference between the "
         "student's final samples (LoRA model, sparse schedule) and the teacher's (uncalibrated model, constant CFG at "
         "full steps) from the same noise and class, back-propagated through the whole student sampling loop. A layer's "
-        "sensitivity is the squared singular values of the mean gradient of that loss w.r.t. its weight at the "
-        "uncalibrated model (the first-order loss drop a rank-r update can buy); `adaptive` greedily buys the rank step "
+        "sensitivity is the loss its adapter removes: a rank-1 LoRA on every layer is trained briefly (the probe) and "
+        "each layer's adapter switched off in turn; the rise in loss is its rank-1 gain, spread over higher ranks like "
+        "the eigenvalues of the layer's empirical Fisher (per-image-group gradients); `adaptive` greedily buys the rank step "
         "with the largest gain per LoRA parameter under the budget, `uniform` raises every layer to the same rank first, "
         "block by block in turn. FD is the digits Frechet distance of `rstr.evaluate` against the real digits.",
         "",
