@@ -250,21 +250,10 @@ def probe_drops(
     family: Family, schedule: GuidanceSchedule, data: CalibrationData, modules: Sequence[TargetModule], p: Preset, seed: int
 ) -> dict[str, float]:
     """Loss each module's rank-1 LoRA is worth after a short joint probe training (leave-one-out, >= 0)."""
-    from peft import get_peft_model
-
-    probe = copy.deepcopy(family)
-    torch.manual_seed(seed)
-    peft_model = get_peft_model(probe.transformer, lora_config({m.name: 1 for m in modules}))
-    params = [q for q in peft_model.parameters() if q.requires_grad]
-    opt = torch.optim.AdamW(params, lr=p.lr, weight_decay=0.0)
+    probe, _, params, opt = lora_student(family, {m.name: 1 for m in modules}, seed, p.lr)
     gen = torch.Generator().manual_seed(seed)
     for _ in range(p.probe_iterations):
-        idx = torch.randperm(len(data), generator=gen)[: p.batch_size]
-        loss = endpoint_loss(probe, schedule, data.take(idx.to(data.noise.device)))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        train_step(probe, schedule, data, p.batch_size, params, opt, gen)
     trained = mean_loss(probe, schedule, data)
     drops = {}
     with torch.no_grad():
@@ -275,6 +264,30 @@ def probe_drops(
             drops[m.name] = max(0.0, mean_loss(probe, schedule, data) - trained)
             b.copy_(saved)
     return drops
+
+
+def lora_student(family: Family, ranks: dict[str, int], seed: int, lr: float):
+    """A copy of ``family`` with a fresh peft LoRA of ``ranks`` (initialised from ``seed``): (student, peft model,
+    trainable parameters, AdamW).  The probe and the calibration start the same way."""
+    from peft import get_peft_model
+
+    student = copy.deepcopy(family)
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(student.transformer, lora_config(ranks))
+    params = [q for q in peft_model.parameters() if q.requires_grad]
+    return student, peft_model, params, torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+
+
+def train_step(student: Family, schedule: GuidanceSchedule, data: CalibrationData, batch_size: int, params: list, opt,
+               gen: torch.Generator) -> torch.Tensor:
+    """One update: a random batch of ``data`` (drawn with ``gen``), the endpoint loss, a clipped AdamW step; the loss."""
+    idx = torch.randperm(len(data), generator=gen)[:batch_size]
+    loss = endpoint_loss(student, schedule, data.take(idx.to(data.noise.device)))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    return loss
 
 
 def gradient_spectra(
@@ -438,8 +451,6 @@ def calibrate(
     written every ``preset.checkpoint_every`` iterations; ``resume`` continues from it exactly.
     Every user error is raised before anything is computed or written.
     """
-    from peft import get_peft_model
-
     t0 = time.perf_counter()
     out = Path(out)
     p = PRESETS.get(preset) if isinstance(preset, str) else preset
@@ -452,11 +463,7 @@ def calibrate(
     state = (_load_checkpoint(ckpt, settings) if resume else None) or _initial_state(family, schedule, modules, p, settings, allocation)
     pool, val = state["pool"].to(family.device), state["validation"].to(family.device)
 
-    student = copy.deepcopy(family)
-    torch.manual_seed(seed)
-    peft_model = get_peft_model(student.transformer, lora_config(state["ranks"]))
-    params = [q for q in peft_model.parameters() if q.requires_grad]
-    opt = torch.optim.AdamW(params, lr=p.lr, weight_decay=0.0)
+    student, peft_model, params, opt = lora_student(family, state["ranks"], seed, p.lr)
     warmup = max(1, iterations // 20)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(i, iterations) / iterations))
@@ -471,12 +478,7 @@ def calibrate(
 
     bar = tqdm(range(state["iteration"], iterations), desc="calibrate", disable=not progress, initial=state["iteration"], total=iterations)
     for it in bar:
-        idx = torch.randperm(len(pool), generator=gen)[: p.batch_size]
-        loss = endpoint_loss(student, schedule, pool.take(idx.to(pool.noise.device)))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        loss = train_step(student, schedule, pool, p.batch_size, params, opt, gen)
         lr_sched.step()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.4g}")
