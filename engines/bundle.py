@@ -121,15 +121,20 @@ class Bundle:
         descs = self.manifest["graphs"][name].get("outputs")
         if descs:
             return [TensorDesc.from_json(d) for d in descs]
-        sample = self.sample
-        shape = ("batch",) + tuple(sample.shape[1:])
+        sample = self.batched_sample
         if name == "denoiser":
-            return [TensorDesc("model_output", sample.dtype, shape)]
-        return [TensorDesc("next_sample", sample.dtype, shape), TensorDesc("next_sample_pair", sample.dtype, shape)]
+            return [TensorDesc("model_output", sample.dtype, sample.shape)]
+        return [TensorDesc("next_sample", sample.dtype, sample.shape), TensorDesc("next_sample_pair", sample.dtype, sample.shape)]
 
     @property
     def sample(self) -> TensorDesc:
         return TensorDesc.from_json(self.manifest["sample"])
+
+    @property
+    def batched_sample(self) -> TensorDesc:
+        """The manifest's ``sample`` (concrete, ``[B, ...]``) with its batch axis named, to rebatch it."""
+        sample = self.sample
+        return TensorDesc(sample.name, sample.dtype, ("batch",) + tuple(sample.shape[1:]))
 
     @property
     def cond_inputs(self) -> list[TensorDesc]:

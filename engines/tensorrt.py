@@ -312,12 +312,6 @@ class StepBinding:
     record_offset: int = 0
 
 
-def _batched_sample(bundle: Bundle) -> TensorDesc:
-    """The manifest's ``sample`` (concrete, ``[B, ...]``) with its batch axis named, to rebatch it."""
-    sample = bundle.sample
-    return TensorDesc(sample.name, sample.dtype, ("batch",) + tuple(sample.shape[1:]))
-
-
 def _profile_index(entry: dict | None, rows: int, default_rows: list[int]) -> int:
     if entry is None:
         return default_rows.index(rows)
@@ -383,7 +377,7 @@ def buffer_specs(bundle: Bundle) -> dict[str, BufferSpec]:
     """The persistent device buffers: each at the largest batch any path binds it with."""
     b = bundle.batch
     rows = max(rows_needed(bundle.steps, b), default=b)
-    sample = _batched_sample(bundle)
+    sample = bundle.batched_sample
     out_desc = {d.name: d for d in bundle.graph_outputs("denoiser")}.get("model_output")
     if out_desc is None:
         raise BundleError("the denoiser graph has no 'model_output' output (docs/bundle.md)")
