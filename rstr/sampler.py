@@ -58,7 +58,7 @@ def sample(
     progress: bool = False,
 ) -> torch.Tensor:
     """Denoise from ``noise`` (or noise drawn with ``generator``) and return the final latents."""
-    schedule.check_fits(family.name)
+    schedule.check_fits(family.name, family.sampler)
     b = batch_size(cond)
     cond = family.check_conditioning(cond, b)
     if schedule.num_guided:
