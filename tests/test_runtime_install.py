@@ -121,3 +121,16 @@ def test_toolchain_modules_match_the_toolchain_extra():
     # Every toolchain distribution is recognised by one of its modules, and every module named is the toolchain's.
     assert {d for d in toolchain if not modules_of.get(d, set()) & TOOLCHAIN_MODULES} == set()
     assert TOOLCHAIN_MODULES <= set().union(*(modules_of.get(d, set()) for d in toolchain))
+
+
+def test_ci_runs_the_readme_commands_extras():
+    """.ci/run runs the README's test command verbatim, and both README commands install extras that exist."""
+    tomllib = pytest.importorskip("tomllib")
+    extras = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"])
+    readme = (ROOT / "README.md").read_text()
+    commands = [line for line in readme.splitlines() if line.startswith("python3 -m venv .venv && ")]
+    assert len(commands) == 2 and commands[1].endswith("&& pytest -q")
+    assert commands[1] in (ROOT / ".ci" / "run").read_text().splitlines()
+    for command in commands:
+        named = set(re.search(r"pip install -e '\.\[([a-z,]+)\]'", command).group(1).split(","))
+        assert "toolchain" in named and named <= extras
