@@ -134,3 +134,17 @@ def test_ci_runs_the_readme_commands_extras():
     for command in commands:
         named = set(re.search(r"pip install -e '\.\[([a-z,]+)\]'", command).group(1).split(","))
         assert "toolchain" in named and named <= extras
+
+
+def test_every_package_folder_is_installed():
+    """A non-editable install (the runtime's) holds only the packages pyproject lists: every folder with an
+    ``__init__.py`` under rstr/, export/ and engines/ must be one of them (a new subpackage is easy to miss)."""
+    tomllib = pytest.importorskip("tomllib")
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folder_of = {package: Path(folder) for package, folder in setuptools["package-dir"].items()}
+    found = set()
+    for package, folder in folder_of.items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            rel = init.parent.relative_to(ROOT / folder)
+            found.add(".".join([package, *rel.parts]))
+    assert found == set(setuptools["packages"])
