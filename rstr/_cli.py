@@ -1,7 +1,9 @@
 """What every rstr command line shares: one-line user errors, quiet terminals, thread defaults.
 
 * A :class:`RstrError` prints ``prog: error: message`` and exits 1; anything else is a bug
-  and keeps its traceback.
+  and keeps its traceback.  A runtime-only install (``pip install 'rstr[runtime,cpu]'``) has
+  the command lines but not the training stack; a command that needs it says which extra to
+  install instead of showing an import traceback.
 * Library code logs to ``logging.getLogger("rstr")``; :func:`setup_output` shows those lines
   (``--quiet``: warnings only) and keeps third-party chatter (deprecation notes, exporter and
   polygraphy logs) off the terminal unless ``--verbose``.
@@ -21,6 +23,9 @@ import typer
 from rstr.errors import RstrError
 
 _NOISY_LOGGERS = ("diffusers", "transformers", "torch", "onnx", "onnxscript", "onnx_ir", "polygraphy", "ray", "matplotlib", "PIL")
+# Top-level modules of the `toolchain` extra in pyproject.toml (tests/test_runtime_install.py checks the two agree).
+TOOLCHAIN_MODULES = frozenset({"torch", "diffusers", "peft", "safetensors", "sklearn", "scipy", "matplotlib", "tqdm", "onnx",
+                               "onnxscript", "onnx_graphsurgeon", "polygraphy"})
 
 
 def run_app(app: typer.Typer, prog: str) -> None:
@@ -29,6 +34,13 @@ def run_app(app: typer.Typer, prog: str) -> None:
         result = app(standalone_mode=False, prog_name=prog)
     except RstrError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
+        sys.exit(1)
+    except ModuleNotFoundError as err:
+        if (err.name or "").partition(".")[0] not in TOOLCHAIN_MODULES:
+            raise
+        command = " ".join([prog, *sys.argv[1:2]])
+        print(f"{prog}: error: `{command}` needs the toolchain ({err.name} is not installed): "
+              "pip install 'rstr[toolchain,cpu]'", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
