@@ -14,6 +14,7 @@ from abc import ABC, abstractmethod
 import numpy as np
 
 from rstr.engines.bundle import Bundle
+from rstr.engines.manifest import REQUIRED
 from rstr.errors import RstrError
 
 
@@ -85,19 +86,19 @@ def check_inputs(bundle: Bundle, noise, cond, uncond):
         raise InputError("noise contains NaN or infinite values")
     noise = np.ascontiguousarray(noise, dtype=np.float32)
     cond = _check_cond(bundle, cond, "conditioning")
-    conditioning = bundle.manifest["conditioning"]
-    if "num_classes" in conditioning and "class_labels" in cond:
+    conditioning = bundle.manifest.conditioning
+    if conditioning.num_classes is not None and "class_labels" in cond:
         labels = cond["class_labels"]
-        bad = labels[(labels < 0) | (labels >= conditioning["num_classes"])]
+        bad = labels[(labels < 0) | (labels >= conditioning.num_classes)]
         if bad.size:
-            raise InputError(f"class label {int(bad[0])} is out of range; this model has classes 0..{conditioning['num_classes'] - 1}")
-    if any(s["guided"] for s in bundle.steps):
+            raise InputError(f"class label {int(bad[0])} is out of range; this model has classes 0..{conditioning.num_classes - 1}")
+    if bundle.plan.num_guided:
         if uncond is None:
             uncond = {}
-            for name, rule in conditioning["unconditional"].items():
-                if rule == "required":
+            for name, rule in conditioning.unconditional.items():
+                if rule == REQUIRED:
                     raise InputError(f"this bundle's guided steps need unconditional input {name!r} (negative-prompt embeddings); pass uncond=")
-                uncond[name] = np.full_like(cond[name], rule["fill"])
+                uncond[name] = np.full_like(cond[name], rule)
         uncond = _check_cond(bundle, uncond, "unconditional")
     return noise, cond, uncond
 

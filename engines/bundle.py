@@ -1,7 +1,8 @@
-"""Open and check a bundle: manifest format and version, safe file paths, sha256 of every file.
+"""Open and check a bundle: its manifest (typed, schema-validated), safe file paths, sha256 of every file.
 
-This is the only reader of ``manifest.json`` on the Python side; the C++ runtime applies the
-same checks (docs/bundle.md).
+This is the only reader of ``manifest.json`` on the Python side (:class:`rstr.engines.manifest.Manifest`
+parses it); the C++ runtime validates against the same schema and applies the same checks
+(docs/bundle.md).
 """
 
 from __future__ import annotations
@@ -11,15 +12,9 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
 
-import numpy as np
-
+from rstr.engines.manifest import Decoder, Engine, Manifest, Plan, Step, TensorDesc
 from rstr.errors import BundleError
-
-FORMAT = "rstr.bundle"
-VERSION = 1
-DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
 
 
 def sha256_file(path: Path) -> str:
@@ -39,29 +34,11 @@ def safe_member(root: Path, name: str) -> Path:
 
 
 @dataclass(frozen=True)
-class TensorDesc:
-    name: str
-    dtype: str
-    shape: tuple[int | str, ...]
-
-    def concrete(self, batch: int) -> tuple[int, ...]:
-        return tuple(batch if d == "batch" else int(d) for d in self.shape)
-
-    @property
-    def np_dtype(self):
-        return DTYPES[self.dtype]
-
-    @classmethod
-    def from_json(cls, d: dict) -> "TensorDesc":
-        return cls(d["name"], d["dtype"], tuple(d["shape"]))
-
-
-@dataclass(frozen=True)
 class Bundle:
     """A checked bundle directory and its manifest."""
 
     root: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], verify_checksums: bool = True) -> "Bundle":
@@ -72,55 +49,60 @@ class Bundle:
         if not mpath.is_file():
             raise BundleError(f"{root} has no manifest.json; it is not a complete bundle (rebuild it)")
         try:
-            manifest = json.loads(mpath.read_text())
+            data = json.loads(mpath.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise BundleError(f"{mpath} is not valid JSON ({err})") from None
-        if manifest.get("format") != FORMAT:
-            raise BundleError(f"{mpath}: format {manifest.get('format')!r} is not {FORMAT!r}")
-        if manifest.get("version") != VERSION:
-            raise BundleError(f"{mpath}: bundle version {manifest.get('version')!r} is not supported (this rstr reads version {VERSION}); rebuild the bundle")
-        files = manifest.get("files")
-        if not isinstance(files, dict) or not files:
+        manifest = Manifest.from_json(data, source=str(mpath))
+        if not manifest.files:
             raise BundleError(f"{mpath}: 'files' must list every file with its sha256")
-        for name, entry in files.items():
+        for name, entry in manifest.files.items():
             member = safe_member(root, name)
             if not member.is_file():
                 raise BundleError(f"bundle file {name} is missing from {root}; rebuild the bundle")
-            if verify_checksums and sha256_file(member) != entry.get("sha256"):
+            if verify_checksums and sha256_file(member) != entry.sha256.lower():
                 raise BundleError(f"bundle file {name} fails its sha256 check (corrupt or modified); rebuild the bundle")
-        for graph in manifest["graphs"].values():
-            if graph["file"] not in files:
-                raise BundleError(f"{mpath}: graph file {graph['file']} is not listed in 'files'")
+        for graph in manifest.graphs.values():
+            if graph.file not in manifest.files:
+                raise BundleError(f"{mpath}: graph file {graph.file} is not listed in 'files'")
         return cls(root, manifest)
+
+    def with_batch(self, batch: int) -> "Bundle":
+        """The same bundle walked at another batch: the same graph files (their batch axis is dynamic), the plan
+        and declared shapes for ``batch``.  TensorRT engines keep the profiles they were built with."""
+        return Bundle(self.root, self.manifest.with_batch(batch))
 
     # ---------------------------------------------------------------- accessors
     @property
     def family(self) -> str:
-        return self.manifest["family"]
+        return self.manifest.family
 
     @property
     def batch(self) -> int:
-        return int(self.manifest["batch"])
+        return self.manifest.batch
 
     @property
-    def plan(self) -> dict[str, Any]:
-        return self.manifest["plan"]
+    def plan(self) -> Plan:
+        return self.manifest.plan
 
     @property
-    def steps(self) -> list[dict[str, Any]]:
-        return self.manifest["plan"]["steps"]
+    def steps(self) -> tuple[Step, ...]:
+        return self.manifest.plan.steps
+
+    @property
+    def decoder(self) -> Decoder | None:
+        return self.manifest.decoder
 
     def graph_path(self, name: str) -> Path:
-        return safe_member(self.root, self.manifest["graphs"][name]["file"])
+        return safe_member(self.root, self.manifest.graphs[name].file)
 
     def graph_inputs(self, name: str) -> list[TensorDesc]:
-        return [TensorDesc.from_json(d) for d in self.manifest["graphs"][name]["inputs"]]
+        return list(self.manifest.graphs[name].inputs)
 
     def graph_outputs(self, name: str) -> list[TensorDesc]:
         """The graph's outputs; a manifest that omits them gets them from the contract (``[batch, ...]`` like the sample)."""
-        descs = self.manifest["graphs"][name].get("outputs")
+        descs = self.manifest.graphs[name].outputs
         if descs:
-            return [TensorDesc.from_json(d) for d in descs]
+            return list(descs)
         sample = self.batched_sample
         if name == "denoiser":
             return [TensorDesc("model_output", sample.dtype, sample.shape)]
@@ -128,7 +110,7 @@ class Bundle:
 
     @property
     def sample(self) -> TensorDesc:
-        return TensorDesc.from_json(self.manifest["sample"])
+        return self.manifest.sample
 
     @property
     def batched_sample(self) -> TensorDesc:
@@ -138,7 +120,7 @@ class Bundle:
 
     @property
     def cond_inputs(self) -> list[TensorDesc]:
-        return [TensorDesc.from_json(d) for d in self.manifest["conditioning"]["inputs"]]
+        return list(self.manifest.conditioning.inputs)
 
-    def engines_for(self, backend: str) -> list[dict[str, Any]]:
-        return [e for e in self.manifest.get("engines", []) if e.get("backend", "tensorrt") == backend]
+    def engines_for(self, backend: str) -> list[Engine]:
+        return self.manifest.engines_for(backend)

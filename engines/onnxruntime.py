@@ -89,11 +89,11 @@ class OnnxRuntimeRunner(Runner):
         model_output = {rows: self._buffer(out.concrete(rows), out.np_dtype) for rows in (b, 2 * b)}
         self.walk = []
         for i, step in enumerate(self.bundle.steps):
-            guided, now, nxt = step["guided"], i % 2, (i + 1) % 2
-            rows = 2 * b if guided else b
+            guided, now, nxt = step.guided, i % 2, (i + 1) % 2
+            rows = self.bundle.plan.rows(guided)
             den = self.sessions["denoiser"].io_binding()
             den.bind_ortvalue_input("sample", self.x2[now] if guided else self.x[now])
-            den.bind_ortvalue_input("timestep", self._value(np.full((rows,), step["model_timestep"], np.float32)))
+            den.bind_ortvalue_input("timestep", self._value(np.full((rows,), step.model_timestep, np.float32)))
             for name, value in self.cond[rows].items():
                 den.bind_ortvalue_input(name, value)
             den.bind_ortvalue_output("model_output", model_output[rows])
@@ -102,9 +102,9 @@ class OnnxRuntimeRunner(Runner):
             upd.bind_ortvalue_input("sample", self.x[now])
             upd.bind_ortvalue_input("model_output", model_output[rows])
             if guided:
-                upd.bind_ortvalue_input("scale", self._value(np.array([step["scale"] or 0.0], np.float32)))
-            upd.bind_ortvalue_input("coef_sample", self._value(np.array([step["coef_sample"]], np.float32)))
-            upd.bind_ortvalue_input("coef_eps", self._value(np.array([step["coef_eps"]], np.float32)))
+                upd.bind_ortvalue_input("scale", self._value(np.array([step.scale or 0.0], np.float32)))
+            upd.bind_ortvalue_input("coef_sample", self._value(np.array([step.coef_sample], np.float32)))
+            upd.bind_ortvalue_input("coef_eps", self._value(np.array([step.coef_eps], np.float32)))
             upd.bind_ortvalue_output("next_sample", self.x[nxt])
             upd.bind_ortvalue_output("next_sample_pair", self.x2[nxt])
             self.walk.append((den, graph, upd, self.x[nxt]))
@@ -114,7 +114,7 @@ class OnnxRuntimeRunner(Runner):
 
     def _infer(self, noise, cond, uncond, trace):
         b = self.bundle.batch
-        x0 = noise * np.float32(self.bundle.plan["init_noise_sigma"])
+        x0 = noise * np.float32(self.bundle.plan.init_noise_sigma)
         self.x[0].update_inplace(x0)
         self.x2[0].update_inplace(np.concatenate([x0, x0]))
         for name, value in cond.items():

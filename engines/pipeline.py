@@ -19,6 +19,7 @@ import numpy as np
 
 from rstr.engines.base import Runner
 from rstr.engines.bundle import Bundle
+from rstr.engines.manifest import Decoder
 from rstr.errors import BackendUnavailable, RstrError
 
 BACKENDS = ("auto", "tensorrt", "onnxruntime", "onnxruntime-cpu", "onnxruntime-cuda")
@@ -101,12 +102,12 @@ class Pipeline:
             noise = self.noise(seed)
         conditioning = {k: np.asarray(v) for k, v in conditioning.items()}
         latents = self.runner.infer(noise, conditioning, uncond)
-        return Result(latents, decode(self.bundle.manifest.get("decoder"), latents))
+        return Result(latents, decode(self.bundle.decoder, latents))
 
 
-def decode(decoder: dict | None, latents: np.ndarray) -> np.ndarray | None:
+def decode(decoder: Decoder | None, latents: np.ndarray) -> np.ndarray | None:
     """Images in [0, 1], ``[B, H, W, C]``, for bundles whose latents are pixels; else None."""
-    if not decoder or decoder.get("kind") != "pixels":
+    if decoder is None or decoder.kind != "pixels":
         return None
-    lo, hi = decoder["range"]
+    lo, hi = decoder.range
     return np.clip((latents - lo) / (hi - lo), 0.0, 1.0).transpose(0, 2, 3, 1)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import shutil
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +19,7 @@ from rich.console import Console
 
 from rstr._io import atomic_dir
 from rstr.engines.bundle import Bundle
+from rstr.engines.manifest import Conditioning, Decoder, Engine, Graph, Manifest, Provenance, TensorDesc, VerificationRecord
 from rstr.errors import BackendUnavailable, RstrError
 from rstr.export.bundle import versions, write_manifest
 from rstr.export.graphs import export_denoiser, export_steps, graph_description
@@ -50,7 +51,7 @@ class BuildOptions:
 @dataclass
 class BuildResult:
     out: Path
-    manifest: dict
+    manifest: Manifest
     verification: Verification
     summary: dict = field(default_factory=dict)
 
@@ -113,7 +114,7 @@ def merge_adapter(family: Family, adapter: Path, batch: int) -> str:
     return adapter_sha256(adapter)
 
 
-def build_engines_if_usable(root: Path, manifest: dict, opts: BuildOptions, console: Console) -> list[dict]:
+def build_engines_if_usable(root: Path, manifest: Manifest, opts: BuildOptions, console: Console) -> list[Engine]:
     """TensorRT engines when asked for (or ``auto`` and usable); ``[]`` means ONNX Runtime only."""
     if opts.backend == "onnxruntime":
         return []
@@ -204,25 +205,25 @@ def build(opts: BuildOptions, console: Console | None = None) -> BuildResult:
         export_denoiser(family, root / "denoiser.onnx", dtype=opts.dtype, batch=opts.batch)
         export_steps(family, root, batch=opts.batch)
 
-        manifest = {
-            "family": family.name,
-            "batch": opts.batch,
-            "dtype": opts.dtype,
-            "sample": {"name": "sample", "dtype": "float32", "shape": list(family.sample_shape(opts.batch))},
-            "graphs": graph_description(family, opts.batch),
-            "conditioning": conditioning_section(family),
-            "plan": plan,
-            "decoder": decoder_section(family),
-            "engines": [],
-            "provenance": {**versions(), "model": str(family.path), "schedule_sha256": schedule.sha256(),
-                           "adapter_sha256": adapter_hash, "adapter": "stages/adapter" if adapter is not None else None},
-        }
+        decoder = decoder_section(family)
+        manifest = Manifest(
+            family=family.name,
+            dtype=opts.dtype,
+            sample=TensorDesc("sample", "float32", tuple(family.sample_shape(opts.batch))),
+            graphs={name: Graph.from_json(g) for name, g in graph_description(family, opts.batch).items()},
+            conditioning=Conditioning.from_json(conditioning_section(family)),
+            plan=plan,
+            decoder=None if decoder is None else Decoder.from_json(decoder),
+            provenance=Provenance(model=str(family.path), schedule_sha256=schedule.sha256(),
+                                  adapter="stages/adapter" if adapter is not None else None, adapter_sha256=adapter_hash,
+                                  versions=versions()),
+        )
         write_manifest(root, manifest)  # provisional, so the bundle can be opened and verified
         console.print("verifying the bundle against PyTorch (ONNX Runtime, CPU)")
         bundle = Bundle.open(root)
         check = verify(bundle, family, schedule)
-        manifest["verification"] = check.to_json()
-        manifest["engines"] = build_engines_if_usable(root, manifest, opts, console)
+        manifest = replace(manifest, verification=VerificationRecord.from_json(check.to_json()))
+        manifest = replace(manifest, engines=tuple(build_engines_if_usable(root, manifest, opts, console)))
 
         summary = {"schedule": schedule.describe(), "compute_saved": 1 - schedule.compute_fraction,
                    "max_rel_error": check.max_rel_error}
@@ -232,10 +233,10 @@ def build(opts: BuildOptions, console: Console | None = None) -> BuildResult:
             console.print("measuring quality (held-out seeds) and speed (interleaved, median of 5)")
             summary["quality"] = measure_quality(family, schedule)
             summary["speed"] = measure_speed(family, bundle, schedule)
-        manifest["summary"] = summary
+        manifest = replace(manifest, summary=summary)
         from rstr.export.report import write_report
 
-        write_report(root, manifest, family, schedule)
+        write_report(root, manifest.to_json(), family, schedule)
         manifest = write_manifest(root, manifest)
     return BuildResult(opts.out, manifest, check, summary)
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
-from rstr.engines.bundle import FORMAT, VERSION, sha256_file
+from rstr.engines.bundle import sha256_file
+from rstr.engines.manifest import FileEntry, Manifest
 
 
 def versions() -> dict[str, str]:
@@ -24,9 +25,9 @@ def versions() -> dict[str, str]:
     return {"rstr": rstr.__version__, "torch": torch.__version__, "onnx": onnx.__version__, "diffusers": diffusers.__version__}
 
 
-def file_table(root: Path, names: list[str]) -> dict[str, dict[str, Any]]:
+def file_table(root: Path, names: list[str]) -> dict[str, FileEntry]:
     """sha256 and size of each listed file (relative POSIX paths)."""
-    return {n: {"sha256": sha256_file(root / n), "bytes": (root / n).stat().st_size} for n in sorted(names)}
+    return {n: FileEntry(sha256_file(root / n), (root / n).stat().st_size) for n in sorted(names)}
 
 
 def bundle_files(root: Path) -> list[str]:
@@ -34,10 +35,10 @@ def bundle_files(root: Path) -> list[str]:
     return [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p.name != "manifest.json"]
 
 
-def write_manifest(root: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    """Fill ``format``, ``version``, ``files`` and creation time; write ``manifest.json``."""
-    manifest = {"format": FORMAT, "version": VERSION, **manifest}
-    manifest["files"] = file_table(root, bundle_files(root))
-    manifest.setdefault("provenance", {})["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    (root / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+def write_manifest(root: Path, manifest: Manifest) -> Manifest:
+    """Fill ``files`` and the creation time; write ``manifest.json``; return what was written."""
+    created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    provenance = replace(manifest.provenance, created=created)
+    manifest = replace(manifest, files=file_table(root, bundle_files(root)), provenance=provenance)
+    (root / "manifest.json").write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
     return manifest

@@ -76,17 +76,17 @@ def inspect(bundle: BundleArg, json_out: Annotated[bool, typer.Option("--json", 
     from rstr.engines.bundle import Bundle
 
     b = Bundle.open(bundle)
-    if json_out:
-        print(json.dumps(b.plan, indent=2))
-        return
     plan = b.plan
-    table = Table(title=f"{bundle}: {b.family}, batch {b.batch}, {plan['num_steps']} steps, "
-                        f"{plan['passes_per_image']} passes/image ({plan['compute_fraction']:.0%} of constant CFG)")
+    if json_out:
+        print(json.dumps(plan.to_json(), indent=2))
+        return
+    table = Table(title=f"{bundle}: {b.family}, batch {plan.batch}, {plan.num_steps} steps, "
+                        f"{plan.passes_per_image} passes/image ({plan.compute_fraction:.0%} of constant CFG)")
     for col in ("step", "timestep", "model t", "guided", "scale", "batch", "coef_sample", "coef_eps"):
         table.add_column(col, justify="right")
-    for s in b.steps:
-        table.add_row(str(s["index"]), f"{s['timestep']:.1f}", f"{s['model_timestep']:.4g}", "yes" if s["guided"] else "no",
-                      "" if s["scale"] is None else f"{s['scale']:.3f}", str(s["batch"]), f"{s['coef_sample']:.5f}", f"{s['coef_eps']:.5f}")
+    for s in plan.steps:
+        table.add_row(str(s.index), f"{s.timestep:.1f}", f"{s.model_timestep:.4g}", "yes" if s.guided else "no",
+                      "" if s.scale is None else f"{s.scale:.3f}", str(plan.rows(s.guided)), f"{s.coef_sample:.5f}", f"{s.coef_eps:.5f}")
     console.print(table)
 
 
@@ -102,12 +102,12 @@ def verify(bundle: BundleArg, seed: Annotated[int, typer.Option(help="Seed of th
     from rstr.schedule import GuidanceSchedule
 
     b = Bundle.open(bundle)
-    prov = b.manifest["provenance"]
-    family = load_model(Path(prov["model"]))
-    if prov.get("adapter"):
+    prov = b.manifest.provenance
+    family = load_model(Path(prov.model))
+    if prov.adapter:
         from rstr.calibrate import apply_adapter
 
-        apply_adapter(family, b.root / prov["adapter"])
+        apply_adapter(family, b.root / prov.adapter)
     result = run_verify(b, family, GuidanceSchedule.load(b.root / "schedule.json"), seed=seed)
     console.print(f"[green]verified[/green]: max relative error {result.max_rel_error:.2e} <= {result.tolerance:.0e} "
                   f"over {len(result.per_step)} steps ({result.backend})")

@@ -65,7 +65,7 @@ def verify(bundle: Bundle, family: Family, schedule: GuidanceSchedule, *, seed: 
     expected = sample(family, schedule, to_t(cond), uncond=to_t(uncond), noise=torch.from_numpy(noise),
                       callback=lambda s: ref_trace.append(s.next_sample.cpu().numpy())).cpu().numpy()
     per_step = [rel(x, y) for x, y in zip(trace, ref_trace)]
-    result = Verification(rel(got, expected), TOLERANCE[bundle.manifest["dtype"]], per_step, runner.backend)
+    result = Verification(rel(got, expected), TOLERANCE[bundle.manifest.dtype], per_step, runner.backend)
     if raise_on_failure and not result.passed:
         first = next((i for i, e in enumerate(per_step) if e > result.tolerance), len(per_step) - 1)
         steps = ", ".join(f"{i}:{e:.1e}" for i, e in enumerate(per_step))

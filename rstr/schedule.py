@@ -20,14 +20,15 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rstr._io import write_json
 from rstr.errors import ScheduleError
 
+if TYPE_CHECKING:
+    from rstr.engines.schema import Violation
+
 FORMAT = "rstr.schedule/1"
-_FIELDS = {"format", "family", "sampler", "num_steps", "default_steps", "steps"}
-_OPTIONAL = {"timesteps"}
 
 
 @dataclass(frozen=True)
@@ -146,38 +147,27 @@ class GuidanceSchedule:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "schedule") -> "GuidanceSchedule":
-        """Validate and build; every problem is one :class:`ScheduleError` line naming the field."""
+        """Check the format, validate against the ``rstr.schedule/1`` schema (rstr.engines' schemas/), then build;
+        every problem is one :class:`ScheduleError` line naming the field."""
+        from rstr.engines import schema
+
         if not isinstance(data, dict):
             raise ScheduleError(f"{source}: expected a JSON object, got {type(data).__name__}")
         if data.get("format") != FORMAT:
             raise ScheduleError(f"{source}: format {data.get('format')!r} is not {FORMAT!r}; write the file with rstr")
-        unknown = sorted(set(data) - _FIELDS - _OPTIONAL)
-        if unknown:
-            raise ScheduleError(f"{source}: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(sorted(_FIELDS | _OPTIONAL))}")
-        missing = sorted(_FIELDS - set(data))
-        if missing:
-            raise ScheduleError(f"{source}: missing field(s) {', '.join(missing)}")
+        problem = schema.check(data, "schedule")
+        if problem is not None:
+            raise ScheduleError(f"{source}: {_schema_message(problem, data)}")
         steps = data["steps"]
-        if not isinstance(steps, list):
-            raise ScheduleError(f"{source}: 'steps' must be a list")
         if len(steps) != data["num_steps"]:
             raise ScheduleError(f"{source}: num_steps is {data['num_steps']} but 'steps' has {len(steps)} entries")
-        guided, scales = [], []
-        for i, step in enumerate(steps):
-            if not isinstance(step, dict) or not set(step) <= {"guided", "scale"} or "guided" not in step:
-                raise ScheduleError(f"{source}: step {i} must be {{'guided': bool, 'scale': float}}, got {step!r}")
-            scale = step.get("scale")
-            if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
-                raise ScheduleError(f"{source}: step {i} scale {scale!r} is not a number")
-            guided.append(bool(step["guided"]))
-            scales.append(scale)
+        guided = [step["guided"] for step in steps]
+        scales = [step.get("scale") for step in steps]
         timesteps = data.get("timesteps")
-        if timesteps is not None and not isinstance(timesteps, list):
-            raise ScheduleError(f"{source}: 'timesteps' must be a list of integers or null")
         try:
             return cls(
-                family=str(data["family"]),
-                sampler=str(data["sampler"]),
+                family=data["family"],
+                sampler=data["sampler"],
                 guided=tuple(guided),
                 scales=tuple(scales),
                 default_steps=int(data["default_steps"]),
@@ -210,3 +200,15 @@ class GuidanceSchedule:
             raise ScheduleError(f"schedule is for family {self.family!r} but the model is {family!r}; search a schedule for this model")
         if sampler is not None and self.sampler != sampler:
             raise ScheduleError(f"schedule is for sampler {self.sampler!r} but the model uses {sampler!r}")
+
+
+def _schema_message(problem: "Violation", data: dict[str, Any]) -> str:
+    """A schema violation in the words rstr has always used for steps and timesteps, else the schema's own."""
+    path = problem.path
+    if len(path) == 2 and path[0] == "steps":
+        return f"step {path[1]} must be {{'guided': bool, 'scale': float}}, got {data['steps'][path[1]]!r}"
+    if path == ("timesteps",):
+        return "'timesteps' must be a list of integers or null"
+    if path[:1] == ("timesteps",):
+        return f"timesteps {data['timesteps']} must be integers"
+    return str(problem)

@@ -31,7 +31,7 @@ def pipe(pixel_dit_bundle):
 
 def test_pipeline_equals_pytorch_sampler(pipe, pixel_dit_bundle):
     bundle = Bundle.open(pixel_dit_bundle)
-    family = load_model(bundle.manifest["provenance"]["model"])
+    family = load_model(bundle.manifest.provenance.model)
     schedule = GuidanceSchedule.load(pixel_dit_bundle / "schedule.json")
     noise = pipe.noise(seed=3)
     out = pipe({"class_labels": [4, 9]}, noise=noise)

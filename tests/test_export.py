@@ -8,12 +8,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import math
+
 import onnx
 import pytest
+import torch
 
+from rstr.engines import schema
 from rstr.engines.bundle import Bundle
+from rstr.engines.manifest import Manifest
 from rstr.errors import BundleError, RstrError, ScheduleError
 from rstr.export.build import BuildOptions, build
+from rstr.export.plan import build_plan
 from rstr.schedule import GuidanceSchedule
 from tiny import TEXT_LEN, tiny_dit, tiny_flux, tiny_pixart, tiny_qwenimage
 
@@ -51,7 +57,7 @@ def test_text_families_export_and_verify(tmp_path, name):
     model = save_model(family, tmp_path / "model")
     result = build(BuildOptions(model=model, schedule=sparse_schedule(family, tmp_path / "s.json"), out=tmp_path / "b", measure=False))
     assert result.verification.max_rel_error <= 1e-4
-    assert result.manifest["conditioning"]["unconditional"] == {s.name: "required" for s in family.cond_specs()}
+    assert result.manifest.conditioning.unconditional == {s.name: "required" for s in family.cond_specs()}
 
 
 @pytest.mark.parametrize("name", ["dit", "pixart"])  # the dynamo and the TorchScript exporter
@@ -65,18 +71,98 @@ def test_weights_past_the_limit_go_to_external_data(tmp_path, monkeypatch, name)
     model = save_model(family, tmp_path / "model")
     result = build(BuildOptions(model=model, schedule=sparse_schedule(family, tmp_path / "s.json"), out=tmp_path / "b", measure=False))
     assert result.verification.max_rel_error <= 1e-4
-    assert "denoiser.onnx.data" in Bundle.open(tmp_path / "b").manifest["files"]  # checksummed like every file
+    assert "denoiser.onnx.data" in Bundle.open(tmp_path / "b").manifest.files  # checksummed like every file
     graph = onnx.load(str(tmp_path / "b" / "denoiser.onnx"), load_external_data=False).graph
     assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.initializer)
 
 
 def test_dit_bundle_verifies_and_is_complete(dit_bundle):
     bundle = Bundle.open(dit_bundle)
-    assert bundle.manifest["verification"]["max_rel_error"] <= 1e-4
-    assert {"denoiser.onnx", "step_guided.onnx", "step_single.onnx", "schedule.json", "report.md"} <= set(bundle.manifest["files"])
-    prov = bundle.manifest["provenance"]
-    assert prov["schedule_sha256"] == GuidanceSchedule.load(dit_bundle / "schedule.json").sha256()
-    assert {"rstr", "torch", "onnx", "diffusers"} <= set(prov)
+    assert bundle.manifest.verification.max_rel_error <= 1e-4
+    assert {"denoiser.onnx", "step_guided.onnx", "step_single.onnx", "schedule.json", "report.md"} <= set(bundle.manifest.files)
+    prov = bundle.manifest.provenance
+    assert prov.schedule_sha256 == GuidanceSchedule.load(dit_bundle / "schedule.json").sha256()
+    assert {"rstr", "torch", "onnx", "diffusers"} <= set(prov.versions)
+
+
+def test_written_manifest_validates_and_round_trips(dit_bundle):
+    """What the exporter writes is valid against the published schema, and the typed manifest writes it back unchanged."""
+    data = json.loads((dit_bundle / "manifest.json").read_text())
+    assert schema.check(data, "bundle") is None
+    manifest = Manifest.from_json(data)
+    assert manifest.to_json() == data
+    assert Manifest.from_json(manifest.to_json()) == manifest
+    assert [manifest.plan.rows(s.guided) for s in manifest.plan.steps] == [4, 4, 2, 2]
+    assert schema.check(GuidanceSchedule.load(dit_bundle / "schedule.json").to_dict(), "schedule") is None
+
+
+def test_with_batch_is_the_plan_at_that_batch_and_verifies(dit_bundle):
+    """``Bundle.with_batch`` walks the same graph files at another batch: its plan is ``build_plan``'s at that
+    batch, and ONNX Runtime on it matches the PyTorch sampler."""
+    from rstr.export.plan import build_plan
+    from rstr.export.verify import verify
+    from rstr.families import load_model
+
+    bundle = Bundle.open(dit_bundle)
+    family = load_model(Path(bundle.manifest.provenance.model))
+    schedule = GuidanceSchedule.load(dit_bundle / "schedule.json")
+    three = bundle.with_batch(3)
+    assert three.plan == build_plan(family, schedule, 3) and three.plan.denoiser_rows == [3, 6]
+    assert three.sample.shape == (3, 1, 8, 8) and three.manifest.files == bundle.manifest.files
+    assert verify(three, family, schedule).max_rel_error <= 1e-4
+    with pytest.raises(BundleError, match="batch 0 must be at least 1"):
+        bundle.with_batch(0)
+
+
+def _ddim_dit(sample_size: int = 32, **scheduler):
+    """A DiT with 4x32x32 latents: float32 rounding in the plan's measured coefficients grows with the latent size."""
+    from diffusers import DDIMScheduler, DiTTransformer2DModel
+
+    from rstr.families import DiTFamily
+
+    torch.manual_seed(0)
+    model = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=1,
+                                  sample_size=sample_size, patch_size=2, num_embeds_ada_norm=10, norm_type="ada_norm_zero")
+    return DiTFamily(model, DDIMScheduler(clip_sample=False, **scheduler), default_steps=5)
+
+
+def _warp(start: float, rho: float, steps: int) -> GuidanceSchedule:
+    from rstr.search import Genome
+
+    return Genome((True,) + (False,) * (steps - 1), (2.0,) + (1.0,) * (steps - 1), (start, rho)).schedule("dit", "ddim", steps)
+
+
+@pytest.mark.parametrize("case", ["trailing-4", "own-timesteps", "warp-0.98-5", "warp-0.99-4"])
+def test_valid_ddim_plans_are_accepted(case):
+    """Regression (issue 15): the affine check refused valid DDIM plans whose coefficients (8-90 here) carry float32
+    rounding above an absolute 1e-6.  The plan's coefficients are DDIM's closed form between consecutive timesteps."""
+    family = _ddim_dit(timestep_spacing="trailing") if case == "trailing-4" else _ddim_dit()
+    schedule = {
+        "trailing-4": GuidanceSchedule.constant(2.0, 4, family="dit", sampler="ddim"),
+        "own-timesteps": GuidanceSchedule(family="dit", sampler="ddim", guided=(True, True, False, False, False),
+                                          scales=(2.0, 1.5, None, None, None), default_steps=5, timesteps=(980, 731, 402, 155, 20)),
+        "warp-0.98-5": _warp(0.98, 2.0, 5),  # timesteps 980, 551, 245, 61, 0
+        "warp-0.99-4": _warp(0.99, 1.0, 4),  # timesteps 990, 660, 330, 0
+    }[case]
+    plan = build_plan(family, schedule, batch=1)
+    alphas = family.scheduler.alphas_cumprod.double()
+    final = float(family.scheduler.final_alpha_cumprod)
+    nexts = [int(s.timestep) for s in plan.steps[1:]] + [None]
+    for step, nxt in zip(plan.steps, nexts):
+        a, a_prev = float(alphas[int(step.timestep)]), float(alphas[nxt]) if nxt is not None else final
+        assert math.isclose(step.coef_sample, (a_prev / a) ** 0.5, rel_tol=1e-5)
+        assert math.isclose(step.coef_eps, (1 - a_prev) ** 0.5 - (a_prev * (1 - a) / a) ** 0.5, rel_tol=1e-4, abs_tol=1e-6)
+    assert max(s.coef_sample for s in plan.steps) > 8
+
+
+def test_non_affine_scheduler_update_is_still_refused():
+    """DDIM with clipping is not affine in (sample, eps): the relative tolerance must not let it through."""
+    from diffusers import DDIMScheduler
+
+    family = _ddim_dit(sample_size=8)
+    family.scheduler = DDIMScheduler(clip_sample=True)
+    with pytest.raises(RstrError, match="is not (a fixed affine map|affine)"):
+        build_plan(family, GuidanceSchedule.constant(2.0, 4, family="dit", sampler="ddim"), batch=1)
 
 
 def test_inspect_json_shows_unguided_steps_at_batch_b(dit_bundle):

@@ -114,10 +114,10 @@ def test_own_timesteps_drive_ddim_and_the_step_plan():
     plan = build_plan(family, own, batch=1)
     alphas = family.scheduler.alphas_cumprod.double()
     final = float(family.scheduler.final_alpha_cumprod)
-    for step, nxt in zip(plan["steps"], [*own.timesteps[1:], None]):
-        a, a_prev = float(alphas[int(step["timestep"])]), float(alphas[nxt]) if nxt is not None else final
-        assert math.isclose(step["coef_sample"], (a_prev / a) ** 0.5, rel_tol=1e-5)
-        assert math.isclose(step["coef_eps"], (1 - a_prev) ** 0.5 - (a_prev * (1 - a) / a) ** 0.5, rel_tol=1e-4, abs_tol=1e-6)
+    for step, nxt in zip(plan.steps, [*own.timesteps[1:], None]):
+        a, a_prev = float(alphas[int(step.timestep)]), float(alphas[nxt]) if nxt is not None else final
+        assert math.isclose(step.coef_sample, (a_prev / a) ** 0.5, rel_tol=1e-5)
+        assert math.isclose(step.coef_eps, (1 - a_prev) ** 0.5 - (a_prev * (1 - a) / a) ** 0.5, rel_tol=1e-4, abs_tol=1e-6)
 
 
 def test_own_timesteps_need_a_ddim_sampler():

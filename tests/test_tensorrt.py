@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rstr.engines.bundle import Bundle, TensorDesc, sha256_file
-from rstr.engines.tensorrt import (
+from rstr.engines.bundle import Bundle, sha256_file
+from rstr.engines.manifest import Engine, Manifest, TensorDesc
+from rstr.engines.tensorrt.plan import (
     ALIGN,
     BufferSpec,
     buffer_specs,
@@ -27,7 +28,6 @@ from rstr.engines.tensorrt import (
     profiles_for,
     profiles_json,
     record_layout,
-    rows_needed,
     select_engines,
     step_records,
 )
@@ -82,11 +82,19 @@ def make_manifest(batch: int = 1, guided=MIXED, symbolic_steps: bool = True) -> 
         },
         "conditioning": {"inputs": [_desc("class_labels", "int64", ["batch"])],
                          "unconditional": {"class_labels": {"fill": NUM_CLASSES}}, "num_classes": NUM_CLASSES},
-        "plan": {"init_noise_sigma": 1.0, "num_steps": len(steps), "default_steps": len(steps), "steps": steps},
+        "plan": {"init_noise_sigma": 1.0, "num_steps": len(steps), "default_steps": len(steps),
+                 "passes_per_image": len(steps) + sum(guided), "compute_fraction": (len(steps) + sum(guided)) / (2 * len(steps)),
+                 "sampler": "ddim", "steps": steps},
         "decoder": None,
+        "provenance": {"model": "hand-made", "schedule_sha256": "0" * 64},
         "files": {},
         "engines": [],
     }
+
+
+def _bundle(manifest: dict) -> Bundle:
+    """A bundle object for pure planning (no files needed)."""
+    return Bundle(Path("b"), Manifest.from_json(manifest))
 
 
 def _write_graphs(root: Path, batch: int) -> None:
@@ -166,6 +174,7 @@ def reference_walk(manifest: dict, noise: np.ndarray, labels: np.ndarray) -> np.
     def denoiser(x, t, lab):
         return np.tanh(0.9 * x + 0.001 * t[:, None, None, None] + 0.01 * lab.astype(np.float32)[:, None, None, None])
 
+    manifest = manifest.to_json()
     b = manifest["batch"]
     uncond = np.full_like(labels, manifest["conditioning"]["unconditional"]["class_labels"]["fill"])
     x = noise.astype(np.float64) * manifest["plan"]["init_noise_sigma"]
@@ -231,13 +240,20 @@ def test_profiles_refuse_unknown_axes_and_wrong_rows():
         profiles_for([TensorDesc("model_output", "float32", (2, 1, 8, 8))], 2, "step_guided")
 
 
+def test_profiles_take_the_exporters_axis_names():
+    """The exporter names the step graphs' 2B axis ``batch2`` (export/graphs.py): any symbolic axis 0 takes the contract's rows."""
+    descs = [TensorDesc("sample", "float32", ("batch", 1, 8, 8)), TensorDesc("model_output", "float32", ("batch2", 1, 8, 8))]
+    (profile,) = profiles_for(descs, 2, "step_guided")
+    assert profile["sample"] == ((2, 1, 8, 8),) * 3 and profile["model_output"] == ((4, 1, 8, 8),) * 3
+
+
 def test_graphs_and_rows_needed():
-    m = make_manifest(3)
-    assert graphs_needed(m["plan"]["steps"]) == ["denoiser", "step_guided", "step_single"]
-    assert rows_needed(m["plan"]["steps"], 3) == [3, 6]
-    all_guided = make_manifest(3, guided=(True, True))["plan"]["steps"]
+    plan = _bundle(make_manifest(3)).plan
+    assert graphs_needed(plan) == ["denoiser", "step_guided", "step_single"]
+    assert plan.denoiser_rows == [3, 6]
+    all_guided = _bundle(make_manifest(3, guided=(True, True))).plan
     assert graphs_needed(all_guided) == ["denoiser", "step_guided"]
-    assert rows_needed(all_guided, 3) == [6]
+    assert all_guided.denoiser_rows == [6]
 
 
 # ----------------------------------------------------------------------------- compatibility
@@ -245,39 +261,44 @@ ENTRY = {"backend": "tensorrt", "graph": "denoiser", "file": "engines/denoiser.p
          "compute_capability": "8.9", "device_name": "NVIDIA L40S", "profiles": []}
 
 
+def _engine(**changes) -> Engine:
+    return Engine.from_json({**ENTRY, **changes})
+
+
 def test_compatible_engine_is_accepted():
-    check_compatible(ENTRY, "10.3.0.26", "8.9")
-    check_compatible(ENTRY, "10.3.0", "8.9")  # the build number does not matter
+    check_compatible(_engine(), "10.3.0.26", "8.9")
+    check_compatible(_engine(), "10.3.0", "8.9")  # the build number does not matter
 
 
 @pytest.mark.parametrize("version, cc", [("10.7.0.23", "9.0"), ("10.7.0", "8.9"), ("10.3.0", "9.0"), ("11.4.0", "8.9")])
 def test_incompatible_engine_is_refused_with_the_fix(version, cc):
     with pytest.raises(BackendUnavailable) as err:
-        check_compatible(ENTRY, version, cc)
+        check_compatible(_engine(), version, cc)
     short = ".".join(version.split(".")[:3])
     assert str(err.value) == (f"engine engines/denoiser.plan was built for TensorRT 10.3.0 on compute capability 8.9; "
                               f"this machine has TensorRT {short} on {cc}: rebuild with `rstr-export build --backend tensorrt`")
 
 
 def test_version_and_hardware_compatible_engines():
-    vc = {**ENTRY, "version_compatible": True}
+    vc = _engine(version_compatible=True)
     check_compatible(vc, "10.7.0", "8.9")   # later release, same major
     check_compatible(vc, "11.1.0", "8.9")   # TensorRT 10 version-compatible engines run on 11
     with pytest.raises(BackendUnavailable):
         check_compatible(vc, "10.2.0", "8.9")  # never on an older release
-    hc = {**ENTRY, "hardware_compatibility": "ampere_plus"}
+    hc = _engine(hardware_compatibility="ampere_plus")
     check_compatible(hc, "10.3.0", "9.0")
     with pytest.raises(BackendUnavailable):
         check_compatible(hc, "10.3.0", "7.5")
     with pytest.raises(BundleError, match="lacks 'compute_capability'"):
-        check_compatible({k: v for k, v in ENTRY.items() if k != "compute_capability"}, "10.3.0", "8.9")
+        check_compatible(Engine.from_json({k: v for k, v in ENTRY.items() if k != "compute_capability"}), "10.3.0", "8.9")
 
 
 def _entries(manifest: dict, rows_order=None) -> list[dict]:
     b = manifest["batch"]
-    rows = rows_order or rows_needed(manifest["plan"]["steps"], b)
+    plan = _bundle(manifest).plan
+    rows = rows_order or plan.denoiser_rows
     out = []
-    for g in graphs_needed(manifest["plan"]["steps"]):
+    for g in graphs_needed(plan):
         out.append({**ENTRY, "graph": g, "file": f"engines/{g}.plan",
                     "profiles": [{"batch": n, "inputs": {}} for n in (rows if g == "denoiser" else [b])]})
     return out
@@ -286,24 +307,24 @@ def _entries(manifest: dict, rows_order=None) -> list[dict]:
 def test_select_engines_checks_presence_files_and_compatibility():
     m = make_manifest(2)
     with pytest.raises(BackendUnavailable, match="has no TensorRT engines; build them with `rstr-export build --backend tensorrt`"):
-        select_engines(Bundle(Path("b"), m), "10.3.0", "8.9")
+        select_engines(_bundle(m), "10.3.0", "8.9")
     m["engines"] = _entries(m)
-    m["files"] = {e["file"]: {"sha256": "x"} for e in m["engines"]}
-    assert sorted(select_engines(Bundle(Path("b"), m), "10.3.0", "8.9")) == ["denoiser", "step_guided", "step_single"]
+    m["files"] = {e["file"]: {"sha256": "0" * 64} for e in m["engines"]}
+    assert sorted(select_engines(_bundle(m), "10.3.0", "8.9")) == ["denoiser", "step_guided", "step_single"]
     with pytest.raises(BackendUnavailable, match="built for TensorRT 10.3.0 on compute capability 8.9"):
-        select_engines(Bundle(Path("b"), m), "10.3.0", "9.0")
+        select_engines(_bundle(m), "10.3.0", "9.0")
     partial = copy.deepcopy(m)
     partial["engines"] = [e for e in partial["engines"] if e["graph"] != "step_single"]
     with pytest.raises(BackendUnavailable, match="no TensorRT engine for step_single"):
-        select_engines(Bundle(Path("b"), partial), "10.3.0", "8.9")
+        select_engines(_bundle(partial), "10.3.0", "8.9")
     unlisted = copy.deepcopy(m)
     del unlisted["files"]["engines/step_guided.plan"]
     with pytest.raises(BundleError, match="not listed in the manifest's 'files'"):
-        select_engines(Bundle(Path("b"), unlisted), "10.3.0", "8.9")
+        select_engines(_bundle(unlisted), "10.3.0", "8.9")
     no_b = copy.deepcopy(m)
     no_b["engines"][0]["profiles"] = [{"batch": 4, "inputs": {}}]
     with pytest.raises(BackendUnavailable, match="no profile for batch 2"):
-        select_engines(Bundle(Path("b"), no_b), "10.3.0", "8.9")
+        select_engines(_bundle(no_b), "10.3.0", "8.9")
 
 
 # ----------------------------------------------------------------------------- plan bindings
@@ -311,7 +332,7 @@ def test_select_engines_checks_presence_files_and_compatibility():
 def test_plan_bindings_guided_steps_take_the_2b_path(batch):
     m = make_manifest(batch)
     m["engines"] = _entries(m, rows_order=[2 * batch, batch])  # profile order comes from the engine entry
-    bindings = plan_bindings(Bundle(Path("b"), m))
+    bindings = plan_bindings(_bundle(m))
     assert len(bindings) == len(MIXED)
     for sb, step in zip(bindings, m["plan"]["steps"]):
         p = sb.path
@@ -337,19 +358,19 @@ def test_plan_bindings_guided_steps_take_the_2b_path(batch):
         assert sb.coef_sample == step["coef_sample"] and sb.coef_eps == step["coef_eps"]
     # One path object per step kind: what one CUDA graph captures.
     assert len({id(sb.path) for sb in bindings}) == 2
-    assert [sb.record_offset for sb in bindings] == [i * record_layout(Bundle(Path("b"), m)).size for i in range(len(MIXED))]
+    assert [sb.record_offset for sb in bindings] == [i * record_layout(_bundle(m)).size for i in range(len(MIXED))]
 
 
 def test_plan_bindings_without_engines_use_build_order():
     m = make_manifest(2)
-    bindings = plan_bindings(Bundle(Path("b"), m))
+    bindings = plan_bindings(_bundle(m))
     assert {sb.path.kind: sb.path.denoiser_profile for sb in bindings} == {"single": 0, "guided": 1}
 
 
 def test_buffers_and_step_records():
     batch = 2
     m = make_manifest(batch)
-    bundle = Bundle(Path("b"), m)
+    bundle = _bundle(m)
     specs = buffer_specs(bundle)
     assert specs["x"] == BufferSpec((batch, C, H, W), np.dtype(np.float32))
     assert specs["x2"].shape == specs["model_output"].shape == (2 * batch, C, H, W)
@@ -370,13 +391,13 @@ def test_buffers_and_step_records():
         assert scalar("scale") == np.float32(step["scale"] or 0.0)
         assert scalar("coef_sample") == np.float32(step["coef_sample"])
         assert scalar("coef_eps") == np.float32(step["coef_eps"])
-    unguided_only = Bundle(Path("b"), make_manifest(batch, guided=(False, False)))
+    unguided_only = _bundle(make_manifest(batch, guided=(False, False)))
     assert buffer_specs(unguided_only)["cond/class_labels"].shape == (batch,)
     # A manifest that omits graph outputs: they follow from the (concrete, [B, ...]) sample.
     bare = copy.deepcopy(m)
     for g in bare["graphs"].values():
         g.pop("outputs")
-    bare_bundle = Bundle(Path("b"), bare)
+    bare_bundle = _bundle(bare)
     assert buffer_specs(bare_bundle) == specs
     guided_path = next(sb.path for sb in plan_bindings(bare_bundle) if sb.path.kind == "guided")
     assert guided_path.shapes["step_guided"]["next_sample_pair"] == (2 * batch, C, H, W)
@@ -428,9 +449,9 @@ def test_cuda_helper_copies_and_replays_a_captured_graph():
     """The CUDA calls the runner makes (no TensorRT): buffers, copies, capture and replay."""
     if not (_has("cuda.bindings") or _has("cuda.cudart")):
         pytest.skip("cuda-python is not installed (pip install 'rstr[tensorrt]')")
-    from rstr.engines.tensorrt import _Cuda, _gpu
+    from rstr.engines.tensorrt.cuda import Cuda, gpu
 
-    cuda, name, cc = _gpu(0)
+    cuda, name, cc = gpu(0)
     assert name and cc.count(".") == 1
     cuda.set_device(0)
     stream = cuda.stream()
@@ -458,7 +479,7 @@ def test_cuda_helper_copies_and_replays_a_captured_graph():
         for p in (pa, pb, table):
             cuda.free(p)
         cuda.stream_destroy(stream)
-    assert isinstance(cuda, _Cuda)
+    assert isinstance(cuda, Cuda)
 
 
 # ----------------------------------------------------------------------------- TensorRT + GPU
@@ -468,7 +489,8 @@ def _with_engines(tmp_path: Path, batch: int, guided, **build) -> Bundle:
     root = tmp_path / "bundle"
     make_bundle(root, batch, guided)
     manifest = json.loads((root / "manifest.json").read_text())
-    manifest["engines"] = build_engines(root, manifest, timing_cache=tmp_path / "timing.cache", **build)
+    engines = build_engines(root, Manifest.from_json(manifest), timing_cache=tmp_path / "timing.cache", **build)
+    manifest["engines"] = [e.to_json() for e in engines]
     write_manifest(root, manifest)
     return Bundle.open(root)
 
@@ -481,10 +503,10 @@ def test_tensorrt_matches_onnxruntime(tmp_path, batch, guided):
     from rstr.engines.tensorrt import TensorRTRunner
 
     bundle = _with_engines(tmp_path, batch, guided)
-    entries = {e["graph"]: e for e in bundle.engines_for("tensorrt")}
-    assert sorted(entries) == graphs_needed(bundle.steps)
+    entries = {e.graph: e for e in bundle.engines_for("tensorrt")}
+    assert sorted(entries) == graphs_needed(bundle.plan)
     assert (tmp_path / "timing.cache").is_file()
-    assert [p["batch"] for p in entries["denoiser"]["profiles"]] == rows_needed(bundle.steps, batch)
+    assert [p["batch"] for p in entries["denoiser"].profiles] == bundle.plan.denoiser_rows
     inputs = [_inputs(batch, seed) for seed in (0, 1)]
     with OnnxRuntimeRunner(bundle) as ort:
         want = [ort.infer(n, {"class_labels": lab}) for n, lab in inputs]
@@ -505,7 +527,7 @@ def test_tensorrt_refuses_engines_for_another_gpu(tmp_path):
     from rstr.engines.tensorrt import TensorRTRunner
 
     bundle = _with_engines(tmp_path, 1, MIXED, optimization_level=0)
-    manifest = copy.deepcopy(bundle.manifest)
+    manifest = bundle.manifest.to_json()
     for e in manifest["engines"]:
         e["compute_capability"] = "5.0"
     write_manifest(bundle.root, manifest)

@@ -400,20 +400,9 @@ def cache_dit_stats(pipe) -> dict:
 
 # =============================================================================== bundles
 def replan(bundle, batch: int):
-    """The same bundle walked at another batch: graphs are batch-dynamic, only the manifest's batch fields change.
-
-    Equal to ``build_plan(family, schedule, batch)`` (the step constants do not depend on the
-    batch); the parent process checks that once per bundle.  Torch-free, so a child process
-    measuring the ONNX Runtime rows' memory never imports torch.
-    """
-    from rstr.engines.bundle import Bundle
-
-    m = copy.deepcopy(bundle.manifest)
-    m["batch"] = batch
-    m["sample"]["shape"] = [batch, *m["sample"]["shape"][1:]]
-    for step in m["plan"]["steps"]:
-        step["batch"] = 2 * batch if step["guided"] else batch
-    return Bundle(bundle.root, m)
+    """The same bundle walked at another batch (:meth:`rstr.engines.Bundle.with_batch`; torch-free, so a child
+    process measuring the ONNX Runtime rows' memory never imports torch)."""
+    return bundle.with_batch(batch)
 
 
 def build_bundle(model: Path, schedule, out: Path, log: Callable[[str], None], backend: str = "onnxruntime", rebuild: bool = False):
@@ -443,11 +432,10 @@ def build_bundle(model: Path, schedule, out: Path, log: Callable[[str], None], b
 def bundle_inputs_np(bundle, batch: int, seed: int = BENCH_SEED) -> tuple[np.ndarray, dict, dict | None]:
     """Torch-free inputs for a bundle (memory children): normal noise, labels ``i % classes`` or random embeddings."""
     rng = np.random.default_rng(seed)
-    shape = [batch, *bundle.manifest["sample"]["shape"][1:]]
-    noise = rng.standard_normal(shape, dtype=np.float32)
-    conditioning = bundle.manifest["conditioning"]
-    if "num_classes" in conditioning:
-        return noise, {"class_labels": np.arange(batch, dtype=np.int64) % conditioning["num_classes"]}, None
+    noise = rng.standard_normal(bundle.batched_sample.concrete(batch), dtype=np.float32)
+    num_classes = bundle.manifest.conditioning.num_classes
+    if num_classes is not None:
+        return noise, {"class_labels": np.arange(batch, dtype=np.int64) % num_classes}, None
     pair = []
     for _ in range(2):
         c = {}
@@ -470,9 +458,9 @@ def tensorrt_unavailable() -> str | None:
     from rstr.errors import BackendUnavailable
 
     try:
-        from rstr.engines.tensorrt import _trt
+        from rstr.engines.tensorrt.cuda import load_tensorrt
 
-        _trt()
+        load_tensorrt()
     except BackendUnavailable as why:
         return str(why)
     return None

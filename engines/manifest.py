@@ -1,0 +1,367 @@
+"""The bundle manifest, typed: what ``rstr-export build`` writes and every runtime reads.
+
+Frozen dataclasses, each with ``to_json()`` and ``from_json()``, for every section of
+``manifest.json`` (docs/bundle.md).  :meth:`Manifest.from_json` checks the format and version,
+then validates the document against ``schemas/bundle.schema.json`` (the file the C++ runtime
+embeds) before it reads any value, then the few rules a schema cannot state (step rows, step
+counts, a rule for every conditioning input).  Every problem is one :class:`BundleError` line.
+
+The plan's batch rule, *a guided step runs 2B denoiser rows ([cond; uncond]), an unguided step
+B*, is written once, in :meth:`Plan.rows`.  Torch-free, like all of ``rstr.engines``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any, Mapping
+
+import numpy as np
+
+from rstr.engines import schema
+from rstr.errors import BundleError
+
+FORMAT = "rstr.bundle"
+VERSION = 1
+DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
+REQUIRED = "required"  # conditioning.unconditional: the caller passes this input's unconditional rows
+
+
+def _omit_none(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if v is not None}
+
+
+@dataclass(frozen=True)
+class TensorDesc:
+    """A graph input or output; ``"batch"`` (or another name) marks the symbolic batch axis."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...]
+
+    def concrete(self, batch: int) -> tuple[int, ...]:
+        return tuple(batch if d == "batch" else int(d) for d in self.shape)
+
+    @property
+    def np_dtype(self):
+        return DTYPES[self.dtype]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "TensorDesc":
+        return cls(d["name"], d["dtype"], tuple(d["shape"]))
+
+
+def _descs(items) -> tuple[TensorDesc, ...]:
+    return tuple(TensorDesc.from_json(d) for d in items)
+
+
+@dataclass(frozen=True)
+class Graph:
+    """One ONNX graph of the bundle; ``outputs`` empty when a manifest omits them (the runtime derives them)."""
+
+    file: str
+    inputs: tuple[TensorDesc, ...]
+    outputs: tuple[TensorDesc, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"file": self.file, "inputs": [d.to_json() for d in self.inputs]}
+        if self.outputs:
+            out["outputs"] = [d.to_json() for d in self.outputs]
+        return out
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "Graph":
+        return cls(d["file"], _descs(d["inputs"]), _descs(d.get("outputs", ())))
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """The conditioning inputs; per input its unconditional rows: a fill value, or :data:`REQUIRED` from the caller."""
+
+    inputs: tuple[TensorDesc, ...]
+    unconditional: Mapping[str, float | str]
+    num_classes: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        rules = {k: v if v == REQUIRED else {"fill": v} for k, v in self.unconditional.items()}
+        return _omit_none({"inputs": [d.to_json() for d in self.inputs], "unconditional": rules, "num_classes": self.num_classes})
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "Conditioning":
+        rules = {k: v if v == REQUIRED else v["fill"] for k, v in d["unconditional"].items()}
+        return cls(_descs(d["inputs"]), rules, d.get("num_classes"))
+
+
+@dataclass(frozen=True)
+class Step:
+    """One denoising step: the scheduler timestep, the value the model receives, guidance, and
+    the scheduler update ``x_next = coef_sample * x + coef_eps * eps``."""
+
+    index: int
+    timestep: float
+    model_timestep: float
+    guided: bool
+    scale: float | None
+    coef_sample: float
+    coef_eps: float
+
+    def to_json(self, rows: int) -> dict[str, Any]:
+        return {"index": self.index, "timestep": self.timestep, "model_timestep": self.model_timestep, "guided": self.guided,
+                "scale": self.scale, "batch": rows, "coef_sample": self.coef_sample, "coef_eps": self.coef_eps}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "Step":
+        return cls(d["index"], d["timestep"], d["model_timestep"], d["guided"], d["scale"], d["coef_sample"], d["coef_eps"])
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The static step plan at batch ``batch`` (B): every per-step constant a runtime needs."""
+
+    batch: int
+    init_noise_sigma: float
+    default_steps: int
+    sampler: str
+    steps: tuple[Step, ...]
+
+    def rows(self, guided: bool) -> int:
+        """Denoiser rows of a step: 2B when guided (conditional rows, then unconditional), B when not."""
+        return 2 * self.batch if guided else self.batch
+
+    @property
+    def denoiser_rows(self) -> list[int]:
+        """The batches the denoiser runs at, ascending: B, 2B or both."""
+        return sorted({self.rows(s.guided) for s in self.steps})
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.steps)
+
+    @property
+    def num_guided(self) -> int:
+        return sum(s.guided for s in self.steps)
+
+    @property
+    def passes_per_image(self) -> int:
+        """Transformer passes per image: 2 per guided step, 1 per unguided."""
+        return self.num_steps + self.num_guided
+
+    @property
+    def compute_fraction(self) -> float:
+        """Passes relative to constant CFG at ``default_steps``."""
+        return self.passes_per_image / (2 * self.default_steps)
+
+    def with_batch(self, batch: int) -> "Plan":
+        """The same steps at another batch (the step constants do not depend on it)."""
+        if batch < 1:
+            raise BundleError(f"batch {batch} must be at least 1")
+        return replace(self, batch=batch)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"init_noise_sigma": self.init_noise_sigma, "num_steps": self.num_steps, "default_steps": self.default_steps,
+                "passes_per_image": self.passes_per_image, "compute_fraction": self.compute_fraction, "sampler": self.sampler,
+                "steps": [s.to_json(self.rows(s.guided)) for s in self.steps]}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any], batch: int, source: str = "plan") -> "Plan":
+        """Build from a schema-valid ``plan`` section of a bundle of batch ``batch``; check what the schema cannot."""
+        plan = cls(batch, d["init_noise_sigma"], d["default_steps"], d["sampler"], tuple(Step.from_json(s) for s in d["steps"]))
+        for i, (raw, step) in enumerate(zip(d["steps"], plan.steps)):
+            at = f"{source}.steps[{i}]"
+            if step.index != i:
+                raise BundleError(f"{at}.index is {step.index}; steps are listed in order from 0")
+            if step.guided and step.scale is None:
+                raise BundleError(f"{at}.scale is null on a guided step; a guided step needs its guidance scale")
+            if raw["batch"] != plan.rows(step.guided):
+                raise BundleError(f"{at}.batch is {raw['batch']} but a {'guided' if step.guided else 'unguided'} step runs "
+                                  f"{plan.rows(step.guided)} rows at batch {batch}")
+        for key in ("num_steps", "passes_per_image"):
+            if d[key] != getattr(plan, key):
+                raise BundleError(f"{source}.{key} is {d[key]} but the steps give {getattr(plan, key)}")
+        if not math.isclose(d["compute_fraction"], plan.compute_fraction, rel_tol=1e-9):
+            raise BundleError(f"{source}.compute_fraction is {d['compute_fraction']} but the steps give {plan.compute_fraction}")
+        return plan
+
+
+@dataclass(frozen=True)
+class Decoder:
+    """How latents become images: ``pixels`` means the latents are the image, ``(x - lo) / (hi - lo)`` in [0, 1]."""
+
+    kind: str
+    channels: int
+    size: int
+    range: tuple[float, float]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "channels": self.channels, "size": self.size, "range": list(self.range)}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "Decoder":
+        return cls(d["kind"], d["channels"], d["size"], tuple(d["range"]))
+
+
+@dataclass(frozen=True)
+class Engine:
+    """A TensorRT engine for one graph, built for one TensorRT release and GPU (engines/tensorrt)."""
+
+    graph: str
+    file: str
+    backend: str = "tensorrt"
+    tensorrt_version: str | None = None
+    compute_capability: str | None = None
+    device_name: str | None = None
+    version_compatible: bool = False
+    hardware_compatibility: str = "none"
+    builder_optimization_level: int | None = None
+    profiles: tuple[Mapping[str, Any], ...] = ()  # [{"batch": N, "inputs": {name: {"min", "opt", "max"}}}]
+
+    def to_json(self) -> dict[str, Any]:
+        return _omit_none({"backend": self.backend, "graph": self.graph, "file": self.file, "tensorrt_version": self.tensorrt_version,
+                           "compute_capability": self.compute_capability, "device_name": self.device_name,
+                           "version_compatible": self.version_compatible, "hardware_compatibility": self.hardware_compatibility,
+                           "builder_optimization_level": self.builder_optimization_level, "profiles": list(self.profiles)})
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "Engine":
+        return cls(d["graph"], d["file"], d.get("backend", "tensorrt"), d.get("tensorrt_version"), d.get("compute_capability"),
+                   d.get("device_name"), bool(d.get("version_compatible", False)), d.get("hardware_compatibility") or "none",
+                   d.get("builder_optimization_level"), tuple(d.get("profiles", ())))
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where the bundle came from; ``versions`` (rstr, torch, onnx, diffusers) sit beside the other fields in the JSON."""
+
+    model: str
+    schedule_sha256: str
+    adapter: str | None = None
+    adapter_sha256: str | None = None
+    created: str | None = None
+    versions: Mapping[str, str] = field(default_factory=dict)
+
+    _FIELDS = ("model", "schedule_sha256", "adapter", "adapter_sha256", "created")
+
+    def to_json(self) -> dict[str, Any]:
+        out = {**self.versions, "model": self.model, "schedule_sha256": self.schedule_sha256, "adapter": self.adapter,
+               "adapter_sha256": self.adapter_sha256}
+        return {**out, "created": self.created} if self.created is not None else out
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "Provenance":
+        versions = {k: v for k, v in d.items() if k not in cls._FIELDS}
+        return cls(d["model"], d["schedule_sha256"], d.get("adapter"), d.get("adapter_sha256"), d.get("created"), versions)
+
+
+@dataclass(frozen=True)
+class VerificationRecord:
+    """The export's check of the bundle against PyTorch, from the same noise (rstr.export.verify)."""
+
+    backend: str
+    max_rel_error: float
+    tolerance: float
+    per_step_rel_error: tuple[float, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"backend": self.backend, "max_rel_error": self.max_rel_error, "tolerance": self.tolerance,
+                "per_step_rel_error": list(self.per_step_rel_error)}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "VerificationRecord":
+        return cls(d["backend"], d["max_rel_error"], d["tolerance"], tuple(d.get("per_step_rel_error", ())))
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    sha256: str
+    bytes: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return _omit_none({"sha256": self.sha256, "bytes": self.bytes})
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "FileEntry":
+        return cls(d["sha256"], d.get("bytes"))
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """``manifest.json``: the graphs, the plan at batch B and everything needed to run and trust them."""
+
+    family: str
+    dtype: str
+    sample: TensorDesc  # [B, ...], concrete
+    graphs: Mapping[str, Graph]
+    conditioning: Conditioning
+    plan: Plan
+    provenance: Provenance
+    decoder: Decoder | None = None
+    engines: tuple[Engine, ...] = ()
+    verification: VerificationRecord | None = None
+    summary: Mapping[str, Any] | None = None  # the build's measurements, free-form (report.md)
+    files: Mapping[str, FileEntry] = field(default_factory=dict)
+
+    @property
+    def batch(self) -> int:
+        return self.plan.batch
+
+    def with_batch(self, batch: int) -> "Manifest":
+        """The plan and declared shapes at another batch; the graphs (batch axis dynamic) are the same files."""
+        sample = replace(self.sample, shape=(batch, *self.sample.shape[1:]))
+        return replace(self, plan=self.plan.with_batch(batch), sample=sample)
+
+    def engines_for(self, backend: str) -> list[Engine]:
+        return [e for e in self.engines if e.backend == backend]
+
+    def to_json(self) -> dict[str, Any]:
+        out = {"format": FORMAT, "version": VERSION, "family": self.family, "batch": self.batch, "dtype": self.dtype,
+               "sample": self.sample.to_json(), "graphs": {k: g.to_json() for k, g in self.graphs.items()},
+               "conditioning": self.conditioning.to_json(), "plan": self.plan.to_json(),
+               "decoder": None if self.decoder is None else self.decoder.to_json(), "engines": [e.to_json() for e in self.engines],
+               "provenance": self.provenance.to_json()}
+        if self.verification is not None:
+            out["verification"] = self.verification.to_json()
+        if self.summary is not None:
+            out["summary"] = dict(self.summary)
+        out["files"] = {k: f.to_json() for k, f in self.files.items()}
+        return out
+
+    @classmethod
+    def from_json(cls, data: Any, source: str = "manifest.json") -> "Manifest":
+        """Check format and version, validate against the bundle schema, then read; one BundleError line on any problem."""
+        if not isinstance(data, dict):
+            raise BundleError(f"{source} must hold a JSON object (got {type(data).__name__})")
+        if data.get("format") != FORMAT:
+            raise BundleError(f"{source}: format {data.get('format')!r} is not {FORMAT!r}")
+        if data.get("version") != VERSION:
+            raise BundleError(f"{source}: bundle version {data.get('version')!r} is not supported (this rstr reads version "
+                              f"{VERSION}); rebuild the bundle")
+        problem = schema.check(data, "bundle")
+        if problem is not None:
+            raise BundleError(f"{source}: {problem}")
+        batch = data["batch"]
+        sample = TensorDesc.from_json(data["sample"])
+        if not sample.shape or sample.shape[0] != batch:
+            raise BundleError(f"{source}: sample.shape {list(sample.shape)} must start with the batch, {batch}")
+        conditioning = Conditioning.from_json(data["conditioning"])
+        missing = [d.name for d in conditioning.inputs if d.name not in conditioning.unconditional]
+        if missing:
+            raise BundleError(f"{source}: conditioning.unconditional has no rule for input {missing[0]!r}; "
+                              f"give {{\"fill\": value}} or \"{REQUIRED}\"")
+        decoder, verification = data.get("decoder"), data.get("verification")
+        return cls(
+            family=data["family"],
+            dtype=data["dtype"],
+            sample=sample,
+            graphs={k: Graph.from_json(g) for k, g in data["graphs"].items()},
+            conditioning=conditioning,
+            plan=Plan.from_json(data["plan"], batch, source=f"{source}: plan"),
+            provenance=Provenance.from_json(data["provenance"]),
+            decoder=None if decoder is None else Decoder.from_json(decoder),
+            engines=tuple(Engine.from_json(e) for e in data.get("engines", ())),
+            verification=None if verification is None else VerificationRecord.from_json(verification),
+            summary=data.get("summary"),
+            files={k: FileEntry.from_json(f) for k, f in data["files"].items()},
+        )

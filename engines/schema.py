@@ -1,0 +1,121 @@
+"""The JSON Schemas of rstr's file formats, and their violations as one line.
+
+``schemas/bundle.schema.json`` describes a bundle's ``manifest.json`` and
+``schemas/schedule.schema.json`` a ``rstr.schedule/1`` file (draft 2020-12, package data of
+``rstr.engines``).  Readers validate a document before reading any value from it: here with
+``jsonschema``, in the C++ runtime with a small validator of the keywords in :data:`KEYWORDS`
+(engines/cpp/src/schema.cpp; Debian has no C++ JSON-Schema library).  Both readers word a
+violation the same way, ``<path> <problem>`` with paths like ``plan.steps[3].coef_eps``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from typing import Any
+
+# The validation keywords the schemas may use: the subset the C++ validator implements.
+KEYWORDS = frozenset({"type", "properties", "required", "additionalProperties", "items", "enum", "const", "minimum",
+                      "maximum", "exclusiveMinimum", "minItems", "maxItems", "pattern", "$ref"})
+ANNOTATIONS = frozenset({"$schema", "$id", "$defs", "title", "description"})
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+@cache
+def load(name: str) -> dict[str, Any]:
+    """The schema ``name`` (``"bundle"`` or ``"schedule"``) as a dict."""
+    return json.loads((resources.files("rstr.engines") / "schemas" / f"{name}.schema.json").read_text())
+
+
+@cache
+def _validator(name: str):
+    from jsonschema import Draft202012Validator
+
+    return Draft202012Validator(load(name))
+
+
+@dataclass(frozen=True)
+class Violation:
+    """Where a document breaks its schema (keys and indices from the root) and what is wrong, in words."""
+
+    path: tuple[str | int, ...]
+    problem: str
+
+    def __str__(self) -> str:
+        return self.problem
+
+
+def check(document: Any, name: str) -> Violation | None:
+    """The violation of schema ``name`` that best explains what is wrong with ``document``, or None."""
+    from jsonschema.exceptions import best_match
+
+    error = best_match(_validator(name).iter_errors(document))
+    if error is None:
+        return None
+    path = tuple(error.absolute_path)
+    return Violation(path, describe(error.validator, error.validator_value, error.instance, error.schema, path))
+
+
+def where(path: Sequence[str | int]) -> str:
+    """``("plan", "steps", 3, "coef_eps")`` -> ``plan.steps[3].coef_eps``; odd keys as ``files["a.onnx"]``."""
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif _IDENTIFIER.match(part):
+            out += f".{part}" if out else part
+        else:
+            out += f"[{json.dumps(part)}]"
+    return out
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    return {float: "number", str: "string", list: "array", dict: "object"}.get(type(value), type(value).__name__)
+
+
+def _types(types: str | list[str]) -> str:
+    article = {"object": "an object", "array": "an array", "integer": "an integer", "string": "a string",
+               "number": "a number", "boolean": "a boolean", "null": "null"}
+    return " or ".join(article[t] for t in ([types] if isinstance(types, str) else types))
+
+
+def _dump(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def describe(keyword: str, expected: Any, value: Any, schema: dict, path: Sequence[str | int]) -> str:
+    """One line for a failed ``keyword``: the same words as the C++ validator (engines/cpp/src/schema.cpp)."""
+    at = where(path)
+    lead = f"{at}: " if at else ""
+    if keyword == "type":
+        text = f"{at} must be {_types(expected)} (got {_json_type(value)})"
+    elif keyword == "required":
+        text = f"{lead}missing field(s) {', '.join(k for k in expected if k not in value)}"
+    elif keyword == "additionalProperties":
+        allowed = schema.get("properties", {})
+        text = f"{lead}unknown field(s) {', '.join(sorted(k for k in value if k not in allowed))}; allowed: {', '.join(sorted(allowed))}"
+    elif keyword == "enum":
+        text = f"{at} is {_dump(value)}; expected one of {', '.join(_dump(v) for v in expected)}"
+    elif keyword == "const":
+        text = f"{at} is {_dump(value)}, not {_dump(expected)}"
+    elif keyword in ("minimum", "maximum", "exclusiveMinimum"):
+        bound = {"minimum": "at least", "maximum": "at most", "exclusiveMinimum": "greater than"}[keyword]
+        text = f"{at} is {_dump(value)}; it must be {bound} {_dump(expected)}"
+    elif keyword in ("minItems", "maxItems"):
+        bound = "at least" if keyword == "minItems" else "at most"
+        text = f"{at} has {len(value)} item(s); it must have {bound} {expected}"
+    elif keyword == "pattern":
+        text = f"{at} is {_dump(value)}; it must match {expected}"
+    else:
+        raise ValueError(f"schema keyword {keyword!r} is outside the subset rstr's schemas use ({', '.join(sorted(KEYWORDS))})")
+    return f"{text} ({schema['description']})" if keyword in ("type", "pattern") and "description" in schema else text
