@@ -186,6 +186,88 @@ def test_bad_bundle_is_refused(rstr_run, bundle, noise, tmp_path, case):
     assert not (tmp_path / "x.npy").exists()
 
 
+# --------------------------------------------------------------------- the shared schema
+SCHEMA = ROOT / "engines" / "schemas" / "bundle.schema.json"
+
+
+def _set(path, value):
+    """An edit that sets manifest[path...] = value."""
+    def edit(m, _):
+        *parents, last = path
+        for key in parents:
+            m = m[key]
+        m[last] = value
+    return edit
+
+
+def _drop_init_noise_sigma(m, _):
+    del m["plan"]["init_noise_sigma"]
+
+
+# Manifests that break bundle.schema.json, and the words both readers use for what is wrong.
+SCHEMA_VIOLATIONS = {
+    "step-guided-not-bool": (_set(("plan", "steps", 1, "guided"), "yes"), "plan.steps[1].guided must be a boolean (got string)"),
+    "missing-field": (_drop_init_noise_sigma, "plan: missing field(s) init_noise_sigma"),
+    "unknown-field": (_set(("colour",), "blue"), "unknown field(s) colour; allowed: batch, conditioning, decoder, dtype"),
+    "batch-zero": (_set(("batch",), 0), "batch is 0; it must be at least 1"),
+    "unknown-dtype": (_set(("dtype",), "fp8"), 'dtype is "fp8"; expected one of "fp32", "fp16", "bf16"'),
+    "bad-unconditional": (_set(("conditioning", "unconditional", "class_labels"), "maybe"),
+                          'conditioning.unconditional.class_labels is "maybe"; it must match ^required$'),
+    "bad-sha256": (_set(("files", "denoiser.onnx", "sha256"), "xyz"), 'files["denoiser.onnx"].sha256 is "xyz"; it must match'),
+    "short-range": (_set(("decoder", "range"), [1.0]), "decoder.range has 1 item(s); it must have at least 2"),
+}
+
+
+def _schema_keywords(s: dict) -> set[str]:
+    """Every keyword a schema (and its subschemas) uses."""
+    out = set(s)
+    for key in ("items", "additionalProperties"):
+        if isinstance(s.get(key), dict):
+            out |= _schema_keywords(s[key])
+    for group in ("properties", "$defs"):
+        for sub in s.get(group, {}).values():
+            out |= _schema_keywords(sub)
+    return out
+
+
+@pytest.mark.parametrize("name", ["bundle", "schedule"])
+def test_schemas_stay_inside_the_subset_the_cpp_validator_implements(name):
+    from rstr.engines import schema
+
+    assert _schema_keywords(schema.load(name)) <= schema.KEYWORDS | schema.ANNOTATIONS
+
+
+def test_cpp_build_embeds_the_schema_file(rstr_run):
+    header = (BUILD / "generated" / "rstr" / "bundle_schema.hpp").read_text()
+    assert SCHEMA.read_text() in header
+
+
+@pytest.mark.parametrize("case", sorted(SCHEMA_VIOLATIONS))
+def test_schema_violation_is_refused_by_python_in_one_line(bundle, tmp_path, case):
+    from rstr.engines.bundle import Bundle
+    from rstr.errors import BundleError
+
+    edit, message = SCHEMA_VIOLATIONS[case]
+    with pytest.raises(BundleError) as err:
+        Bundle.open(edited_copy(bundle, tmp_path, edit))
+    assert "\n" not in str(err.value) and message in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize("case", sorted(SCHEMA_VIOLATIONS))
+def test_schema_violation_is_refused_by_cpp_in_the_same_words(rstr_run, bundle, noise, tmp_path, case):
+    from rstr.engines.bundle import Bundle
+    from rstr.errors import BundleError
+
+    edit, message = SCHEMA_VIOLATIONS[case]
+    copy = edited_copy(bundle, tmp_path, edit)
+    proc = run(rstr_run, copy, "--out", tmp_path / "x.npy", "--class", "3", "--noise", noise)
+    assert_error(proc, message)
+    with pytest.raises(BundleError) as err:
+        Bundle.open(copy)
+    words = lambda text: text.strip().split("manifest.json: ", 1)[1]  # noqa: E731
+    assert words(proc.stderr) == words(str(err.value))
+
+
 def test_missing_bundle_directory(rstr_run, tmp_path):
     assert_error(run(rstr_run, tmp_path / "nope", "--out", tmp_path / "x.npy", "--class", "3", "--seed", 0), "does not exist")
 

@@ -1,4 +1,5 @@
-// Bundle::open: parse manifest.json (nlohmann-json) and check it against docs/bundle.md.
+// Bundle::open: parse manifest.json (nlohmann-json), validate it against engines/schemas/bundle.schema.json,
+// and check it against docs/bundle.md.
 #include <openssl/evp.h>
 
 #include <algorithm>
@@ -9,6 +10,7 @@
 #include <sstream>
 
 #include "rstr/runtime.hpp"
+#include "schema.hpp"
 
 namespace rstr {
 namespace {
@@ -140,6 +142,10 @@ Manifest parse_manifest(const json& root, const std::string& bundle) {
   if (!version.raw().is_number_integer() || version.integer() != Manifest::kVersion)
     version.fail("is " + version.raw().dump() + "; this runtime reads version " + std::to_string(Manifest::kVersion) +
                  " (rebuild the bundle with a matching rstr-export, or use a matching runtime)");
+
+  // Then the shape of the whole document, against the schema the Python reader uses too.
+  if (auto problem = schema::first_violation(root, schema::bundle_schema()))
+    throw BundleError("bundle " + bundle + ": manifest.json: " + *problem);
 
   Manifest man;
   man.family = m.has("family") ? m.at("family").str() : "";
