@@ -63,12 +63,28 @@ def _write(tmp_path, **changes):
         ({"timesteps": [900, 600, 300, -1]}, "must be strictly decreasing and >= 0"),
         ({"timesteps": [900.5, 600, 300, 0]}, "must be integers"),
         ({"timesteps": "900,0"}, "'timesteps' must be a list of integers or null"),
+        ({"num_steps": "4"}, "num_steps must be an integer (got string)"),
+        ({"default_steps": 0}, "default_steps is 0; it must be at least 1"),
+        ({"steps": [{"guided": "yes"}] + [{"guided": False}] * 3}, "steps[0].guided must be a boolean (got string)"),
     ],
 )
 def test_malformed_schedule_refused(tmp_path, changes, message):
     with pytest.raises(ScheduleError) as err:
         GuidanceSchedule.load(_write(tmp_path, **changes))
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_written_schedules_validate_and_a_missing_field_is_named(tmp_path):
+    """What rstr writes is valid against schemas/schedule.schema.json; a file without a field names it."""
+    from rstr.engines import schema
+
+    own = GuidanceSchedule(family="dit", sampler="ddim", guided=(True, False), scales=(2.0, None), default_steps=25, timesteps=(910, 0))
+    for s in (own, GuidanceSchedule.first_k(2.0, 4, 2, **KW), GuidanceSchedule.conditional_only(3, **KW)):
+        assert schema.check(s.to_dict(), "schedule") is None
+    data = own.to_dict()
+    del data["sampler"]
+    with pytest.raises(ScheduleError, match=r"^schedule: missing field\(s\) sampler$"):
+        GuidanceSchedule.from_dict(data)
 
 
 def test_family_mismatch_refused():
