@@ -12,7 +12,6 @@ B*, is written once, in :meth:`Plan.rows`.  Torch-free, like all of ``rstr.engin
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
@@ -124,6 +123,8 @@ class Plan:
     batch: int
     init_noise_sigma: float
     default_steps: int
+    passes_per_image: int  # transformer passes per image (the schedule's): 2 per guided step, 1 per unguided
+    compute_fraction: float  # passes relative to constant CFG at default_steps
     sampler: str
     steps: tuple[Step, ...]
 
@@ -144,16 +145,6 @@ class Plan:
     def num_guided(self) -> int:
         return sum(s.guided for s in self.steps)
 
-    @property
-    def passes_per_image(self) -> int:
-        """Transformer passes per image: 2 per guided step, 1 per unguided."""
-        return self.num_steps + self.num_guided
-
-    @property
-    def compute_fraction(self) -> float:
-        """Passes relative to constant CFG at ``default_steps``."""
-        return self.passes_per_image / (2 * self.default_steps)
-
     def with_batch(self, batch: int) -> "Plan":
         """The same steps at another batch (the step constants do not depend on it)."""
         if batch < 1:
@@ -168,7 +159,8 @@ class Plan:
     @classmethod
     def from_json(cls, d: Mapping[str, Any], batch: int, source: str = "plan") -> "Plan":
         """Build from a schema-valid ``plan`` section of a bundle of batch ``batch``; check what the schema cannot."""
-        plan = cls(batch, d["init_noise_sigma"], d["default_steps"], d["sampler"], tuple(Step.from_json(s) for s in d["steps"]))
+        plan = cls(batch, d["init_noise_sigma"], d["default_steps"], d["passes_per_image"], d["compute_fraction"], d["sampler"],
+                   tuple(Step.from_json(s) for s in d["steps"]))
         for i, (raw, step) in enumerate(zip(d["steps"], plan.steps)):
             at = f"{source}.steps[{i}]"
             if step.index != i:
@@ -178,11 +170,9 @@ class Plan:
             if raw["batch"] != plan.rows(step.guided):
                 raise BundleError(f"{at}.batch is {raw['batch']} but a {'guided' if step.guided else 'unguided'} step runs "
                                   f"{plan.rows(step.guided)} rows at batch {batch}")
-        for key in ("num_steps", "passes_per_image"):
-            if d[key] != getattr(plan, key):
-                raise BundleError(f"{source}.{key} is {d[key]} but the steps give {getattr(plan, key)}")
-        if not math.isclose(d["compute_fraction"], plan.compute_fraction, rel_tol=1e-9):
-            raise BundleError(f"{source}.compute_fraction is {d['compute_fraction']} but the steps give {plan.compute_fraction}")
+        for key, value in (("num_steps", plan.num_steps), ("passes_per_image", plan.num_steps + plan.num_guided)):
+            if d[key] != value:
+                raise BundleError(f"{source}.{key} is {d[key]} but the steps give {value}")
         return plan
 
 

@@ -66,5 +66,6 @@ def build_plan(family: Family, schedule: GuidanceSchedule, batch: int) -> Plan:
         scheduler.step(eps, t, x, return_dict=False)  # advance stateful schedulers exactly as sampling does
         steps.append(Step(index=i, timestep=float(t), model_timestep=family.model_timestep(t), guided=schedule.guided[i],
                           scale=schedule.scales[i], coef_sample=coef_sample, coef_eps=coef_eps))
-    return Plan(batch=batch, init_noise_sigma=float(getattr(scheduler, "init_noise_sigma", 1.0)),
-                default_steps=schedule.default_steps, sampler=schedule.sampler, steps=tuple(steps))
+    return Plan(batch=batch, init_noise_sigma=float(getattr(scheduler, "init_noise_sigma", 1.0)), default_steps=schedule.default_steps,
+                passes_per_image=schedule.passes_per_image, compute_fraction=schedule.compute_fraction, sampler=schedule.sampler,
+                steps=tuple(steps))
