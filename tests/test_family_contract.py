@@ -115,8 +115,8 @@ def test_export_verify_and_run(sd3_model, tmp_path):
     schedule.save(tmp_path / "s.json")
     result = build(BuildOptions(model=sd3_model, schedule=tmp_path / "s.json", out=tmp_path / "bundle", measure=False))
     assert result.verification.max_rel_error <= 1e-4
-    assert result.manifest["family"] == "sd3-test"
-    assert [s["batch"] for s in Bundle.open(tmp_path / "bundle").manifest["plan"]["steps"]] == [2, 2, 1, 1]
+    assert result.manifest.family == "sd3-test"
+    assert [s["batch"] for s in Bundle.open(tmp_path / "bundle").manifest.to_json()["plan"]["steps"]] == [2, 2, 1, 1]
     cond, uncond = family.conditioning_for(torch.tensor([1]))
     to_np = lambda c: {k: v.numpy() for k, v in c.items()}  # noqa: E731
     noise = np.random.default_rng(0).standard_normal((1, 4, 8, 8), dtype=np.float32)

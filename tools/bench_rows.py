@@ -26,7 +26,7 @@ from bench_setup import ROW_ENGINE, ROW_SCHEDULE, ROWS
 
 def at_batch(bundle, batch: int):
     """``bundle`` walked at ``batch``: its graphs are batch-dynamic, only the plan's batches change (torch-free)."""
-    return setup.replan(bundle, batch)
+    return bundle.with_batch(batch)
 
 
 # ============================================================================ one model
@@ -184,16 +184,16 @@ class ModelBench:
             if (kind, "onnxruntime") not in self.bundles:
                 continue
             bundle = self.bundles[kind, "onnxruntime"]
-            out[f"{kind}@1"] = bundle.manifest["verification"]["max_rel_error"]  # verified by build()
+            out[f"{kind}@1"] = bundle.manifest.verification.max_rel_error  # verified by build()
             for b in self.batches[1:]:
                 re = at_batch(bundle, b)
-                if re.manifest["plan"]["steps"] != build_plan(self.family, self.schedules[kind], b)["steps"]:
+                if re.plan != build_plan(self.family, self.schedules[kind], b):
                     raise RuntimeError(f"replanned {kind} bundle at batch {b} differs from build_plan")
                 out[f"{kind}@{b}"] = verify(re, self.family, self.schedules[kind], raise_on_failure=False).max_rel_error
         return out
 
     def bundle_files_mb(self) -> dict[str, float]:
-        return {kind: sum(e["bytes"] for e in b.manifest["files"].values()) / 2**20
+        return {kind: sum(e.bytes or 0 for e in b.manifest.files.values()) / 2**20
                 for (kind, backend), b in self.bundles.items() if backend == "onnxruntime"}
 
     # ------------------------------------------------------------------- denoiser calls

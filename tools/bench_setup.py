@@ -399,12 +399,6 @@ def cache_dit_stats(pipe) -> dict:
 
 
 # =============================================================================== bundles
-def replan(bundle, batch: int):
-    """The same bundle walked at another batch (:meth:`rstr.engines.Bundle.with_batch`; torch-free, so a child
-    process measuring the ONNX Runtime rows' memory never imports torch)."""
-    return bundle.with_batch(batch)
-
-
 def build_bundle(model: Path, schedule, out: Path, log: Callable[[str], None], backend: str = "onnxruntime", rebuild: bool = False):
     """Export (or reuse a cached) batch-1 bundle of ``model`` under ``schedule``; returns the opened Bundle."""
     from rich.console import Console
