@@ -168,7 +168,7 @@ class Plan:
             if step.guided and step.scale is None:
                 raise BundleError(f"{at}.scale is null on a guided step; a guided step needs its guidance scale")
             if raw["batch"] != plan.rows(step.guided):
-                raise BundleError(f"{at}.batch is {raw['batch']} but a {'guided' if step.guided else 'unguided'} step runs "
+                raise BundleError(f"{at}.batch is {raw['batch']} but {'a guided' if step.guided else 'an unguided'} step runs "
                                   f"{plan.rows(step.guided)} rows at batch {batch}")
         for key, value in (("num_steps", plan.num_steps), ("passes_per_image", plan.num_steps + plan.num_guided)):
             if d[key] != value:
