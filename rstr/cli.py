@@ -292,6 +292,32 @@ def search(
     console.print("[green]wrote[/green] " + ", ".join(str(p) for p in paths))
 
 
+# ------------------------------------------------------------------ diffusers export (rstr.diffusers)
+@app.command("export-diffusers")
+def export_diffusers(
+    schedule: Annotated[Path, typer.Option("--schedule", help="Schedule JSON (rstr.schedule/1) from `rstr search`; written as the pipeline's guider config.")],
+    out: Annotated[Path, typer.Option("--out", help="Pipeline directory to write (DiffusionPipeline.from_pretrained loads it).")],
+    adapter: AdapterOpt = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="Local diffusers directory or Hub id (owner/name) in the local Hugging Face cache. Default: the reference digits DiT.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
+) -> None:
+    """Write a diffusers pipeline directory that runs the schedule: adapter fused, the model's scheduler, the schedule as guider config.
+
+    Load it with `rstr.diffusers.load_pipeline(out)` (or `DiffusionPipeline.from_pretrained(out)` and
+    `rstr.diffusers.apply(pipe, ScheduledGuidance.from_pretrained(out, subfolder="guider"))`); see
+    docs/diffusers.md.  Example: `rstr export-diffusers --schedule s.json --adapter adapter --out digits-pipe`.
+    """
+    from rstr.diffusers import export_pipeline
+    from rstr.families import load_model
+    from rstr.hub import resolve_model
+    from rstr.schedule import GuidanceSchedule
+
+    sched = GuidanceSchedule.load(schedule)
+    family = load_model(resolve_model(model) if model is not None else None)
+    export_pipeline(family, sched, out, adapter=adapter, force=force)
+    console.print(f"[green]wrote[/green] {out}  ({family.pipeline_class}, {sched.describe()}{', adapter fused' if adapter else ''})")
+
+
 def main() -> None:
     run_app(app, "rstr")
 
