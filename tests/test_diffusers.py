@@ -332,3 +332,18 @@ def test_export_diffusers_reproduces_the_bundle(tmp_path, pixel_dit_bundle, caps
     noise = randn_tensor((2, 1, 8, 8), generator=torch.Generator().manual_seed(0), dtype=torch.float32)  # what DiTPipeline drew
     bundle = Pipeline.load(pixel_dit_bundle, backend="onnxruntime")({"class_labels": [3, 4]}, noise=noise.numpy())
     assert_close(got, torch.from_numpy(bundle.latents), rtol=1e-4)
+
+
+def test_export_from_a_pipeline_directory_keeps_its_components(tmp_path):
+    """A pipeline directory as input: its VAE travels, the transformer is replaced by the calibrated one."""
+    family, pipe, call = text_pipeline("pixart")
+    pipe.save_pretrained(tmp_path / "source")
+    source = load_model(tmp_path / "source", text_len=family.text_len)
+    adapter = random_adapter(source, tmp_path / "adapter", ["attn1.to_q", "attn2.to_k"])
+    schedule = sparse(source)
+    cond, uncond = text_conditioning(family, B, 0), text_conditioning(family, B, 1)
+    expected = sample(calibrated(source, adapter), schedule, cond, uncond=uncond, generator=torch.Generator().manual_seed(0))
+    out = rd.export_pipeline(source, schedule, tmp_path / "out", adapter=adapter)
+    exported = rd.load_pipeline(out)
+    assert all(torch.equal(a, b) for a, b in zip(exported.vae.state_dict().values(), pipe.vae.state_dict().values()))
+    assert_close(call(exported, family, cond, uncond, generator=torch.Generator().manual_seed(0)), expected)
