@@ -183,12 +183,12 @@ def test_apply_refuses_what_the_schedule_decides():
             call(pipe, family, cond, uncond, true_cfg_scale=4.0)
         with pytest.raises(ScheduleError, match="num_inference_steps 28 differs from the schedule's 4 steps"):
             call(pipe, family, cond, uncond, num_inference_steps=28)
-        with pytest.raises(RstrError, match="no unconditional pass: give it a negative prompt"):
+        with pytest.raises(RstrError, match="no unconditional pass at step 0: give it a negative prompt"):
             call(pipe, family, cond, None)
         with pytest.raises(RstrError, match="already follows an rstr schedule"):
             rd.apply(pipe, sparse(family))
     with rd.apply(pipe, GuidanceSchedule.constant(2.0, 1, family="flux", sampler=family.sampler)):  # caught after the last step
-        with pytest.raises(RstrError, match="step 0 of the schedule needs guidance but the pipeline made no unconditional pass"):
+        with pytest.raises(RstrError, match="the schedule has guided steps but the pipeline made no unconditional pass at step 0"):
             call(pipe, family, cond, None)
     with pytest.raises(ScheduleError, match="schedule is for family 'dit'"):
         rd.apply(pipe, GuidanceSchedule.constant(2.0, 4, family="dit", sampler="ddim"))
@@ -347,3 +347,13 @@ def test_export_from_a_pipeline_directory_keeps_its_components(tmp_path):
     exported = rd.load_pipeline(out)
     assert all(torch.equal(a, b) for a, b in zip(exported.vae.state_dict().values(), pipe.vae.state_dict().values()))
     assert_close(call(exported, family, cond, uncond, generator=torch.Generator().manual_seed(0)), expected)
+
+
+def test_export_diffusers_user_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    GuidanceSchedule.constant(2.0, 4, family="flux", sampler="flow_euler").save(tmp_path / "flux.json")
+    code, err = run_cli(["export-diffusers", "--schedule", tmp_path / "flux.json", "--out", tmp_path / "out"], capsys, monkeypatch)
+    assert code == 1 and err.strip() == "rstr: error: schedule is for family 'flux' but the model is 'dit'; search a schedule for this model"
+    code, err = run_cli(["export-diffusers", "--schedule", BUDGET_50, "--model", tmp_path / "none", "--out", tmp_path / "out"],
+                        capsys, monkeypatch)
+    assert code == 1 and err.startswith(f"rstr: error: model path {tmp_path / 'none'} does not exist")
+    assert not (tmp_path / "out").exists()

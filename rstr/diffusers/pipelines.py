@@ -182,7 +182,7 @@ class ScheduleHook(ModelHook):
     def _check_uncond_seen(self) -> None:
         if self.running and not self.uncond_seen:
             raise RstrError(
-                f"step {self.step} of the schedule needs guidance but the pipeline made no unconditional pass: give it a "
+                f"the schedule has guided steps but the pipeline made no unconditional pass at step {self.step}: give it a "
                 "negative prompt (negative_prompt, or negative_prompt_embeds with their pooled embeddings or mask)"
             )
 
