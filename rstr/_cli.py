@@ -24,8 +24,8 @@ from rstr.errors import RstrError
 
 _NOISY_LOGGERS = ("diffusers", "transformers", "torch", "onnx", "onnxscript", "onnx_ir", "polygraphy", "ray", "matplotlib", "PIL")
 # Top-level modules of the `toolchain` extra in pyproject.toml (tests/test_runtime_install.py checks the two agree).
-TOOLCHAIN_MODULES = frozenset({"torch", "diffusers", "peft", "safetensors", "sklearn", "scipy", "matplotlib", "tqdm", "onnx",
-                               "onnxscript", "onnx_graphsurgeon", "polygraphy"})
+TOOLCHAIN_MODULES = frozenset({"torch", "diffusers", "peft", "huggingface_hub", "safetensors", "sklearn", "scipy", "matplotlib",
+                               "tqdm", "onnx", "onnxscript", "onnx_graphsurgeon", "polygraphy"})
 
 
 def run_app(app: typer.Typer, prog: str) -> None:

@@ -298,7 +298,7 @@ def export_diffusers(
     schedule: Annotated[Path, typer.Option("--schedule", help="Schedule JSON (rstr.schedule/1) from `rstr search`; written as the pipeline's guider config.")],
     out: Annotated[Path, typer.Option("--out", help="Pipeline directory to write (DiffusionPipeline.from_pretrained loads it).")],
     adapter: AdapterOpt = None,
-    model: Annotated[Optional[str], typer.Option("--model", help="Local diffusers directory or Hub id (owner/name) in the local Hugging Face cache. Default: the reference digits DiT.")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="Local diffusers directory, reference model name (digits-dit) or Hub id (owner/name) in the local Hugging Face cache. Default: the reference digits DiT.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
 ) -> None:
     """Write a diffusers pipeline directory that runs the schedule: adapter fused, the model's scheduler, the schedule as guider config.
@@ -309,13 +309,13 @@ def export_diffusers(
     """
     from rstr.diffusers import export_pipeline
     from rstr.families import load_model
-    from rstr.hub import resolve_model
+    from rstr.hub import is_hub_id, resolve_model
     from rstr.schedule import GuidanceSchedule
 
     sched = GuidanceSchedule.load(schedule)
-    family = load_model(resolve_model(model) if model is not None else None)
+    family = load_model(resolve_model(model) if model is not None and is_hub_id(model) else model)
     export_pipeline(family, sched, out, adapter=adapter, force=force)
-    console.print(f"[green]wrote[/green] {out}  ({family.pipeline_class}, {sched.describe()}{', adapter fused' if adapter else ''})")
+    console.print(f"[green]wrote[/green] {out}  ({type(family).pipeline_classes[0]}, {sched.describe()}{', adapter fused' if adapter else ''})")
 
 
 def main() -> None:

@@ -124,9 +124,8 @@ def export_pipeline(
     with atomic_dir(out, force=force) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         ScheduledGuidance.from_schedule(schedule).save_pretrained(tmp / GUIDER_FOLDER)
-        source = Path(family.path) if getattr(family, "path", None) else None
-        if source is not None and (source / "rstr.json").is_file():
-            shutil.copyfile(source / "rstr.json", tmp / "rstr.json")  # lets rstr load the directory too
+        if family.path is not None and (family.path / "rstr.json").is_file():
+            shutil.copyfile(family.path / "rstr.json", tmp / "rstr.json")  # lets rstr load the directory too
     return out
 
 
@@ -144,17 +143,14 @@ def _stock_pipeline(family: Family) -> Any:
     """The family's stock pipeline around its (possibly calibrated) transformer and its scheduler."""
     import diffusers
 
-    source = Path(family.path) if getattr(family, "path", None) else None
     components = {"transformer": family.transformer, "scheduler": family.scheduler}
-    if source is not None and (source / "model_index.json").is_file():
-        return DiffusionPipeline.from_pretrained(source, **components)
-    cls = getattr(diffusers, family.pipeline_class)
+    if family.path is not None and (family.path / "model_index.json").is_file():
+        return DiffusionPipeline.from_pretrained(family.path, **components)
+    cls = getattr(diffusers, family.pipeline_classes[0])
     modules, _ = cls._get_signature_keys(cls)
     components.update({name: None for name in modules if name not in components})
-    image = family.meta.get("image")
-    if "vae" in components and image is not None:
-        low, high = image.get("range", (-1.0, 1.0))
-        components["vae"] = PixelDecoder(low=float(low), high=float(high))
+    if "vae" in components and family.image is not None:
+        components["vae"] = PixelDecoder(low=family.image.range[0], high=family.image.range[1])
     return cls(**components)
 
 
