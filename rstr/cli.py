@@ -308,14 +308,11 @@ def export_diffusers(
     docs/diffusers.md.  Example: `rstr export-diffusers --schedule s.json --adapter adapter --out digits-pipe`.
     """
     from rstr.diffusers import export_pipeline
-    from rstr.families import load_model
-    from rstr.hub import is_hub_id, resolve_model
     from rstr.schedule import GuidanceSchedule
 
     sched = GuidanceSchedule.load(schedule)
-    family = load_model(resolve_model(model) if model is not None and is_hub_id(model) else model)
-    export_pipeline(family, sched, out, adapter=adapter, force=force)
-    console.print(f"[green]wrote[/green] {out}  ({type(family).pipeline_classes[0]}, {sched.describe()}{', adapter fused' if adapter else ''})")
+    export_pipeline(model, sched, out, adapter=adapter, force=force)
+    console.print(f"[green]wrote[/green] {out}  ({sched.describe()}{', adapter fused' if adapter else ''})")
 
 
 def main() -> None:

@@ -336,17 +336,32 @@ def test_export_diffusers_reproduces_the_bundle(tmp_path, pixel_dit_bundle, caps
 
 def test_export_from_a_pipeline_directory_keeps_its_components(tmp_path):
     """A pipeline directory as input: its VAE travels, the transformer is replaced by the calibrated one."""
+    from safetensors.torch import save_file
+
     family, pipe, call = text_pipeline("pixart")
     pipe.save_pretrained(tmp_path / "source")
-    source = load_model(tmp_path / "source", text_len=family.text_len)
+    (tmp_path / "source" / "rstr.json").write_text(json.dumps({"default_steps": 4, "default_scale": 3.0, "text_len": family.text_len}))
+    table = tmp_path / "source" / "class_embeddings"  # a 2-class table: rstr's stand-in for a text encoder
+    table.mkdir()
+    rows = {s.name: torch.randn(3, *s.concrete(1)[1:]) for s in family.cond_specs()}
+    rows["encoder_attention_mask"] = torch.ones_like(rows["encoder_attention_mask"])
+    save_file(rows, str(table / "embeddings.safetensors"))
+    (table / "config.json").write_text(json.dumps({"format": "rstr.class-embeddings/1", "num_classes": 2, "negative_row": 2,
+                                                   "inputs": [s.name for s in family.cond_specs()]}))
+    source = load_model(tmp_path / "source")
     adapter = random_adapter(source, tmp_path / "adapter", ["attn1.to_q", "attn2.to_k"])
     schedule = sparse(source)
     cond, uncond = text_conditioning(family, B, 0), text_conditioning(family, B, 1)
     expected = sample(calibrated(source, adapter), schedule, cond, uncond=uncond, generator=torch.Generator().manual_seed(0))
-    out = rd.export_pipeline(source, schedule, tmp_path / "out", adapter=adapter)
+    out = rd.export_pipeline(tmp_path / "source", schedule, tmp_path / "out", adapter=adapter)
     exported = rd.load_pipeline(out)
     assert all(torch.equal(a, b) for a, b in zip(exported.vae.state_dict().values(), pipe.vae.state_dict().values()))
     assert_close(call(exported, family, cond, uncond, generator=torch.Generator().manual_seed(0)), expected)
+    again = load_model(out)  # rstr reads the export: rstr.json and the class table came along, the adapter is fused
+    cond2, uncond2 = again.conditioning_for(torch.tensor([1, 0]))
+    assert torch.equal(cond2["encoder_hidden_states"], rows["encoder_hidden_states"][[1, 0]])
+    assert_close(sample(again, schedule, cond2, uncond=uncond2, generator=torch.Generator().manual_seed(0)),
+                 sample(calibrated(source, adapter), schedule, cond2, uncond=uncond2, generator=torch.Generator().manual_seed(0)))
 
 
 def test_export_diffusers_user_errors_are_one_line(tmp_path, capsys, monkeypatch):

@@ -12,7 +12,8 @@
   written to a temporary directory and renamed when complete.  A pipeline directory as input
   keeps its other components (VAE, text encoders); rstr's own layout (``transformer/``,
   ``scheduler/``, ``rstr.json``) gets none, except that a pixel-space DiT (``rstr.json`` has
-  ``image``) gets a :class:`PixelDecoder`, since ``DiTPipeline`` always decodes.
+  ``image``) gets a :class:`PixelDecoder`, since ``DiTPipeline`` always decodes.  ``rstr.json``
+  and a class table (``class_embeddings/``) are copied, so rstr reads the output too.
   :func:`load_pipeline` loads such a directory and applies its schedule.
 """
 
@@ -35,6 +36,7 @@ from rstr.diffusers.guider import ScheduledGuidance
 from rstr.diffusers.pipelines import apply
 from rstr.errors import RstrError
 from rstr.families import Family
+from rstr.families.class_embeddings import DIRECTORY as CLASS_EMBEDDINGS_DIR
 from rstr.schedule import GuidanceSchedule
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' default for load_lora_weights
@@ -103,16 +105,21 @@ def export_lora(family: Family, adapter: str | os.PathLike[str], out: str | os.P
 
 # -------------------------------------------------------------------- pipeline
 def export_pipeline(
-    family: Family, schedule: GuidanceSchedule, out: str | os.PathLike[str], *, adapter: str | os.PathLike[str] | None = None,
-    force: bool = False,
+    model: str | os.PathLike[str] | None, schedule: GuidanceSchedule, out: str | os.PathLike[str], *,
+    adapter: str | os.PathLike[str] | None = None, force: bool = False,
 ) -> Path:
-    """Write ``family``'s model as a diffusers pipeline directory that runs ``schedule`` (adapter fused).
+    """Write ``model`` as a diffusers pipeline directory that runs ``schedule`` (adapter fused); return ``out``.
 
-    ``family`` is loaded with :func:`rstr.families.load_model` (its ``path`` is the source
-    directory).  The output loads with ``DiffusionPipeline.from_pretrained(out)`` (import
-    ``rstr.diffusers`` first when it holds a :class:`PixelDecoder`) and follows the schedule after
-    :func:`load_pipeline` or ``rstr.diffusers.apply(pipe, ScheduledGuidance.from_pretrained(out, subfolder="guider"))``.
+    ``model`` is what ``rstr`` commands take: a local directory, a reference model name (None:
+    the digits DiT) or a Hub id in the local cache (:func:`rstr.hub.resolve_model`).  The output
+    loads with ``DiffusionPipeline.from_pretrained(out)`` (import ``rstr.diffusers`` first when it
+    holds a :class:`PixelDecoder`) and follows the schedule after :func:`load_pipeline` or
+    ``rstr.diffusers.apply(pipe, ScheduledGuidance.from_pretrained(out, subfolder="guider"))``.
     """
+    from rstr.families import load_model
+    from rstr.hub import is_hub_id, resolve_model
+
+    family = load_model(resolve_model(model) if model is not None and is_hub_id(model) else model)
     schedule.check_fits(family.name, family.sampler)
     out = Path(out)
     _check_out(out, force)
@@ -124,8 +131,12 @@ def export_pipeline(
     with atomic_dir(out, force=force) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         ScheduledGuidance.from_schedule(schedule).save_pretrained(tmp / GUIDER_FOLDER)
-        if family.path is not None and (family.path / "rstr.json").is_file():
-            shutil.copyfile(family.path / "rstr.json", tmp / "rstr.json")  # lets rstr load the directory too
+        for name in ("rstr.json", CLASS_EMBEDDINGS_DIR):  # rstr's facts about the model: rstr commands read the directory too
+            source = family.path / name if family.path is not None else None
+            if source is not None and source.is_file():
+                shutil.copyfile(source, tmp / name)
+            elif source is not None and source.is_dir():
+                shutil.copytree(source, tmp / name)
     return out
 
 
