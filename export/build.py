@@ -160,7 +160,8 @@ def measure_quality(family: Family, schedule: GuidanceSchedule) -> dict | None:
     """Held-out FD and accuracy of the bundle's schedule and of constant CFG (reference model only)."""
     if family.name != "dit" or tuple(family.sample_shape(1)) != (1, 1, 8, 8):
         return None
-    from rstr.evaluate import HELD_OUT_SEEDS, evaluate
+    from rstr.evaluate import evaluate
+    from rstr.seeds import HELD_OUT_SEEDS
 
     scale = float(family.meta.get("default_scale", 4.0))
     baseline = GuidanceSchedule.constant(scale, family.default_steps, family=family.name, sampler=family.sampler)

@@ -495,7 +495,8 @@ def quality(mb: ModelBench, runs: dict, args) -> dict:
     import torch
 
     from rstr.engines.onnxruntime import OnnxRuntimeRunner
-    from rstr.evaluate import HELD_OUT_SEEDS, evaluate, noise_for_seeds
+    from rstr.evaluate import evaluate, noise_for_seeds
+    from rstr.seeds import HELD_OUT_SEEDS
     from rstr.metrics import frechet_distance, load_classifier, reference_stats
 
     f = mb.family
