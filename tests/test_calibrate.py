@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import json
+import pickle
 import sys
+from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from rstr.calibrate import runner, sensitivity
 from rstr.calibrate.adapter import ADAPTER_FILES, QUALITY_CHECK_IMAGES, describe_check, load_adapter, merge_adapter, quality_check
 from rstr.calibrate.allocation import TargetModule, allocate, gain
-from rstr.calibrate.checkpoint import checkpoint_path
+from rstr.calibrate.checkpoint import CHECKPOINT_FORMAT, checkpoint_path
 from rstr.calibrate.modules import target_modules
 from rstr.calibrate.runner import calibrate
 from rstr.calibrate.sensitivity import FISHER_IMAGES, gradient_spectra, measure_sensitivity, probe_drops
@@ -199,6 +201,46 @@ def test_resume_matches_uninterrupted(calibrated, tmp_path, monkeypatch):
     a, b = load_file(out / "adapter_model.safetensors"), load_file(target / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not checkpoint_path(target).exists()
+
+
+class _Payload:
+    """Unpickling this creates ``marker``: what a planted checkpoint could do instead."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize("case", ["old-pickle", "pickle", "garbage", "shape", "deep"])
+def test_resume_never_unpickles_a_planted_checkpoint(case, tmp_path, capsys, monkeypatch):
+    """A pickle where the old ``.pt`` checkpoint lived is refused unread; a pickle, garbage, a header document
+    of the wrong shape or nested 10^5 deep where the checkpoint lives is one error line.  Nothing runs."""
+    model = save_model(family(), tmp_path / "model")
+    out, marker = tmp_path / "ad", tmp_path / "payload-ran"
+    pickle.loads(pickle.dumps(_Payload(marker)))  # the payload works when unpickled ...
+    assert marker.is_file()
+    marker.unlink()
+    ckpt = checkpoint_path(out)
+    if case == "old-pickle":
+        torch.save({"settings": {}, "payload": _Payload(marker)}, tmp_path / ".ad.checkpoint.pt")
+        expect = "pickle format of an older rstr"
+    elif case == "pickle":
+        ckpt.write_bytes(pickle.dumps({"settings": {}, "payload": _Payload(marker)}))
+        expect = "not a readable rstr calibration checkpoint"
+    elif case == "garbage":
+        ckpt.write_bytes(bytes(range(256)) * 8)
+        expect = "not a readable rstr calibration checkpoint"
+    elif case == "shape":
+        save_file({"pool.noise": torch.zeros(1)}, str(ckpt), metadata={"rstr": json.dumps({"format": CHECKPOINT_FORMAT, "settings": []})})
+        expect = "'settings' must be an object"
+    else:
+        save_file({"pool.noise": torch.zeros(1)}, str(ckpt), metadata={"rstr": "[" * 100_000 + "]" * 100_000})
+        expect = "not a readable rstr calibration checkpoint"
+    code, err = run_cli(["calibrate", "--model", model, "--preset", "fast", "--steps", "2", "--out", out, "--resume"], capsys, monkeypatch)
+    assert code == 1 and expect in err and len(err.strip().splitlines()) == 1, err
+    assert not marker.exists() and not out.exists()  # ... but nothing was unpickled, and nothing written
 
 
 # ----------------------------------------------------------------------------- the CLI

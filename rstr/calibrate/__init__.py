@@ -21,7 +21,7 @@ adapter (``adapter_config.json``, ``adapter_model.safetensors``), ``allocation.j
 ``schedule.json``, ``calibration.json``, ``report.md`` and ``calibration.png``.
 :func:`apply_adapter` (:mod:`rstr.calibrate.adapter`) merges an adapter into a family
 (``W' = W + (alpha/r) B A``, zero extra ops at deployment).  :func:`calibrate`
-(:mod:`rstr.calibrate.runner`) checkpoints its training (:mod:`rstr.calibrate.checkpoint`).
+(:mod:`rstr.calibrate.runner`) checkpoints without pickle (:mod:`rstr.calibrate.checkpoint`).
 """
 
 from rstr.calibrate.adapter import (

@@ -66,7 +66,8 @@ def calibrate(
     settings, modules = _check_inputs(family, schedule, out, p, budget, allocation, iterations, seed, force)
     settings["preset"] = preset if isinstance(preset, str) else "custom"
     ckpt = checkpoint_path(out)
-    state = (load_checkpoint(ckpt, settings) if resume else None) or _initial_state(family, schedule, modules, p, settings, allocation)
+    names = [m.name for m in modules]
+    state = (load_checkpoint(ckpt, settings, names) if resume else None) or _initial_state(family, schedule, modules, p, settings, allocation)
     pool, val = state["pool"].to(family.device), state["validation"].to(family.device)
 
     student, peft_model, params, opt = lora_student(family, state["ranks"], seed, p.lr)
@@ -76,10 +77,14 @@ def calibrate(
     )
     gen = torch.Generator().manual_seed(seed)
     if "lora" in state:
-        peft_model.load_state_dict(state["lora"], strict=False)
-        opt.load_state_dict(state["optimizer"])
-        lr_sched.load_state_dict(state["lr_scheduler"])
-        gen.set_state(state["generator"])
+        try:
+            peft_model.load_state_dict(state["lora"], strict=False)
+            opt.load_state_dict(state["optimizer"])
+            lr_sched.load_state_dict(state["lr_scheduler"])
+            gen.set_state(state["generator"])
+        except (ValueError, RuntimeError, KeyError, TypeError) as err:
+            raise RstrError(f"checkpoint {ckpt} does not fit this calibration ({type(err).__name__}: {str(err).partition(chr(10))[0]}); "
+                            "delete it or run without --resume") from None
     losses: list[float] = list(state["losses"])
 
     bar = tqdm(range(state["iteration"], iterations), desc="calibrate", disable=not progress, initial=state["iteration"], total=iterations)
