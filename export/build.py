@@ -97,11 +97,11 @@ def merge_adapter(family: Family, adapter: Path, batch: int) -> str:
     from rstr.calibrate import adapter_sha256, load_adapter
 
     peft_model = load_adapter(family, adapter)
-    cond, uncond = example_inputs(family, 2 * batch, seed=1)
+    cond, _ = family.example_conditioning(2 * batch, seed=1)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(family.sample_shape(2 * batch), generator=g)
     t = torch.full((2 * batch,), family.model_timestep(family.fresh_scheduler().config.num_train_timesteps // 2), dtype=torch.float32)
-    c = family.check_conditioning({k: torch.from_numpy(v) for k, v in cond.items()}, 2 * batch)
+    c = family.check_conditioning(cond, 2 * batch)
     with torch.no_grad():
         family.transformer = peft_model
         with_adapter = family.denoise(x, t, c).numpy()
@@ -139,8 +139,7 @@ def measure_speed(family: Family, bundle: Bundle, schedule: GuidanceSchedule, re
     noise = np.random.default_rng(0).standard_normal(bundle.sample.concrete(b), dtype=np.float32)
     tcond = {k: torch.from_numpy(v) for k, v in cond.items()}
     tuncond = None if uncond is None else {k: torch.from_numpy(v) for k, v in uncond.items()}
-    scale = float(family.meta.get("default_scale", 4.0))
-    baseline = GuidanceSchedule.constant(scale, family.default_steps, family=family.name, sampler=family.sampler)
+    baseline = family.constant_cfg(steps=schedule.default_steps, default_steps=schedule.default_steps)
     times: dict[str, list[float]] = {"pytorch_constant_cfg": [], "bundle": []}
     with OnnxRuntimeRunner(bundle) as runner:
         runner.infer(noise, cond, uncond)  # warm-up
@@ -157,14 +156,13 @@ def measure_speed(family: Family, bundle: Bundle, schedule: GuidanceSchedule, re
 
 
 def measure_quality(family: Family, schedule: GuidanceSchedule) -> dict | None:
-    """Held-out FD and accuracy of the bundle's schedule and of constant CFG (reference model only)."""
-    if family.name != "dit" or tuple(family.sample_shape(1)) != (1, 1, 8, 8):
+    """Held-out FD and accuracy of the bundle's schedule and of constant CFG (models judged by the digits metrics)."""
+    if family.quality != "digits":
         return None
     from rstr.evaluate import evaluate
     from rstr.seeds import HELD_OUT_SEEDS
 
-    scale = float(family.meta.get("default_scale", 4.0))
-    baseline = GuidanceSchedule.constant(scale, family.default_steps, family=family.name, sampler=family.sampler)
+    baseline = family.constant_cfg(steps=schedule.default_steps, default_steps=schedule.default_steps)
     kw = dict(num=250, groups=2, seed_start=HELD_OUT_SEEDS.start, progress=False)
     ours, base = evaluate(family, schedule, **kw), evaluate(family, baseline, **kw)
     return {"rstr": ours.to_dict(), "constant_cfg": base.to_dict(), "seeds": "held-out", "images_per_group": 250}
@@ -187,7 +185,7 @@ def build(opts: BuildOptions, console: Console | None = None) -> BuildResult:
         stages.mkdir()
         schedule_path = opts.schedule or run_stage1(family, opts, stages, console)
         schedule = GuidanceSchedule.load(schedule_path)
-        schedule.check_fits(family.name)
+        schedule.check_fits(family.name, family.sampler)
         stage2 = None
         if opts.adapter is None and opts.schedule is None:
             adapter, stage2 = run_stage2(family, schedule, opts, stages, console)
@@ -217,7 +215,7 @@ def build(opts: BuildOptions, console: Console | None = None) -> BuildResult:
             "plan": plan,
             "decoder": decoder_section(family),
             "engines": [],
-            "provenance": {**versions(), "model": str(getattr(family, "path", opts.model)), "schedule_sha256": schedule.sha256(),
+            "provenance": {**versions(), "model": str(family.path), "schedule_sha256": schedule.sha256(),
                            "adapter_sha256": adapter_hash, "adapter": "stages/adapter" if adapter is not None else None},
         }
         write_manifest(root, manifest)  # provisional, so the bundle can be opened and verified
@@ -244,14 +242,15 @@ def build(opts: BuildOptions, console: Console | None = None) -> BuildResult:
 
 
 def conditioning_section(family: Family) -> dict:
+    """The manifest's ``conditioning``: inputs, how each becomes unconditional, and the class count."""
     inputs = [s.to_json() for s in family.cond_specs()]
-    if family.name == "dit":
-        return {"inputs": inputs, "unconditional": {"class_labels": {"fill": family.num_classes}}, "num_classes": family.num_classes}  # type: ignore[attr-defined]
-    return {"inputs": inputs, "unconditional": {s["name"]: "required" for s in inputs}}
+    fill = family.null_fill()
+    section: dict = {"inputs": inputs, "unconditional": {s["name"]: {"fill": fill[s["name"]]} if fill else "required" for s in inputs}}
+    if family.conditioning == "class-labels" and family.num_classes is not None:
+        section["num_classes"] = family.num_classes
+    return section
 
 
 def decoder_section(family: Family) -> dict | None:
-    image = family.meta.get("image")
-    if not image:
-        return None
-    return {"kind": "pixels", "channels": image["channels"], "size": image["size"], "range": list(image["range"])}
+    image = family.image
+    return None if image is None else {"kind": "pixels", **image.to_json()}

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Optional
 
+import numpy as np
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -123,8 +124,6 @@ def run(
     out: Annotated[Path, typer.Option(help=".png (bundles with a pixel decoder) or .npy latents.")] = Path("out.png"),
 ) -> None:
     """Generate with a bundle and save the image grid or the latents."""
-    import numpy as np
-
     from rstr._io import atomic_path
     from rstr.engines.pipeline import Pipeline
 
@@ -145,12 +144,21 @@ def run(
                 with open(tmp, "wb") as fh:
                     np.save(fh, result.latents)
             elif out.suffix == ".png" and result.images is not None:
-                import matplotlib.pyplot as plt
-
-                plt.imsave(tmp, np.concatenate(list(result.images), axis=1).squeeze(-1), cmap="gray", vmin=0, vmax=1, format="png")
+                _write_png(tmp, result.images)
             else:
                 raise RstrError(f"--out {out}: use .npy (latents){' or .png' if result.images is not None else ''}")
     console.print(f"wrote {out} ({pipe.backend})")
+
+
+def _write_png(path: Path, images: np.ndarray) -> None:
+    """Write ``[B, H, W, C]`` images in [0, 1] side by side as one 8-bit PNG (grey for C = 1).
+
+    Pillow, not matplotlib: ``rstr-export run`` is part of the runtime install, which has no plotting stack.
+    """
+    from PIL import Image
+
+    row = np.round(np.concatenate(list(images), axis=1) * 255).astype(np.uint8)
+    Image.fromarray(row[..., 0] if row.shape[-1] == 1 else row).save(path, format="PNG")
 
 
 def main() -> None:

@@ -6,17 +6,15 @@
 * ``step_guided`` / ``step_single``: the family's CFG combine and the affine scheduler update,
   so the runtime needs neither diffusers nor a scheduler.
 
-Export uses the dynamo exporter where it works (DiT, FLUX, Qwen-Image with the patches
-below) and the TorchScript exporter for PixArt-alpha, whose dynamo graph ONNX Runtime
-refuses (``deployment.md``).  Graphs are cleaned and constant-folded with onnx-graphsurgeon
+Each family says which exporter gives graphs ONNX Runtime runs (``Family.export_dynamo``:
+dynamo where it works, TorchScript otherwise, ``deployment.md``) and which patches make its
+transformer traceable (``Family.export_patches``).  Graphs are cleaned and constant-folded with onnx-graphsurgeon
 and polygraphy, and saved with external data when they exceed 2 GB.
 """
 
 from __future__ import annotations
 
-import contextlib
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
@@ -29,8 +27,6 @@ from rstr.families.base import Family, TensorSpec
 OPSET = 18
 EXTERNAL_DATA_BYTES = 2**31 - (64 << 20)  # weights past this go to <graph>.onnx.data (protobuf caps a file at 2 GB)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# Exporters known to give graphs ONNX Runtime runs (deployment.md): dynamo where it works.
-DYNAMO = {"dit": True, "pixart": False, "flux": True, "qwenimage": True}
 
 
 class Denoiser(nn.Module):
@@ -74,54 +70,13 @@ class SingleStep(nn.Module):
         return nxt, torch.cat([nxt, nxt])
 
 
-# ----------------------------------------------------------------------- family patches
-def _real_rotary(x: torch.Tensor, freqs: tuple[torch.Tensor, torch.Tensor], use_real: bool = False,
-                 use_real_unbind_dim: int = -1) -> torch.Tensor:
-    """Qwen-Image rotary embedding with real cos/sin tables instead of complex numbers.
-
-    ``(a + ib)(c + is)`` on interleaved pairs, written with strided slices (not a reshape
-    to ``(..., -1, 2)``, which freezes shapes when traced).
-    """
-    cos, sin = freqs  # [S, 1, D] each, interleave-repeated
-    xf = x.float()
-    rotated = torch.stack([-xf[..., 1::2], xf[..., 0::2]], dim=-1).flatten(-2)
-    return (xf * cos + rotated * sin).to(x.dtype)
-
-
-@contextlib.contextmanager
-def export_patches(family: Family) -> Iterator[None]:
-    """Patches that make a family exportable, undone on exit (the model is left as found)."""
-    if family.name != "qwenimage":
-        yield
-        return
-    from diffusers.models.transformers import transformer_qwenimage as qmod
-
-    pos_embed = family.transformer.pos_embed
-    half = family.latent_size // 2
-    with torch.no_grad():
-        img, txt = pos_embed([[(1, half, half)]], max_txt_seq_len=family.text_len, device=family.device)
-
-    def table(freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return (freqs.real.repeat_interleave(2, -1)[:, None].contiguous(), freqs.imag.repeat_interleave(2, -1)[:, None].contiguous())
-
-    tables = (table(img), table(txt))
-    original_apply = qmod.apply_rotary_emb_qwen
-    pos_embed.forward = lambda *args, **kwargs: tables
-    qmod.apply_rotary_emb_qwen = _real_rotary
-    try:
-        yield
-    finally:
-        del pos_embed.forward
-        qmod.apply_rotary_emb_qwen = original_apply
-
-
 # --------------------------------------------------------------------------- export
-def _example(spec: TensorSpec, batch: int, family: Family) -> torch.Tensor:
+def _example(spec: TensorSpec, batch: int) -> torch.Tensor:
     shape = spec.concrete(batch)
     if spec.dtype == torch.int64:
         return torch.zeros(shape, dtype=torch.int64)
-    if spec.name.endswith("mask"):
-        return torch.ones(shape)
+    if spec.example is not None:
+        return torch.full(shape, spec.example)
     return torch.randn(shape)
 
 
@@ -194,10 +149,10 @@ def export_denoiser(family: Family, path: Path, dtype: str = "fp32", batch: int 
     original = family.transformer.dtype
     family.transformer.to(DTYPES[dtype])
     try:
-        args = tuple(_example(s, 2 * max(batch, 1), family) for s in specs)
+        args = tuple(_example(s, 2 * max(batch, 1)) for s in specs)
         names = [s.name for s in specs]
-        with export_patches(family), torch.no_grad():
-            _export(module, args, path, names, ["model_output"], {n: "batch" for n in [*names, "model_output"]}, DYNAMO[family.name])
+        with family.export_patches(), torch.no_grad():
+            _export(module, args, path, names, ["model_output"], {n: "batch" for n in [*names, "model_output"]}, family.export_dynamo)
     finally:
         family.transformer.to(original)
     clean(path)

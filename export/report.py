@@ -13,22 +13,25 @@ from rstr.families.base import Family
 from rstr.schedule import GuidanceSchedule
 
 
-def write_samples(root: Path, manifest: dict, family: Family, per_class: int = 8) -> str | None:
-    """A grid of bundle outputs, one row per class, when the latents are pixels (reference model)."""
-    if not manifest.get("decoder") or family.name != "dit":
+def write_samples(root: Path, family: Family, per_class: int = 8) -> str | None:
+    """A grid of bundle outputs, one row per class, when the model has classes and its latents are images."""
+    if family.image is None or family.num_classes is None:
         return None
     from rstr.evaluate import sample_grid
 
     bundle = Bundle.open(root, verify_checksums=False)
-    b, n_classes = bundle.batch, family.num_classes  # type: ignore[attr-defined]
-    labels = np.repeat(np.arange(n_classes), per_class)
-    images = []
+    b = bundle.batch
+    labels = np.repeat(np.arange(family.num_classes), per_class)
+    to_np = lambda c: None if c is None else {k: v.cpu().numpy() for k, v in c.items()}  # noqa: E731
+    latents = []
     with OnnxRuntimeRunner(bundle) as runner:
         for lo in range(0, len(labels), b):
-            chunk = np.resize(labels[lo:lo + b], b).astype(np.int64)
+            chunk = torch.from_numpy(np.resize(labels[lo:lo + b], b))
+            cond, uncond = family.conditioning_for(chunk)
             noise = np.random.default_rng(10_000 + lo).standard_normal(bundle.sample.concrete(b), dtype=np.float32)
-            images.append(runner.infer(noise, {"class_labels": chunk})[: len(labels[lo:lo + b])])
-    sample_grid(torch.from_numpy(np.concatenate(images)), torch.from_numpy(labels), root / "samples.png", per_class=per_class)
+            latents.append(runner.infer(noise, to_np(cond), to_np(uncond))[: len(labels[lo:lo + b])])
+    images = family.to_images(torch.from_numpy(np.concatenate(latents)))
+    sample_grid(images, torch.from_numpy(labels), root / "samples.png", per_class=per_class)
     return "samples.png"
 
 
@@ -37,7 +40,7 @@ def write_report(root: Path, manifest: dict, family: Family, schedule: GuidanceS
     from rstr.plots import plot_schedule
 
     plot_schedule(schedule, root / "schedule.png")
-    samples = write_samples(root, manifest, family)
+    samples = write_samples(root, family)
     s = manifest["summary"]
     lines = [
         f"# rstr bundle: {family.name}",

@@ -41,21 +41,11 @@ class Verification:
         return {"backend": self.backend, "max_rel_error": self.max_rel_error, "tolerance": self.tolerance, "per_step_rel_error": self.per_step}
 
 
-def example_inputs(family: Family, batch: int, seed: int = 0) -> tuple[dict, dict | None]:
-    """Deterministic conditioning for checks: class labels, or random embeddings with full masks."""
-    if family.name == "dit":
-        return {"class_labels": np.arange(batch, dtype=np.int64) % family.num_classes}, None  # type: ignore[attr-defined]
-    g = np.random.default_rng(seed)
-    pair = []
-    for _ in range(2):
-        c = {}
-        for spec in family.cond_specs():
-            shape = spec.concrete(batch)
-            c[spec.name] = (np.ones(shape, np.float32) if spec.name.endswith("mask")
-                            else np.full(shape, 3.5, np.float32) if spec.name == "guidance"
-                            else g.standard_normal(shape, dtype=np.float32))
-        pair.append(c)
-    return pair[0], pair[1]
+def example_inputs(family: Family, batch: int, seed: int = 0) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
+    """The family's deterministic example conditioning (:meth:`Family.example_conditioning`) as arrays."""
+    cond, uncond = family.example_conditioning(batch, seed)
+    to_np = lambda c: {k: v.cpu().numpy() for k, v in c.items()}  # noqa: E731
+    return to_np(cond), None if uncond is None else to_np(uncond)
 
 
 def rel(a: np.ndarray, b: np.ndarray) -> float:

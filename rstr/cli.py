@@ -45,15 +45,13 @@ def load_schedule_for(family, schedule: Path | None, scale: float | None, steps:
         raise RstrError("give either --schedule or --scale, not both")
     if schedule is not None:
         s = GuidanceSchedule.load(schedule)
-        s.check_fits(family.name)
+        s.check_fits(family.name, family.sampler)
         if steps is not None and steps != s.num_steps:
             raise RstrError(f"--steps {steps} differs from the schedule's {s.num_steps} steps; drop --steps")
         return s
-    n = steps if steps is not None else family.default_steps
-    if n < 1:
-        raise RstrError(f"--steps {n} must be at least 1")
-    w = scale if scale is not None else float(family.meta.get("default_scale", 4.0))
-    return GuidanceSchedule.constant(w, n, family=family.name, sampler=family.sampler, default_steps=family.default_steps)
+    if steps is not None and steps < 1:
+        raise RstrError(f"--steps {steps} must be at least 1")
+    return family.constant_cfg(scale, steps)
 
 
 def load_family(model: Path | None, adapter: Path | None = None, device: str = "cpu"):
@@ -82,7 +80,7 @@ def info(model: Annotated[Optional[Path], typer.Argument(help="Model directory (
     if json_out:
         print(json.dumps(desc, indent=2))
         return
-    table = Table(show_header=False, title=str(getattr(family, "path", model)))
+    table = Table(show_header=False, title=str(family.path))
     for k, v in desc.items():
         table.add_row(k, ", ".join(f"{c['name']} {c['shape']}" for c in v) if k == "conditioning" else f"{v:,}" if isinstance(v, int) else str(v))
     console.print(table)
@@ -95,7 +93,7 @@ def sample(
     scale: ScaleOpt = None,
     steps: StepsOpt = None,
     adapter: AdapterOpt = None,
-    classes: Annotated[str, typer.Option("--classes", help="Comma-separated class labels (class-conditional models).")] = "0,1,2,3,4,5,6,7,8,9",
+    classes: Annotated[str, typer.Option("--classes", help="Comma-separated class labels (models with classes: class labels, or a class table of prompts).")] = "0,1,2,3,4,5,6,7,8,9",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the initial noise.")] = 0,
     out: Annotated[Path, typer.Option("--out", help="Output: .png grid (reference model) or .npy latents.")] = Path("samples.png"),
 ) -> None:
@@ -111,24 +109,24 @@ def sample(
 
     family = load_family(model, adapter)
     sched = load_schedule_for(family, schedule, scale, steps)
-    if family.name != "dit":
-        raise RstrError(f"`rstr sample` takes class labels; {family.name} needs text embeddings: use the Python API (rstr.sampler.sample)")
+    if out.suffix not in (".png", ".npy"):
+        raise RstrError(f"--out {out}: use a .png or .npy file name")
+    if out.suffix == ".png" and family.image is None:
+        raise RstrError(f"--out {out}: this model's latents are not images (no 'image' in its rstr.json); use a .npy file name")
     try:
         labels = [int(c) for c in classes.split(",") if c.strip()]
     except ValueError:
         raise RstrError(f"--classes {classes!r} must be comma-separated integers, e.g. 0,1,2") from None
-    cond = family.labels(labels)
-    latents = run_sampler(family, sched, cond, generator=torch.Generator().manual_seed(seed), progress=True)
+    cond, uncond = family.conditioning_for(torch.tensor(labels, dtype=torch.int64))
+    latents = run_sampler(family, sched, cond, uncond=uncond, generator=torch.Generator().manual_seed(seed), progress=True)
     if out.suffix == ".npy":
         with atomic_path(out) as tmp:
             with open(tmp, "wb") as fh:
                 np.save(fh, latents.cpu().numpy())
-    elif out.suffix == ".png":
+    else:
         from rstr.evaluate import sample_grid
 
-        sample_grid(latents, labels, out)
-    else:
-        raise RstrError(f"--out {out}: use a .png or .npy file name")
+        sample_grid(family.to_images(latents), labels, out)
     console.print(f"[green]wrote[/green] {out}  ({sched.describe()})")
 
 

@@ -1,4 +1,4 @@
-"""Evaluate a guidance schedule on the reference (class-conditional digits) model.
+"""Evaluate a guidance schedule on a model with classes, by its digits metrics (the reference models).
 
 Noise is drawn from explicit seeds, one ``torch.Generator`` per image seeded with the image's
 seed, so two evaluations over the same seeds start every image from identical noise and
@@ -86,12 +86,6 @@ def _std(xs: list[float]) -> float:
     return (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5
 
 
-def _check_digits_family(family: Family) -> None:
-    num_classes = getattr(family, "num_classes", None)
-    if family.name != "dit" or num_classes is None:
-        raise RstrError(f"evaluate() scores class-conditional DiT models; got family {family.name!r}")
-
-
 def evaluate(
     family: Family,
     schedule: GuidanceSchedule,
@@ -108,32 +102,30 @@ def evaluate(
 ) -> EvalResult:
     """Sample ``groups`` x ``num`` images under ``schedule`` and score each group.
 
-    Defaults score the digits reference model: features and accuracy from its classifier,
-    Frechet distance against the real digits.  Another class-conditional model goes through the
-    same code path with ``extractor`` (e.g. :class:`rstr.metrics.InceptionExtractor`) and
-    ``reference`` statistics of its real data; accuracy is then reported only if ``classifier``
-    is given.  A Stage-2 adapter is scored the way it is deployed: merged into the family
-    first (:func:`rstr.calibrate.apply_adapter`).
+    Defaults score a model whose quality measure is the digits metrics (``family.quality``):
+    features and accuracy from the classifier it ships, Frechet distance against the real
+    digits.  Another model with classes goes through the same code path with ``extractor``
+    (e.g. :class:`rstr.metrics.InceptionExtractor`) and ``reference`` statistics of its real
+    data; accuracy is then reported only if ``classifier`` is given.  A Stage-2 adapter is
+    scored the way it is deployed: merged into the family first (:func:`rstr.calibrate.apply_adapter`).
     """
-    _check_digits_family(family)
     if batch_size < 1:
         raise RstrError(f"batch_size {batch_size} must be at least 1")
+    if family.num_classes is None:
+        raise RstrError(f"evaluate() draws images per class; this {family.name} model has no classes (no class table)")
     seeds = eval_seeds(seed_start, num, groups)
-    digits = extractor is None
-    if digits:
-        if tuple(family.sample_shape(1)) != (1, 1, 8, 8):
-            raise RstrError(
-                f"the default digits metrics need 1x8x8 samples, the model makes {tuple(family.sample_shape(1)[1:])}; "
-                "pass extractor= and reference= for this model"
-            )
-        classifier = classifier if classifier is not None else load_classifier(_classifier_path(family))
+    if extractor is None:
+        if family.quality != "digits":
+            raise RstrError(f"this {family.name} model ships no digits classifier and image layout (rstr.json); "
+                            "pass extractor= and reference= to score it")
+        classifier = classifier if classifier is not None else load_classifier(family.classifier_path)
         extractor = classifier
         reference = reference if reference is not None else reference_stats(classifier)
     elif reference is None:
         raise RstrError("evaluate(extractor=...) needs reference= statistics of the real data (GaussianStats.of(features))")
 
-    n_classes = family.num_classes  # type: ignore[attr-defined]
-    labels_group = torch.arange(num) % n_classes
+    lo_px, hi_px = family.image.range if family.image is not None else (-1.0, 1.0)
+    labels_group = torch.arange(num) % family.num_classes
     fds: list[float] = []
     accs: list[float] = []
     kept_images, kept_labels = [], []
@@ -145,9 +137,10 @@ def evaluate(
             outs = []
             for lo in range(0, num, batch_size):
                 hi = min(num, lo + batch_size)
-                cond = {"class_labels": labels_group[lo:hi].to(family.device)}
-                outs.append(sample(family, schedule, cond, noise=noise[lo:hi], progress=progress).float().cpu())
-            images = torch.cat(outs).clamp(-1.0, 1.0)
+                cond, uncond = family.conditioning_for(labels_group[lo:hi])
+                latents = sample(family, schedule, cond, uncond=uncond, noise=noise[lo:hi], progress=progress)
+                outs.append(family.to_images(latents).float().cpu())
+            images = torch.cat(outs).clamp(lo_px, hi_px)
             fds.append(frechet_distance(extractor.features(images), reference))
             if classifier is not None:
                 accs.append(float((classifier.logits(images).argmax(1) == labels_group).float().mean()))
@@ -168,15 +161,6 @@ def evaluate(
         images=torch.cat(kept_images) if keep_images else None,
         labels=torch.cat(kept_labels) if keep_images else None,
     )
-
-
-def _classifier_path(family: Family) -> Path | None:
-    """The classifier named in the model's ``rstr.json`` (None: the reference model's)."""
-    base = getattr(family, "path", None)
-    name = family.meta.get("classifier")
-    if base is None or name is None:
-        return None
-    return Path(base) / name
 
 
 # ----------------------------------------------------------------------------- pictures

@@ -12,8 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
+from rstr._progress import progress_bar
 from rstr.errors import RstrError
 from rstr.families.base import Conditioning, Family, expand_timestep
 from rstr.schedule import GuidanceSchedule
@@ -58,7 +58,7 @@ def sample(
     progress: bool = False,
 ) -> torch.Tensor:
     """Denoise from ``noise`` (or noise drawn with ``generator``) and return the final latents."""
-    schedule.check_fits(family.name)
+    schedule.check_fits(family.name, family.sampler)
     b = batch_size(cond)
     cond = family.check_conditioning(cond, b)
     if schedule.num_guided:
@@ -78,18 +78,20 @@ def sample(
 
     dtype = family.dtype
     x = noise.to(family.device, torch.float32) * getattr(scheduler, "init_noise_sigma", 1.0)
-    for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="sampling", leave=False)):
-        x_in = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
-        mt = family.model_timestep(t)
-        if schedule.guided[i]:
-            x2 = torch.cat([x_in, x_in]).to(dtype)
-            out = family.denoise(x2, expand_timestep(mt, 2 * b, x.device).to(dtype), both).float()
-            eps = family.combine(out[:b], out[b:], schedule.scales[i])
-        else:
-            out = family.denoise(x_in.to(dtype), expand_timestep(mt, b, x.device).to(dtype), cond).float()
-            eps = family.single(out)
-        x_next = scheduler.step(eps, t, x, return_dict=False)[0]
-        if callback is not None:
-            callback(StepInfo(i, float(t), mt, schedule.guided[i], schedule.scales[i], x, eps, x_next))
-        x = x_next
+    with progress_bar(len(timesteps), "sampling", enabled=progress) as bar:
+        for i, t in enumerate(timesteps):
+            x_in = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
+            mt = family.model_timestep(t)
+            if schedule.guided[i]:
+                x2 = torch.cat([x_in, x_in]).to(dtype)
+                out = family.denoise(x2, expand_timestep(mt, 2 * b, x.device).to(dtype), both).float()
+                eps = family.combine(out[:b], out[b:], schedule.scales[i])
+            else:
+                out = family.denoise(x_in.to(dtype), expand_timestep(mt, b, x.device).to(dtype), cond).float()
+                eps = family.single(out)
+            x_next = scheduler.step(eps, t, x, return_dict=False)[0]
+            if callback is not None:
+                callback(StepInfo(i, float(t), mt, schedule.guided[i], schedule.scales[i], x, eps, x_next))
+            x = x_next
+            bar.advance()
     return x

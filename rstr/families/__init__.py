@@ -1,12 +1,19 @@
 """Model families and the loader that picks one from a local diffusers directory.
 
-Accepted layouts (nothing is ever fetched from a hub):
+A model is a path or the name of a reference model shipped with rstr (``digits-dit``, the
+default; ``digits-pixart``, ``digits-flux``, ``digits-qwenimage`` where present).  Accepted
+layouts (nothing is ever fetched from a hub):
 
 * a pipeline directory (``model_index.json`` with ``transformer/`` and ``scheduler/``);
 * a directory with ``transformer/`` and ``scheduler/`` but no ``model_index.json``
   (how rstr ships its reference model, with an ``rstr.json`` beside them);
 * a transformer directory (``config.json`` naming a supported transformer class); the
   family's default scheduler is used.
+
+Beside them, ``rstr.json`` holds rstr's facts about the model (default steps and scale, the
+digits classifier and image layout of the reference models) and ``class_embeddings/`` the
+class table of text-conditioned reference models (:mod:`rstr.families.class_embeddings`).
+Families outside this package join with :func:`register_family`.
 """
 
 from __future__ import annotations
@@ -18,94 +25,123 @@ from pathlib import Path
 import torch
 
 from rstr.errors import ModelError
-from rstr.families.base import Conditioning, Family, TensorSpec
+from rstr.families.base import Conditioning, Family, ImageSpec, TensorSpec
+from rstr.families.class_embeddings import DIRECTORY as CLASS_EMBEDDINGS_DIR
+from rstr.families.class_embeddings import ClassEmbeddings
 from rstr.families.dit import DiTFamily
 from rstr.families.flux import FluxFamily
 from rstr.families.pixart import PixArtFamily
 from rstr.families.qwenimage import QwenImageFamily
 
-FAMILIES: dict[str, type[Family]] = {f.name: f for f in (DiTFamily, PixArtFamily, FluxFamily, QwenImageFamily)}
-_BY_TRANSFORMER = {f.transformer_class: f for f in FAMILIES.values()}
-_BY_PIPELINE = {f.pipeline_class: f for f in FAMILIES.values()}
-_BY_PIPELINE["PixArtSigmaPipeline"] = PixArtFamily
+FAMILIES: dict[str, type[Family]] = {}
+REFERENCE_MODELS = Path(__file__).resolve().parent.parent / "reference"
+REFERENCE_MODEL = REFERENCE_MODELS / "digits-dit"
 
-REFERENCE_MODEL = Path(__file__).resolve().parent.parent / "reference" / "digits-dit"
+__all__ = ["FAMILIES", "REFERENCE_MODEL", "Conditioning", "Family", "ImageSpec", "TensorSpec", "family_for_transformer",
+           "load_model", "register_family", "resolve_model_path"]
 
-__all__ = ["FAMILIES", "REFERENCE_MODEL", "Conditioning", "Family", "TensorSpec", "load_model", "family_for_transformer"]
+
+def register_family(family: type[Family]) -> type[Family]:
+    """Make ``load_model`` recognise ``family``'s transformer and pipeline classes (usable as a decorator)."""
+    for other in FAMILIES.values():
+        if other is not family and (other.name == family.name or other.transformer_class == family.transformer_class):
+            raise ValueError(f"family {family.name} ({family.transformer_class}) clashes with {other.name}")
+    FAMILIES[family.name] = family
+    return family
+
+
+for _family in (DiTFamily, PixArtFamily, FluxFamily, QwenImageFamily):
+    register_family(_family)
 
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise ModelError(f"{path} is not a readable JSON file ({err})") from None
-
-
-def _default_scheduler(family: type[Family]):
-    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
-
-    if family in (DiTFamily, PixArtFamily):
-        return DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False)
-    return FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
+    if not isinstance(data, dict):
+        raise ModelError(f"{path} must hold a JSON object, not {type(data).__name__}")
+    return data
 
 
 def _load_scheduler(directory: Path, family: type[Family]):
-    from diffusers import SchedulerMixin  # noqa: F401  (imported for the side effect of registering classes)
     import diffusers
+    from diffusers import SchedulerMixin
 
     config_path = directory / "scheduler_config.json"
     if not config_path.is_file():
-        return _default_scheduler(family)
+        return family.default_scheduler()
     config = _read_json(config_path)
-    cls = getattr(diffusers, config.get("_class_name", ""), None)
-    if cls is None:
-        raise ModelError(f"{config_path}: unknown scheduler class {config.get('_class_name')!r}")
-    return cls.from_config(config)
+    cls = getattr(diffusers, str(config.get("_class_name", "")), None)
+    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
+        raise ModelError(f"{config_path}: {config.get('_class_name')!r} is not a diffusers scheduler class")
+    try:
+        return cls.from_config(config)
+    except (TypeError, ValueError) as err:
+        raise ModelError(f"{config_path}: cannot build the scheduler ({err})") from None
 
 
 def family_for_transformer(transformer: torch.nn.Module) -> type[Family]:
     name = type(transformer).__name__
-    if name not in _BY_TRANSFORMER:
-        raise ModelError(f"transformer class {name} is not supported; supported: {', '.join(sorted(_BY_TRANSFORMER))}")
-    return _BY_TRANSFORMER[name]
+    for family in FAMILIES.values():
+        if family.transformer_class == name:
+            return family
+    raise ModelError(f"transformer class {name} is not supported; supported: {', '.join(sorted(f.transformer_class for f in FAMILIES.values()))}")
+
+
+def resolve_model_path(model: str | os.PathLike[str] | None) -> Path:
+    """A model directory from a path, or the name of a reference model shipped with rstr (``digits-flux``)."""
+    if model is None:
+        return REFERENCE_MODEL
+    path = Path(model)
+    if not path.exists() and len(path.parts) == 1 and (REFERENCE_MODELS / path.name).is_dir():
+        return REFERENCE_MODELS / path.name
+    return path
 
 
 def load_model(path: str | os.PathLike[str] | None = None, *, device: str | torch.device = "cpu", **family_kwargs) -> Family:
-    """Load a family adapter from a local diffusers directory (default: the reference model)."""
+    """Load a family adapter from a local diffusers directory or a reference model name (default: the digits DiT)."""
     import diffusers
 
-    path = Path(path) if path is not None else REFERENCE_MODEL
+    path = resolve_model_path(path)
     if not path.exists():
-        raise ModelError(f"model path {path} does not exist; give a local diffusers directory")
+        names = ", ".join(sorted(p.name for p in REFERENCE_MODELS.iterdir() if p.is_dir()))
+        raise ModelError(f"model path {path} does not exist; give a local diffusers directory or a reference model ({names})")
     if not path.is_dir():
         raise ModelError(f"model path {path} is not a directory; give a diffusers pipeline or transformer directory")
+    path = path.resolve()
 
     meta = _read_json(path / "rstr.json") if (path / "rstr.json").is_file() else {}
     if (path / "transformer").is_dir():
         transformer_dir, scheduler_dir = path / "transformer", path / "scheduler"
         if (path / "model_index.json").is_file():
-            index = _read_json(path / "model_index.json")
-            pipe_cls = index.get("_class_name")
-            if pipe_cls not in _BY_PIPELINE:
-                raise ModelError(f"{path}: pipeline {pipe_cls!r} is not supported; supported: {', '.join(sorted(_BY_PIPELINE))}")
+            pipe_cls = _read_json(path / "model_index.json").get("_class_name")
+            known = sorted(p for f in FAMILIES.values() for p in f.pipeline_classes)
+            if pipe_cls not in known:
+                raise ModelError(f"{path}: pipeline {pipe_cls!r} is not supported; supported: {', '.join(known)}")
     elif (path / "config.json").is_file():
         transformer_dir, scheduler_dir = path, path / "scheduler"
     else:
         raise ModelError(f"{path} is not a diffusers model directory (no transformer/ or config.json)")
 
     config = _read_json(transformer_dir / "config.json") if (transformer_dir / "config.json").is_file() else {}
-    family = _BY_TRANSFORMER.get(config.get("_class_name", ""))
+    family = next((f for f in FAMILIES.values() if f.transformer_class == config.get("_class_name")), None)
     if family is None:
         raise ModelError(
             f"{transformer_dir}: transformer {config.get('_class_name')!r} is not supported; "
-            f"supported: {', '.join(sorted(_BY_TRANSFORMER))}"
+            f"supported: {', '.join(sorted(f.transformer_class for f in FAMILIES.values()))}"
         )
     try:
         transformer = getattr(diffusers, family.transformer_class).from_pretrained(transformer_dir, torch_dtype=torch.float32)
-    except (OSError, ValueError, RuntimeError) as err:
+    except (OSError, ValueError, RuntimeError, TypeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelError(f"{transformer_dir}: cannot load the weights ({first})") from None
     scheduler = _load_scheduler(scheduler_dir if scheduler_dir.is_dir() else path, family)
-    adapter = family(transformer.to(device), scheduler, default_steps=meta.get("default_steps"), meta=meta, **family_kwargs)
-    adapter.path = path
+    default_steps = meta.get("default_steps")
+    if default_steps is not None and (isinstance(default_steps, bool) or not isinstance(default_steps, int) or default_steps < 1):
+        raise ModelError(f"{path}/rstr.json: default_steps {default_steps!r} must be an integer >= 1")
+    adapter = family(transformer.to(device), scheduler, default_steps=default_steps, meta=meta, path=path, **family_kwargs)
+    table = path / CLASS_EMBEDDINGS_DIR
+    if table.is_dir():
+        adapter.class_embeddings = ClassEmbeddings.load(table, [s.name for s in adapter.cond_specs()])
     return adapter

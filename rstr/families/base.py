@@ -1,24 +1,37 @@
-"""The contract every model family implements, and what the sampler and exporter rely on.
+"""The contract every model family implements: the only place that knows a model.
 
-A family wraps one diffusers transformer and knows four things the generic code does not:
+Generic code (sampler, Stage-1, Stage-2, export, verification, reports) asks the family for
+every fact it needs and never compares family names:
 
-1. the *conditioning* it takes, as named tensors with a batch axis (``graph_inputs``),
-   and how to build the unconditional counterpart;
-2. how to call the transformer for a batch of ``N`` rows (``denoise``), with the timestep
-   value the model receives (``model_timestep``);
-3. how to turn raw outputs into the model output the scheduler consumes, with guidance
-   (``combine``) or without (``single``);
-4. which modules are its transformer blocks (``blocks``), for Stage-2.
+1. **conditioning**: the named batch-first tensors the denoiser takes (``cond_specs``), their
+   kind (``conditioning``: class labels or text embeddings), ``num_classes`` where the model
+   has classes, conditioning for image indices (``conditioning_for``), deterministic examples
+   for checks (``example_conditioning``) and the unconditional counterpart (``unconditional``,
+   and ``null_fill`` for bundles);
+2. **calls**: the transformer on ``N`` rows (``denoise``) with the timestep it receives
+   (``model_timestep``); raw outputs to scheduler input with guidance (``combine``) or
+   without (``single``);
+3. **defaults**: steps, guidance scale and the constant-CFG schedule built from them
+   (:meth:`Family.constant_cfg`, the one constructor of the teacher and baseline);
+4. **Stage-2**: its transformer blocks (``blocks``);
+5. **quality**: how its samples are judged (``quality``: the digits metrics where the model
+   ships the digits classifier and its latents are images, teacher fidelity otherwise), with
+   ``image``, ``to_images`` and ``classifier_path``;
+6. **export**: which ONNX exporter gives graphs ONNX Runtime runs (``export_dynamo``) and the
+   patches that make the model traceable (``export_patches``).
 
-Conditioning tensors are batch-first.  In a guided step the batch is ``[cond; uncond]``.
+In a guided step the batch is ``[cond; uncond]``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -26,18 +39,26 @@ from torch import nn
 from rstr.errors import ModelError, RstrError
 
 if TYPE_CHECKING:
+    from rstr.families.class_embeddings import ClassEmbeddings
     from rstr.schedule import GuidanceSchedule
 
 Conditioning = dict[str, torch.Tensor]
+ConditioningKind = Literal["class-labels", "text-embeddings"]
+Quality = Literal["digits", "teacher"]
 
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """One graph input or output: name, dtype and shape; ``"batch"`` marks the dynamic axis."""
+    """One graph input or output: name, dtype and shape; ``"batch"`` marks the dynamic axis.
+
+    ``example`` is the constant that deterministic examples fill the tensor with (masks: 1,
+    FLUX's distilled guidance: 3.5); ``None`` draws normal values (floats) or class labels.
+    """
 
     name: str
     dtype: torch.dtype
     shape: tuple[int | str, ...]
+    example: float | None = None
 
     def concrete(self, batch: int) -> tuple[int, ...]:
         return tuple(batch if d == "batch" else int(d) for d in self.shape)
@@ -46,19 +67,48 @@ class TensorSpec:
         return {"name": self.name, "dtype": str(self.dtype).removeprefix("torch."), "shape": list(self.shape)}
 
 
+@dataclass(frozen=True)
+class ImageSpec:
+    """Latents that are (or unpack to) images ``[C, size, size]`` with values in ``range``."""
+
+    channels: int
+    size: int
+    range: tuple[float, float]
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> ImageSpec | None:
+        image = meta.get("image")
+        if image is None:
+            return None
+        try:
+            lo, hi = image["range"]
+            return cls(int(image["channels"]), int(image["size"]), (float(lo), float(hi)))
+        except (TypeError, KeyError, ValueError):
+            raise ModelError(f"rstr.json: 'image' must be {{channels, size, range: [lo, hi]}}, got {image!r}") from None
+
+    def to_json(self) -> dict:
+        return {"channels": self.channels, "size": self.size, "range": list(self.range)}
+
+
 class Family(ABC):
     """Adapter around one diffusers transformer and its scheduler."""
 
     name: ClassVar[str]
     transformer_class: ClassVar[str]
-    pipeline_class: ClassVar[str]
+    pipeline_classes: ClassVar[tuple[str, ...]]
+    conditioning: ClassVar[ConditioningKind]
     default_steps_fallback: ClassVar[int]
+    default_scale_fallback: ClassVar[float]  # the stock pipeline's default guidance scale
+    export_dynamo: ClassVar[bool] = True  # False: the TorchScript exporter (deployment.md)
 
-    def __init__(self, transformer: nn.Module, scheduler, default_steps: int | None = None, meta: dict | None = None):
+    def __init__(self, transformer: nn.Module, scheduler, default_steps: int | None = None, meta: dict | None = None,
+                 path: Path | None = None, class_embeddings: ClassEmbeddings | None = None):
         self.transformer = transformer.eval()
         self.scheduler = scheduler
         self.default_steps = default_steps or self.default_steps_fallback
         self.meta = dict(meta or {})
+        self.path = path
+        self.class_embeddings = class_embeddings
 
     # --------------------------------------------------------------------- identity
     @property
@@ -77,6 +127,32 @@ class Family(ABC):
     def fresh_scheduler(self):
         """An independent copy of the scheduler, so that runs never share step state."""
         return copy.deepcopy(self.scheduler)
+
+    @classmethod
+    @abstractmethod
+    def default_scheduler(cls):
+        """The scheduler of a transformer directory that ships none."""
+
+    # ------------------------------------------------------------------- defaults
+    @property
+    def default_scale(self) -> float:
+        """The model's constant CFG scale: ``default_scale`` in its ``rstr.json``, else the stock pipeline's."""
+        scale = self.meta.get("default_scale")
+        return float(scale) if scale is not None else self.default_scale_fallback
+
+    def constant_cfg(self, scale: float | None = None, steps: int | None = None, *,
+                     default_steps: int | None = None) -> GuidanceSchedule:
+        """Constant CFG (every step guided) at ``scale`` (default: the model's) and ``steps`` (default: the model's).
+
+        Compute is counted against ``default_steps`` (default: the model's), so ``--steps 8`` on a
+        25-step model is 32% of constant CFG.  The teacher of Stage-2 and the baseline of every
+        report are this schedule.
+        """
+        from rstr.schedule import GuidanceSchedule
+
+        n = steps if steps is not None else self.default_steps
+        return GuidanceSchedule.constant(self.default_scale if scale is None else scale, n, family=self.name,
+                                         sampler=self.sampler, default_steps=default_steps or self.default_steps)
 
     # ----------------------------------------------------------------- conditioning
     @abstractmethod
@@ -108,14 +184,70 @@ class Family(ABC):
     def output_shape(self, batch: int) -> tuple[int, ...]:
         return self.sample_shape(batch)
 
+    @property
+    def num_classes(self) -> int | None:
+        """Classes the model is conditioned on (a class table's for text models); ``None`` if it has none."""
+        return self.class_embeddings.num_classes if self.class_embeddings is not None else None
+
+    def conditioning_for(self, labels: torch.Tensor) -> tuple[Conditioning, Conditioning | None]:
+        """Conditioning (and its unconditional counterpart, or None where it is derived) for class ``labels``.
+
+        Text models take their class table's rows (the negative prompt as unconditional input);
+        models without classes need prompts from the user.
+        """
+        if self.class_embeddings is None:
+            raise RstrError(f"this {self.name} model has no class table (class_embeddings/); pass prompt embeddings")
+        labels = self._check_labels(labels)
+        to = lambda c: {k: v.to(self.device) for k, v in c.items()}  # noqa: E731
+        return to(self.class_embeddings.rows(labels)), to(self.class_embeddings.negative(len(labels)))
+
+    def _check_labels(self, labels: torch.Tensor | list[int], allow_null: bool = False) -> torch.Tensor:
+        """Labels as int64 ``[N]``, each in ``0..num_classes - 1`` (or the null class ``num_classes``)."""
+        t = torch.as_tensor(labels).reshape(-1)
+        if t.is_floating_point() or t.dtype == torch.bool:
+            raise RstrError(f"class labels must be integers, got {t.dtype}")
+        n = self.num_classes
+        hi = (n or 0) + (1 if allow_null else 0)
+        bad = [int(x) for x in t if n is None or not 0 <= int(x) < hi]
+        if bad:
+            null = f" or the null class {n}" if allow_null else ""
+            raise RstrError(f"class label {bad[0]} is out of range; this model has classes 0..{(n or 0) - 1}{null}")
+        return t.to(torch.int64)
+
+    def example_conditioning(self, batch: int, seed: int = 0) -> tuple[Conditioning, Conditioning | None]:
+        """Deterministic conditioning for checks (verification, merge): class labels, or random embeddings.
+
+        Labels are ``0, 1, ...`` modulo ``num_classes`` and their unconditional input is derived;
+        other inputs are ``TensorSpec.example`` constants or standard normals drawn from ``seed``,
+        for the conditional and then the unconditional input.
+        """
+        g = torch.Generator().manual_seed(seed)
+        if self.conditioning == "class-labels":
+            return {s.name: torch.arange(batch) % (self.num_classes or 1) for s in self.cond_specs()}, None
+
+        def draw() -> Conditioning:
+            return {s.name: (torch.full(s.concrete(batch), s.example) if s.example is not None
+                             else torch.randn(s.concrete(batch), generator=g)) for s in self.cond_specs()}
+
+        return draw(), draw()
+
     def unconditional(self, cond: Conditioning) -> Conditioning:
-        """The unconditional input matching ``cond``; families without a null class need it given."""
+        """The unconditional input matching ``cond``: the null class, the class table's negative prompt, or given."""
+        if self.class_embeddings is not None:
+            n = next(iter(cond.values())).shape[0]
+            return {k: v.to(self.device) for k, v in self.class_embeddings.negative(n).items()}
         raise RstrError(
             f"{self.name} needs unconditional (negative-prompt) embeddings for guided steps; pass `uncond=`"
         )
 
+    def null_fill(self) -> dict[str, int | float] | None:
+        """A constant per conditioning input that makes it unconditional (DiT's null class); None: the user supplies it."""
+        return None
+
     def check_conditioning(self, cond: Conditioning, batch: int, what: str = "conditioning") -> Conditioning:
         """Check names, shapes and values of user conditioning; return it on the model's device."""
+        if not isinstance(cond, dict):
+            raise RstrError(f"{what} must be a dict of tensors keyed by {[s.name for s in self.cond_specs()]}")
         specs = {s.name: s for s in self.cond_specs()}
         missing = sorted(set(specs) - set(cond))
         extra = sorted(set(cond) - set(specs))
@@ -168,6 +300,39 @@ class Family(ABC):
     def blocks(self) -> list[tuple[str, nn.Module]]:
         """The transformer blocks, as (qualified name, module), in depth order."""
 
+    # --------------------------------------------------------------------- quality
+    @property
+    def image(self) -> ImageSpec | None:
+        """What the final latents are as images, for models whose latents are pixels (``image`` in ``rstr.json``)."""
+        return ImageSpec.from_meta(self.meta)
+
+    def to_images(self, latents: torch.Tensor) -> torch.Tensor:
+        """Final latents as images ``[N, C, H, W]`` (identity for spatial latents; packed ones are unpacked)."""
+        return latents
+
+    @property
+    def classifier_path(self) -> Path | None:
+        """The digits classifier shipped in the model directory (``classifier`` in ``rstr.json``), if any."""
+        name = self.meta.get("classifier")
+        if name is None or self.path is None:
+            return None
+        p = PurePosixPath(str(name))
+        if p.is_absolute() or ".." in p.parts:
+            raise ModelError(f"{self.path}/rstr.json: classifier {name!r} must be a file inside the model directory")
+        return self.path / Path(*p.parts)
+
+    @property
+    def quality(self) -> Quality:
+        """``digits``: FD and class accuracy by the shipped digits classifier; ``teacher``: fidelity to constant CFG."""
+        ok = self.classifier_path is not None and self.image is not None and self.num_classes is not None
+        return "digits" if ok else "teacher"
+
+    # ---------------------------------------------------------------------- export
+    @contextlib.contextmanager
+    def export_patches(self) -> Iterator[None]:
+        """Patches that make the transformer traceable, undone on exit (the model is left as found)."""
+        yield
+
     # -------------------------------------------------------------------- metadata
     def describe(self) -> dict:
         n_params = sum(p.numel() for p in self.transformer.parameters())
@@ -179,13 +344,22 @@ class Family(ABC):
             "scheduler": type(self.scheduler).__name__,
             "sampler": self.sampler,
             "default_steps": self.default_steps,
+            "default_scale": self.default_scale,
+            "num_classes": self.num_classes,
+            "quality": self.quality,
             "sample_shape": list(self.sample_shape(1)[1:]),
             "conditioning": [s.to_json() for s in self.cond_specs()],
         }
 
 
 class SpatialFamily(Family):
-    """DiT and PixArt-alpha: ``[B, C, S, S]`` latents, optional learned sigma in the output."""
+    """DiT and PixArt-alpha: ``[B, C, S, S]`` latents, optional learned sigma in the output, DDIM by default."""
+
+    @classmethod
+    def default_scheduler(cls):
+        from diffusers import DDIMScheduler
+
+        return DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False)
 
     @property
     def latent_channels(self) -> int:
@@ -225,8 +399,3 @@ def _sampler_name(scheduler) -> str:
 def expand_timestep(t: torch.Tensor | float, n: int, device: torch.device) -> torch.Tensor:
     """A float32 ``[n]`` timestep tensor (never float64: see deployment traps)."""
     return torch.full((n,), float(t), dtype=torch.float32, device=device)
-
-
-def require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ModelError(message)

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import torch
 
-from rstr.errors import RstrError
 from rstr.families.base import Conditioning, SpatialFamily, TensorSpec
 
 
 class DiTFamily(SpatialFamily):
     name = "dit"
     transformer_class = "DiTTransformer2DModel"
-    pipeline_class = "DiTPipeline"
+    pipeline_classes = ("DiTPipeline",)
+    conditioning = "class-labels"
     default_steps_fallback = 50
+    default_scale_fallback = 4.0  # DiTPipeline's guidance_scale
 
     @property
     def num_classes(self) -> int:
@@ -28,22 +29,21 @@ class DiTFamily(SpatialFamily):
 
     def labels(self, labels: list[int] | torch.Tensor) -> Conditioning:
         """Conditioning for a list of class labels, checked against ``num_classes``."""
-        t = torch.as_tensor(labels, dtype=torch.int64).reshape(-1)
-        bad = [int(x) for x in t if not 0 <= int(x) < self.num_classes]
-        if bad:
-            raise RstrError(f"class label {bad[0]} is out of range; this model has classes 0..{self.num_classes - 1}")
-        return {"class_labels": t.to(self.device)}
+        return {"class_labels": self._check_labels(labels).to(self.device)}
+
+    def conditioning_for(self, labels: torch.Tensor) -> tuple[Conditioning, Conditioning | None]:
+        return self.labels(labels), None
 
     def check_conditioning(self, cond: Conditioning, batch: int, what: str = "conditioning") -> Conditioning:
         out = super().check_conditioning(cond, batch, what)
-        labels = out["class_labels"]
-        if what == "conditioning" and ((labels < 0) | (labels >= self.num_classes)).any():
-            bad = int(labels[(labels < 0) | (labels >= self.num_classes)][0])
-            raise RstrError(f"class label {bad} is out of range; this model has classes 0..{self.num_classes - 1}")
+        self._check_labels(out["class_labels"], allow_null=what != "conditioning")
         return out
 
     def unconditional(self, cond: Conditioning) -> Conditioning:
         return {"class_labels": torch.full_like(cond["class_labels"], self.num_classes)}
+
+    def null_fill(self) -> dict[str, int | float]:
+        return {"class_labels": self.num_classes}
 
     def denoise(self, sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         return self.transformer(sample, timestep=timestep, class_labels=cond["class_labels"], return_dict=False)[0]

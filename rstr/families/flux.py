@@ -40,6 +40,7 @@ def unpack_latents(x: torch.Tensor, size: int) -> torch.Tensor:
 class FlowMatchFamily(Family):
     """Shared by FLUX and Qwen-Image: packed 2x2 latents and flow-matching sigmas."""
 
+    conditioning = "text-embeddings"
     text_len = 16
     latent_size = 16  # unpacked latent height = width
 
@@ -47,6 +48,12 @@ class FlowMatchFamily(Family):
         super().__init__(*args, **kwargs)
         self.latent_size = latent_size or self.meta.get("latent_size", self.latent_size)
         self.text_len = text_len or self.meta.get("text_len", self.text_len)
+
+    @classmethod
+    def default_scheduler(cls):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
 
     @property
     def latent_channels(self) -> int:
@@ -58,6 +65,9 @@ class FlowMatchFamily(Family):
 
     def sample_shape(self, batch: int) -> tuple[int, ...]:
         return (batch, self.seq_len, self.latent_channels * 4)
+
+    def to_images(self, latents: torch.Tensor) -> torch.Tensor:
+        return unpack_latents(latents, self.latent_size)
 
     def model_timestep(self, t) -> float:
         return float(torch.as_tensor(t, dtype=torch.float32) / 1000)
@@ -79,8 +89,9 @@ class FlowMatchFamily(Family):
 class FluxFamily(FlowMatchFamily):
     name = "flux"
     transformer_class = "FluxTransformer2DModel"
-    pipeline_class = "FluxPipeline"
+    pipeline_classes = ("FluxPipeline",)
     default_steps_fallback = 28
+    default_scale_fallback = 4.0  # true CFG (FluxPipeline's true_cfg_scale) as commonly used; its default 1 disables it
 
     def noise(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
         from diffusers.utils.torch_utils import randn_tensor
@@ -95,7 +106,7 @@ class FluxFamily(FlowMatchFamily):
             TensorSpec("pooled_projections", torch.float32, ("batch", int(cfg.pooled_projection_dim))),
         ]
         if cfg.guidance_embeds:
-            specs.append(TensorSpec("guidance", torch.float32, ("batch",)))
+            specs.append(TensorSpec("guidance", torch.float32, ("batch",), example=3.5))
         return specs
 
     def _ids(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,8 +17,11 @@ from rstr.families.base import Conditioning, SpatialFamily, TensorSpec
 class PixArtFamily(SpatialFamily):
     name = "pixart"
     transformer_class = "PixArtTransformer2DModel"
-    pipeline_class = "PixArtAlphaPipeline"
+    pipeline_classes = ("PixArtAlphaPipeline", "PixArtSigmaPipeline")
+    conditioning = "text-embeddings"
     default_steps_fallback = 20
+    default_scale_fallback = 4.5  # PixArtAlphaPipeline's guidance_scale
+    export_dynamo = False  # ONNX Runtime refuses the dynamo graph (a Squeeze shape-inference error)
     text_len = 120
 
     def __init__(self, *args, text_len: int | None = None, **kwargs):
@@ -29,7 +32,7 @@ class PixArtFamily(SpatialFamily):
         dim = int(self.transformer.config.caption_channels)
         return [
             TensorSpec("encoder_hidden_states", torch.float32, ("batch", self.text_len, dim)),
-            TensorSpec("encoder_attention_mask", torch.float32, ("batch", self.text_len)),
+            TensorSpec("encoder_attention_mask", torch.float32, ("batch", self.text_len), example=1.0),
         ]
 
     def _added_cond(self, n: int) -> dict:

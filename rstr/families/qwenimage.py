@@ -6,6 +6,9 @@ prediction is rescaled to the norm of the conditional one (``comb * |pos| / |com
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 from rstr.families.base import Conditioning, TensorSpec
@@ -15,8 +18,9 @@ from rstr.families.flux import FlowMatchFamily, pack_latents
 class QwenImageFamily(FlowMatchFamily):
     name = "qwenimage"
     transformer_class = "QwenImageTransformer2DModel"
-    pipeline_class = "QwenImagePipeline"
+    pipeline_classes = ("QwenImagePipeline",)
     default_steps_fallback = 50
+    default_scale_fallback = 4.0  # QwenImagePipeline's true_cfg_scale
 
     def noise(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
         from diffusers.utils.torch_utils import randn_tensor
@@ -29,7 +33,7 @@ class QwenImageFamily(FlowMatchFamily):
         dim = int(self.transformer.config.joint_attention_dim)
         return [
             TensorSpec("encoder_hidden_states", torch.float32, ("batch", self.text_len, dim)),
-            TensorSpec("encoder_hidden_states_mask", torch.float32, ("batch", self.text_len)),
+            TensorSpec("encoder_hidden_states_mask", torch.float32, ("batch", self.text_len), example=1.0),
         ]
 
     def denoise(self, sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning) -> torch.Tensor:
@@ -48,3 +52,43 @@ class QwenImageFamily(FlowMatchFamily):
     def combine(self, out_c: torch.Tensor, out_u: torch.Tensor, scale) -> torch.Tensor:
         comb = out_u + scale * (out_c - out_u)
         return comb * (torch.norm(out_c, dim=-1, keepdim=True) / torch.norm(comb, dim=-1, keepdim=True))
+
+    @contextlib.contextmanager
+    def export_patches(self) -> Iterator[None]:
+        """Real-valued rotary embedding from tables precomputed for this resolution and text length.
+
+        ONNX has no complex tensors (``torch.polar``/``view_as_complex``; deployment.md), and the
+        tables depend only on the configuration, so they become constants of the graph.
+        """
+        from diffusers.models.transformers import transformer_qwenimage as qmod
+
+        pos_embed = self.transformer.pos_embed
+        half = self.latent_size // 2
+        with torch.no_grad():
+            img, txt = pos_embed([[(1, half, half)]], max_txt_seq_len=self.text_len, device=self.device)
+
+        def table(freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return (freqs.real.repeat_interleave(2, -1)[:, None].contiguous(), freqs.imag.repeat_interleave(2, -1)[:, None].contiguous())
+
+        tables = (table(img), table(txt))
+        original_apply = qmod.apply_rotary_emb_qwen
+        pos_embed.forward = lambda *args, **kwargs: tables
+        qmod.apply_rotary_emb_qwen = _real_rotary
+        try:
+            yield
+        finally:
+            del pos_embed.forward
+            qmod.apply_rotary_emb_qwen = original_apply
+
+
+def _real_rotary(x: torch.Tensor, freqs: tuple[torch.Tensor, torch.Tensor], use_real: bool = False,
+                 use_real_unbind_dim: int = -1) -> torch.Tensor:
+    """Qwen-Image rotary embedding with real cos/sin tables instead of complex numbers.
+
+    ``(a + ib)(c + is)`` on interleaved pairs, written with strided slices (not a reshape
+    to ``(..., -1, 2)``, which freezes shapes when traced).
+    """
+    cos, sin = freqs  # [S, 1, D] each, interleave-repeated
+    xf = x.float()
+    rotated = torch.stack([-xf[..., 1::2], xf[..., 0::2]], dim=-1).flatten(-2)
+    return (xf * cos + rotated * sin).to(x.dtype)
