@@ -160,7 +160,8 @@ def measure_quality(family: Family, schedule: GuidanceSchedule) -> dict | None:
     """Held-out FD and accuracy of the bundle's schedule and of constant CFG (models judged by the digits metrics)."""
     if family.quality != "digits":
         return None
-    from rstr.evaluate import HELD_OUT_SEEDS, evaluate
+    from rstr.evaluate import evaluate
+    from rstr.seeds import HELD_OUT_SEEDS
 
     baseline = family.constant_cfg(steps=schedule.default_steps, default_steps=schedule.default_steps)
     kw = dict(num=250, groups=2, seed_start=HELD_OUT_SEEDS.start, progress=False)

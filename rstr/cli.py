@@ -148,8 +148,9 @@ def evaluate(
     Two evaluations with the same --seed-start, --num and --groups draw identical noise, so
     schedules compare group by group (paired).  Example: `rstr evaluate --scale 1.5 --steps 8 --json`.
     """
-    from rstr.evaluate import HELD_OUT_SEEDS, sample_grid
+    from rstr.evaluate import sample_grid
     from rstr.evaluate import evaluate as run_evaluate
+    from rstr.seeds import HELD_OUT_SEEDS
 
     family = load_family(model, adapter)
     sched = load_schedule_for(family, schedule, scale, steps)

@@ -3,18 +3,27 @@
 from __future__ import annotations
 
 import json
+import pickle
 import sys
+from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
-from rstr import calibrate as c
+from rstr.calibrate import runner, sensitivity
+from rstr.calibrate.adapter import ADAPTER_FILES, QUALITY_CHECK_IMAGES, describe_check, load_adapter, merge_adapter, quality_check
+from rstr.calibrate.allocation import TargetModule, allocate, gain
+from rstr.calibrate.checkpoint import CHECKPOINT_FORMAT, checkpoint_path
+from rstr.calibrate.modules import target_modules
+from rstr.calibrate.runner import calibrate
+from rstr.calibrate.sensitivity import FISHER_IMAGES, gradient_spectra, measure_sensitivity, probe_drops
+from rstr.calibrate.train import Preset, class_conditioning, endpoint_loss, teacher_data, teacher_schedule
 from rstr.errors import RstrError
 from rstr.schedule import GuidanceSchedule
 from tiny import tiny_dit
 
-TINY = c.Preset(pool=32, probe=16, probe_iterations=4, validation=16, batch_size=8, iterations=12, lr=3e-3, checkpoint_every=4)
+TINY = Preset(pool=32, probe=16, probe_iterations=4, validation=16, batch_size=8, iterations=12, lr=3e-3, checkpoint_every=4)
 
 
 def family(**kwargs):
@@ -37,7 +46,7 @@ def save_model(f, path):
 @pytest.fixture(scope="module")
 def calibrated(tmp_path_factory):
     out = tmp_path_factory.mktemp("cal") / "adapter"
-    result = c.calibrate(family(), sparse(family()), out, preset=TINY, budget=0.05, progress=False)
+    result = calibrate(family(), sparse(family()), out, preset=TINY, budget=0.05, progress=False)
     return out, result
 
 
@@ -51,12 +60,12 @@ def run_cli(argv, capsys, monkeypatch) -> tuple[int, str]:
 
 
 # --------------------------------------------------------------------------- allocation
-def synthetic_modules() -> list[c.TargetModule]:
-    return [c.TargetModule(f"b{b}.{k}", f"b{b}", k, 32, 32) for b in range(3) for k in ("attn.q", "ff")]
+def synthetic_modules() -> list[TargetModule]:
+    return [TargetModule(f"b{b}.{k}", f"b{b}", k, 32, 32) for b in range(3) for k in ("attn.q", "ff")]
 
 
 def test_module_kinds():
-    kinds = {m.name.split(".", 2)[2]: m.kind for m in c.target_modules(family()) if m.block == "transformer_blocks.0"}
+    kinds = {m.name.split(".", 2)[2]: m.kind for m in target_modules(family()) if m.block == "transformer_blocks.0"}
     assert kinds == {
         "norm1.emb.timestep_embedder.linear_1": "emb", "norm1.emb.timestep_embedder.linear_2": "emb", "norm1.linear": "adanorm",
         "attn1.to_q": "attn.q", "attn1.to_k": "attn.k", "attn1.to_v": "attn.v", "attn1.to_out.0": "attn.out",
@@ -68,8 +77,8 @@ def test_allocation_respects_budget_and_rank_set():
     modules = synthetic_modules()
     spectra = {m.name: [100.0 if m.block == "b1" else 1.0] * 32 for m in modules}
     budget = 24 * 64
-    adaptive = c.allocate(modules, budget, "adaptive", spectra)
-    uniform = c.allocate(modules, budget, "uniform")
+    adaptive = allocate(modules, budget, "adaptive", spectra)
+    uniform = allocate(modules, budget, "uniform")
     for ranks in (adaptive, uniform):
         assert sum(m.cost(ranks[m.name]) for m in modules) <= budget
         assert all(ranks[m.name] in m.ranks() for m in modules)
@@ -79,36 +88,36 @@ def test_allocation_respects_budget_and_rank_set():
 
 
 def test_rank_capped_at_layer_dimensions():
-    m = c.TargetModule("x", "b", "ff", 6, 40)
-    assert c.allocate([m], 10**6, "adaptive", {"x": [1.0] * 6})["x"] == 4  # 8 > min(6, 40)
+    m = TargetModule("x", "b", "ff", 6, 40)
+    assert allocate([m], 10**6, "adaptive", {"x": [1.0] * 6})["x"] == 4  # 8 > min(6, 40)
 
 
 def test_budget_too_small():
     with pytest.raises(RstrError, match="cannot hold even a rank-1"):
-        c.allocate(synthetic_modules(), 10, "uniform")
+        allocate(synthetic_modules(), 10, "uniform")
 
 
 # --------------------------------------------------------------------------- sensitivity
 def probe_setup():
     f = family()
-    teacher = c.teacher_schedule(f)
-    noise, cond = c.class_conditioning(f, range(TINY.probe))
-    return f, c.teacher_data(f, teacher, noise, cond), c.target_modules(f)
+    teacher = teacher_schedule(f)
+    noise, cond = class_conditioning(f, range(TINY.probe))
+    return f, teacher_data(f, teacher, noise, cond), target_modules(f)
 
 
 def test_fisher_spectrum_is_that_of_the_stacked_group_gradients():
     f, data, modules = probe_setup()
     grad_flags = [q.requires_grad for q in f.transformer.parameters()]
-    spectra = c.gradient_spectra(f, sparse(f), data, modules)
+    spectra = gradient_spectra(f, sparse(f), data, modules)
     assert [q.requires_grad for q in f.transformer.parameters()] == grad_flags
     wide = next(m for m in modules if m.out_features < m.in_features)  # sum G G^T: the output side is the smaller
     tall = next(m for m in modules if m.out_features > m.in_features)  # sum G^T G: the input side is the smaller
     weights = [f.transformer.get_submodule(m.name).weight for m in (wide, tall)]
     for w in weights:
         w.requires_grad_(True)
-    groups = [torch.autograd.grad(c.endpoint_loss(f, sparse(f), data.take(slice(lo, lo + c.FISHER_IMAGES))), weights)
-              for lo in range(0, len(data), c.FISHER_IMAGES)]
-    assert len(groups) == TINY.probe // c.FISHER_IMAGES
+    groups = [torch.autograd.grad(endpoint_loss(f, sparse(f), data.take(slice(lo, lo + FISHER_IMAGES))), weights)
+              for lo in range(0, len(data), FISHER_IMAGES)]
+    assert len(groups) == TINY.probe // FISHER_IMAGES
     for i, m in enumerate((wide, tall)):
         side_by_side = torch.cat([g[i].double() for g in groups], dim=1 if m is wide else 0)  # [G_1 G_2 ..] or [G_1; G_2; ..]
         expected = torch.linalg.svdvals(side_by_side) ** 2
@@ -122,10 +131,10 @@ def test_fisher_spectrum_is_that_of_the_stacked_group_gradients():
 def test_probe_drops_measure_what_the_trained_probe_adapter_is_worth():
     f, data, modules = probe_setup()
     before = {k: v.clone() for k, v in f.transformer.state_dict().items()}
-    untrained = c.probe_drops(f, sparse(f), data, modules, c.Preset(**{**TINY.__dict__, "probe_iterations": 0}), seed=0)
+    untrained = probe_drops(f, sparse(f), data, modules, Preset(**{**TINY.__dict__, "probe_iterations": 0}), seed=0)
     assert set(untrained) == {m.name for m in modules}
     assert all(d == 0.0 for d in untrained.values())  # LoRA starts at B = 0: switching it off changes nothing
-    trained = c.probe_drops(f, sparse(f), data, modules, c.Preset(**{**TINY.__dict__, "probe_iterations": 8}), seed=0)
+    trained = probe_drops(f, sparse(f), data, modules, Preset(**{**TINY.__dict__, "probe_iterations": 8}), seed=0)
     assert all(d >= 0.0 for d in trained.values()) and sum(trained.values()) > 0
     assert len(set(trained.values())) > len(modules) // 2  # a ranking, not a constant
     assert {k for k in f.transformer.state_dict()} == set(before)  # no LoRA left in the family ...
@@ -135,11 +144,11 @@ def test_probe_drops_measure_what_the_trained_probe_adapter_is_worth():
 def test_sensitivity_is_the_probe_drop_spread_like_the_fisher_eigenvalues(monkeypatch):
     modules = synthetic_modules()[:2]
     a, b = (m.name for m in modules)
-    monkeypatch.setattr(c, "probe_drops", lambda *args: {a: 2.0, b: 0.0})
-    monkeypatch.setattr(c, "gradient_spectra", lambda *args: {a: [4.0, 1.0, 0.0], b: [3.0, 3.0, 0.0]})
-    spectra = c.measure_sensitivity(None, None, None, modules, TINY, 0)
+    monkeypatch.setattr(sensitivity, "probe_drops", lambda *args: {a: 2.0, b: 0.0})
+    monkeypatch.setattr(sensitivity, "gradient_spectra", lambda *args: {a: [4.0, 1.0, 0.0], b: [3.0, 3.0, 0.0]})
+    spectra = measure_sensitivity(None, None, None, modules, TINY, 0)
     assert spectra == {a: [2.0, 0.5, 0.0], b: [0.0, 0.0, 0.0]}
-    assert c.gain(spectra[a], 2) == 2.5
+    assert gain(spectra[a], 2) == 2.5
 
 
 # ---------------------------------------------------------------------------- training
@@ -149,7 +158,7 @@ def test_calibration_lowers_the_loss(calibrated):
     assert result.params <= int(0.05 * sum(p.numel() for p in family().transformer.parameters()))
     record = json.loads((out / "allocation.json").read_text())
     assert record["budget"]["used"] == result.params
-    assert {p.name for p in out.iterdir()} >= {*c.ADAPTER_FILES, "allocation.json", "calibration.json", "report.md", "calibration.png"}
+    assert {p.name for p in out.iterdir()} >= {*ADAPTER_FILES, "allocation.json", "calibration.json", "report.md", "calibration.png"}
 
 
 def test_adapter_loads_and_merges(calibrated):
@@ -161,10 +170,10 @@ def test_adapter_loads_and_merges(calibrated):
     t = torch.full((3,), 500.0)
     cond = {"class_labels": torch.tensor([1, 2, 10])}
     base = f.denoise(x, t, cond)
-    peft_model = c.load_adapter(f, out)
+    peft_model = load_adapter(f, out)
     assert isinstance(peft_model, PeftModel)
     with_adapter = f.denoise(x, t, cond)
-    f.transformer = c.merge_adapter(peft_model)
+    f.transformer = merge_adapter(peft_model)
     merged = f.denoise(x, t, cond)
     assert (with_adapter - base).abs().max() > 1e-4  # the adapter does something
     assert float((merged - with_adapter).abs().max() / with_adapter.abs().max()) < 1e-5
@@ -175,23 +184,63 @@ def test_adapter_loads_and_merges(calibrated):
 
 def test_resume_matches_uninterrupted(calibrated, tmp_path, monkeypatch):
     out, result = calibrated
-    save = c._save_checkpoint
+    save = runner.save_checkpoint
 
     def save_then_crash(path, state):
         save(path, state)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(c, "_save_checkpoint", save_then_crash)
+    monkeypatch.setattr(runner, "save_checkpoint", save_then_crash)
     target = tmp_path / "adapter"
     with pytest.raises(KeyboardInterrupt):
-        c.calibrate(family(), sparse(family()), target, preset=TINY, budget=0.05, progress=False)
-    assert not target.exists() and c.checkpoint_path(target).is_file()
-    monkeypatch.setattr(c, "_save_checkpoint", save)
-    resumed = c.calibrate(family(), sparse(family()), target, preset=TINY, budget=0.05, progress=False, resume=True)
+        calibrate(family(), sparse(family()), target, preset=TINY, budget=0.05, progress=False)
+    assert not target.exists() and checkpoint_path(target).is_file()
+    monkeypatch.setattr(runner, "save_checkpoint", save)
+    resumed = calibrate(family(), sparse(family()), target, preset=TINY, budget=0.05, progress=False, resume=True)
     assert resumed.losses == result.losses
     a, b = load_file(out / "adapter_model.safetensors"), load_file(target / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert not c.checkpoint_path(target).exists()
+    assert not checkpoint_path(target).exists()
+
+
+class _Payload:
+    """Unpickling this creates ``marker``: what a planted checkpoint could do instead."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize("case", ["old-pickle", "pickle", "garbage", "shape", "deep"])
+def test_resume_never_unpickles_a_planted_checkpoint(case, tmp_path, capsys, monkeypatch):
+    """A pickle where the old ``.pt`` checkpoint lived is refused unread; a pickle, garbage, a header document
+    of the wrong shape or nested 10^5 deep where the checkpoint lives is one error line.  Nothing runs."""
+    model = save_model(family(), tmp_path / "model")
+    out, marker = tmp_path / "ad", tmp_path / "payload-ran"
+    pickle.loads(pickle.dumps(_Payload(marker)))  # the payload works when unpickled ...
+    assert marker.is_file()
+    marker.unlink()
+    ckpt = checkpoint_path(out)
+    if case == "old-pickle":
+        torch.save({"settings": {}, "payload": _Payload(marker)}, tmp_path / ".ad.checkpoint.pt")
+        expect = "pickle format of an older rstr"
+    elif case == "pickle":
+        ckpt.write_bytes(pickle.dumps({"settings": {}, "payload": _Payload(marker)}))
+        expect = "not a readable rstr calibration checkpoint"
+    elif case == "garbage":
+        ckpt.write_bytes(bytes(range(256)) * 8)
+        expect = "not a readable rstr calibration checkpoint"
+    elif case == "shape":
+        save_file({"pool.noise": torch.zeros(1)}, str(ckpt), metadata={"rstr": json.dumps({"format": CHECKPOINT_FORMAT, "settings": []})})
+        expect = "'settings' must be an object"
+    else:
+        save_file({"pool.noise": torch.zeros(1)}, str(ckpt), metadata={"rstr": "[" * 100_000 + "]" * 100_000})
+        expect = "not a readable rstr calibration checkpoint"
+    code, err = run_cli(["calibrate", "--model", model, "--preset", "fast", "--steps", "2", "--out", out, "--resume"], capsys, monkeypatch)
+    assert code == 1 and expect in err and len(err.strip().splitlines()) == 1, err
+    assert not marker.exists() and not out.exists()  # ... but nothing was unpickled, and nothing written
 
 
 # ----------------------------------------------------------------------------- the CLI
@@ -242,18 +291,18 @@ def test_cli_bad_input(case, tmp_path, capsys, monkeypatch):
 def test_quality_check_scores_with_and_without_the_adapter(tmp_path):
     """The reference model has a quality measure (digits FD): the check scores the merged adapter
     against the plain model on the same noise, on seeds no calibration seed trains on."""
-    from rstr.evaluate import CALIBRATION_SEEDS
+    from rstr.seeds import CALIBRATION_SEEDS
     from rstr.families import REFERENCE_MODEL, load_model
 
     ref = load_model(REFERENCE_MODEL)
     schedule = GuidanceSchedule.first_k(2.5, 4, 1, family="dit", sampler=ref.sampler, default_steps=ref.default_steps)
-    result = c.calibrate(ref, schedule, tmp_path / "a", preset=TINY, budget=0.01, iterations=6, progress=False)
-    check = c.quality_check(ref, schedule, tmp_path / "a")
-    assert check["seeds"] == [CALIBRATION_SEEDS.stop - c.QUALITY_CHECK_IMAGES, CALIBRATION_SEEDS.stop]
+    result = calibrate(ref, schedule, tmp_path / "a", preset=TINY, budget=0.01, iterations=6, progress=False)
+    check = quality_check(ref, schedule, tmp_path / "a")
+    assert check["seeds"] == [CALIBRATION_SEEDS.stop - QUALITY_CHECK_IMAGES, CALIBRATION_SEEDS.stop]
     assert check["seeds"][0] >= json.loads((tmp_path / "a" / "calibration.json").read_text())["calibration_seeds"][1]
     assert len(check["uncalibrated"]) == len(check["calibrated"]) == 2
     assert check["calibrated"] != check["uncalibrated"]  # the adapter changed the samples
     assert check["improves"] == (sum(check["calibrated"]) < sum(check["uncalibrated"]))
-    assert c.describe_check(check).startswith("FD ") and f"{check['seeds'][0]}-" in c.describe_check(check)
+    assert describe_check(check).startswith("FD ") and f"{check['seeds'][0]}-" in describe_check(check)
     assert result.validation_after < result.validation_before
-    assert c.quality_check(family(), sparse(family()), tmp_path / "a") is None  # no classifier: no sample-quality measure
+    assert quality_check(family(), sparse(family()), tmp_path / "a") is None  # no classifier: no sample-quality measure

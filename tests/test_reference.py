@@ -8,19 +8,10 @@ import pytest
 import torch
 
 from rstr.errors import RstrError
-from rstr.evaluate import (
-    CALIBRATION_SEEDS,
-    HELD_OUT_SEEDS,
-    SEARCH_SEEDS,
-    SeedRange,
-    check_disjoint,
-    eval_seeds,
-    evaluate,
-    noise_for_seeds,
-    sample_grid,
-)
+from rstr.evaluate import evaluate, noise_for_seeds, sample_grid
 from rstr.families import REFERENCE_MODEL, load_model
 from rstr.schedule import GuidanceSchedule
+from rstr.seeds import CALIBRATION_SEEDS, HELD_OUT_SEEDS, SEARCH_SEEDS, SeedRange, check_disjoint, eval_seeds
 
 
 @pytest.fixture(scope="module")

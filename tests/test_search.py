@@ -16,18 +16,22 @@ import numpy as np
 import pytest
 import torch
 
-from rstr import search as s
 from rstr.errors import RstrError
 from rstr.executor import LocalExecutor
 from rstr.schedule import GuidanceSchedule
+from rstr.search.config import SearchConfig, preset_config
+from rstr.search.genome import QUANTUM, Genome, SearchSpace, crossover, mutate, random_genome, remap, repair
+from rstr.search.objectives import Objective, TeacherFidelity, objective_for
+from rstr.search.runner import EvalTask, SearchInterrupted, SearchResult, run_search
+from rstr.search.state import SearchState
 from tiny import tiny_dit
 
-SPACE = s.SearchSpace.for_budget(0.3, 25, range(6, 26), w_max=4.0, init_scales=(1.0, 2.0), sigma=1.0,
+SPACE = SearchSpace.for_budget(0.3, 25, range(6, 26), w_max=4.0, init_scales=(1.0, 2.0), sigma=1.0,
                                  own_timesteps=True)  # 15 passes, 6..15 steps, warp genes on
 
 
 @dataclass
-class Synthetic(s.Objective):
+class Synthetic(Objective):
     """Closed-form stand-in for a sample metric: likes scale ~2 early, little guidance late, more steps,
     and a first timestep near 900 (the stock grid's is 875 at 8 steps, 857 at 7)."""
 
@@ -44,8 +48,8 @@ class Synthetic(s.Objective):
         return {"loss": [loss + 0.001 * ((seed_start + g) % 5) for g in range(groups)]}
 
 
-def small_config(**kw) -> s.SearchConfig:
-    base = s.preset_config("fast", budget=0.5, steps=8, seed=0)
+def small_config(**kw) -> SearchConfig:
+    base = preset_config("fast", budget=0.5, steps=8, seed=0)
     small = dict(step_counts=(3, 4, 5, 6, 7), population=6, generations=3, search_num=4, held_out_num=4, held_out_groups=3,
                  baseline_scales=(0.75, 1.25))
     return replace(base, **{**small, **kw})
@@ -77,14 +81,14 @@ def one_thread():
 # ----------------------------------------------------------------------------- genome
 def test_operators_keep_invariants():
     rng = np.random.default_rng(0)
-    pop = [s.random_genome(SPACE, rng) for _ in range(20)] + [s.Genome.span(4, 0, 4, 2.0)]  # 4 steps: a baseline off the grid
+    pop = [random_genome(SPACE, rng) for _ in range(20)] + [Genome.span(4, 0, 4, 2.0)]  # 4 steps: a baseline off the grid
     for _ in range(300):
         a, b = pop[rng.integers(len(pop))], pop[rng.integers(len(pop))]
-        child = s.mutate(s.crossover(a, b, rng), SPACE, rng, p_steps=0.5, p_scale=0.5, p_warp=0.5)
+        child = mutate(crossover(a, b, rng), SPACE, rng, p_steps=0.5, p_scale=0.5, p_warp=0.5)
         assert child.passes <= SPACE.max_passes
-        assert all(0.0 <= w <= SPACE.w_max and abs(w / s.QUANTUM - round(w / s.QUANTUM)) < 1e-9 for w in child.scales)
+        assert all(0.0 <= w <= SPACE.w_max and abs(w / QUANTUM - round(w / QUANTUM)) < 1e-9 for w in child.scales)
         assert child.num_steps in SPACE.step_counts or child.num_steps == 4
-        assert s.Genome.from_key(child.key).key == child.key
+        assert Genome.from_key(child.key).key == child.key
         if child.warp is not None:
             start, rho = child.warp
             assert SPACE.start_range[0] <= start <= SPACE.start_range[1] and SPACE.rho_range[0] <= rho <= SPACE.rho_range[1]
@@ -96,47 +100,47 @@ def test_operators_keep_invariants():
 
 
 def test_warp_genes_place_the_steps():
-    g = s.Genome.span(8, 0, 2, 2.0).with_warp((0.9, 1.5))
+    g = Genome.span(8, 0, 2, 2.0).with_warp((0.9, 1.5))
     ts = g.timesteps(1000)
     assert ts[0] == 900 and ts[-1] == 0 and all(a > b for a, b in zip(ts, ts[1:]))
     assert ts[1] == round(900 * (6 / 7) ** 1.5)
-    assert s.remap(g, 5).warp == g.warp and s.repair(g, SPACE).warp == g.warp
-    assert g.key.endswith("@0.90^1.50") and s.Genome.from_key(g.key).warp == g.warp
-    dense = s.Genome.span(60, 0, 0, 1.0).with_warp((0.8, 2.0)).timesteps(1000)  # rounds 0.2, 0.9, 2.1 -> 0, 1, 2
+    assert remap(g, 5).warp == g.warp and repair(g, SPACE).warp == g.warp
+    assert g.key.endswith("@0.90^1.50") and Genome.from_key(g.key).warp == g.warp
+    dense = Genome.span(60, 0, 0, 1.0).with_warp((0.8, 2.0)).timesteps(1000)  # rounds 0.2, 0.9, 2.1 -> 0, 1, 2
     assert dense[-4:] == (3, 2, 1, 0) and all(a > b for a, b in zip(dense, dense[1:]))  # ties at low noise separated
-    assert s.Genome.span(8, 0, 2, 2.0).timesteps(1000) is None  # baselines keep the stock spacing
+    assert Genome.span(8, 0, 2, 2.0).timesteps(1000) is None  # baselines keep the stock spacing
 
 
 def test_repair_unguides_steps_nearest_scale_one():
-    g = s.Genome((True,) * 10, (3.0, 1.1, 2.0, 0.9, 1.0, 2.5, 1.5, 3.5, 1.2, 4.0))
-    fixed = s.repair(g, SPACE)  # 10 steps + 10 guided = 20 passes; budget 15 -> drop 5 guided steps
+    g = Genome((True,) * 10, (3.0, 1.1, 2.0, 0.9, 1.0, 2.5, 1.5, 3.5, 1.2, 4.0))
+    fixed = repair(g, SPACE)  # 10 steps + 10 guided = 20 passes; budget 15 -> drop 5 guided steps
     assert fixed.passes == 15
     assert [i for i, x in enumerate(fixed.guided) if not x] == [1, 3, 4, 6, 8]
     assert fixed.scales == g.scales  # latent genes are kept
 
 
 def test_remap_keeps_relative_position():
-    g = s.Genome.span(10, 0, 5, 2.0)  # first half guided
-    assert s.remap(g, 6).guided == (True, True, True, False, False, False)
-    assert s.Genome.from_key(g.key).key == g.key
+    g = Genome.span(10, 0, 5, 2.0)  # first half guided
+    assert remap(g, 6).guided == (True, True, True, False, False, False)
+    assert Genome.from_key(g.key).key == g.key
 
 
 def test_budget_and_steps_are_checked():
     with pytest.raises(RstrError, match="budget 0.02 allows 1"):
-        s.SearchSpace.for_budget(0.02, 25, range(2, 26))
+        SearchSpace.for_budget(0.02, 25, range(2, 26))
     with pytest.raises(RstrError, match=r"must be in \(0, 1\]"):
-        s.preset_config("fast", budget=1.5, steps=25, seed=0)
+        preset_config("fast", budget=1.5, steps=25, seed=0)
     with pytest.raises(RstrError, match="fewer than the 2 steps"):
-        s.preset_config("fast", budget=0.5, steps=1, seed=0)
+        preset_config("fast", budget=0.5, steps=1, seed=0)
 
 
 # ------------------------------------------------------------------------ the search
-def run(tmp: Path, config: s.SearchConfig, **kw) -> s.SearchResult:
-    return s.run_search(tiny_dit(learned_sigma=False, num_classes=10), config, tmp, objective=Synthetic(), progress=False, **kw)
+def run(tmp: Path, config: SearchConfig, **kw) -> SearchResult:
+    return run_search(tiny_dit(learned_sigma=False, num_classes=10), config, tmp, objective=Synthetic(), progress=False, **kw)
 
 
 def test_baselines_seed_the_population_and_result_beats_them(tmp_path):
-    seen: list[list[s.Genome]] = []
+    seen: list[list[Genome]] = []
     result = run(tmp_path / "ck", small_config(), on_checkpoint=lambda st: seen.append(list(st.population)) if st.generation == 0 else None)
     first = seen[0]
     kinds = {b["kind"] for b in result.report["baselines"] if b["in_budget"] and b["schedule"] in {g.key for g in first}}
@@ -168,11 +172,11 @@ def test_interrupted_search_resumes_to_identical_result(tmp_path):
     config = small_config()
     straight = run(tmp_path / "a", config)
 
-    def stop_after_generation_1(state: s.SearchState) -> None:
+    def stop_after_generation_1(state: SearchState) -> None:
         if state.generation == 1:
             raise KeyboardInterrupt
 
-    with pytest.raises(s.SearchInterrupted) as info:
+    with pytest.raises(SearchInterrupted) as info:
         run(tmp_path / "b", config, on_checkpoint=stop_after_generation_1)
     assert info.value.generation == 1
     resumed = run(tmp_path / "b", config, resume=True)
@@ -223,10 +227,10 @@ def test_cli_resume_refuses_other_model_or_seed(monkeypatch, capsys, tmp_path, t
 
     from rstr.families import load_model
 
-    config = s.preset_config("fast", budget=0.5, steps=8, seed=0)
+    config = preset_config("fast", budget=0.5, steps=8, seed=0)
     family = load_model(tiny_dir)
-    with pytest.raises(s.SearchInterrupted):
-        s.run_search(family, config, tmp_path / "ck", objective=s.objective_for(family, config), progress=False, on_checkpoint=stop)
+    with pytest.raises(SearchInterrupted):
+        run_search(family, config, tmp_path / "ck", objective=objective_for(family, config), progress=False, on_checkpoint=stop)
     code, err = cli(monkeypatch, capsys, "--model", str(other), "--resume", str(tmp_path / "ck"))
     assert code == 1 and err.count("\n") == 1 and "was made for model" in err
     code, err = cli(monkeypatch, capsys, "--seed", "3", "--resume", str(tmp_path / "ck"))
@@ -256,10 +260,10 @@ def _items(family_name: str) -> list:
 
 
 def test_local_executor_workers_match_inline(tiny_dir):
-    task = s.EvalTask(str(tiny_dir), s.TeacherFidelity(scale=2.0, steps=8, batch_size=4))
+    task = EvalTask(str(tiny_dir), TeacherFidelity(scale=2.0, steps=8, batch_size=4))
     with LocalExecutor(task, workers=1) as ex:
         inline = list(ex.map(_items("dit")))
-    task = s.EvalTask(str(tiny_dir), s.TeacherFidelity(scale=2.0, steps=8, batch_size=4))
+    task = EvalTask(str(tiny_dir), TeacherFidelity(scale=2.0, steps=8, batch_size=4))
     with LocalExecutor(task, workers=2) as ex:
         pooled = list(ex.map(_items("dit")))
     assert pooled == inline
@@ -272,12 +276,12 @@ def test_ray_executor_matches_inline(tiny_dir):
 
     from rstr.executor import RayExecutor
 
-    task = s.EvalTask(str(tiny_dir), s.TeacherFidelity(scale=2.0, steps=8, batch_size=4))
+    task = EvalTask(str(tiny_dir), TeacherFidelity(scale=2.0, steps=8, batch_size=4))
     with LocalExecutor(task, workers=1) as ex:
         inline = list(ex.map(_items("dit")))
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        with RayExecutor(s.EvalTask(str(tiny_dir), s.TeacherFidelity(scale=2.0, steps=8, batch_size=4)), workers=2) as ex:
+        with RayExecutor(EvalTask(str(tiny_dir), TeacherFidelity(scale=2.0, steps=8, batch_size=4)), workers=2) as ex:
             assert list(ex.map(_items("dit"))) == inline
     finally:
         ray.shutdown()

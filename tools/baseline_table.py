@@ -25,10 +25,11 @@ import torch
 
 from rstr._io import atomic_path
 from rstr.errors import RstrError
-from rstr.evaluate import HELD_OUT_SEEDS, EvalResult, eval_seeds, evaluate
+from rstr.evaluate import EvalResult, evaluate
 from rstr.families import load_model
 from rstr.metrics import frechet_distance, load_classifier, real_digits, reference_stats
 from rstr.schedule import GuidanceSchedule
+from rstr.seeds import HELD_OUT_SEEDS, eval_seeds
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -344,8 +344,9 @@ def quality(mb: ModelBench, runs: dict, num: int, groups: int) -> Quality:
     """
     import torch
 
-    from rstr.evaluate import HELD_OUT_SEEDS, evaluate
+    from rstr.evaluate import evaluate
     from rstr.metrics import frechet_distance, load_classifier, reference_stats
+    from rstr.seeds import HELD_OUT_SEEDS
 
     f = mb.family
     start = HELD_OUT_SEEDS.start

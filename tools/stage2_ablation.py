@@ -30,9 +30,10 @@ import torch
 from rstr import calibrate as stage2
 from rstr._io import atomic_path, write_json
 from rstr.errors import RstrError
-from rstr.evaluate import HELD_OUT_SEEDS, EvalResult, evaluate
+from rstr.evaluate import EvalResult, evaluate
 from rstr.families import REFERENCE_MODEL, load_model
 from rstr.schedule import GuidanceSchedule
+from rstr.seeds import HELD_OUT_SEEDS
 
 METHODS = ("adaptive", "uniform")
 

@@ -1,0 +1,132 @@
+"""Stage-2 adapters: their content hash, the check that one fits a model, loading and the verified merge."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+from torch import nn
+
+from rstr.errors import RstrError
+from rstr.families.base import Family
+from rstr.schedule import GuidanceSchedule
+from rstr.seeds import CALIBRATION_SEEDS
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+QUALITY_CHECK_IMAGES = 500  # the last calibration-range seeds: quality_check's, never trained on
+
+
+def adapter_sha256(directory: str | os.PathLike[str]) -> str:
+    """Content hash of the adapter's config and weights (what :func:`apply_adapter` merges)."""
+    h = hashlib.sha256()
+    for name in ADAPTER_FILES:
+        h.update(name.encode() + b"\0")
+        h.update((Path(directory) / name).read_bytes())
+    return h.hexdigest()
+
+
+def check_adapter(family: Family, directory: str | os.PathLike[str]) -> None:
+    """Raise one :class:`RstrError` line unless the adapter in ``directory`` fits ``family``'s model."""
+    from safetensors import safe_open
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise RstrError(f"adapter directory {directory} does not exist; write one with `rstr calibrate --out {directory}`")
+    missing = [n for n in ADAPTER_FILES if not (directory / n).is_file()]
+    if missing:
+        raise RstrError(f"{directory} is not a peft adapter directory (missing {', '.join(missing)})")
+    try:
+        config = json.loads((directory / "adapter_config.json").read_text())
+    except (OSError, ValueError) as err:
+        raise RstrError(f"{directory}/adapter_config.json is not valid JSON ({err})") from None
+    if config.get("peft_type") != "LORA":
+        raise RstrError(f"{directory}: adapter type {config.get('peft_type')!r} is not a LoRA; rstr merges LoRA adapters only")
+    record = directory / "allocation.json"
+    if record.is_file():
+        alloc = json.loads(record.read_text())
+        if (alloc.get("family"), alloc.get("transformer")) != (family.name, type(family.transformer).__name__):
+            raise RstrError(
+                f"{directory} was calibrated for a {alloc.get('family')} {alloc.get('transformer')}, "
+                f"not this {family.name} {type(family.transformer).__name__}; calibrate this model"
+            )
+    shapes: dict[str, dict[str, tuple[int, ...]]] = {}
+    with safe_open(str(directory / "adapter_model.safetensors"), "pt") as f:
+        for key in f.keys():
+            m = re.fullmatch(r"base_model\.model\.(.+)\.(lora_[AB])\.weight", key)
+            if m is None:
+                raise RstrError(f"{directory}: unexpected tensor {key} in the adapter; only LoRA A/B weights are supported")
+            shapes.setdefault(m.group(1), {})[m.group(2)] = tuple(f.get_slice(key).get_shape())
+    problems = []
+    for name, ab in sorted(shapes.items()):
+        try:
+            layer = family.transformer.get_submodule(name)
+        except AttributeError:
+            problems.append(f"module {name} is not in this model")
+            continue
+        if not isinstance(layer, nn.Linear):
+            problems.append(f"module {name} is a {type(layer).__name__}, not a Linear")
+            continue
+        a, b = ab.get("lora_A", (0, 0)), ab.get("lora_B", (0, 0))
+        if a[1] != layer.in_features or b[0] != layer.out_features or a[0] != b[1]:
+            problems.append(
+                f"{name} has LoRA A{list(a)} B{list(b)} but the model's layer is Linear({layer.in_features}, {layer.out_features})"
+            )
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise RstrError(f"adapter {directory} does not fit this model: {problems[0]}{more}")
+
+
+def load_adapter(family: Family, directory: str | os.PathLike[str]):
+    """Attach the adapter (unmerged) to ``family.transformer`` in place and return the ``PeftModel``.
+
+    ``family`` then runs with the adapter; pass the result to :func:`merge_adapter` to fold it in.
+    """
+    from peft import PeftModel
+
+    check_adapter(family, directory)
+    return PeftModel.from_pretrained(family.transformer, str(directory), is_trainable=False)
+
+
+def merge_adapter(peft_model) -> nn.Module:
+    """Fold the LoRA into the base weights (``W + (alpha/r) B A``) and return the plain transformer."""
+    return peft_model.merge_and_unload()
+
+
+def apply_adapter(family: Family, directory: str | os.PathLike[str]) -> None:
+    """Load the adapter in ``directory`` and merge it into ``family``'s transformer."""
+    family.transformer = merge_adapter(load_adapter(family, directory)).eval()
+
+
+def quality_check(family: Family, schedule: GuidanceSchedule, adapter: str | os.PathLike[str], *, groups: int = 2) -> dict | None:
+    """The model's own quality measure under ``schedule``, without and with the adapter (paired); None if it has none.
+
+    Calibration lowers the distance to the constant-CFG teacher.  That improves the samples only
+    where the sparse schedule is worse than the teacher: a schedule that already beats it (on the
+    reference model, every searched schedule at 30-50% compute; docs/stage2.md) loses quality by
+    matching it.  Models with a digits classifier are scored by FD on the last
+    ``QUALITY_CHECK_IMAGES`` seeds of the calibration range, which no calibration seed reaches;
+    other models have no sample-quality measure here, and their validation loss to the teacher
+    (``calibration.json``) is the measure.
+    """
+    if not family.meta.get("classifier"):
+        return None
+    from rstr.evaluate import evaluate
+
+    start = CALIBRATION_SEEDS.stop - QUALITY_CHECK_IMAGES
+    kw = dict(num=QUALITY_CHECK_IMAGES // groups, groups=groups, seed_start=start, progress=False)
+    before = evaluate(family, schedule, **kw)
+    calibrated = copy.deepcopy(family)
+    apply_adapter(calibrated, adapter)
+    after = evaluate(calibrated, schedule, **kw)
+    return {"metric": "fd", "seeds": [start, CALIBRATION_SEEDS.stop], "uncalibrated": before.fd, "calibrated": after.fd,
+            "improves": after.fd_mean < before.fd_mean}
+
+
+def describe_check(check: dict) -> str:
+    """One line for a :func:`quality_check` record: the mean FD without and with the adapter."""
+    before, after = (sum(check[k]) / len(check[k]) for k in ("uncalibrated", "calibrated"))
+    return f"FD {before:.3f} without the adapter, {after:.3f} with it (validation seeds {check['seeds'][0]}-{check['seeds'][1]}, paired)"

@@ -1,0 +1,138 @@
+"""What Stage-1 minimises: :class:`Objective` and its two measures, and which one a model gets."""
+
+from __future__ import annotations
+
+import statistics
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from rstr.errors import RstrError
+from rstr.evaluate import evaluate, noise_for_seeds
+from rstr.families.base import Family
+from rstr.sampler import sample
+from rstr.schedule import GuidanceSchedule
+
+if TYPE_CHECKING:
+    from rstr.search.config import SearchConfig
+
+Metrics = dict[str, list[float]]  # metric name -> one value per seed group
+
+
+class Objective(ABC):
+    """What the search minimises, measured on a seed range: one code path for every model.
+
+    :meth:`measure` samples ``groups`` x ``num`` images from per-seed noise (identical for every
+    schedule: comparisons are paired) and returns per-group values of named metrics; ``metric``
+    names the quality number (lower is better) and :meth:`violation` how far a constraint is
+    missed (0 when met).  Candidates rank by ``(violation, mean metric)``: a feasible candidate
+    always beats an infeasible one, and among infeasible ones the smaller violation wins
+    (Deb's feasibility rules -- no penalty weight to tune).  Subclasses are picklable
+    dataclasses that build heavy state lazily, inside each worker.
+    """
+
+    name: ClassVar[str]
+    metric: ClassVar[str]
+
+    @abstractmethod
+    def measure(self, family: Family, schedule: GuidanceSchedule, *, seed_start: int, num: int, groups: int) -> Metrics:
+        """Per-group metrics of ``schedule`` on seeds ``[seed_start, seed_start + groups * num)``."""
+
+    def violation(self, metrics: Metrics) -> float:
+        return 0.0
+
+    def value(self, metrics: Metrics) -> float:
+        return statistics.fmean(metrics[self.metric])
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "metric": self.metric, **asdict(self)}  # type: ignore[call-overload]
+
+
+@dataclass
+class DigitsFD(Objective):
+    """Frechet distance of the digits classifier's features to the real digits, with class accuracy >= ``min_accuracy``.
+
+    The reference model's own quality measure (:func:`rstr.evaluate.evaluate`): the search then
+    optimises what the held-out report shows, and may beat the full-CFG teacher, which teacher
+    fidelity can never reward.  The accuracy constraint stops it from buying diversity (lower
+    FD) with images of the wrong class.
+    """
+
+    min_accuracy: float = 0.98
+    batch_size: int = 500
+    name: ClassVar[str] = "digits-fd"
+    metric: ClassVar[str] = "fd"
+
+    def measure(self, family: Family, schedule: GuidanceSchedule, *, seed_start: int, num: int, groups: int) -> Metrics:
+        r = evaluate(family, schedule, num=num, groups=groups, seed_start=seed_start, batch_size=self.batch_size, progress=False)
+        return {"fd": list(r.fd), "accuracy": list(r.accuracy_per_group)}
+
+    def violation(self, metrics: Metrics) -> float:
+        return max(0.0, self.min_accuracy - statistics.fmean(metrics["accuracy"]))
+
+
+@dataclass
+class TeacherFidelity(Objective):
+    """Mean squared error between the final latents of the candidate and of the constant-CFG teacher
+    (``scale`` at ``steps`` steps), from the same noise and labels.
+
+    For models without a sample-quality metric here (no classifier, no real-data statistics):
+    a paired, per-image measure that needs no feature network and has low variance, so small
+    searches rank candidates reliably.  It rewards reproducing the full-compute samples, so the
+    result can approach but not beat the teacher.  Labels follow :func:`rstr.evaluate.evaluate`
+    (image ``i`` of a group gets class ``i % num_classes``).
+    """
+
+    scale: float
+    steps: int
+    batch_size: int = 500
+    name: ClassVar[str] = "teacher-fidelity"
+    metric: ClassVar[str] = "teacher_mse"
+    _teacher: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_teacher": {}}  # teacher samples are rebuilt in each worker
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "metric": self.metric, "scale": self.scale, "steps": self.steps, "batch_size": self.batch_size}
+
+    def _latents(self, family: Family, schedule: GuidanceSchedule, seeds: range) -> torch.Tensor:
+        noise = noise_for_seeds(family, seeds)
+        labels = torch.arange(len(seeds)) % family.num_classes  # type: ignore[attr-defined]
+        outs = []
+        with torch.inference_mode():
+            for lo in range(0, len(seeds), self.batch_size):
+                cond = {"class_labels": labels[lo : lo + self.batch_size].to(family.device)}
+                outs.append(sample(family, schedule, cond, noise=noise[lo : lo + self.batch_size]).float().cpu())
+        return torch.cat(outs)
+
+    def measure(self, family: Family, schedule: GuidanceSchedule, *, seed_start: int, num: int, groups: int) -> Metrics:
+        teacher_schedule = GuidanceSchedule.constant(
+            self.scale, self.steps, family=family.name, sampler=family.sampler, default_steps=self.steps
+        )
+        mse = []
+        for g in range(groups):
+            seeds = range(seed_start + g * num, seed_start + (g + 1) * num)
+            if (seeds.start, num) not in self._teacher:
+                self._teacher[(seeds.start, num)] = self._latents(family, teacher_schedule, seeds)
+            mse.append(float(((self._latents(family, schedule, seeds) - self._teacher[(seeds.start, num)]) ** 2).mean()))
+        return {"teacher_mse": mse}
+
+
+def default_scale(family: Family) -> float:
+    """The model's constant CFG scale (``default_scale`` in its ``rstr.json``; 4.0, DiT's, otherwise)."""
+    return float(family.meta.get("default_scale") or 4.0)
+
+
+def objective_for(family: Family, config: "SearchConfig") -> Objective:
+    """Digits FD for a model that ships a digits classifier, teacher fidelity for other class-conditional models."""
+    if not hasattr(family, "num_classes"):
+        raise RstrError(
+            f"rstr search draws class labels for its seeds; {family.name} models take prompt embeddings, "
+            "which the search cannot invent yet -- search a class-conditional (dit) model"
+        )
+    if family.meta.get("classifier"):
+        return DigitsFD(min_accuracy=config.min_accuracy, batch_size=config.batch_size)
+    return TeacherFidelity(scale=default_scale(family), steps=config.steps, batch_size=config.batch_size)
