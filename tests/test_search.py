@@ -51,7 +51,7 @@ class Synthetic(Objective):
 def small_config(**kw) -> SearchConfig:
     base = preset_config("fast", budget=0.5, steps=8, seed=0)
     small = dict(step_counts=(3, 4, 5, 6, 7), population=6, generations=3, search_num=4, held_out_num=4, held_out_groups=3,
-                 baseline_scales=(0.75, 1.25))
+                 baseline_scales=(0.75, 1.25), constant_counts=0)
     return replace(base, **{**small, **kw})
 
 
@@ -117,6 +117,18 @@ def test_repair_unguides_steps_nearest_scale_one():
     assert fixed.passes == 15
     assert [i for i, x in enumerate(fixed.guided) if not x] == [1, 3, 4, 6, 8]
     assert fixed.scales == g.scales  # latent genes are kept
+
+
+def test_constant_baselines_at_the_largest_counts_only():
+    from rstr.search.baselines import baseline_grid
+    from rstr.search.config import space
+
+    config = preset_config("fast", budget=0.5, steps=25, seed=0)
+    counts = sorted({b.genome.num_steps for b in baseline_grid(space(config, 1.0), config, 1.0) if b.kind == "constant" and b.in_budget})
+    assert config.constant_counts == 2 and counts == [11, 12]  # 2n <= 25 passes
+    every = replace(config, constant_counts=0)
+    assert sorted({b.genome.num_steps for b in baseline_grid(space(every, 1.0), every, 1.0)
+                   if b.kind == "constant" and b.in_budget}) == list(range(2, 13))
 
 
 def test_remap_keeps_relative_position():

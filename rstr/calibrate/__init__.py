@@ -28,10 +28,8 @@ from rstr.calibrate.adapter import (
     adapter_sha256,
     apply_adapter,
     check_adapter,
-    describe_check,
     load_adapter,
     merge_adapter,
-    quality_check,
 )
 from rstr.calibrate.runner import CalibrationResult, calibrate
 from rstr.calibrate.train import PRESETS, Preset, default_schedule, teacher_schedule
@@ -45,9 +43,7 @@ __all__ = [
     "calibrate",
     "check_adapter",
     "default_schedule",
-    "describe_check",
     "load_adapter",
     "merge_adapter",
-    "quality_check",
     "teacher_schedule",
 ]

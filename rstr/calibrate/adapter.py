@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
@@ -13,11 +12,8 @@ from torch import nn
 
 from rstr.errors import RstrError
 from rstr.families.base import Family
-from rstr.schedule import GuidanceSchedule
-from rstr.seeds import CALIBRATION_SEEDS
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-QUALITY_CHECK_IMAGES = 500  # the last calibration-range seeds: quality_check's, never trained on
 
 
 def adapter_sha256(directory: str | os.PathLike[str]) -> str:
@@ -99,34 +95,3 @@ def merge_adapter(peft_model) -> nn.Module:
 def apply_adapter(family: Family, directory: str | os.PathLike[str]) -> None:
     """Load the adapter in ``directory`` and merge it into ``family``'s transformer."""
     family.transformer = merge_adapter(load_adapter(family, directory)).eval()
-
-
-def quality_check(family: Family, schedule: GuidanceSchedule, adapter: str | os.PathLike[str], *, groups: int = 2) -> dict | None:
-    """The model's own quality measure under ``schedule``, without and with the adapter (paired); None if it has none.
-
-    Calibration lowers the distance to the constant-CFG teacher.  That improves the samples only
-    where the sparse schedule is worse than the teacher: a schedule that already beats it (on the
-    reference model, every searched schedule at 30-50% compute; docs/stage2.md) loses quality by
-    matching it.  Models with a digits classifier are scored by FD on the last
-    ``QUALITY_CHECK_IMAGES`` seeds of the calibration range, which no calibration seed reaches;
-    other models have no sample-quality measure here, and their validation loss to the teacher
-    (``calibration.json``) is the measure.
-    """
-    if not family.meta.get("classifier"):
-        return None
-    from rstr.evaluate import evaluate
-
-    start = CALIBRATION_SEEDS.stop - QUALITY_CHECK_IMAGES
-    kw = dict(num=QUALITY_CHECK_IMAGES // groups, groups=groups, seed_start=start, progress=False)
-    before = evaluate(family, schedule, **kw)
-    calibrated = copy.deepcopy(family)
-    apply_adapter(calibrated, adapter)
-    after = evaluate(calibrated, schedule, **kw)
-    return {"metric": "fd", "seeds": [start, CALIBRATION_SEEDS.stop], "uncalibrated": before.fd, "calibrated": after.fd,
-            "improves": after.fd_mean < before.fd_mean}
-
-
-def describe_check(check: dict) -> str:
-    """One line for a :func:`quality_check` record: the mean FD without and with the adapter."""
-    before, after = (sum(check[k]) / len(check[k]) for k in ("uncalibrated", "calibrated"))
-    return f"FD {before:.3f} without the adapter, {after:.3f} with it (validation seeds {check['seeds'][0]}-{check['seeds'][1]}, paired)"

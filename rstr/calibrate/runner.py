@@ -9,15 +9,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
-from rstr.calibrate.adapter import QUALITY_CHECK_IMAGES
+from rstr._progress import progress_bar
 from rstr.calibrate.allocation import Method, TargetModule, allocate, check_budget, ranks_from_file
 from rstr.calibrate.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from rstr.calibrate.modules import target_modules, transformer_params
 from rstr.calibrate.report import write_outputs
 from rstr.calibrate.sensitivity import measure_sensitivity
-from rstr.calibrate.train import PRESETS, Preset, class_conditioning, lora_student, mean_loss, teacher_data, teacher_schedule, train_step
+from rstr.calibrate.train import PRESETS, Preset, lora_student, mean_loss, seed_conditioning, teacher_data, teacher_schedule, train_step
 from rstr.errors import RstrError
 from rstr.families.base import Family
 from rstr.schedule import GuidanceSchedule
@@ -87,16 +86,18 @@ def calibrate(
                             "delete it or run without --resume") from None
     losses: list[float] = list(state["losses"])
 
-    bar = tqdm(range(state["iteration"], iterations), desc="calibrate", disable=not progress, initial=state["iteration"], total=iterations)
-    for it in bar:
-        loss = train_step(student, schedule, pool, p.batch_size, params, opt, gen)
-        lr_sched.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.4g}")
-        if (it + 1) % p.checkpoint_every == 0 and it + 1 < iterations:
-            lora = {k: v for k, v in peft_model.state_dict().items() if "lora_" in k}
-            save_checkpoint(ckpt, {**state, "iteration": it + 1, "losses": losses, "lora": lora, "optimizer": opt.state_dict(),
-                                    "lr_scheduler": lr_sched.state_dict(), "generator": gen.get_state()})
+    with progress_bar(iterations, "calibrate", enabled=progress) as bar:
+        bar.advance(state["iteration"])
+        for it in range(state["iteration"], iterations):
+            loss = train_step(student, schedule, pool, p.batch_size, params, opt, gen)
+            lr_sched.step()
+            losses.append(loss.item())
+            bar.advance()
+            bar.note(f"loss {sum(losses[-10:]) / len(losses[-10:]):.4g}")
+            if (it + 1) % p.checkpoint_every == 0 and it + 1 < iterations:
+                lora = {k: v for k, v in peft_model.state_dict().items() if "lora_" in k}
+                save_checkpoint(ckpt, {**state, "iteration": it + 1, "losses": losses, "lora": lora, "optimizer": opt.state_dict(),
+                                        "lr_scheduler": lr_sched.state_dict(), "generator": gen.get_state()})
 
     ranks = state["ranks"]
     used = sum(m.cost(ranks[m.name]) for m in modules)
@@ -141,10 +142,9 @@ def _check_inputs(
         raise RstrError(f"allocation {allocation!r} is unknown; use adaptive, uniform or an allocation.json")
     per_seed = p.pool + p.validation
     seeds = SeedRange(CALIBRATION_SEEDS.start + seed * per_seed, CALIBRATION_SEEDS.start + (seed + 1) * per_seed)
-    seeds.require_within(SeedRange(CALIBRATION_SEEDS.start, CALIBRATION_SEEDS.stop - QUALITY_CHECK_IMAGES),
-                         "calibration seeds (lower --seed)")
+    seeds.require_within(CALIBRATION_SEEDS, "calibration seeds (lower --seed)")
     settings = {
-        "model": str(getattr(family, "path", type(family.transformer).__name__)),
+        "model": str(family.path) if family.path is not None else type(family.transformer).__name__,
         "family": family.name,
         "transformer": type(family.transformer).__name__,
         "schedule": schedule.to_dict(),
@@ -166,7 +166,7 @@ def _initial_state(
 ) -> dict:
     """Teacher samples, sensitivity, ranks and the uncalibrated validation loss: everything before training."""
     start, stop = settings["calibration_seeds"]
-    noise, cond = class_conditioning(family, range(start, stop))
+    noise, cond = seed_conditioning(family, range(start, stop))
     data = teacher_data(family, teacher_schedule(family), noise, cond)
     pool, val = data.take(slice(0, p.pool)), data.take(slice(p.pool, None))
     spectra = measure_sensitivity(family, schedule, pool.take(slice(0, p.probe)), modules, p, settings["seed"])

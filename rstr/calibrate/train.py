@@ -43,8 +43,7 @@ PRESETS = {
 
 def teacher_schedule(family: Family) -> GuidanceSchedule:
     """Constant CFG at the model's default scale and full step count: what the student must match."""
-    scale = float(family.meta.get("default_scale") or 4.0)
-    return GuidanceSchedule.constant(scale, family.default_steps, family=family.name, sampler=family.sampler, default_steps=family.default_steps)
+    return family.constant_cfg()
 
 
 def default_schedule(family: Family) -> GuidanceSchedule:
@@ -52,9 +51,9 @@ def default_schedule(family: Family) -> GuidanceSchedule:
 
     For the reference model (25 steps) that is 8 steps, 5 guided: 13 passes, 26% of constant CFG.
     """
-    scale = float(family.meta.get("default_scale") or 4.0)
     n = max(1, round(family.default_steps / 3))
-    return GuidanceSchedule.first_k(scale, n, round(0.6 * n), family=family.name, sampler=family.sampler, default_steps=family.default_steps)
+    return GuidanceSchedule.first_k(family.default_scale, n, round(0.6 * n), family=family.name, sampler=family.sampler,
+                                    default_steps=family.default_steps)
 
 
 @dataclass
@@ -75,15 +74,18 @@ class CalibrationData:
         return CalibrationData(self.noise.to(device), {k: v.to(device) for k, v in self.cond.items()}, self.target.to(device))
 
 
-def class_conditioning(family: Family, seeds: range) -> tuple[torch.Tensor, Conditioning]:
-    """Noise and class labels for seeds, the way :func:`rstr.evaluate.evaluate` draws them."""
+def seed_conditioning(family: Family, seeds: range) -> tuple[torch.Tensor, Conditioning]:
+    """Noise and conditioning for seeds, the way :func:`rstr.evaluate.evaluate` draws them (class ``i % num_classes``).
+
+    The unconditional input is the family's own (null class, or the class table's negative prompt).
+    """
     from rstr.evaluate import noise_for_seeds
 
-    num_classes = getattr(family, "num_classes", None)
-    if num_classes is None:
-        raise RstrError(f"calibration images come from class labels; the {family.name} family needs prompts: use calibrate(..., data=)")
-    labels = torch.arange(len(seeds)) % num_classes
-    return noise_for_seeds(family, seeds).to(family.device), {"class_labels": labels.to(family.device)}
+    if family.num_classes is None:
+        raise RstrError(f"calibration images are drawn per class; this {family.name} model has neither class labels nor a "
+                        "prompt set: give prompts with --prompts FILE")
+    cond, _ = family.conditioning_for(torch.arange(len(seeds)) % family.num_classes)
+    return noise_for_seeds(family, seeds).to(family.device), cond
 
 
 @torch.no_grad()

@@ -89,21 +89,30 @@ def family_for_transformer(transformer: torch.nn.Module) -> type[Family]:
     raise ModelError(f"transformer class {name} is not supported; supported: {', '.join(sorted(f.transformer_class for f in FAMILIES.values()))}")
 
 
-def resolve_model_path(model: str | os.PathLike[str] | None) -> Path:
-    """A model directory from a path, or the name of a reference model shipped with rstr (``digits-flux``)."""
+def resolve_model_path(model: str | os.PathLike[str] | None, revision: str | None = None, variant: str | None = None) -> Path:
+    """A model directory from a path, a reference model shipped with rstr (``digits-flux``), or a Hub id in the local cache."""
     if model is None:
         return REFERENCE_MODEL
     path = Path(model)
     if not path.exists() and len(path.parts) == 1 and (REFERENCE_MODELS / path.name).is_dir():
         return REFERENCE_MODELS / path.name
+    from rstr.hub import is_hub_id, resolve_model
+
+    if path.exists() or is_hub_id(model) or revision is not None or variant is not None:
+        return resolve_model(model, revision=revision, variant=variant)
     return path
 
 
-def load_model(path: str | os.PathLike[str] | None = None, *, device: str | torch.device = "cpu", **family_kwargs) -> Family:
-    """Load a family adapter from a local diffusers directory or a reference model name (default: the digits DiT)."""
+def load_model(path: str | os.PathLike[str] | None = None, *, device: str | torch.device = "cpu", revision: str | None = None,
+               variant: str | None = None, **family_kwargs) -> Family:
+    """Load a family adapter from a local diffusers directory, a reference model name or a cached Hub id.
+
+    The default is the reference digits DiT; ``revision`` picks a Hub id's cached snapshot and
+    ``variant`` (e.g. ``fp16``) the weight files to load.
+    """
     import diffusers
 
-    path = resolve_model_path(path)
+    path = resolve_model_path(path, revision, variant)
     if not path.exists():
         names = ", ".join(sorted(p.name for p in REFERENCE_MODELS.iterdir() if p.is_dir()))
         raise ModelError(f"model path {path} does not exist; give a local diffusers directory or a reference model ({names})")
@@ -132,7 +141,8 @@ def load_model(path: str | os.PathLike[str] | None = None, *, device: str | torc
             f"supported: {', '.join(sorted(f.transformer_class for f in FAMILIES.values()))}"
         )
     try:
-        transformer = getattr(diffusers, family.transformer_class).from_pretrained(transformer_dir, torch_dtype=torch.float32)
+        transformer = getattr(diffusers, family.transformer_class).from_pretrained(transformer_dir, torch_dtype=torch.float32,
+                                                                                  variant=variant)
     except (OSError, ValueError, RuntimeError, TypeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelError(f"{transformer_dir}: cannot load the weights ({first})") from None

@@ -37,7 +37,8 @@ def baseline_grid(space: SearchSpace, config: "SearchConfig", w0: float) -> list
 
     Scales are ``config.baseline_scales`` times the model's default scale ``w0``.
 
-    * constant CFG at every step count ``n`` with ``2n`` passes in the budget, at each scale;
+    * constant CFG at every step count ``n`` with ``2n`` passes in the budget (or the
+      ``config.constant_counts`` largest), at each scale;
     * first-k and interval guidance that spend the whole budget: for ``config.partial_counts``
       step counts ``n`` spread between half the budget and the budget, ``k = max_passes - n``
       guided steps, first, or starting at each of ``config.interval_starts`` (fractions of the
@@ -47,7 +48,9 @@ def baseline_grid(space: SearchSpace, config: "SearchConfig", w0: float) -> list
     """
     t, b = space.default_steps, space.max_passes
     scales = sorted({quantize(f * w0) for f in config.baseline_scales})
-    out = [Baseline("constant", Genome.span(n, 0, n, w)) for n in range(MIN_STEPS, min(t, b // 2) + 1) for w in scales]
+    counts = list(range(MIN_STEPS, min(t, b // 2) + 1))[-config.constant_counts:] if config.constant_counts else \
+        range(MIN_STEPS, min(t, b // 2) + 1)
+    out = [Baseline("constant", Genome.span(n, 0, n, w)) for n in counts for w in scales]
     lo, hi = b // 2 + 1, min(t, b - 1)
     partial = sorted({int(round(x)) for x in np.linspace(lo, hi, config.partial_counts)}) if lo <= hi else []
     for n in partial:

@@ -81,8 +81,9 @@ class TeacherFidelity(Objective):
     For models without a sample-quality metric here (no classifier, no real-data statistics):
     a paired, per-image measure that needs no feature network and has low variance, so small
     searches rank candidates reliably.  It rewards reproducing the full-compute samples, so the
-    result can approach but not beat the teacher.  Labels follow :func:`rstr.evaluate.evaluate`
-    (image ``i`` of a group gets class ``i % num_classes``).
+    result can approach but not beat the teacher.  Conditioning follows :func:`rstr.evaluate.evaluate`
+    (image ``i`` of a group gets class ``i % num_classes``, through the family's class table for
+    text models).
     """
 
     scale: float
@@ -100,18 +101,16 @@ class TeacherFidelity(Objective):
 
     def _latents(self, family: Family, schedule: GuidanceSchedule, seeds: range) -> torch.Tensor:
         noise = noise_for_seeds(family, seeds)
-        labels = torch.arange(len(seeds)) % family.num_classes  # type: ignore[attr-defined]
+        labels = torch.arange(len(seeds)) % (family.num_classes or 1)
         outs = []
         with torch.inference_mode():
             for lo in range(0, len(seeds), self.batch_size):
-                cond = {"class_labels": labels[lo : lo + self.batch_size].to(family.device)}
-                outs.append(sample(family, schedule, cond, noise=noise[lo : lo + self.batch_size]).float().cpu())
+                cond, uncond = family.conditioning_for(labels[lo : lo + self.batch_size])
+                outs.append(sample(family, schedule, cond, uncond=uncond, noise=noise[lo : lo + self.batch_size]).float().cpu())
         return torch.cat(outs)
 
     def measure(self, family: Family, schedule: GuidanceSchedule, *, seed_start: int, num: int, groups: int) -> Metrics:
-        teacher_schedule = GuidanceSchedule.constant(
-            self.scale, self.steps, family=family.name, sampler=family.sampler, default_steps=self.steps
-        )
+        teacher_schedule = family.constant_cfg(self.scale, self.steps, default_steps=self.steps)
         mse = []
         for g in range(groups):
             seeds = range(seed_start + g * num, seed_start + (g + 1) * num)
@@ -121,18 +120,11 @@ class TeacherFidelity(Objective):
         return {"teacher_mse": mse}
 
 
-def default_scale(family: Family) -> float:
-    """The model's constant CFG scale (``default_scale`` in its ``rstr.json``; 4.0, DiT's, otherwise)."""
-    return float(family.meta.get("default_scale") or 4.0)
-
-
-def objective_for(family: Family, config: "SearchConfig") -> Objective:
-    """Digits FD for a model that ships a digits classifier, teacher fidelity for other class-conditional models."""
-    if not hasattr(family, "num_classes"):
-        raise RstrError(
-            f"rstr search draws class labels for its seeds; {family.name} models take prompt embeddings, "
-            "which the search cannot invent yet -- search a class-conditional (dit) model"
-        )
-    if family.meta.get("classifier"):
+def objective_for(family: Family, config: SearchConfig) -> Objective:
+    """The family's quality measure: digits FD where it has the digits metrics, else fidelity to its constant-CFG teacher."""
+    if family.num_classes is None:
+        raise RstrError(f"this {family.name} model has neither class labels nor a prompt set to draw conditioning from; "
+                        "give prompts with --prompts FILE")
+    if family.quality == "digits":
         return DigitsFD(min_accuracy=config.min_accuracy, batch_size=config.batch_size)
-    return TeacherFidelity(scale=default_scale(family), steps=config.steps, batch_size=config.batch_size)
+    return TeacherFidelity(scale=family.default_scale, steps=config.steps, batch_size=config.batch_size)

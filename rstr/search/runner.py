@@ -10,9 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from rstr._io import write_json
+from rstr._progress import progress_bar
 from rstr.errors import RstrError
 from rstr.executor import Task, make_executor
 from rstr.families.base import Family
@@ -20,7 +19,7 @@ from rstr.schedule import GuidanceSchedule
 from rstr.search.baselines import Baseline, baseline_grid
 from rstr.search.config import SearchConfig, space
 from rstr.search.genome import Genome, RankKey, next_generation, random_genome
-from rstr.search.objectives import Metrics, Objective, default_scale, objective_for
+from rstr.search.objectives import Metrics, Objective, objective_for
 from rstr.search.report import search_report
 from rstr.search.state import (
     CHECKPOINT_FILE,
@@ -74,6 +73,7 @@ class SearchResult:
 
     schedule: GuidanceSchedule
     report: dict[str, Any]
+    candidates: list[GuidanceSchedule]  # the result, the other finalists, then the in-budget baselines, best first
 
 
 class _Search:
@@ -82,7 +82,7 @@ class _Search:
     def __init__(self, family: Family, config: SearchConfig, checkpoint_dir: Path, objective: Objective, progress: bool,
                  on_checkpoint: Callable[[SearchState], None] | None) -> None:
         self.family, self.config, self.dir, self.objective = family, config, checkpoint_dir, objective
-        self.space = space(config, default_scale(family), family.scheduler)
+        self.space = space(config, family.default_scale, family.scheduler)
         self.progress, self.on_checkpoint = progress, on_checkpoint
         self.model = model_identity(family)
         self.state = SearchState.fresh(config.seed)
@@ -129,21 +129,20 @@ class _Search:
             "held_out": (self.held_out_seeds.start, self.config.held_out_num, self.config.held_out_groups),
         }[which]
         items = [(self.schedule_of(g), *seeds) for g in todo]
-        with tqdm(total=len(todo), desc=desc, disable=not self.progress, leave=False) as bar:
+        with progress_bar(len(todo), desc, enabled=self.progress) as bar:
             for g, metrics in zip(todo, self.executor.map(items)):
                 cache[g.key] = metrics
-                bar.update()
+                bar.advance()
                 best = self.best([k for k in self.state.search if Genome.from_key(k).passes <= self.space.max_passes])
                 if best is not None:
-                    bar.set_postfix_str(f"best {self.objective.metric} {self.objective.value(self.state.search[best]):.4f}")
+                    bar.note(f"best {self.objective.metric} {self.objective.value(self.state.search[best]):.4f}")
 
     # ------------------------------------------------------------------------ phases
     def run(self, out: Path | None, executor_factory: Callable[[Task], Any]) -> SearchResult:
         t0 = time.perf_counter()
-        path = getattr(self.family, "path", None)
-        task = EvalTask(str(Path(path).resolve()) if path is not None else None, self.objective, self.family)
+        task = EvalTask(str(self.family.path) if self.family.path is not None else None, self.objective, self.family)
         with executor_factory(task) as self.executor:
-            grid = baseline_grid(self.space, self.config, default_scale(self.family))
+            grid = baseline_grid(self.space, self.config, self.family.default_scale)
             for lo in range(0, len(grid), self.config.population):
                 self.score([b.genome for b in grid[lo : lo + self.config.population]], "search",
                            f"baselines {lo + 1}-{min(lo + self.config.population, len(grid))}/{len(grid)}")
@@ -159,8 +158,11 @@ class _Search:
             ablations = self.ablations(result, chosen)
             self.score([g for _, g in ablations], "held_out", "ablations")
             self.save(out)
-        schedule = self.schedule_of(result)
-        return SearchResult(schedule, search_report(self, result, grid, chosen, ablations, time.perf_counter() - t0))
+        ranked = [result, *(Genome.from_key(k) for k in sorted(self.state.validation, key=self.final_rank)),
+                  *(b.genome for b in sorted((b for b in chosen if b.in_budget), key=lambda b: self.rank(b.genome)))]
+        candidates = [self.schedule_of(g) for g in {g.key: g for g in ranked}.values()]
+        return SearchResult(candidates[0], search_report(self, result, grid, chosen, ablations, time.perf_counter() - t0),
+                            candidates)
 
     def ablations(self, result: Genome, chosen: list[Baseline]) -> list[tuple[str, Genome]]:
         """Where a result with its own timesteps gains: its guidance on the stock timesteps, and the best

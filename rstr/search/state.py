@@ -60,9 +60,8 @@ class SearchState:
 
 def model_identity(family: Family) -> dict[str, Any]:
     """What a checkpoint must match to be resumed: the model's path, family, size and sampler."""
-    path = getattr(family, "path", None)
     return {
-        "path": str(Path(path).resolve()) if path is not None else None,
+        "path": str(family.path) if family.path is not None else None,
         "family": family.name,
         "parameters": sum(p.numel() for p in family.transformer.parameters()),
         "sampler": family.sampler,
