@@ -1,21 +1,22 @@
 """``rstr-export build``: Stage-1, Stage-2, merge, export, verify, report -- one bundle.
 
-Each step is a function below, called in order by :func:`build`; a step is skipped when its
-result is given (``schedule``, ``adapter``).  The bundle is assembled in a temporary
-directory and renamed onto ``out`` only when verified and complete.
+:func:`build` calls the steps in order: the stages and their gates (:mod:`rstr.export.stages`;
+a stage is skipped when its result is given, ``schedule`` or ``adapter``), the merge, the plan
+(:mod:`rstr.export.plan`), the graphs (:mod:`rstr.export.graphs`), verification against PyTorch
+(:mod:`rstr.export.verify`), engines, the measurements against the stock model
+(:mod:`rstr.export.measure`) and the report.  The bundle is assembled in a temporary directory
+and renamed onto ``out`` only when verified and complete.
 """
 
 from __future__ import annotations
 
+import logging
 import shutil
-import statistics
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
 import torch
-from rich.console import Console
+from rich.markup import escape
 
 from rstr._io import atomic_dir
 from rstr.engines.bundle import Bundle
@@ -24,12 +25,15 @@ from rstr.errors import BackendUnavailable, RstrError
 from rstr.export.bundle import versions, write_manifest
 from rstr.export.graphs import export_denoiser, export_steps, graph_description
 from rstr.export.plan import build_plan
-from rstr.export.verify import Verification, example_inputs, rel, verify
+from rstr.export.measure import REPORT_GROUPS, REPORT_NUM, measure_quality, measure_speed
+from rstr.export.stages import gate_schedule, run_stage1, run_stage2
+from rstr.export.verify import Verification, rel, verify
 from rstr.families import load_model
 from rstr.families.base import Family
 from rstr.schedule import GuidanceSchedule
 
 MERGE_TOLERANCE = 1e-5
+log = logging.getLogger("rstr")
 
 
 @dataclass
@@ -46,6 +50,7 @@ class BuildOptions:
     budget: float = 0.5
     seed: int = 0
     measure: bool = True
+    require_better: bool = False
 
 
 @dataclass
@@ -56,43 +61,7 @@ class BuildResult:
     summary: dict = field(default_factory=dict)
 
 
-# ------------------------------------------------------------------------------- stages
-def run_stage1(family: Family, opts: BuildOptions, workdir: Path, console: Console) -> Path:
-    """Stage-1 search (fast preset by default); returns the schedule file (reports beside it)."""
-    import tempfile
-
-    from rstr.search import preset_config, run_search, write_outputs
-
-    config = preset_config(opts.preset, budget=opts.budget, steps=family.default_steps, seed=opts.seed)
-    out = workdir / "schedule.json"
-    console.print(f"[bold]Stage-1[/bold] searching a guidance schedule ({opts.preset} preset, budget {opts.budget:.0%})")
-    with tempfile.TemporaryDirectory(prefix="rstr-search-") as checkpoints:
-        write_outputs(run_search(family, config, checkpoints, out=out, progress=True), out)
-    return out
-
-
-def run_stage2(family: Family, schedule: GuidanceSchedule, opts: BuildOptions, workdir: Path, console: Console) -> tuple[Path | None, dict]:
-    """Stage-2 calibration (fast preset by default); the adapter directory, or None when it would cost quality.
-
-    The adapter is kept only if :func:`rstr.calibrate.quality_check` finds that it improves the
-    model's quality measure under the schedule (models without one: always kept).
-    """
-    from rstr.calibrate import calibrate, describe_check, quality_check
-
-    out = workdir / "adapter"
-    console.print(f"[bold]Stage-2[/bold] calibrating LoRA against the constant-CFG teacher ({opts.preset} preset)")
-    calibrate(family, schedule, out, preset=opts.preset, seed=opts.seed, progress=True)
-    check = quality_check(family, schedule, out)
-    if check is None:
-        return out, {"used": True}
-    if check["improves"]:
-        console.print(f"Stage-2 adapter used: {describe_check(check)}")
-        return out, {"used": True, "check": check}
-    console.print(f"[yellow]Stage-2 adapter not used[/yellow]: {describe_check(check)}; matching the constant-CFG "
-                  "teacher made the samples worse (stages/adapter keeps it for inspection)")
-    return None, {"used": False, "check": check}
-
-
+# ------------------------------------------------------------------------------- steps
 def merge_adapter(family: Family, adapter: Path, batch: int) -> str:
     """Merge the LoRA into the block weights; check merged == adapter model to 1e-5 first."""
     from rstr.calibrate import adapter_sha256, load_adapter
@@ -114,7 +83,7 @@ def merge_adapter(family: Family, adapter: Path, batch: int) -> str:
     return adapter_sha256(adapter)
 
 
-def build_engines_if_usable(root: Path, manifest: Manifest, opts: BuildOptions, console: Console) -> list[Engine]:
+def build_engines_if_usable(root: Path, manifest: Manifest, opts: BuildOptions) -> list[Engine]:
     """TensorRT engines when asked for (or ``auto`` and usable); ``[]`` means ONNX Runtime only."""
     if opts.backend == "onnxruntime":
         return []
@@ -125,54 +94,13 @@ def build_engines_if_usable(root: Path, manifest: Manifest, opts: BuildOptions, 
     except BackendUnavailable as why:
         if opts.backend == "tensorrt":
             raise
-        console.print(f"[yellow]TensorRT not used:[/yellow] {why}; the bundle runs on ONNX Runtime")
+        log.info(f"TensorRT not used: {escape(str(why))}; the bundle runs on ONNX Runtime")
         return []
 
 
-# ---------------------------------------------------------------------------- measures
-def measure_speed(family: Family, bundle: Bundle, schedule: GuidanceSchedule, reps: int = 5) -> dict:
-    """Median end-to-end seconds, interleaved: PyTorch eager constant CFG vs the bundle (ORT)."""
-    from rstr.engines.onnxruntime import OnnxRuntimeRunner
-    from rstr.sampler import sample
-
-    b = bundle.batch
-    cond, uncond = example_inputs(family, b)
-    noise = np.random.default_rng(0).standard_normal(bundle.sample.concrete(b), dtype=np.float32)
-    tcond = {k: torch.from_numpy(v) for k, v in cond.items()}
-    tuncond = None if uncond is None else {k: torch.from_numpy(v) for k, v in uncond.items()}
-    baseline = family.constant_cfg(steps=schedule.default_steps, default_steps=schedule.default_steps)
-    times: dict[str, list[float]] = {"pytorch_constant_cfg": [], "bundle": []}
-    with OnnxRuntimeRunner(bundle) as runner:
-        runner.infer(noise, cond, uncond)  # warm-up
-        sample(family, baseline, tcond, uncond=tuncond, noise=torch.from_numpy(noise))
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            sample(family, baseline, tcond, uncond=tuncond, noise=torch.from_numpy(noise))
-            times["pytorch_constant_cfg"].append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            runner.infer(noise, cond, uncond)
-            times["bundle"].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    return {"baseline": baseline.describe(), "seconds": med, "speedup": med["pytorch_constant_cfg"] / med["bundle"], "reps": reps}
-
-
-def measure_quality(family: Family, schedule: GuidanceSchedule) -> dict | None:
-    """Held-out FD and accuracy of the bundle's schedule and of constant CFG (models judged by the digits metrics)."""
-    if family.quality != "digits":
-        return None
-    from rstr.evaluate import evaluate
-    from rstr.seeds import HELD_OUT_SEEDS
-
-    baseline = family.constant_cfg(steps=schedule.default_steps, default_steps=schedule.default_steps)
-    kw = dict(num=250, groups=2, seed_start=HELD_OUT_SEEDS.start, progress=False)
-    ours, base = evaluate(family, schedule, **kw), evaluate(family, baseline, **kw)
-    return {"rstr": ours.to_dict(), "constant_cfg": base.to_dict(), "seeds": "held-out", "images_per_group": 250}
-
-
 # ------------------------------------------------------------------------------- build
-def build(opts: BuildOptions, console: Console | None = None) -> BuildResult:
-    """The whole job: stages as needed, merge, export, verify, engines, report, manifest."""
-    console = console or Console(stderr=True)
+def build(opts: BuildOptions) -> BuildResult:
+    """The whole job: stages as needed (with their gates), merge, export, verify, engines, report, manifest."""
     if opts.out.exists() and not opts.force:
         raise RstrError(f"output directory {opts.out} exists; pass --force to replace it or choose another --out")
     if opts.batch < 1:
@@ -180,29 +108,35 @@ def build(opts: BuildOptions, console: Console | None = None) -> BuildResult:
     family = load_model(opts.model)
     if opts.schedule is not None:
         build_plan(family, GuidanceSchedule.load(opts.schedule), opts.batch)  # refuse a misfit before any work
+    if opts.require_better and family.quality != "digits":
+        raise RstrError("--require-better needs a model with a quality measure here (a digits classifier); drop it")
 
     with atomic_dir(opts.out, force=opts.force) as root:
         stages = root / "stages"
         stages.mkdir()
-        schedule_path = opts.schedule or run_stage1(family, opts, stages, console)
-        schedule = GuidanceSchedule.load(schedule_path)
-        schedule.check_fits(family.name, family.sampler)
-        stage2 = None
-        if opts.adapter is None and opts.schedule is None:
-            adapter, stage2 = run_stage2(family, schedule, opts, stages, console)
+        gates: dict[str, dict] = {}
+        if opts.schedule is None:
+            schedule, gate = gate_schedule(family, run_stage1(family, opts.preset, opts.budget, opts.seed, stages))
+            gates["schedule"] = gate.to_json()
         else:
-            adapter = opts.adapter
+            schedule = GuidanceSchedule.load(opts.schedule)
+            gate = None
+        adapter = opts.adapter
+        if adapter is None and opts.schedule is None:
+            adapter, adapter_gate = run_stage2(family, schedule, gate, opts.preset, opts.seed, stages)
+            gates["adapter"] = adapter_gate.to_json()
+            log.info(adapter_gate.decision)
         schedule.save(root / "schedule.json")
 
         adapter_hash = None
         if adapter is not None:
-            console.print(f"merging adapter {adapter}")
+            log.info(f"merging adapter {adapter}")
             adapter_hash = merge_adapter(family, adapter, opts.batch)
             if not (stages / "adapter").exists():
                 shutil.copytree(adapter, stages / "adapter")
 
         plan = build_plan(family, schedule, opts.batch)
-        console.print(f"exporting {family.name} ({opts.dtype}, batch {opts.batch}) to ONNX")
+        log.info(f"exporting {family.name} ({opts.dtype}, batch {opts.batch}) to ONNX")
         export_denoiser(family, root / "denoiser.onnx", dtype=opts.dtype, batch=opts.batch)
         export_steps(family, root, batch=opts.batch)
 
@@ -220,19 +154,23 @@ def build(opts: BuildOptions, console: Console | None = None) -> BuildResult:
                                   versions=versions()),
         )
         write_manifest(root, manifest)  # provisional, so the bundle can be opened and verified
-        console.print("verifying the bundle against PyTorch (ONNX Runtime, CPU)")
+        log.info("verifying the bundle against PyTorch (ONNX Runtime, CPU)")
         bundle = Bundle.open(root)
         check = verify(bundle, family, schedule)
         manifest = replace(manifest, verification=VerificationRecord.from_json(check.to_json()))
-        manifest = replace(manifest, engines=tuple(build_engines_if_usable(root, manifest, opts, console)))
+        manifest = replace(manifest, engines=tuple(build_engines_if_usable(root, manifest, opts)))
 
-        summary = {"schedule": schedule.describe(), "compute_saved": 1 - schedule.compute_fraction,
-                   "max_rel_error": check.max_rel_error}
-        if stage2 is not None:
-            summary["stage2"] = stage2
+        summary: dict = {"schedule": schedule.describe(), "compute_fraction": schedule.compute_fraction,
+                         "compute_saved": 1 - schedule.compute_fraction, "max_rel_error": check.max_rel_error, "gates": gates}
+        if opts.measure or opts.require_better:
+            log.info(f"measuring quality against the stock model ({REPORT_GROUPS} x {REPORT_NUM} held-out seeds, paired)")
+            quality = measure_quality(family, schedule)
+            summary["quality"] = None if quality is None else quality.to_json()
+            if opts.require_better and (quality is None or quality.verdict != "better"):
+                raise RstrError(f"--require-better: the bundle does not beat the stock model on every held-out group "
+                                f"({quality.describe() if quality else 'no quality measure'})")
         if opts.measure:
-            console.print("measuring quality (held-out seeds) and speed (interleaved, median of 5)")
-            summary["quality"] = measure_quality(family, schedule)
+            log.info("measuring speed (end to end, interleaved, median of 5)")
             summary["speed"] = measure_speed(family, bundle, schedule)
         manifest = replace(manifest, summary=summary)
         from rstr.export.report import write_report

@@ -22,50 +22,73 @@ from rstr.errors import RstrError
 app = typer.Typer(name="rstr-export", help=__doc__.split("\n\n")[0].split(": ", 1)[1], no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False)
 console = Console()
-err_console = Console(stderr=True)
 BundleArg = Annotated[Path, typer.Argument(help="Bundle directory written by `rstr-export build`.")]
 
 
 @app.command()
 def build(
-    model: Annotated[Optional[Path], typer.Option(help="Local diffusers directory. Default: the reference digits DiT.")] = None,
+    model: Annotated[Optional[Path], typer.Option(help="Local diffusers directory or a reference model name (digits-dit, ...). Default: the reference digits DiT.")] = None,
     schedule: Annotated[Optional[Path], typer.Option(help="Schedule JSON from `rstr search`; skips Stage-1 (and Stage-2 unless --adapter).")] = None,
     adapter: Annotated[Optional[Path], typer.Option(help="Adapter directory from `rstr calibrate`; skips Stage-2.")] = None,
     out: Annotated[Path, typer.Option(help="Bundle directory to write (refused if it exists, unless --force).")] = Path("rstr-bundle"),
     backend: Annotated[str, typer.Option(help="auto (TensorRT when usable, else ONNX Runtime) | tensorrt | onnxruntime.")] = "auto",
     dtype: Annotated[str, typer.Option(help="Precision inside the denoiser graph: fp32 | fp16 | bf16.")] = "fp32",
     batch: Annotated[int, typer.Option(help="Images per call (B); guided steps run 2B rows, unguided B.")] = 1,
-    preset: Annotated[str, typer.Option(help="Stage-1/Stage-2 effort when they run: fast | full.")] = "fast",
+    preset: Annotated[str, typer.Option(help="Stage-1/Stage-2 effort when they run: fast (the default build, minutes on a CPU) | full (the searches the docs quote; use a GPU).")] = "fast",
     budget: Annotated[float, typer.Option(help="Stage-1 compute budget, fraction of constant CFG at full steps.")] = 0.5,
-    seed: Annotated[int, typer.Option(help="Seed of the stages.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the stages (search and calibration draws).")] = 0,
     force: Annotated[bool, typer.Option(help="Replace an existing --out (only once the new bundle is complete).")] = False,
-    measure: Annotated[bool, typer.Option(help="Measure quality and speed for the report.")] = True,
+    measure: Annotated[bool, typer.Option(help="Measure quality against the stock model (held-out seeds) and speed for the report.")] = True,
+    require_better: Annotated[bool, typer.Option(help="Exit 1 (writing nothing) unless the bundle beats the stock model's constant CFG on every held-out group; for CI.")] = False,
+    threads: Annotated[Optional[int], typer.Option(help="Torch threads (default: the cores not busy with other work).")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", help="Show every step's detail and third-party messages.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="Print only the final table.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object (nothing else on stdout).")] = False,
 ) -> None:
     """Build a verified bundle. With no arguments: the whole job on the reference model.
 
-    Examples: `rstr-export build` | `rstr-export build --schedule s.json --adapter calib/ --out b/`
+    Stage-1 searches a schedule within --budget; a schedule gate checks it against the stock model's
+    constant CFG on gate seeds (falling back to the search's best baselines if it loses); Stage-2
+    calibrates a LoRA only where that can help (adapter gate); then export, verification against
+    PyTorch, and a report comparing the bundle with the stock model on held-out seeds (paired per
+    group) and its speed.  Examples: `rstr-export build` | `rstr-export build --schedule s.json
+    --adapter calib/ --out b/` | `rstr-export build --require-better --quiet`
     """
-    from rstr.export.build import BuildOptions
-    from rstr.export.build import build as run_build
+    from rstr._cli import set_threads, setup_output
 
+    setup_output(verbose=verbose, quiet=quiet or json_out)
     if backend not in ("auto", "tensorrt", "onnxruntime"):
         raise RstrError(f"--backend {backend!r} is not one of auto, tensorrt, onnxruntime")
     if preset not in ("fast", "full"):
         raise RstrError(f"--preset {preset!r} is not one of fast, full")
-    result = run_build(BuildOptions(model, schedule, adapter, out, backend, dtype, batch, force, preset, budget, seed, measure), err_console)
+    from rstr.export.build import BuildOptions
+    from rstr.export.build import build as run_build
+
+    set_threads(threads)
+    result = run_build(BuildOptions(model, schedule, adapter, out, backend, dtype, batch, force, preset, budget, seed, measure,
+                                    require_better))
     s = result.summary
+    if json_out:
+        print(json.dumps({"out": str(result.out), **s}))
+        return
     table = Table(title=f"bundle {result.out}")
     table.add_column("measure")
     table.add_column("value")
     table.add_row("schedule", s["schedule"])
     table.add_row("compute saved vs constant CFG", f"{s['compute_saved']:.0%}")
     table.add_row("bundle vs PyTorch (max rel. error)", f"{s['max_rel_error']:.1e}")
+    for gate in s["gates"].values():
+        table.add_row(f"{gate['name']} gate", gate["decision"])
     q = s.get("quality")
     if q:
-        table.add_row("held-out FD: rstr / constant CFG", f"{q['rstr']['fd_mean']:.3f} / {q['constant_cfg']['fd_mean']:.3f}")
-        table.add_row("accuracy: rstr / constant CFG", f"{q['rstr']['accuracy']:.3f} / {q['constant_cfg']['accuracy']:.3f}")
+        fmt = lambda xs: " / ".join(f"{x:.3f}" for x in xs)  # noqa: E731
+        table.add_row("held-out FD per group: rstr / stock constant CFG", f"{fmt(q['candidate']['fd'])} / {fmt(q['baseline']['fd'])}")
+        table.add_row("paired difference per group", f"{fmt(q['differences'])}: [bold]{q['verdict']}[/bold]")
+        table.add_row("accuracy: rstr / stock", f"{sum(q['candidate']['accuracy']) / q['groups']:.3f} / "
+                                                 f"{sum(q['baseline']['accuracy']) / q['groups']:.3f}")
     if s.get("speed"):
-        table.add_row("speedup vs PyTorch constant CFG", f"{s['speed']['speedup']:.2f}x (end to end, this machine)")
+        sp = s["speed"]
+        table.add_row("speedup vs PyTorch constant CFG", f"{sp['speedup']:.2f}x (end to end, {sp['threads']} threads, this machine)")
     console.print(table)
     console.print(f"report: {result.out / 'report.md'}")
 

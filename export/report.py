@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rstr.compare import Comparison
 from rstr.engines.bundle import Bundle
 from rstr.engines.onnxruntime import OnnxRuntimeRunner
 from rstr.families.base import Family
@@ -52,21 +53,19 @@ def write_report(root: Path, manifest: dict, family: Family, schedule: GuidanceS
         f"- precision: {manifest['dtype']}, batch {manifest['batch']}, engines: "
         f"{', '.join(e['graph'] for e in manifest['engines']) or 'none (ONNX Runtime)'}",
     ]
-    if s.get("stage2", {}).get("check"):
-        from rstr.calibrate import describe_check
-
-        lines.append(f"- Stage-2 adapter {'merged' if s['stage2']['used'] else '**not used**'}: {describe_check(s['stage2']['check'])}")
+    for gate in s.get("gates", {}).values():
+        lines.append(f"- {gate['name']} gate: {gate['decision']}")
     if s.get("quality"):
-        q = s["quality"]
-        lines += ["", "## Quality (held-out seeds, %d groups of %d images)" % (q["rstr"]["groups"], q["images_per_group"]), "",
-                  "| | passes/image | FD | accuracy |", "|---|---|---|---|"]
-        for name in ("constant_cfg", "rstr"):
-            r = q[name]
-            lines.append(f"| {name} | {r['passes_per_image']} | {r['fd_mean']:.3f} ± {r['fd_std']:.3f} | {r['accuracy']:.3f} |")
+        lines += ["", *quality_section(Comparison.from_json(s["quality"]))]
+    for gate in s.get("gates", {}).values():
+        if gate["comparisons"]:
+            lines += ["", f"### {gate['name'].capitalize()} gate ({gate['groups']} groups of {gate['num']} gate seeds "
+                          f"from {gate['seeds'][0]}, paired)", "", *comparison_table([Comparison.from_json(c) for c in gate["comparisons"]])]
     if s.get("speed"):
         sp = s["speed"]
-        lines += ["", f"## Speed (end to end, batch {manifest['batch']}, median of {sp['reps']} interleaved runs, this machine)", "",
-                  f"- PyTorch eager, {sp['baseline']}: {sp['seconds']['pytorch_constant_cfg'] * 1e3:.1f} ms",
+        lines += ["", f"## Speed (end to end, batch {manifest['batch']}, median of {sp['reps']} interleaved runs, "
+                      f"{sp['threads']} threads each, this machine)", "",
+                  f"- {sp['baseline']}: {sp['seconds']['pytorch_constant_cfg'] * 1e3:.1f} ms",
                   f"- this bundle on ONNX Runtime CPU: {sp['seconds']['bundle'] * 1e3:.1f} ms",
                   f"- speedup: **{sp['speedup']:.2f}x**"]
     lines += ["", "## Plan", "", "| step | timestep | guided | scale | batch |", "|---|---|---|---|---|"]
@@ -75,3 +74,25 @@ def write_report(root: Path, manifest: dict, family: Family, schedule: GuidanceS
         lines.append(f"| {st['index']} | {st['timestep']:.0f} | {'yes' if st['guided'] else 'no'} | {scale} | {st['batch']} |")
     lines += ["", "![schedule](schedule.png)"] + (["", f"![samples]({samples})"] if samples else [])
     (root / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def comparison_table(comparisons: list[Comparison]) -> list[str]:
+    """Markdown rows: each candidate against its baseline, FD per group, paired differences and the verdict."""
+    fmt = lambda xs: " / ".join(f"{x:.3f}" for x in xs)  # noqa: E731
+    rows = ["| candidate | passes/image | FD per group | baseline FD per group | paired differences | accuracy | verdict |",
+            "|---|---|---|---|---|---|---|"]
+    for c in comparisons:
+        rows.append(f"| {c.candidate.label}: {c.candidate.schedule} | {c.candidate.passes_per_image} | {fmt(c.candidate.fd)} | "
+                    f"{fmt(c.baseline.fd)} ({c.baseline.label}) | {fmt(c.differences)} | {c.candidate.accuracy_mean:.3f} vs "
+                    f"{c.baseline.accuracy_mean:.3f} | **{c.verdict}** |")
+    return rows
+
+
+def quality_section(q: Comparison) -> list[str]:
+    """The report's quality section: the bundle against the stock model on held-out seeds, in a table and in words."""
+    words = {"better": "better than the stock model on every held-out group",
+             "worse": "worse than the stock model on every held-out group",
+             "inside the noise": "neither better nor worse on every group: the difference is inside the noise"}[q.verdict]
+    return [f"## Quality against the stock model ({q.groups} held-out groups of {q.num} seeds from {q.seed_start}, paired)", "",
+            f"Baseline: the stock model, freshly loaded with no adapter, {q.baseline.schedule}. The bundle is **{words}** "
+            f"(FD, lower is better; per-group differences bundle minus stock).", "", *comparison_table([q])]

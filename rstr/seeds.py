@@ -60,11 +60,13 @@ def check_disjoint(*ranges: SeedRange) -> None:
             a.require_disjoint(b)
 
 
-# One place for the seed pools.  Search never sees calibration or held-out seeds.
+# One place for the seed pools.  Search never sees calibration, gate or held-out seeds; the build's
+# gates decide on GATE_SEEDS, so its report on held-out seeds is an independent measurement.
 SEARCH_SEEDS = SeedRange(0, 100_000)
 CALIBRATION_SEEDS = SeedRange(100_000, 200_000)
+GATE_SEEDS = SeedRange(200_000, 300_000)
 HELD_OUT_SEEDS = SeedRange(1_000_000, 2_000_000)
-check_disjoint(SEARCH_SEEDS, CALIBRATION_SEEDS, HELD_OUT_SEEDS)
+check_disjoint(SEARCH_SEEDS, CALIBRATION_SEEDS, GATE_SEEDS, HELD_OUT_SEEDS)
 
 
 def eval_seeds(seed_start: int, num: int, groups: int) -> SeedRange:
