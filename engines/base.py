@@ -12,9 +12,9 @@ import threading
 from abc import ABC, abstractmethod
 
 import numpy as np
-
 from rstr.engines.bundle import Bundle
 from rstr.engines.manifest import REQUIRED
+
 from rstr.errors import RstrError
 
 
@@ -32,7 +32,7 @@ class Runner(ABC):
         self.is_active = False
         self._lock = threading.Lock()
 
-    def __enter__(self) -> "Runner":
+    def __enter__(self) -> Runner:
         self.activate()
         return self
 
@@ -49,8 +49,13 @@ class Runner(ABC):
             self._deactivate()
             self.is_active = False
 
-    def infer(self, noise: np.ndarray, cond: dict[str, np.ndarray], uncond: dict[str, np.ndarray] | None = None,
-              trace: list[np.ndarray] | None = None) -> np.ndarray:
+    def infer(
+        self,
+        noise: np.ndarray,
+        cond: dict[str, np.ndarray],
+        uncond: dict[str, np.ndarray] | None = None,
+        trace: list[np.ndarray] | None = None,
+    ) -> np.ndarray:
         """Final latents for ``noise`` and conditioning; ``trace`` (a list) receives x after each step."""
         if not self.is_active:
             raise RstrError(f"{type(self).__name__} is not active; use it as a context manager or call activate()")
@@ -65,8 +70,9 @@ class Runner(ABC):
     def _deactivate(self) -> None: ...
 
     @abstractmethod
-    def _infer(self, noise: np.ndarray, cond: dict[str, np.ndarray], uncond: dict[str, np.ndarray] | None,
-               trace: list[np.ndarray] | None) -> np.ndarray: ...
+    def _infer(
+        self, noise: np.ndarray, cond: dict[str, np.ndarray], uncond: dict[str, np.ndarray] | None, trace: list[np.ndarray] | None
+    ) -> np.ndarray: ...
 
     def describe(self) -> dict:
         """Backend and settings, for reports."""
@@ -91,13 +97,17 @@ def check_inputs(bundle: Bundle, noise, cond, uncond):
         labels = cond["class_labels"]
         bad = labels[(labels < 0) | (labels >= conditioning.num_classes)]
         if bad.size:
-            raise InputError(f"class label {int(bad[0])} is out of range; this model has classes 0..{conditioning.num_classes - 1}")
+            raise InputError(
+                f"class label {int(bad[0])} is out of range; this model has classes 0..{conditioning.num_classes - 1}"
+            )
     if bundle.plan.num_guided:
         if uncond is None:
             uncond = {}
             for name, rule in conditioning.unconditional.items():
                 if rule == REQUIRED:
-                    raise InputError(f"this bundle's guided steps need unconditional input {name!r} (negative-prompt embeddings); pass uncond=")
+                    raise InputError(
+                        f"this bundle's guided steps need unconditional input {name!r} (negative-prompt embeddings); pass uncond="
+                    )
                 uncond[name] = np.full_like(cond[name], rule)
         uncond = _check_cond(bundle, uncond, "unconditional")
     return noise, cond, uncond

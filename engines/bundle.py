@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from rstr.engines.manifest import Decoder, Engine, Manifest, Plan, Step, TensorDesc
+
 from rstr.errors import BundleError
 
 
@@ -41,10 +42,12 @@ class Bundle:
     manifest: Manifest
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], verify_checksums: bool = True) -> "Bundle":
+    def open(cls, path: str | os.PathLike[str], verify_checksums: bool = True) -> Bundle:
         root = Path(path)
         if not root.is_dir():
-            raise BundleError(f"bundle {root} does not exist or is not a directory; build one with `rstr-export build --out {root}`")
+            raise BundleError(
+                f"bundle {root} does not exist or is not a directory; build one with `rstr-export build --out {root}`"
+            )
         mpath = root / "manifest.json"
         if not mpath.is_file():
             raise BundleError(f"{root} has no manifest.json; it is not a complete bundle (rebuild it)")
@@ -66,7 +69,7 @@ class Bundle:
                 raise BundleError(f"{mpath}: graph file {graph.file} is not listed in 'files'")
         return cls(root, manifest)
 
-    def with_batch(self, batch: int) -> "Bundle":
+    def with_batch(self, batch: int) -> Bundle:
         """The same bundle walked at another batch: the same graph files (their batch axis is dynamic), the plan
         and declared shapes for ``batch``.  TensorRT engines keep the profiles they were built with."""
         return Bundle(self.root, self.manifest.with_batch(batch))

@@ -12,12 +12,13 @@ B*, is written once, in :meth:`Plan.rows`.  Torch-free, like all of ``rstr.engin
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
-
 from rstr.engines import schema
+
 from rstr.errors import BundleError
 
 FORMAT = "rstr.bundle"
@@ -49,7 +50,7 @@ class TensorDesc:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
 
     @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> "TensorDesc":
+    def from_json(cls, d: Mapping[str, Any]) -> TensorDesc:
         return cls(d["name"], d["dtype"], tuple(d["shape"]))
 
 
@@ -72,7 +73,7 @@ class Graph:
         return out
 
     @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> "Graph":
+    def from_json(cls, d: Mapping[str, Any]) -> Graph:
         return cls(d["file"], _descs(d["inputs"]), _descs(d.get("outputs", ())))
 
 
@@ -89,7 +90,7 @@ class Conditioning:
         return _omit_none({"inputs": [d.to_json() for d in self.inputs], "unconditional": rules, "num_classes": self.num_classes})
 
     @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> "Conditioning":
+    def from_json(cls, d: Mapping[str, Any]) -> Conditioning:
         rules = {k: v if v == REQUIRED else v["fill"] for k, v in d["unconditional"].items()}
         return cls(_descs(d["inputs"]), rules, d.get("num_classes"))
 
@@ -108,11 +109,19 @@ class Step:
     coef_eps: float
 
     def to_json(self, rows: int) -> dict[str, Any]:
-        return {"index": self.index, "timestep": self.timestep, "model_timestep": self.model_timestep, "guided": self.guided,
-                "scale": self.scale, "batch": rows, "coef_sample": self.coef_sample, "coef_eps": self.coef_eps}
+        return {
+            "index": self.index,
+            "timestep": self.timestep,
+            "model_timestep": self.model_timestep,
+            "guided": self.guided,
+            "scale": self.scale,
+            "batch": rows,
+            "coef_sample": self.coef_sample,
+            "coef_eps": self.coef_eps,
+        }
 
     @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> "Step":
+    def from_json(cls, d: Mapping[str, Any]) -> Step:
         return cls(d["index"], d["timestep"], d["model_timestep"], d["guided"], d["scale"], d["coef_sample"], d["coef_eps"])
 
 
@@ -145,22 +154,35 @@ class Plan:
     def num_guided(self) -> int:
         return sum(s.guided for s in self.steps)
 
-    def with_batch(self, batch: int) -> "Plan":
+    def with_batch(self, batch: int) -> Plan:
         """The same steps at another batch (the step constants do not depend on it)."""
         if batch < 1:
             raise BundleError(f"batch {batch} must be at least 1")
         return replace(self, batch=batch)
 
     def to_json(self) -> dict[str, Any]:
-        return {"init_noise_sigma": self.init_noise_sigma, "num_steps": self.num_steps, "default_steps": self.default_steps,
-                "passes_per_image": self.passes_per_image, "compute_fraction": self.compute_fraction, "sampler": self.sampler,
-                "steps": [s.to_json(self.rows(s.guided)) for s in self.steps]}
+        return {
+            "init_noise_sigma": self.init_noise_sigma,
+            "num_steps": self.num_steps,
+            "default_steps": self.default_steps,
+            "passes_per_image": self.passes_per_image,
+            "compute_fraction": self.compute_fraction,
+            "sampler": self.sampler,
+            "steps": [s.to_json(self.rows(s.guided)) for s in self.steps],
+        }
 
     @classmethod
-    def from_json(cls, d: Mapping[str, Any], batch: int, source: str = "plan") -> "Plan":
+    def from_json(cls, d: Mapping[str, Any], batch: int, source: str = "plan") -> Plan:
         """Build from a schema-valid ``plan`` section of a bundle of batch ``batch``; check what the schema cannot."""
-        plan = cls(batch, d["init_noise_sigma"], d["default_steps"], d["passes_per_image"], d["compute_fraction"], d["sampler"],
-                   tuple(Step.from_json(s) for s in d["steps"]))
+        plan = cls(
+            batch,
+            d["init_noise_sigma"],
+            d["default_steps"],
+            d["passes_per_image"],
+            d["compute_fraction"],
+            d["sampler"],
+            tuple(Step.from_json(s) for s in d["steps"]),
+        )
         for i, (raw, step) in enumerate(zip(d["steps"], plan.steps)):
             at = f"{source}.steps[{i}]"
             if step.index != i:
@@ -168,8 +190,10 @@ class Plan:
             if step.guided and step.scale is None:
                 raise BundleError(f"{at}.scale is null on a guided step; a guided step needs its guidance scale")
             if raw["batch"] != plan.rows(step.guided):
-                raise BundleError(f"{at}.batch is {raw['batch']} but {'a guided' if step.guided else 'an unguided'} step runs "
-                                  f"{plan.rows(step.guided)} rows at batch {batch}")
+                raise BundleError(
+                    f"{at}.batch is {raw['batch']} but {'a guided' if step.guided else 'an unguided'} step runs "
+                    f"{plan.rows(step.guided)} rows at batch {batch}"
+                )
         for key, value in (("num_steps", plan.num_steps), ("passes_per_image", plan.num_steps + plan.num_guided)):
             if d[key] != value:
                 raise BundleError(f"{source}.{key} is {d[key]} but the steps give {value}")
@@ -189,7 +213,7 @@ class Decoder:
         return {"kind": self.kind, "channels": self.channels, "size": self.size, "range": list(self.range)}
 
     @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> "Decoder":
+    def from_json(cls, d: Mapping[str, Any]) -> Decoder:
         return cls(d["kind"], d["channels"], d["size"], tuple(d["range"]))
 
 
@@ -209,16 +233,35 @@ class Engine:
     profiles: tuple[Mapping[str, Any], ...] = ()  # [{"batch": N, "inputs": {name: {"min", "opt", "max"}}}]
 
     def to_json(self) -> dict[str, Any]:
-        return _omit_none({"backend": self.backend, "graph": self.graph, "file": self.file, "tensorrt_version": self.tensorrt_version,
-                           "compute_capability": self.compute_capability, "device_name": self.device_name,
-                           "version_compatible": self.version_compatible, "hardware_compatibility": self.hardware_compatibility,
-                           "builder_optimization_level": self.builder_optimization_level, "profiles": list(self.profiles)})
+        return _omit_none(
+            {
+                "backend": self.backend,
+                "graph": self.graph,
+                "file": self.file,
+                "tensorrt_version": self.tensorrt_version,
+                "compute_capability": self.compute_capability,
+                "device_name": self.device_name,
+                "version_compatible": self.version_compatible,
+                "hardware_compatibility": self.hardware_compatibility,
+                "builder_optimization_level": self.builder_optimization_level,
+                "profiles": list(self.profiles),
+            }
+        )
 
     @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> "Engine":
-        return cls(d["graph"], d["file"], d.get("backend", "tensorrt"), d.get("tensorrt_version"), d.get("compute_capability"),
-                   d.get("device_name"), bool(d.get("version_compatible", False)), d.get("hardware_compatibility") or "none",
-                   d.get("builder_optimization_level"), tuple(d.get("profiles", ())))
+    def from_json(cls, d: Mapping[str, Any]) -> Engine:
+        return cls(
+            d["graph"],
+            d["file"],
+            d.get("backend", "tensorrt"),
+            d.get("tensorrt_version"),
+            d.get("compute_capability"),
+            d.get("device_name"),
+            bool(d.get("version_compatible", False)),
+            d.get("hardware_compatibility") or "none",
+            d.get("builder_optimization_level"),
+            tuple(d.get("profiles", ())),
+        )
 
 
 @dataclass(frozen=True)
@@ -235,12 +278,17 @@ class Provenance:
     _FIELDS = ("model", "schedule_sha256", "adapter", "adapter_sha256", "created")
 
     def to_json(self) -> dict[str, Any]:
-        out = {**self.versions, "model": self.model, "schedule_sha256": self.schedule_sha256, "adapter": self.adapter,
-               "adapter_sha256": self.adapter_sha256}
+        out = {
+            **self.versions,
+            "model": self.model,
+            "schedule_sha256": self.schedule_sha256,
+            "adapter": self.adapter,
+            "adapter_sha256": self.adapter_sha256,
+        }
         return {**out, "created": self.created} if self.created is not None else out
 
     @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> "Provenance":
+    def from_json(cls, d: Mapping[str, Any]) -> Provenance:
         versions = {k: v for k, v in d.items() if k not in cls._FIELDS}
         return cls(d["model"], d["schedule_sha256"], d.get("adapter"), d.get("adapter_sha256"), d.get("created"), versions)
 
@@ -255,11 +303,15 @@ class VerificationRecord:
     per_step_rel_error: tuple[float, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        return {"backend": self.backend, "max_rel_error": self.max_rel_error, "tolerance": self.tolerance,
-                "per_step_rel_error": list(self.per_step_rel_error)}
+        return {
+            "backend": self.backend,
+            "max_rel_error": self.max_rel_error,
+            "tolerance": self.tolerance,
+            "per_step_rel_error": list(self.per_step_rel_error),
+        }
 
     @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> "VerificationRecord":
+    def from_json(cls, d: Mapping[str, Any]) -> VerificationRecord:
         return cls(d["backend"], d["max_rel_error"], d["tolerance"], tuple(d.get("per_step_rel_error", ())))
 
 
@@ -272,7 +324,7 @@ class FileEntry:
         return _omit_none({"sha256": self.sha256, "bytes": self.bytes})
 
     @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> "FileEntry":
+    def from_json(cls, d: Mapping[str, Any]) -> FileEntry:
         return cls(d["sha256"], d.get("bytes"))
 
 
@@ -297,7 +349,7 @@ class Manifest:
     def batch(self) -> int:
         return self.plan.batch
 
-    def with_batch(self, batch: int) -> "Manifest":
+    def with_batch(self, batch: int) -> Manifest:
         """The plan and declared shapes at another batch; the graphs (batch axis dynamic) are the same files."""
         sample = replace(self.sample, shape=(batch, *self.sample.shape[1:]))
         return replace(self, plan=self.plan.with_batch(batch), sample=sample)
@@ -306,11 +358,20 @@ class Manifest:
         return [e for e in self.engines if e.backend == backend]
 
     def to_json(self) -> dict[str, Any]:
-        out = {"format": FORMAT, "version": VERSION, "family": self.family, "batch": self.batch, "dtype": self.dtype,
-               "sample": self.sample.to_json(), "graphs": {k: g.to_json() for k, g in self.graphs.items()},
-               "conditioning": self.conditioning.to_json(), "plan": self.plan.to_json(),
-               "decoder": None if self.decoder is None else self.decoder.to_json(), "engines": [e.to_json() for e in self.engines],
-               "provenance": self.provenance.to_json()}
+        out = {
+            "format": FORMAT,
+            "version": VERSION,
+            "family": self.family,
+            "batch": self.batch,
+            "dtype": self.dtype,
+            "sample": self.sample.to_json(),
+            "graphs": {k: g.to_json() for k, g in self.graphs.items()},
+            "conditioning": self.conditioning.to_json(),
+            "plan": self.plan.to_json(),
+            "decoder": None if self.decoder is None else self.decoder.to_json(),
+            "engines": [e.to_json() for e in self.engines],
+            "provenance": self.provenance.to_json(),
+        }
         if self.verification is not None:
             out["verification"] = self.verification.to_json()
         if self.summary is not None:
@@ -319,15 +380,17 @@ class Manifest:
         return out
 
     @classmethod
-    def from_json(cls, data: Any, source: str = "manifest.json") -> "Manifest":
+    def from_json(cls, data: Any, source: str = "manifest.json") -> Manifest:
         """Check format and version, validate against the bundle schema, then read; one BundleError line on any problem."""
         if not isinstance(data, dict):
             raise BundleError(f"{source} must hold a JSON object (got {type(data).__name__})")
         if data.get("format") != FORMAT:
             raise BundleError(f"{source}: format {data.get('format')!r} is not {FORMAT!r}")
         if data.get("version") != VERSION:
-            raise BundleError(f"{source}: bundle version {data.get('version')!r} is not supported (this rstr reads version "
-                              f"{VERSION}); rebuild the bundle")
+            raise BundleError(
+                f"{source}: bundle version {data.get('version')!r} is not supported (this rstr reads version "
+                f"{VERSION}); rebuild the bundle"
+            )
         problem = schema.check(data, "bundle")
         if problem is not None:
             raise BundleError(f"{source}: {problem}")
@@ -338,8 +401,10 @@ class Manifest:
         conditioning = Conditioning.from_json(data["conditioning"])
         missing = [d.name for d in conditioning.inputs if d.name not in conditioning.unconditional]
         if missing:
-            raise BundleError(f"{source}: conditioning.unconditional has no rule for input {missing[0]!r}; "
-                              f"give {{\"fill\": value}} or \"{REQUIRED}\"")
+            raise BundleError(
+                f"{source}: conditioning.unconditional has no rule for input {missing[0]!r}; "
+                f'give {{"fill": value}} or "{REQUIRED}"'
+            )
         decoder, verification = data.get("decoder"), data.get("verification")
         return cls(
             family=data["family"],

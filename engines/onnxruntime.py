@@ -14,9 +14,9 @@ from __future__ import annotations
 import os
 
 import numpy as np
-
 from rstr.engines.base import Runner
 from rstr.engines.bundle import Bundle
+
 from rstr.errors import BackendUnavailable
 
 GRAPHS = ("denoiser", "step_guided", "step_single")
@@ -46,7 +46,9 @@ class OnnxRuntimeRunner(Runner):
         if device not in ("cpu", "cuda"):
             raise BackendUnavailable(f"device {device!r} is not supported by the ONNX Runtime backend; use 'cpu' or 'cuda'")
         if device == "cuda" and not cuda_available():
-            raise BackendUnavailable("the CUDA execution provider is not available; pip install 'rstr[gpu]' on a machine with an NVIDIA GPU")
+            raise BackendUnavailable(
+                "the CUDA execution provider is not available; pip install 'rstr[gpu]' on a machine with an NVIDIA GPU"
+            )
         self.device = device
         self.backend = f"onnxruntime-{device}"
         self.threads = threads or os.cpu_count() or 1
@@ -85,7 +87,9 @@ class OnnxRuntimeRunner(Runner):
         # Latents by parity of the step index: step i reads x[i % 2] and writes x[(i + 1) % 2].
         self.x = [self._buffer(sample, np.float32) for _ in range(2)]
         self.x2 = [self._buffer(pair, np.float32) for _ in range(2)]
-        self.cond = {rows: {d.name: self._buffer(d.concrete(rows), d.np_dtype) for d in self.bundle.cond_inputs} for rows in (b, 2 * b)}
+        self.cond = {
+            rows: {d.name: self._buffer(d.concrete(rows), d.np_dtype) for d in self.bundle.cond_inputs} for rows in (b, 2 * b)
+        }
         model_output = {rows: self._buffer(out.concrete(rows), out.np_dtype) for rows in (b, 2 * b)}
         self.walk = []
         for i, step in enumerate(self.bundle.steps):

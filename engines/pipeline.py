@@ -16,10 +16,10 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-
 from rstr.engines.base import Runner
 from rstr.engines.bundle import Bundle
 from rstr.engines.manifest import Decoder
+
 from rstr.errors import BackendUnavailable, RstrError
 
 BACKENDS = ("auto", "tensorrt", "onnxruntime", "onnxruntime-cpu", "onnxruntime-cuda")
@@ -69,7 +69,7 @@ class Pipeline:
         self.runner = runner
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], backend: str = "auto") -> "Pipeline":
+    def load(cls, path: str | os.PathLike[str], backend: str = "auto") -> Pipeline:
         bundle = Bundle.open(path)
         runner = make_runner(bundle, backend)
         runner.activate()
@@ -78,7 +78,7 @@ class Pipeline:
     def close(self) -> None:
         self.runner.deactivate()
 
-    def __enter__(self) -> "Pipeline":
+    def __enter__(self) -> Pipeline:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -93,8 +93,9 @@ class Pipeline:
         shape = self.bundle.sample.concrete(self.bundle.batch)
         return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
 
-    def __call__(self, conditioning: dict, *, uncond: dict | None = None, seed: int | None = None,
-                 noise: np.ndarray | None = None) -> Result:
+    def __call__(
+        self, conditioning: dict, *, uncond: dict | None = None, seed: int | None = None, noise: np.ndarray | None = None
+    ) -> Result:
         """Generate from conditioning (e.g. ``{"class_labels": [3]}``) and either ``seed`` or ``noise``."""
         if (seed is None) == (noise is None):
             raise RstrError("give exactly one of seed= or noise=")

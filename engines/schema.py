@@ -19,8 +19,24 @@ from importlib import resources
 from typing import Any
 
 # The validation keywords the schemas may use: the subset the C++ validator implements.
-KEYWORDS = frozenset({"type", "properties", "required", "additionalProperties", "items", "enum", "const", "minimum",
-                      "maximum", "exclusiveMinimum", "minItems", "maxItems", "pattern", "$ref"})
+KEYWORDS = frozenset(
+    {
+        "type",
+        "properties",
+        "required",
+        "additionalProperties",
+        "items",
+        "enum",
+        "const",
+        "minimum",
+        "maximum",
+        "exclusiveMinimum",
+        "minItems",
+        "maxItems",
+        "pattern",
+        "$ref",
+    }
+)
 ANNOTATIONS = frozenset({"$schema", "$id", "$defs", "title", "description"})
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -84,8 +100,15 @@ def _json_type(value: Any) -> str:
 
 
 def _types(types: str | list[str]) -> str:
-    article = {"object": "an object", "array": "an array", "integer": "an integer", "string": "a string",
-               "number": "a number", "boolean": "a boolean", "null": "null"}
+    article = {
+        "object": "an object",
+        "array": "an array",
+        "integer": "an integer",
+        "string": "a string",
+        "number": "a number",
+        "boolean": "a boolean",
+        "null": "null",
+    }
     return " or ".join(article[t] for t in ([types] if isinstance(types, str) else types))
 
 

@@ -17,17 +17,17 @@ from pathlib import Path
 
 import torch
 from rich.markup import escape
-
-from rstr._io import atomic_dir
 from rstr.engines.bundle import Bundle
 from rstr.engines.manifest import Conditioning, Decoder, Engine, Graph, Manifest, Provenance, TensorDesc, VerificationRecord
-from rstr.errors import BackendUnavailable, RstrError
 from rstr.export.bundle import versions, write_manifest
 from rstr.export.graphs import export_denoiser, export_steps, graph_description
-from rstr.export.plan import build_plan
 from rstr.export.measure import REPORT_GROUPS, REPORT_NUM, measure_quality, measure_speed
+from rstr.export.plan import build_plan
 from rstr.export.stages import gate_schedule, run_stage1, run_stage2
 from rstr.export.verify import Verification, rel, verify
+
+from rstr._io import atomic_dir
+from rstr.errors import BackendUnavailable, RstrError
 from rstr.families import load_model
 from rstr.families.base import Family
 from rstr.schedule import GuidanceSchedule
@@ -70,7 +70,9 @@ def merge_adapter(family: Family, adapter: Path, batch: int) -> str:
     cond, _ = family.example_conditioning(2 * batch, seed=1)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(family.sample_shape(2 * batch), generator=g)
-    t = torch.full((2 * batch,), family.model_timestep(family.fresh_scheduler().config.num_train_timesteps // 2), dtype=torch.float32)
+    t = torch.full(
+        (2 * batch,), family.model_timestep(family.fresh_scheduler().config.num_train_timesteps // 2), dtype=torch.float32
+    )
     c = family.check_conditioning(cond, 2 * batch)
     with torch.no_grad():
         family.transformer = peft_model
@@ -149,9 +151,13 @@ def build(opts: BuildOptions) -> BuildResult:
             conditioning=Conditioning.from_json(conditioning_section(family)),
             plan=plan,
             decoder=None if decoder is None else Decoder.from_json(decoder),
-            provenance=Provenance(model=str(family.path), schedule_sha256=schedule.sha256(),
-                                  adapter="stages/adapter" if adapter is not None else None, adapter_sha256=adapter_hash,
-                                  versions=versions()),
+            provenance=Provenance(
+                model=str(family.path),
+                schedule_sha256=schedule.sha256(),
+                adapter="stages/adapter" if adapter is not None else None,
+                adapter_sha256=adapter_hash,
+                versions=versions(),
+            ),
         )
         write_manifest(root, manifest)  # provisional, so the bundle can be opened and verified
         log.info("verifying the bundle against PyTorch (ONNX Runtime, CPU)")
@@ -160,15 +166,22 @@ def build(opts: BuildOptions) -> BuildResult:
         manifest = replace(manifest, verification=VerificationRecord.from_json(check.to_json()))
         manifest = replace(manifest, engines=tuple(build_engines_if_usable(root, manifest, opts)))
 
-        summary: dict = {"schedule": schedule.describe(), "compute_fraction": schedule.compute_fraction,
-                         "compute_saved": 1 - schedule.compute_fraction, "max_rel_error": check.max_rel_error, "gates": gates}
+        summary: dict = {
+            "schedule": schedule.describe(),
+            "compute_fraction": schedule.compute_fraction,
+            "compute_saved": 1 - schedule.compute_fraction,
+            "max_rel_error": check.max_rel_error,
+            "gates": gates,
+        }
         if opts.measure or opts.require_better:
             log.info(f"measuring quality against the stock model ({REPORT_GROUPS} x {REPORT_NUM} held-out seeds, paired)")
             quality = measure_quality(family, schedule)
             summary["quality"] = None if quality is None else quality.to_json()
             if opts.require_better and (quality is None or quality.verdict != "better"):
-                raise RstrError(f"--require-better: the bundle does not beat the stock model on every held-out group "
-                                f"({quality.describe() if quality else 'no quality measure'})")
+                raise RstrError(
+                    f"--require-better: the bundle does not beat the stock model on every held-out group "
+                    f"({quality.describe() if quality else 'no quality measure'})"
+                )
         if opts.measure:
             log.info("measuring speed (end to end, interleaved, median of 5)")
             summary["speed"] = measure_speed(family, bundle, schedule)
@@ -184,7 +197,10 @@ def conditioning_section(family: Family) -> dict:
     """The manifest's ``conditioning``: inputs, how each becomes unconditional, and the class count."""
     inputs = [s.to_json() for s in family.cond_specs()]
     fill = family.null_fill()
-    section: dict = {"inputs": inputs, "unconditional": {s["name"]: {"fill": fill[s["name"]]} if fill else "required" for s in inputs}}
+    section: dict = {
+        "inputs": inputs,
+        "unconditional": {s["name"]: {"fill": fill[s["name"]]} if fill else "required" for s in inputs},
+    }
     if family.conditioning == "class-labels" and family.num_classes is not None:
         section["num_classes"] = family.num_classes
     return section

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import numpy as np
 import typer
@@ -19,31 +19,61 @@ from rich.table import Table
 from rstr._cli import run_app
 from rstr.errors import RstrError
 
-app = typer.Typer(name="rstr-export", help=__doc__.split("\n\n")[0].split(": ", 1)[1], no_args_is_help=True,
-                  add_completion=False, pretty_exceptions_enable=False)
+app = typer.Typer(
+    name="rstr-export",
+    help=__doc__.split("\n\n")[0].split(": ", 1)[1],
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
 console = Console()
 BundleArg = Annotated[Path, typer.Argument(help="Bundle directory written by `rstr-export build`.")]
 
 
 @app.command()
 def build(
-    model: Annotated[Optional[Path], typer.Option(help="Local diffusers directory or a reference model name (digits-dit, ...). Default: the reference digits DiT.")] = None,
-    schedule: Annotated[Optional[Path], typer.Option(help="Schedule JSON from `rstr search`; skips Stage-1 (and Stage-2 unless --adapter).")] = None,
-    adapter: Annotated[Optional[Path], typer.Option(help="Adapter directory from `rstr calibrate`; skips Stage-2.")] = None,
-    out: Annotated[Path, typer.Option(help="Bundle directory to write (refused if it exists, unless --force).")] = Path("rstr-bundle"),
-    backend: Annotated[str, typer.Option(help="auto (TensorRT when usable, else ONNX Runtime) | tensorrt | onnxruntime.")] = "auto",
+    model: Annotated[
+        Path | None,
+        typer.Option(
+            help="Local diffusers directory or a reference model name (digits-dit, ...). Default: the reference digits DiT."
+        ),
+    ] = None,
+    schedule: Annotated[
+        Path | None, typer.Option(help="Schedule JSON from `rstr search`; skips Stage-1 (and Stage-2 unless --adapter).")
+    ] = None,
+    adapter: Annotated[Path | None, typer.Option(help="Adapter directory from `rstr calibrate`; skips Stage-2.")] = None,
+    out: Annotated[Path, typer.Option(help="Bundle directory to write (refused if it exists, unless --force).")] = Path(
+        "rstr-bundle"
+    ),
+    backend: Annotated[
+        str, typer.Option(help="auto (TensorRT when usable, else ONNX Runtime) | tensorrt | onnxruntime.")
+    ] = "auto",
     dtype: Annotated[str, typer.Option(help="Precision inside the denoiser graph: fp32 | fp16 | bf16.")] = "fp32",
     batch: Annotated[int, typer.Option(help="Images per call (B); guided steps run 2B rows, unguided B.")] = 1,
-    preset: Annotated[str, typer.Option(help="Stage-1/Stage-2 effort when they run: fast (the default build, minutes on a CPU) | full (the searches the docs quote; use a GPU).")] = "fast",
+    preset: Annotated[
+        str,
+        typer.Option(
+            help="Stage-1/Stage-2 effort when they run: fast (the default build, minutes on a CPU) | full (the searches the docs quote; use a GPU)."
+        ),
+    ] = "fast",
     budget: Annotated[float, typer.Option(help="Stage-1 compute budget, fraction of constant CFG at full steps.")] = 0.5,
     seed: Annotated[int, typer.Option(help="Seed of the stages (search and calibration draws).")] = 0,
     force: Annotated[bool, typer.Option(help="Replace an existing --out (only once the new bundle is complete).")] = False,
-    measure: Annotated[bool, typer.Option(help="Measure quality against the stock model (held-out seeds) and speed for the report.")] = True,
-    require_better: Annotated[bool, typer.Option(help="Exit 1 (writing nothing) unless the bundle beats the stock model's constant CFG on every held-out group; for CI.")] = False,
-    threads: Annotated[Optional[int], typer.Option(help="Torch threads (default: the cores not busy with other work).")] = None,
+    measure: Annotated[
+        bool, typer.Option(help="Measure quality against the stock model (held-out seeds) and speed for the report.")
+    ] = True,
+    require_better: Annotated[
+        bool,
+        typer.Option(
+            help="Exit 1 (writing nothing) unless the bundle beats the stock model's constant CFG on every held-out group; for CI."
+        ),
+    ] = False,
+    threads: Annotated[int | None, typer.Option(help="Torch threads (default: the cores not busy with other work).")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", help="Show every step's detail and third-party messages.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="Print only the final table.")] = False,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object (nothing else on stdout).")] = False,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print the summary as one JSON object (nothing else on stdout).")
+    ] = False,
 ) -> None:
     """Build a verified bundle. With no arguments: the whole job on the reference model.
 
@@ -65,8 +95,9 @@ def build(
     from rstr.export.build import build as run_build
 
     set_threads(threads)
-    result = run_build(BuildOptions(model, schedule, adapter, out, backend, dtype, batch, force, preset, budget, seed, measure,
-                                    require_better))
+    result = run_build(
+        BuildOptions(model, schedule, adapter, out, backend, dtype, batch, force, preset, budget, seed, measure, require_better)
+    )
     s = result.summary
     if json_out:
         print(json.dumps({"out": str(result.out), **s}))
@@ -82,13 +113,19 @@ def build(
     q = s.get("quality")
     if q:
         fmt = lambda xs: " / ".join(f"{x:.3f}" for x in xs)  # noqa: E731
-        table.add_row("held-out FD per group: rstr / stock constant CFG", f"{fmt(q['candidate']['fd'])} / {fmt(q['baseline']['fd'])}")
+        table.add_row(
+            "held-out FD per group: rstr / stock constant CFG", f"{fmt(q['candidate']['fd'])} / {fmt(q['baseline']['fd'])}"
+        )
         table.add_row("paired difference per group", f"{fmt(q['differences'])}: [bold]{q['verdict']}[/bold]")
-        table.add_row("accuracy: rstr / stock", f"{sum(q['candidate']['accuracy']) / q['groups']:.3f} / "
-                                                 f"{sum(q['baseline']['accuracy']) / q['groups']:.3f}")
+        table.add_row(
+            "accuracy: rstr / stock",
+            f"{sum(q['candidate']['accuracy']) / q['groups']:.3f} / {sum(q['baseline']['accuracy']) / q['groups']:.3f}",
+        )
     if s.get("speed"):
         sp = s["speed"]
-        table.add_row("speedup vs PyTorch constant CFG", f"{sp['speedup']:.2f}x (end to end, {sp['threads']} threads, this machine)")
+        table.add_row(
+            "speedup vs PyTorch constant CFG", f"{sp['speedup']:.2f}x (end to end, {sp['threads']} threads, this machine)"
+        )
     console.print(table)
     console.print(f"report: {result.out / 'report.md'}")
 
@@ -103,13 +140,23 @@ def inspect(bundle: BundleArg, json_out: Annotated[bool, typer.Option("--json", 
     if json_out:
         print(json.dumps(plan.to_json(), indent=2))
         return
-    table = Table(title=f"{bundle}: {b.family}, batch {plan.batch}, {plan.num_steps} steps, "
-                        f"{plan.passes_per_image} passes/image ({plan.compute_fraction:.0%} of constant CFG)")
+    table = Table(
+        title=f"{bundle}: {b.family}, batch {plan.batch}, {plan.num_steps} steps, "
+        f"{plan.passes_per_image} passes/image ({plan.compute_fraction:.0%} of constant CFG)"
+    )
     for col in ("step", "timestep", "model t", "guided", "scale", "batch", "coef_sample", "coef_eps"):
         table.add_column(col, justify="right")
     for s in plan.steps:
-        table.add_row(str(s.index), f"{s.timestep:.1f}", f"{s.model_timestep:.4g}", "yes" if s.guided else "no",
-                      "" if s.scale is None else f"{s.scale:.3f}", str(plan.rows(s.guided)), f"{s.coef_sample:.5f}", f"{s.coef_eps:.5f}")
+        table.add_row(
+            str(s.index),
+            f"{s.timestep:.1f}",
+            f"{s.model_timestep:.4g}",
+            "yes" if s.guided else "no",
+            "" if s.scale is None else f"{s.scale:.3f}",
+            str(plan.rows(s.guided)),
+            f"{s.coef_sample:.5f}",
+            f"{s.coef_eps:.5f}",
+        )
     console.print(table)
 
 
@@ -121,6 +168,7 @@ def verify(bundle: BundleArg, seed: Annotated[int, typer.Option(help="Seed of th
     """
     from rstr.engines.bundle import Bundle
     from rstr.export.verify import verify as run_verify
+
     from rstr.families import load_model
     from rstr.schedule import GuidanceSchedule
 
@@ -132,23 +180,26 @@ def verify(bundle: BundleArg, seed: Annotated[int, typer.Option(help="Seed of th
 
         apply_adapter(family, b.root / prov.adapter)
     result = run_verify(b, family, GuidanceSchedule.load(b.root / "schedule.json"), seed=seed)
-    console.print(f"[green]verified[/green]: max relative error {result.max_rel_error:.2e} <= {result.tolerance:.0e} "
-                  f"over {len(result.per_step)} steps ({result.backend})")
+    console.print(
+        f"[green]verified[/green]: max relative error {result.max_rel_error:.2e} <= {result.tolerance:.0e} "
+        f"over {len(result.per_step)} steps ({result.backend})"
+    )
 
 
 @app.command()
 def run(
     bundle: BundleArg,
     classes: Annotated[str, typer.Option("--class", help="Class label(s), comma-separated, one per batch row.")] = "0",
-    cond: Annotated[Optional[Path], typer.Option(help=".npz of conditioning arrays (and uncond_<name> for negatives).")] = None,
+    cond: Annotated[Path | None, typer.Option(help=".npz of conditioning arrays (and uncond_<name> for negatives).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the noise (numpy PCG64); ignored with --noise.")] = 0,
-    noise: Annotated[Optional[Path], typer.Option(help=".npy noise of the bundle's sample shape.")] = None,
+    noise: Annotated[Path | None, typer.Option(help=".npy noise of the bundle's sample shape.")] = None,
     backend: Annotated[str, typer.Option(help="auto | tensorrt | onnxruntime | onnxruntime-cpu | onnxruntime-cuda.")] = "auto",
     out: Annotated[Path, typer.Option(help=".png (bundles with a pixel decoder) or .npy latents.")] = Path("out.png"),
 ) -> None:
     """Generate with a bundle and save the image grid or the latents."""
-    from rstr._io import atomic_path
     from rstr.engines.pipeline import Pipeline
+
+    from rstr._io import atomic_path
 
     with Pipeline.load(bundle, backend=backend) as pipe:
         if cond is not None:

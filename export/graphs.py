@@ -80,8 +80,15 @@ def _example(spec: TensorSpec, batch: int) -> torch.Tensor:
     return torch.randn(shape)
 
 
-def _export(module: nn.Module, args: tuple, path: Path, input_names: list[str], output_names: list[str],
-            batch_axes: dict[str, str], dynamo: bool) -> None:
+def _export(
+    module: nn.Module,
+    args: tuple,
+    path: Path,
+    input_names: list[str],
+    output_names: list[str],
+    batch_axes: dict[str, str],
+    dynamo: bool,
+) -> None:
     """Export with dynamic axes named in ``batch_axes`` (input/output name -> axis symbol)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -91,13 +98,30 @@ def _export(module: nn.Module, args: tuple, path: Path, input_names: list[str], 
             dynamic_shapes = [({0: dims[batch_axes[n]]} if n in batch_axes else None) for n in input_names]
             if isinstance(module, Denoiser):  # forward(sample, timestep, *cond): varargs form one tuple
                 dynamic_shapes = [*dynamic_shapes[:2], tuple(dynamic_shapes[2:])]
-            program = torch.onnx.export(module, args, dynamo=True, input_names=input_names, output_names=output_names,
-                                        dynamic_shapes=dynamic_shapes, opset_version=OPSET, verbose=False)
+            program = torch.onnx.export(
+                module,
+                args,
+                dynamo=True,
+                input_names=input_names,
+                output_names=output_names,
+                dynamic_shapes=dynamic_shapes,
+                opset_version=OPSET,
+                verbose=False,
+            )
             program.save(str(path))  # external data when past 2 GB
         else:
             axes = {n: {0: batch_axes[n]} for n in [*input_names, *output_names] if n in batch_axes}
-            torch.onnx.export(module, args, str(path), dynamo=False, input_names=input_names, output_names=output_names,
-                              dynamic_axes=axes, opset_version=OPSET, do_constant_folding=True)
+            torch.onnx.export(
+                module,
+                args,
+                str(path),
+                dynamo=False,
+                input_names=input_names,
+                output_names=output_names,
+                dynamic_axes=axes,
+                opset_version=OPSET,
+                do_constant_folding=True,
+            )
 
 
 def clean(path: Path) -> None:
@@ -106,7 +130,10 @@ def clean(path: Path) -> None:
     from polygraphy.backend.onnx import fold_constants
 
     model = onnx.load(str(path))
-    declared = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in [*model.graph.input, *model.graph.output]}
+    declared = {
+        v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+        for v in [*model.graph.input, *model.graph.output]
+    }
     model = fold_constants(model, allow_onnxruntime_shape_inference=False, error_ok=True)
     graph = gs.import_onnx(model)
     graph.cleanup().toposort()
@@ -135,7 +162,9 @@ def _refuse_float64(model: onnx.ModelProto, path: Path) -> None:
     """TensorRT has no float64: a graph that still computes in double is an export bug."""
     double = onnx.TensorProto.DOUBLE
     bad = [i.name for i in model.graph.initializer if i.data_type == double]
-    bad += [n.name for n in model.graph.node if n.op_type == "Cast" and any(a.name == "to" and a.i == double for a in n.attribute)]
+    bad += [
+        n.name for n in model.graph.node if n.op_type == "Cast" and any(a.name == "to" and a.i == double for a in n.attribute)
+    ]
     if bad:
         raise RuntimeError(f"{path.name} computes in float64 at {bad[:3]}; TensorRT cannot run it")
 
@@ -152,7 +181,9 @@ def export_denoiser(family: Family, path: Path, dtype: str = "fp32", batch: int 
         args = tuple(_example(s, 2 * max(batch, 1)) for s in specs)
         names = [s.name for s in specs]
         with family.export_patches(), torch.no_grad():
-            _export(module, args, path, names, ["model_output"], {n: "batch" for n in [*names, "model_output"]}, family.export_dynamo)
+            _export(
+                module, args, path, names, ["model_output"], {n: "batch" for n in [*names, "model_output"]}, family.export_dynamo
+            )
     finally:
         family.transformer.to(original)
     clean(path)
@@ -166,12 +197,24 @@ def export_steps(family: Family, directory: Path, batch: int = 1) -> None:
     out2 = torch.randn(family.output_shape(2 * b))
     one = torch.ones(1)
     with torch.no_grad():
-        _export(GuidedStep(family).eval(), (x, out2, one, one, one), directory / "step_guided.onnx",
-                ["sample", "model_output", "scale", "coef_sample", "coef_eps"], ["next_sample", "next_sample_pair"],
-                {"sample": "batch", "model_output": "batch2", "next_sample": "batch", "next_sample_pair": "batch2"}, dynamo=False)
-        _export(SingleStep(family).eval(), (x, out1, one, one), directory / "step_single.onnx",
-                ["sample", "model_output", "coef_sample", "coef_eps"], ["next_sample", "next_sample_pair"],
-                {"sample": "batch", "model_output": "batch", "next_sample": "batch", "next_sample_pair": "batch2"}, dynamo=False)
+        _export(
+            GuidedStep(family).eval(),
+            (x, out2, one, one, one),
+            directory / "step_guided.onnx",
+            ["sample", "model_output", "scale", "coef_sample", "coef_eps"],
+            ["next_sample", "next_sample_pair"],
+            {"sample": "batch", "model_output": "batch2", "next_sample": "batch", "next_sample_pair": "batch2"},
+            dynamo=False,
+        )
+        _export(
+            SingleStep(family).eval(),
+            (x, out1, one, one),
+            directory / "step_single.onnx",
+            ["sample", "model_output", "coef_sample", "coef_eps"],
+            ["next_sample", "next_sample_pair"],
+            {"sample": "batch", "model_output": "batch", "next_sample": "batch", "next_sample_pair": "batch2"},
+            dynamo=False,
+        )
     for name in ("step_guided.onnx", "step_single.onnx"):
         clean(directory / name)
 
@@ -182,10 +225,21 @@ def graph_description(family: Family, batch: int) -> dict:
     out_b = TensorSpec("model_output", torch.float32, ("batch", *family.output_shape(1)[1:]))
     out_2b = TensorSpec("model_output", torch.float32, ("batch2", *family.output_shape(1)[1:]))
     scalar = [TensorSpec(n, torch.float32, (1,)) for n in ("coef_sample", "coef_eps")]
-    nexts = [TensorSpec("next_sample", torch.float32, sample.shape), TensorSpec("next_sample_pair", torch.float32, ("batch2", *sample.shape[1:]))]
+    nexts = [
+        TensorSpec("next_sample", torch.float32, sample.shape),
+        TensorSpec("next_sample_pair", torch.float32, ("batch2", *sample.shape[1:])),
+    ]
     as_json = lambda specs: [s.to_json() for s in specs]  # noqa: E731
     return {
-        "denoiser": {"file": "denoiser.onnx", "inputs": as_json(family.graph_inputs()), "outputs": as_json([family.graph_output()])},
-        "step_guided": {"file": "step_guided.onnx", "inputs": as_json([sample, out_2b, TensorSpec("scale", torch.float32, (1,)), *scalar]), "outputs": as_json(nexts)},
+        "denoiser": {
+            "file": "denoiser.onnx",
+            "inputs": as_json(family.graph_inputs()),
+            "outputs": as_json([family.graph_output()]),
+        },
+        "step_guided": {
+            "file": "step_guided.onnx",
+            "inputs": as_json([sample, out_2b, TensorSpec("scale", torch.float32, (1,)), *scalar]),
+            "outputs": as_json(nexts),
+        },
         "step_single": {"file": "step_single.onnx", "inputs": as_json([sample, out_b, *scalar]), "outputs": as_json(nexts)},
     }

@@ -16,9 +16,9 @@ import time
 
 import numpy as np
 import torch
+from rstr.engines.bundle import Bundle
 
 from rstr.compare import Comparison, compare
-from rstr.engines.bundle import Bundle
 from rstr.families import load_model
 from rstr.families.base import Family
 from rstr.schedule import GuidanceSchedule
@@ -37,13 +37,19 @@ def measure_quality(family: Family, schedule: GuidanceSchedule) -> Comparison | 
     if family.quality != "digits":
         return None
     stock = load_model(family.path, device=family.device)
-    return compare((family, schedule, "rstr bundle"), (stock, stock_constant_cfg(stock, schedule), "stock constant CFG"),
-                   seed_start=HELD_OUT_SEEDS.start, num=REPORT_NUM, groups=REPORT_GROUPS)
+    return compare(
+        (family, schedule, "rstr bundle"),
+        (stock, stock_constant_cfg(stock, schedule), "stock constant CFG"),
+        seed_start=HELD_OUT_SEEDS.start,
+        num=REPORT_NUM,
+        groups=REPORT_GROUPS,
+    )
 
 
 def measure_speed(family: Family, bundle: Bundle, schedule: GuidanceSchedule, reps: int = 5) -> dict:
     """Median end-to-end seconds, interleaved: PyTorch eager constant CFG vs the bundle (ONNX Runtime, same threads)."""
     from rstr.engines.onnxruntime import OnnxRuntimeRunner
+
     from rstr.sampler import sample
 
     b = bundle.batch
@@ -54,8 +60,10 @@ def measure_speed(family: Family, bundle: Bundle, schedule: GuidanceSchedule, re
     threads = torch.get_num_threads()
     times: dict[str, list[float]] = {"pytorch_constant_cfg": [], "bundle": []}
     with OnnxRuntimeRunner(bundle, threads=threads) as runner:
-        runs = {"pytorch_constant_cfg": lambda: sample(family, baseline, cond, uncond=uncond, noise=torch.from_numpy(noise)),
-                "bundle": lambda: runner.infer(noise, to_np(cond), to_np(uncond))}
+        runs = {
+            "pytorch_constant_cfg": lambda: sample(family, baseline, cond, uncond=uncond, noise=torch.from_numpy(noise)),
+            "bundle": lambda: runner.infer(noise, to_np(cond), to_np(uncond)),
+        }
         for run in runs.values():
             run()  # warm-up
         for _ in range(reps):
@@ -64,5 +72,10 @@ def measure_speed(family: Family, bundle: Bundle, schedule: GuidanceSchedule, re
                 run()
                 times[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
-    return {"baseline": f"PyTorch eager, {baseline.describe()}", "seconds": med, "threads": threads,
-            "speedup": med["pytorch_constant_cfg"] / med["bundle"], "reps": reps}
+    return {
+        "baseline": f"PyTorch eager, {baseline.describe()}",
+        "seconds": med,
+        "threads": threads,
+        "speedup": med["pytorch_constant_cfg"] / med["bundle"],
+        "reps": reps,
+    }

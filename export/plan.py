@@ -19,8 +19,8 @@ from __future__ import annotations
 import copy
 
 import torch
-
 from rstr.engines.manifest import Plan, Step
+
 from rstr.errors import RstrError
 from rstr.families.base import Family
 from rstr.schedule import GuidanceSchedule
@@ -40,7 +40,9 @@ def build_plan(family: Family, schedule: GuidanceSchedule, batch: int) -> Plan:
     schedule.check_fits(family.name)
     limit = int(family.scheduler.config.get("num_train_timesteps", 1000))
     if schedule.num_steps > limit:
-        raise RstrError(f"schedule has {schedule.num_steps} steps, more than the model's {limit} training timesteps; use fewer steps")
+        raise RstrError(
+            f"schedule has {schedule.num_steps} steps, more than the model's {limit} training timesteps; use fewer steps"
+        )
     scheduler = family.scheduler_for(schedule)
     shape = family.sample_shape(1)
     g = torch.Generator().manual_seed(0)
@@ -54,18 +56,37 @@ def build_plan(family: Family, schedule: GuidanceSchedule, batch: int) -> Plan:
         a = _step(scheduler, t, one, zero) - base
         b = _step(scheduler, t, zero, one) - base
         if base.abs().max() > 1e-6 or _not_constant(a) or _not_constant(b):
-            raise RstrError(f"{type(scheduler).__name__} update at step {i} is not a fixed affine map of (sample, eps); "
-                            "use DDIM (eta=0, clip_sample=False) or flow-matching Euler")
+            raise RstrError(
+                f"{type(scheduler).__name__} update at step {i} is not a fixed affine map of (sample, eps); "
+                "use DDIM (eta=0, clip_sample=False) or flow-matching Euler"
+            )
         coef_sample, coef_eps = float(a.mean()), float(b.mean())
         x, eps = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
         expected = _step(scheduler, t, x, eps)
         got = coef_sample * x + coef_eps * eps
         if (expected - got).abs().max() > 1e-5 * max(1.0, float(expected.abs().max())):
-            raise RstrError(f"{type(scheduler).__name__} update at step {i} is not affine in (sample, eps) "
-                            "(clipping, thresholding or multistep history?); use DDIM (eta=0, clip_sample=False) or flow-matching Euler")
+            raise RstrError(
+                f"{type(scheduler).__name__} update at step {i} is not affine in (sample, eps) "
+                "(clipping, thresholding or multistep history?); use DDIM (eta=0, clip_sample=False) or flow-matching Euler"
+            )
         scheduler.step(eps, t, x, return_dict=False)  # advance stateful schedulers exactly as sampling does
-        steps.append(Step(index=i, timestep=float(t), model_timestep=family.model_timestep(t), guided=schedule.guided[i],
-                          scale=schedule.scales[i], coef_sample=coef_sample, coef_eps=coef_eps))
-    return Plan(batch=batch, init_noise_sigma=float(getattr(scheduler, "init_noise_sigma", 1.0)), default_steps=schedule.default_steps,
-                passes_per_image=schedule.passes_per_image, compute_fraction=schedule.compute_fraction, sampler=schedule.sampler,
-                steps=tuple(steps))
+        steps.append(
+            Step(
+                index=i,
+                timestep=float(t),
+                model_timestep=family.model_timestep(t),
+                guided=schedule.guided[i],
+                scale=schedule.scales[i],
+                coef_sample=coef_sample,
+                coef_eps=coef_eps,
+            )
+        )
+    return Plan(
+        batch=batch,
+        init_noise_sigma=float(getattr(scheduler, "init_noise_sigma", 1.0)),
+        default_steps=schedule.default_steps,
+        passes_per_image=schedule.passes_per_image,
+        compute_fraction=schedule.compute_fraction,
+        sampler=schedule.sampler,
+        steps=tuple(steps),
+    )

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from rstr.compare import Comparison
 from rstr.engines.bundle import Bundle
 from rstr.engines.onnxruntime import OnnxRuntimeRunner
+
+from rstr.compare import Comparison
 from rstr.families.base import Family
 from rstr.schedule import GuidanceSchedule
 
@@ -27,10 +27,10 @@ def write_samples(root: Path, family: Family, per_class: int = 8) -> str | None:
     latents = []
     with OnnxRuntimeRunner(bundle) as runner:
         for lo in range(0, len(labels), b):
-            chunk = torch.from_numpy(np.resize(labels[lo:lo + b], b))
+            chunk = torch.from_numpy(np.resize(labels[lo : lo + b], b))
             cond, uncond = family.conditioning_for(chunk)
             noise = np.random.default_rng(10_000 + lo).standard_normal(bundle.sample.concrete(b), dtype=np.float32)
-            latents.append(runner.infer(noise, to_np(cond), to_np(uncond))[: len(labels[lo:lo + b])])
+            latents.append(runner.infer(noise, to_np(cond), to_np(uncond))[: len(labels[lo : lo + b])])
     images = family.to_images(torch.from_numpy(np.concatenate(latents)))
     sample_grid(images, torch.from_numpy(labels), root / "samples.png", per_class=per_class)
     return "samples.png"
@@ -59,15 +59,24 @@ def write_report(root: Path, manifest: dict, family: Family, schedule: GuidanceS
         lines += ["", *quality_section(Comparison.from_json(s["quality"]))]
     for gate in s.get("gates", {}).values():
         if gate["comparisons"]:
-            lines += ["", f"### {gate['name'].capitalize()} gate ({gate['groups']} groups of {gate['num']} gate seeds "
-                          f"from {gate['seeds'][0]}, paired)", "", *comparison_table([Comparison.from_json(c) for c in gate["comparisons"]])]
+            lines += [
+                "",
+                f"### {gate['name'].capitalize()} gate ({gate['groups']} groups of {gate['num']} gate seeds "
+                f"from {gate['seeds'][0]}, paired)",
+                "",
+                *comparison_table([Comparison.from_json(c) for c in gate["comparisons"]]),
+            ]
     if s.get("speed"):
         sp = s["speed"]
-        lines += ["", f"## Speed (end to end, batch {manifest['batch']}, median of {sp['reps']} interleaved runs, "
-                      f"{sp['threads']} threads each, this machine)", "",
-                  f"- {sp['baseline']}: {sp['seconds']['pytorch_constant_cfg'] * 1e3:.1f} ms",
-                  f"- this bundle on ONNX Runtime CPU: {sp['seconds']['bundle'] * 1e3:.1f} ms",
-                  f"- speedup: **{sp['speedup']:.2f}x**"]
+        lines += [
+            "",
+            f"## Speed (end to end, batch {manifest['batch']}, median of {sp['reps']} interleaved runs, "
+            f"{sp['threads']} threads each, this machine)",
+            "",
+            f"- {sp['baseline']}: {sp['seconds']['pytorch_constant_cfg'] * 1e3:.1f} ms",
+            f"- this bundle on ONNX Runtime CPU: {sp['seconds']['bundle'] * 1e3:.1f} ms",
+            f"- speedup: **{sp['speedup']:.2f}x**",
+        ]
     lines += ["", "## Plan", "", "| step | timestep | guided | scale | batch |", "|---|---|---|---|---|"]
     for st in manifest["plan"]["steps"]:
         scale = "" if st["scale"] is None else f"{st['scale']:.2f}"
@@ -79,20 +88,31 @@ def write_report(root: Path, manifest: dict, family: Family, schedule: GuidanceS
 def comparison_table(comparisons: list[Comparison]) -> list[str]:
     """Markdown rows: each candidate against its baseline, FD per group, paired differences and the verdict."""
     fmt = lambda xs: " / ".join(f"{x:.3f}" for x in xs)  # noqa: E731
-    rows = ["| candidate | passes/image | FD per group | baseline FD per group | paired differences | accuracy | verdict |",
-            "|---|---|---|---|---|---|---|"]
+    rows = [
+        "| candidate | passes/image | FD per group | baseline FD per group | paired differences | accuracy | verdict |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for c in comparisons:
-        rows.append(f"| {c.candidate.label}: {c.candidate.schedule} | {c.candidate.passes_per_image} | {fmt(c.candidate.fd)} | "
-                    f"{fmt(c.baseline.fd)} ({c.baseline.label}) | {fmt(c.differences)} | {c.candidate.accuracy_mean:.3f} vs "
-                    f"{c.baseline.accuracy_mean:.3f} | **{c.verdict}** |")
+        rows.append(
+            f"| {c.candidate.label}: {c.candidate.schedule} | {c.candidate.passes_per_image} | {fmt(c.candidate.fd)} | "
+            f"{fmt(c.baseline.fd)} ({c.baseline.label}) | {fmt(c.differences)} | {c.candidate.accuracy_mean:.3f} vs "
+            f"{c.baseline.accuracy_mean:.3f} | **{c.verdict}** |"
+        )
     return rows
 
 
 def quality_section(q: Comparison) -> list[str]:
     """The report's quality section: the bundle against the stock model on held-out seeds, in a table and in words."""
-    words = {"better": "better than the stock model on every held-out group",
-             "worse": "worse than the stock model on every held-out group",
-             "inside the noise": "neither better nor worse on every group: the difference is inside the noise"}[q.verdict]
-    return [f"## Quality against the stock model ({q.groups} held-out groups of {q.num} seeds from {q.seed_start}, paired)", "",
-            f"Baseline: the stock model, freshly loaded with no adapter, {q.baseline.schedule}. The bundle is **{words}** "
-            f"(FD, lower is better; per-group differences bundle minus stock).", "", *comparison_table([q])]
+    words = {
+        "better": "better than the stock model on every held-out group",
+        "worse": "worse than the stock model on every held-out group",
+        "inside the noise": "neither better nor worse on every group: the difference is inside the noise",
+    }[q.verdict]
+    return [
+        f"## Quality against the stock model ({q.groups} held-out groups of {q.num} seeds from {q.seed_start}, paired)",
+        "",
+        f"Baseline: the stock model, freshly loaded with no adapter, {q.baseline.schedule}. The bundle is **{words}** "
+        f"(FD, lower is better; per-group differences bundle minus stock).",
+        "",
+        *comparison_table([q]),
+    ]

@@ -50,9 +50,15 @@ class Gate:
         return None if self.chosen is None else self.comparisons[self.chosen]
 
     def to_json(self) -> dict:
-        return {"name": self.name, "decision": self.decision, "comparisons": [c.to_json() for c in self.comparisons],
-                "chosen": self.chosen,
-                "seeds": [GATE_SEEDS.start, GATE_SEEDS.start + GATE_NUM * GATE_GROUPS], "groups": GATE_GROUPS, "num": GATE_NUM}
+        return {
+            "name": self.name,
+            "decision": self.decision,
+            "comparisons": [c.to_json() for c in self.comparisons],
+            "chosen": self.chosen,
+            "seeds": [GATE_SEEDS.start, GATE_SEEDS.start + GATE_NUM * GATE_GROUPS],
+            "groups": GATE_GROUPS,
+            "num": GATE_NUM,
+        }
 
 
 def _gate_kw() -> dict:
@@ -75,11 +81,14 @@ def run_stage1(family: Family, preset: str, budget: float, seed: int, workdir: P
 def gate_schedule(family: Family, candidates: list[GuidanceSchedule]) -> tuple[GuidanceSchedule, Gate]:
     """The first candidate no worse than stock constant CFG on every gate group (else the best tried)."""
     if family.quality != "digits":
-        return candidates[0], Gate("schedule", "not gated: the model has no sample-quality measure here (no digits "
-                                               "classifier); the search result ships")
+        return candidates[0], Gate(
+            "schedule", "not gated: the model has no sample-quality measure here (no digits classifier); the search result ships"
+        )
     stock = family.constant_cfg()
-    log.info(f"schedule gate: the search result against the stock model's constant CFG ({stock.describe()}), "
-             f"{GATE_GROUPS} x {GATE_NUM} gate seeds, paired")
+    log.info(
+        f"schedule gate: the search result against the stock model's constant CFG ({stock.describe()}), "
+        f"{GATE_GROUPS} x {GATE_NUM} gate seeds, paired"
+    )
     stock_side = score(family, stock, "stock constant CFG", **_gate_kw())
     gate = Gate("schedule", "")
     for i, candidate in enumerate(candidates[:MAX_CANDIDATES]):
@@ -92,32 +101,42 @@ def gate_schedule(family: Family, candidates: list[GuidanceSchedule]) -> tuple[G
             gate.chosen = i
             return candidate, gate
     gate.chosen = min(range(len(gate.comparisons)), key=lambda i: sum(gate.comparisons[i].differences))
-    gate.decision = (f"no candidate is no worse than the stock model's constant CFG on every gate group; "
-                     f"{gate.comparisons[gate.chosen].candidate.label} ships (the smallest loss)")
+    gate.decision = (
+        f"no candidate is no worse than the stock model's constant CFG on every gate group; "
+        f"{gate.comparisons[gate.chosen].candidate.label} ships (the smallest loss)"
+    )
     log.warning(f"schedule gate: {gate.decision}")
     return candidates[gate.chosen], gate
 
 
-def run_stage2(family: Family, schedule: GuidanceSchedule, schedule_gate: Gate | None, preset: str, seed: int,
-               workdir: Path) -> tuple[Path | None, Gate]:
+def run_stage2(
+    family: Family, schedule: GuidanceSchedule, schedule_gate: Gate | None, preset: str, seed: int, workdir: Path
+) -> tuple[Path | None, Gate]:
     """Stage-2 when it can help; the adapter directory (None when skipped or when it costs quality) and the gate record."""
     from rstr.calibrate import apply_adapter, calibrate
 
     shipped = schedule_gate.shipped if schedule_gate is not None else None
     if shipped is not None and shipped.verdict == "better":
-        return None, Gate("adapter", "Stage-2 skipped: the schedule already beats its constant-CFG teacher on every gate "
-                                     "group, and calibrating toward the teacher would make it worse (docs/stage2.md)")
+        return None, Gate(
+            "adapter",
+            "Stage-2 skipped: the schedule already beats its constant-CFG teacher on every gate "
+            "group, and calibrating toward the teacher would make it worse (docs/stage2.md)",
+        )
     out = workdir / "adapter"
     log.info(f"[bold]Stage-2[/bold] calibrating LoRA against the constant-CFG teacher ({preset} preset)")
     calibrate(family, schedule, out, preset=preset, seed=seed, progress=True)
     if family.quality != "digits":
-        return out, Gate("adapter", "not gated: the model has no sample-quality measure here; the adapter ships "
-                                    "(its loss to the teacher is in stages/adapter/report.md)")
+        return out, Gate(
+            "adapter",
+            "not gated: the model has no sample-quality measure here; the adapter ships "
+            "(its loss to the teacher is in stages/adapter/report.md)",
+        )
     calibrated = copy.deepcopy(family)
     apply_adapter(calibrated, out)
     c = compare((calibrated, schedule, "with the adapter"), (family, schedule, "without the adapter"), **_gate_kw())
     log.info(f"adapter gate: {c.describe()}")
     if c.no_worse:
         return out, Gate("adapter", "adapter merged: no worse than the uncalibrated model on every gate group", [c], 0)
-    return None, Gate("adapter", "adapter not used: it makes the samples worse on a gate group "
-                                 "(kept in stages/adapter for inspection)", [c])
+    return None, Gate(
+        "adapter", "adapter not used: it makes the samples worse on a gate group (kept in stages/adapter for inspection)", [c]
+    )

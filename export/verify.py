@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-
 from rstr.engines.bundle import Bundle
 from rstr.engines.onnxruntime import OnnxRuntimeRunner
+
 from rstr.errors import RstrError
 from rstr.families.base import Family
 from rstr.sampler import sample
@@ -38,7 +38,12 @@ class Verification:
         return self.max_rel_error <= self.tolerance
 
     def to_json(self) -> dict:
-        return {"backend": self.backend, "max_rel_error": self.max_rel_error, "tolerance": self.tolerance, "per_step_rel_error": self.per_step}
+        return {
+            "backend": self.backend,
+            "max_rel_error": self.max_rel_error,
+            "tolerance": self.tolerance,
+            "per_step_rel_error": self.per_step,
+        }
 
 
 def example_inputs(family: Family, batch: int, seed: int = 0) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
@@ -52,7 +57,9 @@ def rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
 
 
-def verify(bundle: Bundle, family: Family, schedule: GuidanceSchedule, *, seed: int = 0, raise_on_failure: bool = True) -> Verification:
+def verify(
+    bundle: Bundle, family: Family, schedule: GuidanceSchedule, *, seed: int = 0, raise_on_failure: bool = True
+) -> Verification:
     """Run the bundle (ONNX Runtime, CPU) and the PyTorch sampler from the same noise; compare."""
     b = bundle.batch
     noise = np.random.default_rng(seed).standard_normal(bundle.sample.concrete(b), dtype=np.float32)
@@ -62,13 +69,25 @@ def verify(bundle: Bundle, family: Family, schedule: GuidanceSchedule, *, seed: 
         got = runner.infer(noise, cond, uncond, trace=trace)
     ref_trace: list[np.ndarray] = []
     to_t = lambda d: None if d is None else {k: torch.from_numpy(v) for k, v in d.items()}  # noqa: E731
-    expected = sample(family, schedule, to_t(cond), uncond=to_t(uncond), noise=torch.from_numpy(noise),
-                      callback=lambda s: ref_trace.append(s.next_sample.cpu().numpy())).cpu().numpy()
+    expected = (
+        sample(
+            family,
+            schedule,
+            to_t(cond),
+            uncond=to_t(uncond),
+            noise=torch.from_numpy(noise),
+            callback=lambda s: ref_trace.append(s.next_sample.cpu().numpy()),
+        )
+        .cpu()
+        .numpy()
+    )
     per_step = [rel(x, y) for x, y in zip(trace, ref_trace)]
     result = Verification(rel(got, expected), TOLERANCE[bundle.manifest.dtype], per_step, runner.backend)
     if raise_on_failure and not result.passed:
         first = next((i for i, e in enumerate(per_step) if e > result.tolerance), len(per_step) - 1)
         steps = ", ".join(f"{i}:{e:.1e}" for i, e in enumerate(per_step))
-        raise VerificationError(f"bundle differs from PyTorch: max relative error {result.max_rel_error:.2e} > "
-                                f"{result.tolerance:.0e}, first at step {first} (per step {steps})")
+        raise VerificationError(
+            f"bundle differs from PyTorch: max relative error {result.max_rel_error:.2e} > "
+            f"{result.tolerance:.0e}, first at step {first} (per step {steps})"
+        )
     return result

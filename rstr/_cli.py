@@ -24,8 +24,23 @@ from rstr.errors import RstrError
 
 _NOISY_LOGGERS = ("diffusers", "transformers", "torch", "onnx", "onnxscript", "onnx_ir", "polygraphy", "ray", "matplotlib", "PIL")
 # Top-level modules of the `toolchain` extra in pyproject.toml (tests/test_runtime_install.py checks the two agree).
-TOOLCHAIN_MODULES = frozenset({"torch", "diffusers", "peft", "huggingface_hub", "safetensors", "sklearn", "scipy", "matplotlib",
-                               "tqdm", "onnx", "onnxscript", "onnx_graphsurgeon", "polygraphy"})
+TOOLCHAIN_MODULES = frozenset(
+    {
+        "torch",
+        "diffusers",
+        "peft",
+        "huggingface_hub",
+        "safetensors",
+        "sklearn",
+        "scipy",
+        "matplotlib",
+        "tqdm",
+        "onnx",
+        "onnxscript",
+        "onnx_graphsurgeon",
+        "polygraphy",
+    }
+)
 
 
 def run_app(app: typer.Typer, prog: str) -> None:
@@ -39,8 +54,10 @@ def run_app(app: typer.Typer, prog: str) -> None:
         if (err.name or "").partition(".")[0] not in TOOLCHAIN_MODULES:
             raise
         command = " ".join([prog, *sys.argv[1:2]])
-        print(f"{prog}: error: `{command}` needs the toolchain ({err.name} is not installed): "
-              "pip install 'rstr[toolchain,cpu]'", file=sys.stderr)
+        print(
+            f"{prog}: error: `{command}` needs the toolchain ({err.name} is not installed): pip install 'rstr[toolchain,cpu]'",
+            file=sys.stderr,
+        )
         sys.exit(1)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
@@ -63,15 +80,18 @@ def setup_output(verbose: bool = False, quiet: bool = False) -> None:
     if verbose and quiet:
         raise RstrError("--verbose and --quiet contradict each other; give one")
     log = logging.getLogger("rstr")
-    log.handlers[:] = [RichHandler(console=console(), show_time=False, show_path=False, show_level=verbose, markup=True,
-                                   rich_tracebacks=False)]
+    log.handlers[:] = [
+        RichHandler(console=console(), show_time=False, show_path=False, show_level=verbose, markup=True, rich_tracebacks=False)
+    ]
     log.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
     log.propagate = False
     if verbose:
         return
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"(torch|torchvision|diffusers|onnx|onnxscript|polygraphy|peft)")
+    warnings.filterwarnings(
+        "ignore", category=UserWarning, module=r"(torch|torchvision|diffusers|onnx|onnxscript|polygraphy|peft)"
+    )
     for name in _NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -28,13 +28,13 @@ app = typer.Typer(
 console = Console()
 
 ModelOpt = Annotated[
-    Optional[Path],
+    Path | None,
     typer.Option("--model", help="Local diffusers directory (pipeline or transformer). Default: the reference digits DiT."),
 ]
-ScheduleOpt = Annotated[Optional[Path], typer.Option("--schedule", help="Schedule JSON (rstr.schedule/1) from `rstr search`.")]
-ScaleOpt = Annotated[Optional[float], typer.Option("--scale", help="Constant CFG scale, instead of --schedule.")]
-StepsOpt = Annotated[Optional[int], typer.Option("--steps", help="Sampling steps for --scale (default: the model's default).")]
-AdapterOpt = Annotated[Optional[Path], typer.Option("--adapter", help="Stage-2 adapter directory from `rstr calibrate`.")]
+ScheduleOpt = Annotated[Path | None, typer.Option("--schedule", help="Schedule JSON (rstr.schedule/1) from `rstr search`.")]
+ScaleOpt = Annotated[float | None, typer.Option("--scale", help="Constant CFG scale, instead of --schedule.")]
+StepsOpt = Annotated[int | None, typer.Option("--steps", help="Sampling steps for --scale (default: the model's default).")]
+AdapterOpt = Annotated[Path | None, typer.Option("--adapter", help="Stage-2 adapter directory from `rstr calibrate`.")]
 
 
 def load_schedule_for(family, schedule: Path | None, scale: float | None, steps: int | None):
@@ -62,7 +62,10 @@ def load_family(model: Path | None, adapter: Path | None = None, device: str = "
         import torch
 
         if not device.startswith("cuda") or not torch.cuda.is_available():
-            raise RstrError(f"--device {device}: torch sees no such device here; use --device cpu" + ("" if device.startswith("cuda") else " or cuda"))
+            raise RstrError(
+                f"--device {device}: torch sees no such device here; use --device cpu"
+                + ("" if device.startswith("cuda") else " or cuda")
+            )
     family = load_model(model, device=device)
     if adapter is not None:
         from rstr.calibrate import apply_adapter
@@ -72,8 +75,10 @@ def load_family(model: Path | None, adapter: Path | None = None, device: str = "
 
 
 @app.command()
-def info(model: Annotated[Optional[Path], typer.Argument(help="Model directory (default: the reference model).")] = None,
-         json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False) -> None:
+def info(
+    model: Annotated[Path | None, typer.Argument(help="Model directory (default: the reference model).")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
     """Describe a model: family, transformer class, parameters, blocks, scheduler and conditioning inputs."""
     family = load_family(model)
     desc = family.describe()
@@ -82,7 +87,14 @@ def info(model: Annotated[Optional[Path], typer.Argument(help="Model directory (
         return
     table = Table(show_header=False, title=str(family.path))
     for k, v in desc.items():
-        table.add_row(k, ", ".join(f"{c['name']} {c['shape']}" for c in v) if k == "conditioning" else f"{v:,}" if isinstance(v, int) else str(v))
+        table.add_row(
+            k,
+            ", ".join(f"{c['name']} {c['shape']}" for c in v)
+            if k == "conditioning"
+            else f"{v:,}"
+            if isinstance(v, int)
+            else str(v),
+        )
     console.print(table)
 
 
@@ -93,9 +105,16 @@ def sample(
     scale: ScaleOpt = None,
     steps: StepsOpt = None,
     adapter: AdapterOpt = None,
-    classes: Annotated[str, typer.Option("--classes", help="Comma-separated class labels (models with classes: class labels, or a class table of prompts).")] = "0,1,2,3,4,5,6,7,8,9",
+    classes: Annotated[
+        str,
+        typer.Option(
+            "--classes", help="Comma-separated class labels (models with classes: class labels, or a class table of prompts)."
+        ),
+    ] = "0,1,2,3,4,5,6,7,8,9",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the initial noise.")] = 0,
-    out: Annotated[Path, typer.Option("--out", help="Output: .png grid (reference model) or .npy latents.")] = Path("samples.png"),
+    out: Annotated[Path, typer.Option("--out", help="Output: .png grid (reference model) or .npy latents.")] = Path(
+        "samples.png"
+    ),
 ) -> None:
     """Generate samples with a schedule (or constant CFG) and save a PNG grid or the latents.
 
@@ -139,23 +158,32 @@ def evaluate(
     adapter: AdapterOpt = None,
     num: Annotated[int, typer.Option("--num", help="Images per seed group.")] = 500,
     groups: Annotated[int, typer.Option("--groups", help="Consecutive seed groups; the spread over groups is reported.")] = 3,
-    seed_start: Annotated[Optional[int], typer.Option("--seed-start", help="First seed (default: the start of the held-out pool, 1,000,000).")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object (passes_per_image, compute_fraction, fd, fd_groups, accuracy, seconds, ...).")] = False,
-    grid: Annotated[Optional[Path], typer.Option("--grid", help="Also write a PNG grid of samples, one row per class.")] = None,
+    seed_start: Annotated[
+        int | None, typer.Option("--seed-start", help="First seed (default: the start of the held-out pool, 1,000,000).")
+    ] = None,
+    json_out: Annotated[
+        bool,
+        typer.Option(
+            "--json", help="Print one JSON object (passes_per_image, compute_fraction, fd, fd_groups, accuracy, seconds, ...)."
+        ),
+    ] = False,
+    grid: Annotated[Path | None, typer.Option("--grid", help="Also write a PNG grid of samples, one row per class.")] = None,
 ) -> None:
     """Score a schedule (or constant CFG) on the reference model: FD, accuracy, compute, time.
 
     Two evaluations with the same --seed-start, --num and --groups draw identical noise, so
     schedules compare group by group (paired).  Example: `rstr evaluate --scale 1.5 --steps 8 --json`.
     """
-    from rstr.evaluate import sample_grid
     from rstr.evaluate import evaluate as run_evaluate
+    from rstr.evaluate import sample_grid
     from rstr.seeds import HELD_OUT_SEEDS
 
     family = load_family(model, adapter)
     sched = load_schedule_for(family, schedule, scale, steps)
     start = HELD_OUT_SEEDS.start if seed_start is None else seed_start
-    result = run_evaluate(family, sched, num=num, groups=groups, seed_start=start, progress=not json_out, keep_images=grid is not None)
+    result = run_evaluate(
+        family, sched, num=num, groups=groups, seed_start=start, progress=not json_out, keep_images=grid is not None
+    )
     record = {
         "schedule": sched.to_dict(),
         "passes_per_image": result.passes_per_image,
@@ -178,8 +206,14 @@ def evaluate(
     table = Table(title=sched.describe())
     for col in ("passes/image", "compute", "FD (mean ± sd)", "FD per group", "accuracy", "seconds"):
         table.add_column(col, justify="right")
-    table.add_row(str(result.passes_per_image), f"{result.compute_fraction:.0%}", f"{result.fd_mean:.3f} ± {result.fd_std:.3f}",
-                  " / ".join(f"{v:.3f}" for v in result.fd), f"{result.accuracy:.3f}", f"{result.seconds:.1f}")
+    table.add_row(
+        str(result.passes_per_image),
+        f"{result.compute_fraction:.0%}",
+        f"{result.fd_mean:.3f} ± {result.fd_std:.3f}",
+        " / ".join(f"{v:.3f}" for v in result.fd),
+        f"{result.accuracy:.3f}",
+        f"{result.seconds:.1f}",
+    )
     console.print(table)
     if grid is not None:
         console.print(f"[green]wrote[/green] {grid}")
@@ -188,14 +222,40 @@ def evaluate(
 @app.command()
 def calibrate(
     model: ModelOpt = None,
-    schedule: Annotated[Optional[Path], typer.Option("--schedule", help="Sparse schedule JSON from `rstr search`. Default: a hand-made one (a third of the steps, guidance on the first 60%).")] = None,
-    preset: Annotated[str, typer.Option("--preset", help="fast: ~1-2 minutes on two CPU cores (what `rstr-export build` runs); full: the default, under 10 minutes.")] = "full",
-    budget: Annotated[float, typer.Option("--budget", help="Trainable LoRA parameters as a fraction of the transformer's.")] = 0.01,
-    allocation: Annotated[str, typer.Option("--allocation", help="adaptive: ranks follow sensitivity; uniform: the same rank everywhere (ablation); or an allocation.json to reuse.")] = "adaptive",
-    steps: Annotated[Optional[int], typer.Option("--steps", help="Training iterations (default: the preset's).")] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Calibration seed: picks the calibration images, the LoRA init and the batch order.")] = 0,
-    out: Annotated[Path, typer.Option("--out", help="Adapter directory to write (peft format plus allocation.json, report.md).")] = Path("adapter"),
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from the checkpoint an interrupted run left beside --out.")] = False,
+    schedule: Annotated[
+        Path | None,
+        typer.Option(
+            "--schedule",
+            help="Sparse schedule JSON from `rstr search`. Default: a hand-made one (a third of the steps, guidance on the first 60%).",
+        ),
+    ] = None,
+    preset: Annotated[
+        str,
+        typer.Option(
+            "--preset",
+            help="fast: ~1-2 minutes on two CPU cores (what `rstr-export build` runs); full: the default, under 10 minutes.",
+        ),
+    ] = "full",
+    budget: Annotated[
+        float, typer.Option("--budget", help="Trainable LoRA parameters as a fraction of the transformer's.")
+    ] = 0.01,
+    allocation: Annotated[
+        str,
+        typer.Option(
+            "--allocation",
+            help="adaptive: ranks follow sensitivity; uniform: the same rank everywhere (ablation); or an allocation.json to reuse.",
+        ),
+    ] = "adaptive",
+    steps: Annotated[int | None, typer.Option("--steps", help="Training iterations (default: the preset's).")] = None,
+    seed: Annotated[
+        int, typer.Option("--seed", help="Calibration seed: picks the calibration images, the LoRA init and the batch order.")
+    ] = 0,
+    out: Annotated[
+        Path, typer.Option("--out", help="Adapter directory to write (peft format plus allocation.json, report.md).")
+    ] = Path("adapter"),
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the checkpoint an interrupted run left beside --out.")
+    ] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
 ) -> None:
     """Stage-2: train a per-module-rank LoRA so the model under a sparse schedule matches full CFG.
@@ -215,8 +275,18 @@ def calibrate(
     if isinstance(method, Path) and not method.is_file():
         raise RstrError(f"--allocation {allocation}: use adaptive, uniform or an existing allocation.json")
     console.print(f"calibrating for: {sched.describe()}")
-    result = stage2.calibrate(family, sched, out, preset=preset, budget=budget, allocation=method, iterations=steps,
-                              seed=seed, resume=resume, force=force)
+    result = stage2.calibrate(
+        family,
+        sched,
+        out,
+        preset=preset,
+        budget=budget,
+        allocation=method,
+        iterations=steps,
+        seed=seed,
+        resume=resume,
+        force=force,
+    )
     console.print(
         f"[green]wrote[/green] {out}: {result.params:,} LoRA parameters, loss to the teacher "
         f"{result.validation_before:.4g} -> {result.validation_after:.4g} on validation images, {result.seconds:.0f} s"
@@ -226,17 +296,81 @@ def calibrate(
 @app.command()
 def search(
     model: ModelOpt = None,
-    steps: Annotated[Optional[int], typer.Option("--steps", help="Full step count: compute is counted against constant CFG at this many steps, and no schedule is longer. Default: the model's (25 for the reference).")] = None,
-    budget: Annotated[Optional[float], typer.Option("--budget", help="Compute budget in (0, 1]: transformer passes per image as a fraction of constant CFG at --steps. Default 0.5.")] = None,
-    preset: Annotated[Optional[str], typer.Option("--preset", help="full (default): the search the reports quote, 2000 images per candidate and 3 held-out groups of 2000; ~2 minutes with --device cuda, about 2-3 hours on two CPU cores (--images 500: ~30-50 minutes, coarser). fast: ~2 minutes on CPU with small image counts (what `rstr-export build` runs).")] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of the evolution's random draws (default 0). Image seeds come from fixed search and held-out pools.")] = None,
-    workers: Annotated[int, typer.Option("--workers", help="Parallel workers, each with its own copy of the model; 1 runs inline. Local workers: at most the CPU cores here.")] = 1,
-    executor: Annotated[str, typer.Option("--executor", help="local: worker processes on this machine; ray: one Ray actor per worker, on a GPU when the cluster has them (pip install 'rstr\\[ray]'; RAY_ADDRESS picks a cluster).")] = "local",
-    device: Annotated[str, typer.Option("--device", help="cpu or cuda: where local workers run the model (Ray actors take a GPU when the cluster has one).")] = "cpu",
-    images: Annotated[Optional[int], typer.Option("--images", help="Images per candidate and per held-out group (default: the preset's, 2000 for full). More resolves smaller quality differences; time grows in proportion.")] = None,
-    stock_timesteps: Annotated[Optional[bool], typer.Option("--stock-timesteps/--own-timesteps", help="--own-timesteps (default, DDIM models): the search may also warp where the steps sit in time, and the schedule carries its timesteps; --stock-timesteps keeps the sampler's spacing.")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Schedule JSON to write (default schedule.json); search-report.md/.json and PNG plots go beside it.")] = None,
-    resume: Annotated[Optional[Path], typer.Option("--resume", help="Checkpoint directory to continue (a search checkpoints into <out stem>.search/ beside --out). Options left out are taken from it; options given must match it.")] = None,
+    steps: Annotated[
+        int | None,
+        typer.Option(
+            "--steps",
+            help="Full step count: compute is counted against constant CFG at this many steps, and no schedule is longer. Default: the model's (25 for the reference).",
+        ),
+    ] = None,
+    budget: Annotated[
+        float | None,
+        typer.Option(
+            "--budget",
+            help="Compute budget in (0, 1]: transformer passes per image as a fraction of constant CFG at --steps. Default 0.5.",
+        ),
+    ] = None,
+    preset: Annotated[
+        str | None,
+        typer.Option(
+            "--preset",
+            help="full (default): the search the reports quote, 2000 images per candidate and 3 held-out groups of 2000; ~2 minutes with --device cuda, about 2-3 hours on two CPU cores (--images 500: ~30-50 minutes, coarser). fast: ~2 minutes on CPU with small image counts (what `rstr-export build` runs).",
+        ),
+    ] = None,
+    seed: Annotated[
+        int | None,
+        typer.Option(
+            "--seed",
+            help="Seed of the evolution's random draws (default 0). Image seeds come from fixed search and held-out pools.",
+        ),
+    ] = None,
+    workers: Annotated[
+        int,
+        typer.Option(
+            "--workers",
+            help="Parallel workers, each with its own copy of the model; 1 runs inline. Local workers: at most the CPU cores here.",
+        ),
+    ] = 1,
+    executor: Annotated[
+        str,
+        typer.Option(
+            "--executor",
+            help="local: worker processes on this machine; ray: one Ray actor per worker, on a GPU when the cluster has them (pip install 'rstr\\[ray]'; RAY_ADDRESS picks a cluster).",
+        ),
+    ] = "local",
+    device: Annotated[
+        str,
+        typer.Option(
+            "--device", help="cpu or cuda: where local workers run the model (Ray actors take a GPU when the cluster has one)."
+        ),
+    ] = "cpu",
+    images: Annotated[
+        int | None,
+        typer.Option(
+            "--images",
+            help="Images per candidate and per held-out group (default: the preset's, 2000 for full). More resolves smaller quality differences; time grows in proportion.",
+        ),
+    ] = None,
+    stock_timesteps: Annotated[
+        bool | None,
+        typer.Option(
+            "--stock-timesteps/--own-timesteps",
+            help="--own-timesteps (default, DDIM models): the search may also warp where the steps sit in time, and the schedule carries its timesteps; --stock-timesteps keeps the sampler's spacing.",
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", help="Schedule JSON to write (default schedule.json); search-report.md/.json and PNG plots go beside it."
+        ),
+    ] = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            "--resume",
+            help="Checkpoint directory to continue (a search checkpoints into <out stem>.search/ beside --out). Options left out are taken from it; options given must match it.",
+        ),
+    ] = None,
 ) -> None:
     """Stage-1: search a sparse, variable-scale guidance schedule under a compute budget.
 
@@ -254,7 +388,9 @@ def search(
     if model is None and saved.get("model", {}).get("path"):
         model = Path(saved["model"]["path"])
     if executor == "ray" and device != "cpu":
-        raise RstrError(f"--device {device} applies to local workers; Ray actors take a GPU when the cluster has one: drop --device")
+        raise RstrError(
+            f"--device {device} applies to local workers; Ray actors take a GPU when the cluster has one: drop --device"
+        )
     family = load_family(model, device=device)
     preset = preset if preset is not None else config_saved.get("preset", "full")
     if images is None and config_saved and config_saved.get("search_num") != stage1.PRESETS.get(preset, {}).get("search_num"):
@@ -276,8 +412,9 @@ def search(
         f"{config.steps} steps, seed {config.seed}; checkpoints in {directory}"
     )
     try:
-        result = stage1.run_search(family, config, directory, resume=resume is not None, workers=workers, backend=executor,
-                                   device=device, out=out)
+        result = stage1.run_search(
+            family, config, directory, resume=resume is not None, workers=workers, backend=executor, device=device, out=out
+        )
     except stage1.SearchInterrupted as err:
         print(f"rstr: {err}; progress is saved: continue with `rstr search --resume {directory}`", file=sys.stderr)
         raise typer.Exit(130) from None
@@ -296,10 +433,21 @@ def search(
 # ------------------------------------------------------------------ diffusers export (rstr.diffusers)
 @app.command("export-diffusers")
 def export_diffusers(
-    schedule: Annotated[Path, typer.Option("--schedule", help="Schedule JSON (rstr.schedule/1) from `rstr search`; written as the pipeline's guider config.")],
+    schedule: Annotated[
+        Path,
+        typer.Option(
+            "--schedule", help="Schedule JSON (rstr.schedule/1) from `rstr search`; written as the pipeline's guider config."
+        ),
+    ],
     out: Annotated[Path, typer.Option("--out", help="Pipeline directory to write (DiffusionPipeline.from_pretrained loads it).")],
     adapter: AdapterOpt = None,
-    model: Annotated[Optional[str], typer.Option("--model", help="Local diffusers directory, reference model name (digits-dit) or Hub id (owner/name) in the local Hugging Face cache. Default: the reference digits DiT.")] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            help="Local diffusers directory, reference model name (digits-dit) or Hub id (owner/name) in the local Hugging Face cache. Default: the reference digits DiT.",
+        ),
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
 ) -> None:
     """Write a diffusers pipeline directory that runs the schedule: adapter fused, the model's scheduler, the schedule as guider config.

@@ -81,9 +81,11 @@ class Comparison:
     def describe(self) -> str:
         """One line: both sides' per-group FD, the paired differences and the verdict."""
         fmt = lambda xs: " / ".join(f"{x:.3f}" for x in xs)  # noqa: E731
-        return (f"FD {fmt(self.candidate.fd)} ({self.candidate.label}) vs {fmt(self.baseline.fd)} ({self.baseline.label}); "
-                f"paired differences {fmt(self.differences)} on {self.groups} x {self.num} seeds from {self.seed_start}: "
-                f"{self.verdict}")
+        return (
+            f"FD {fmt(self.candidate.fd)} ({self.candidate.label}) vs {fmt(self.baseline.fd)} ({self.baseline.label}); "
+            f"paired differences {fmt(self.differences)} on {self.groups} x {self.num} seeds from {self.seed_start}: "
+            f"{self.verdict}"
+        )
 
     def to_json(self) -> dict:
         return {**asdict(self), "differences": self.differences, "verdict": self.verdict, "no_worse": self.no_worse}
@@ -98,12 +100,19 @@ def score(family: Family, schedule: GuidanceSchedule, label: str, *, seed_start:
     from rstr.evaluate import evaluate
 
     r = evaluate(family, schedule, num=num, groups=groups, seed_start=seed_start, progress=False)
-    return Side(label, schedule.describe(), schedule.passes_per_image, schedule.compute_fraction, list(r.fd),
-                list(r.accuracy_per_group))
+    return Side(
+        label, schedule.describe(), schedule.passes_per_image, schedule.compute_fraction, list(r.fd), list(r.accuracy_per_group)
+    )
 
 
-def compare(candidate: tuple[Family, GuidanceSchedule, str], baseline: tuple[Family, GuidanceSchedule, str] | Side, *,
-            seed_start: int, num: int, groups: int) -> Comparison:
+def compare(
+    candidate: tuple[Family, GuidanceSchedule, str],
+    baseline: tuple[Family, GuidanceSchedule, str] | Side,
+    *,
+    seed_start: int,
+    num: int,
+    groups: int,
+) -> Comparison:
     """Score both sides on the same seeds (a baseline already scored there may be passed as a :class:`Side`)."""
     kw = dict(seed_start=seed_start, num=num, groups=groups)
     base = baseline if isinstance(baseline, Side) else score(*baseline, **kw)

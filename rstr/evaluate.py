@@ -116,8 +116,10 @@ def evaluate(
     seeds = eval_seeds(seed_start, num, groups)
     if extractor is None:
         if family.quality != "digits":
-            raise RstrError(f"this {family.name} model ships no digits classifier and image layout (rstr.json); "
-                            "pass extractor= and reference= to score it")
+            raise RstrError(
+                f"this {family.name} model ships no digits classifier and image layout (rstr.json); "
+                "pass extractor= and reference= to score it"
+            )
         classifier = classifier if classifier is not None else load_classifier(family.classifier_path)
         extractor = classifier
         reference = reference if reference is not None else reference_stats(classifier)
@@ -164,7 +166,9 @@ def evaluate(
 
 
 # ----------------------------------------------------------------------------- pictures
-def sample_grid(images: torch.Tensor, labels: torch.Tensor | list[int], path: str | os.PathLike[str], per_class: int = 10) -> Path:
+def sample_grid(
+    images: torch.Tensor, labels: torch.Tensor | list[int], path: str | os.PathLike[str], per_class: int = 10
+) -> Path:
     """Write a PNG grid, one row per class (up to ``per_class`` images each), images in ``[-1, 1]``."""
     import matplotlib
 

@@ -54,10 +54,10 @@ class Executor(ABC):
     def map(self, items: Sequence[Any]) -> Iterator[Any]:
         """Yield ``task.run(item)`` for each item, in input order, as results arrive."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 -- optional hook: executors without workers have nothing to stop
         """Stop the workers (idempotent)."""
 
-    def __enter__(self) -> "Executor":
+    def __enter__(self) -> Executor:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -41,7 +41,9 @@ def resolve_model(name_or_path: str | os.PathLike[str], revision: str | None = N
     elif is_hub_id(name_or_path):
         directory = _cached_snapshot(os.fspath(name_or_path), revision)
     else:
-        raise ModelError(f"model path {path} does not exist; give a local diffusers directory or a Hub id (owner/name) in the local Hugging Face cache")
+        raise ModelError(
+            f"model path {path} does not exist; give a local diffusers directory or a Hub id (owner/name) in the local Hugging Face cache"
+        )
     if variant is not None and not _has_variant(directory, variant):
         raise ModelError(
             f"{name_or_path} has no {variant!r} weights (files named *.{variant}.safetensors) in {directory}; "
@@ -60,7 +62,8 @@ def _cached_snapshot(repo_id: str, revision: str | None) -> Path:
         at = f" at revision {revision}" if revision is not None else ""
         raise ModelError(
             f"model {repo_id}{at} is neither a local directory nor in the Hugging Face cache ({constants.HF_HUB_CACHE}); "
-            f"rstr does not download: fetch it with `hf download {repo_id}" + (f" --revision {revision}" if revision else "")
+            f"rstr does not download: fetch it with `hf download {repo_id}"
+            + (f" --revision {revision}" if revision else "")
             + "` or give a local diffusers directory"
         ) from None
 

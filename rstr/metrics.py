@@ -52,7 +52,7 @@ class FeatureExtractor(Protocol):
 
 
 # ----------------------------------------------------------------------------- real data
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _digits() -> tuple[torch.Tensor, torch.Tensor]:
     from sklearn.datasets import load_digits
 
@@ -212,9 +212,13 @@ def _load_classifier_cached(path_str: str, mtime: float, device: str) -> DigitsC
             meta = f.metadata() or {}
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise RstrError(f"digits classifier {path} is not a readable safetensors file ({str(err).splitlines()[0]}); {fix}") from None
+        raise RstrError(
+            f"digits classifier {path} is not a readable safetensors file ({str(err).splitlines()[0]}); {fix}"
+        ) from None
     if meta.get("format") != CLASSIFIER_FORMAT:
-        raise RstrError(f"{path} is not an rstr digits classifier (format {meta.get('format')!r}, expected {CLASSIFIER_FORMAT!r}); {fix}")
+        raise RstrError(
+            f"{path} is not an rstr digits classifier (format {meta.get('format')!r}, expected {CLASSIFIER_FORMAT!r}); {fix}"
+        )
     model = DigitsClassifier()
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in state.items()}
@@ -249,7 +253,7 @@ class GaussianStats:
     count: int
 
     @classmethod
-    def of(cls, feats: torch.Tensor | np.ndarray) -> "GaussianStats":
+    def of(cls, feats: torch.Tensor | np.ndarray) -> GaussianStats:
         x = _as_features(feats)
         if len(x) < 2:
             raise RstrError(f"the Frechet distance needs at least 2 feature vectors per set, got {len(x)}")
@@ -288,14 +292,16 @@ def frechet_from_stats(a: GaussianStats, b: GaussianStats) -> float:
     return max(fd, 0.0)
 
 
-def frechet_distance(feats_a: torch.Tensor | np.ndarray | GaussianStats, feats_b: torch.Tensor | np.ndarray | GaussianStats) -> float:
+def frechet_distance(
+    feats_a: torch.Tensor | np.ndarray | GaussianStats, feats_b: torch.Tensor | np.ndarray | GaussianStats
+) -> float:
     """Frechet distance between Gaussians fitted to two feature sets ``[N, D]`` (or their stats)."""
     a = feats_a if isinstance(feats_a, GaussianStats) else GaussianStats.of(feats_a)
     b = feats_b if isinstance(feats_b, GaussianStats) else GaussianStats.of(feats_b)
     return frechet_from_stats(a, b)
 
 
-_REFERENCE_CACHE: "weakref.WeakKeyDictionary[object, dict[str, GaussianStats]]" = weakref.WeakKeyDictionary()
+_REFERENCE_CACHE: weakref.WeakKeyDictionary[object, dict[str, GaussianStats]] = weakref.WeakKeyDictionary()
 
 
 def reference_stats(extractor: FeatureExtractor | None = None, split: str = "all") -> GaussianStats:
@@ -350,7 +356,9 @@ class InceptionExtractor:
             self.net = FeatureExtractorInceptionV3("inception-v3-compat", [feature], feature_extractor_weights_path=str(path))
         except Exception as err:  # noqa: BLE001 -- any load failure is a bad weights file
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise RstrError(f"Inception weights {path} could not be loaded ({first}); give the FID Inception state dict") from None
+            raise RstrError(
+                f"Inception weights {path} could not be loaded ({first}); give the FID Inception state dict"
+            ) from None
         self.net = self.net.to(device).eval()
         self.device = torch.device(device)
 
@@ -361,13 +369,17 @@ class InceptionExtractor:
         return torch.cat(out)
 
 
-def clip_score(images: torch.Tensor, prompts: list[str], clip_dir: str | os.PathLike[str], device: str | torch.device = "cpu") -> float:
+def clip_score(
+    images: torch.Tensor, prompts: list[str], clip_dir: str | os.PathLike[str], device: str | torch.device = "cpu"
+) -> float:
     """Mean CLIP score ``100 * max(cos(image, text), 0)`` with a CLIP model from a LOCAL directory."""
     path = Path(clip_dir)
     if len(prompts) != len(images):
         raise RstrError(f"{len(images)} images but {len(prompts)} prompts; give one prompt per image")
     if not (path / "config.json").is_file():
-        raise RstrError(f"CLIP directory {path} has no config.json; save a CLIP model there with `CLIPModel.save_pretrained` and `CLIPProcessor.save_pretrained`")
+        raise RstrError(
+            f"CLIP directory {path} has no config.json; save a CLIP model there with `CLIPModel.save_pretrained` and `CLIPProcessor.save_pretrained`"
+        )
     try:
         from transformers import CLIPModel, CLIPProcessor
     except ImportError:

@@ -77,20 +77,45 @@ def plot_pareto(report: dict[str, Any], path: str | os.PathLike[str]) -> Path:
             left.scatter([p[0] for p in bp], [p[1] for p in bp], s=14, marker=marker, color=color, alpha=0.5, label=kind)
     for key, color, label in (("pareto_front", "tab:purple", "search front"), ("baseline_front", "black", "baselines' front")):
         front = report[key]
-        left.step([e["compute_fraction"] for e in front], [e["search"]["mean"][metric] for e in front], where="post",
-                  color=color, lw=1.5, label=label)
+        left.step(
+            [e["compute_fraction"] for e in front],
+            [e["search"]["mean"][metric] for e in front],
+            where="post",
+            color=color,
+            lw=1.5,
+            label=label,
+        )
     res = report["result"]
-    left.scatter([res["compute_fraction"]], [res["search"]["mean"][metric]], marker="*", s=160, color="red", zorder=5, label="result")
+    left.scatter(
+        [res["compute_fraction"]], [res["search"]["mean"][metric]], marker="*", s=160, color="red", zorder=5, label="result"
+    )
     left.set_title("search seeds", fontsize=9)
 
     for b in report["baselines"]:
         marker, color = KIND_STYLE[b["kind"]]
         vals = b["held_out"]["groups"][metric]
-        right.errorbar([b["compute_fraction"]], [statistics.fmean(vals)], yerr=_range(vals), marker=marker, color=color,
-                       ms=5, capsize=2, ls="none", alpha=0.8 if b["in_budget"] else 0.4)
+        right.errorbar(
+            [b["compute_fraction"]],
+            [statistics.fmean(vals)],
+            yerr=_range(vals),
+            marker=marker,
+            color=color,
+            ms=5,
+            capsize=2,
+            ls="none",
+            alpha=0.8 if b["in_budget"] else 0.4,
+        )
     vals = res["held_out"]["groups"][metric]
-    right.errorbar([res["compute_fraction"]], [statistics.fmean(vals)], yerr=_range(vals), marker="*", ms=14, color="red",
-                   capsize=2, ls="none")
+    right.errorbar(
+        [res["compute_fraction"]],
+        [statistics.fmean(vals)],
+        yerr=_range(vals),
+        marker="*",
+        ms=14,
+        color="red",
+        capsize=2,
+        ls="none",
+    )
     right.set_title(f"held-out seeds ({report['seeds']['held_out_groups']} groups, mean and min-max)", fontsize=9)
 
     lows = (

@@ -78,19 +78,21 @@ class GuidanceSchedule:
 
     # ----------------------------------------------------------------- constructors
     @classmethod
-    def constant(cls, scale: float, num_steps: int, *, family: str, sampler: str, default_steps: int | None = None) -> "GuidanceSchedule":
+    def constant(
+        cls, scale: float, num_steps: int, *, family: str, sampler: str, default_steps: int | None = None
+    ) -> GuidanceSchedule:
         """Classic CFG: every step guided at ``scale`` (two passes per step)."""
         return cls.interval(scale, num_steps, 0, num_steps, family=family, sampler=sampler, default_steps=default_steps)
 
     @classmethod
-    def conditional_only(cls, num_steps: int, *, family: str, sampler: str, default_steps: int | None = None) -> "GuidanceSchedule":
+    def conditional_only(cls, num_steps: int, *, family: str, sampler: str, default_steps: int | None = None) -> GuidanceSchedule:
         """No guidance at all: one conditional pass per step."""
         return cls.interval(0.0, num_steps, 0, 0, family=family, sampler=sampler, default_steps=default_steps)
 
     @classmethod
     def interval(
         cls, scale: float, num_steps: int, start: int, stop: int, *, family: str, sampler: str, default_steps: int | None = None
-    ) -> "GuidanceSchedule":
+    ) -> GuidanceSchedule:
         """Guidance only on steps ``start <= i < stop`` (Kynkaanniemi et al. 2024)."""
         if not 0 <= start <= stop <= num_steps:
             raise ScheduleError(f"interval [{start}, {stop}) does not fit in {num_steps} steps")
@@ -104,7 +106,9 @@ class GuidanceSchedule:
         )
 
     @classmethod
-    def first_k(cls, scale: float, num_steps: int, k: int, *, family: str, sampler: str, default_steps: int | None = None) -> "GuidanceSchedule":
+    def first_k(
+        cls, scale: float, num_steps: int, k: int, *, family: str, sampler: str, default_steps: int | None = None
+    ) -> GuidanceSchedule:
         """Guidance only on the first ``k`` steps ("Step AG")."""
         return cls.interval(scale, num_steps, 0, k, family=family, sampler=sampler, default_steps=default_steps)
 
@@ -146,7 +150,7 @@ class GuidanceSchedule:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "schedule") -> "GuidanceSchedule":
+    def from_dict(cls, data: dict[str, Any], source: str = "schedule") -> GuidanceSchedule:
         """Check the format, validate against the ``rstr.schedule/1`` schema (rstr.engines' schemas/), then build;
         every problem is one :class:`ScheduleError` line naming the field."""
         from rstr.engines import schema
@@ -180,7 +184,7 @@ class GuidanceSchedule:
         write_json(path, self.to_dict())
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> "GuidanceSchedule":
+    def load(cls, path: str | os.PathLike[str]) -> GuidanceSchedule:
         path = Path(path)
         if not path.is_file():
             raise ScheduleError(f"schedule file {path} does not exist; write one with `rstr search --out {path}`")
@@ -197,12 +201,14 @@ class GuidanceSchedule:
     def check_fits(self, family: str, sampler: str | None = None) -> None:
         """Refuse a schedule written for another family (or sampler)."""
         if self.family != family:
-            raise ScheduleError(f"schedule is for family {self.family!r} but the model is {family!r}; search a schedule for this model")
+            raise ScheduleError(
+                f"schedule is for family {self.family!r} but the model is {family!r}; search a schedule for this model"
+            )
         if sampler is not None and self.sampler != sampler:
             raise ScheduleError(f"schedule is for sampler {self.sampler!r} but the model uses {sampler!r}")
 
 
-def _schema_message(problem: "Violation", data: dict[str, Any]) -> str:
+def _schema_message(problem: Violation, data: dict[str, Any]) -> str:
     """A schema violation in the words rstr has always used for steps and timesteps, else the schema's own."""
     path = problem.path
     if len(path) == 2 and path[0] == "steps":

@@ -35,19 +35,19 @@ class SeedRange:
     def __str__(self) -> str:
         return f"[{self.start}, {self.stop})"
 
-    def overlaps(self, other: "SeedRange") -> bool:
+    def overlaps(self, other: SeedRange) -> bool:
         return self.start < other.stop and other.start < self.stop
 
-    def contains_range(self, other: "SeedRange") -> bool:
+    def contains_range(self, other: SeedRange) -> bool:
         return self.start <= other.start and other.stop <= self.stop
 
-    def require_within(self, pool: "SeedRange", what: str = "seeds") -> "SeedRange":
+    def require_within(self, pool: SeedRange, what: str = "seeds") -> SeedRange:
         """Return ``self`` if it lies inside ``pool``, else raise naming both ranges."""
         if not pool.contains_range(self):
             raise RstrError(f"{what} {self} are not inside the pool {pool}; pick a seed_start inside it")
         return self
 
-    def require_disjoint(self, other: "SeedRange", what: str = "seed ranges") -> None:
+    def require_disjoint(self, other: SeedRange, what: str = "seed ranges") -> None:
         """Raise if the two ranges share a seed (e.g. search seeds leaking into held-out seeds)."""
         if self.overlaps(other):
             raise RstrError(f"{what} {self} and {other} overlap; use disjoint seed ranges (e.g. search vs held-out pools)")

@@ -42,22 +42,35 @@ def pixel_dit_bundle(tmp_path_factory) -> Path:
     import json
 
     from diffusers import DDIMScheduler, DiTTransformer2DModel
-
     from rstr.export.build import BuildOptions, build
+
     from rstr.schedule import GuidanceSchedule
 
     tmp = tmp_path_factory.mktemp("pixel-dit")
     torch.manual_seed(0)
     model = DiTTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=8, in_channels=1, out_channels=2, num_layers=2, sample_size=8,
-        patch_size=2, num_embeds_ada_norm=10, norm_type="ada_norm_zero",
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=1,
+        out_channels=2,
+        num_layers=2,
+        sample_size=8,
+        patch_size=2,
+        num_embeds_ada_norm=10,
+        norm_type="ada_norm_zero",
     )
     model.save_pretrained(tmp / "model" / "transformer")
     DDIMScheduler(clip_sample=False).save_pretrained(tmp / "model" / "scheduler")
     meta = {"default_steps": 4, "image": {"channels": 1, "size": 8, "range": [-1.0, 1.0]}}
     (tmp / "model" / "rstr.json").write_text(json.dumps(meta))
-    schedule = GuidanceSchedule(family="dit", sampler="ddim", guided=(True, True, False, False),
-                                scales=(2.5, 1.5, None, None), default_steps=4, timesteps=(900, 610, 280, 0))
+    schedule = GuidanceSchedule(
+        family="dit",
+        sampler="ddim",
+        guided=(True, True, False, False),
+        scales=(2.5, 1.5, None, None),
+        default_steps=4,
+        timesteps=(900, 610, 280, 0),
+    )
     schedule.save(tmp / "schedule.json")
     out = tmp / "bundle"
     build(BuildOptions(model=tmp / "model", schedule=tmp / "schedule.json", out=out, measure=False, batch=2))

@@ -23,9 +23,25 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_bench_quick_writes_table(tmp_path):
     out = tmp_path / "bench.md"
     # One bundle (the rstr schedule) rather than two keeps the run near a minute on two cores.
-    cmd = [sys.executable, str(ROOT / "tools" / "bench.py"), "--quick", "--models", "ref", "--reps", "1", "--threads", "1",
-           "--rows", "diffusers,rstr-torch,ort-rstr,trt-rstr", "--quality-num", "20", "--out", str(out),
-           "--work", str(tmp_path / "work")]
+    cmd = [
+        sys.executable,
+        str(ROOT / "tools" / "bench.py"),
+        "--quick",
+        "--models",
+        "ref",
+        "--reps",
+        "1",
+        "--threads",
+        "1",
+        "--rows",
+        "diffusers,rstr-torch,ort-rstr,trt-rstr",
+        "--quality-num",
+        "20",
+        "--out",
+        str(out),
+        "--work",
+        str(tmp_path / "work"),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
 

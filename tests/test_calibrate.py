@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny import tiny_dit
 
 from rstr.calibrate import runner, sensitivity
 from rstr.calibrate.adapter import ADAPTER_FILES, load_adapter, merge_adapter
@@ -18,10 +19,9 @@ from rstr.calibrate.checkpoint import CHECKPOINT_FORMAT, checkpoint_path
 from rstr.calibrate.modules import target_modules
 from rstr.calibrate.runner import calibrate
 from rstr.calibrate.sensitivity import FISHER_IMAGES, gradient_spectra, measure_sensitivity, probe_drops
-from rstr.calibrate.train import Preset, seed_conditioning, endpoint_loss, teacher_data, teacher_schedule
+from rstr.calibrate.train import Preset, endpoint_loss, seed_conditioning, teacher_data, teacher_schedule
 from rstr.errors import RstrError
 from rstr.schedule import GuidanceSchedule
-from tiny import tiny_dit
 
 TINY = Preset(pool=32, probe=16, probe_iterations=4, validation=16, batch_size=8, iterations=12, lr=3e-3, checkpoint_every=4)
 
@@ -67,9 +67,15 @@ def synthetic_modules() -> list[TargetModule]:
 def test_module_kinds():
     kinds = {m.name.split(".", 2)[2]: m.kind for m in target_modules(family()) if m.block == "transformer_blocks.0"}
     assert kinds == {
-        "norm1.emb.timestep_embedder.linear_1": "emb", "norm1.emb.timestep_embedder.linear_2": "emb", "norm1.linear": "adanorm",
-        "attn1.to_q": "attn.q", "attn1.to_k": "attn.k", "attn1.to_v": "attn.v", "attn1.to_out.0": "attn.out",
-        "ff.net.0.proj": "ff", "ff.net.2": "ff",
+        "norm1.emb.timestep_embedder.linear_1": "emb",
+        "norm1.emb.timestep_embedder.linear_2": "emb",
+        "norm1.linear": "adanorm",
+        "attn1.to_q": "attn.q",
+        "attn1.to_k": "attn.k",
+        "attn1.to_v": "attn.v",
+        "attn1.to_out.0": "attn.out",
+        "ff.net.0.proj": "ff",
+        "ff.net.2": "ff",
     }
 
 
@@ -115,8 +121,10 @@ def test_fisher_spectrum_is_that_of_the_stacked_group_gradients():
     weights = [f.transformer.get_submodule(m.name).weight for m in (wide, tall)]
     for w in weights:
         w.requires_grad_(True)
-    groups = [torch.autograd.grad(endpoint_loss(f, sparse(f), data.take(slice(lo, lo + FISHER_IMAGES))), weights)
-              for lo in range(0, len(data), FISHER_IMAGES)]
+    groups = [
+        torch.autograd.grad(endpoint_loss(f, sparse(f), data.take(slice(lo, lo + FISHER_IMAGES))), weights)
+        for lo in range(0, len(data), FISHER_IMAGES)
+    ]
     assert len(groups) == TINY.probe // FISHER_IMAGES
     for i, m in enumerate((wide, tall)):
         side_by_side = torch.cat([g[i].double() for g in groups], dim=1 if m is wide else 0)  # [G_1 G_2 ..] or [G_1; G_2; ..]
@@ -158,7 +166,13 @@ def test_calibration_lowers_the_loss(calibrated):
     assert result.params <= int(0.05 * sum(p.numel() for p in family().transformer.parameters()))
     record = json.loads((out / "allocation.json").read_text())
     assert record["budget"]["used"] == result.params
-    assert {p.name for p in out.iterdir()} >= {*ADAPTER_FILES, "allocation.json", "calibration.json", "report.md", "calibration.png"}
+    assert {p.name for p in out.iterdir()} >= {
+        *ADAPTER_FILES,
+        "allocation.json",
+        "calibration.json",
+        "report.md",
+        "calibration.png",
+    }
 
 
 def test_adapter_loads_and_merges(calibrated):
@@ -233,12 +247,18 @@ def test_resume_never_unpickles_a_planted_checkpoint(case, tmp_path, capsys, mon
         ckpt.write_bytes(bytes(range(256)) * 8)
         expect = "not a readable rstr calibration checkpoint"
     elif case == "shape":
-        save_file({"pool.noise": torch.zeros(1)}, str(ckpt), metadata={"rstr": json.dumps({"format": CHECKPOINT_FORMAT, "settings": []})})
+        save_file(
+            {"pool.noise": torch.zeros(1)},
+            str(ckpt),
+            metadata={"rstr": json.dumps({"format": CHECKPOINT_FORMAT, "settings": []})},
+        )
         expect = "'settings' must be an object"
     else:
         save_file({"pool.noise": torch.zeros(1)}, str(ckpt), metadata={"rstr": "[" * 100_000 + "]" * 100_000})
         expect = "not a readable rstr calibration checkpoint"
-    code, err = run_cli(["calibrate", "--model", model, "--preset", "fast", "--steps", "2", "--out", out, "--resume"], capsys, monkeypatch)
+    code, err = run_cli(
+        ["calibrate", "--model", model, "--preset", "fast", "--steps", "2", "--out", out, "--resume"], capsys, monkeypatch
+    )
     assert code == 1 and expect in err and len(err.strip().splitlines()) == 1, err
     assert not marker.exists() and not out.exists()  # ... but nothing was unpickled, and nothing written
 
@@ -246,10 +266,15 @@ def test_resume_never_unpickles_a_planted_checkpoint(case, tmp_path, capsys, mon
 # ----------------------------------------------------------------------------- the CLI
 def test_cli_calibrate_then_sample(tmp_path, capsys, monkeypatch):
     model = save_model(family(), tmp_path / "model")
-    code, err = run_cli(["calibrate", "--model", model, "--preset", "fast", "--steps", "2", "--out", tmp_path / "ad"], capsys, monkeypatch)
+    code, err = run_cli(
+        ["calibrate", "--model", model, "--preset", "fast", "--steps", "2", "--out", tmp_path / "ad"], capsys, monkeypatch
+    )
     assert code == 0, err
-    code, err = run_cli(["sample", "--model", model, "--adapter", tmp_path / "ad", "--steps", "2", "--out", tmp_path / "x.npy"],
-                        capsys, monkeypatch)
+    code, err = run_cli(
+        ["sample", "--model", model, "--adapter", tmp_path / "ad", "--steps", "2", "--out", tmp_path / "x.npy"],
+        capsys,
+        monkeypatch,
+    )
     assert code == 0, err
 
 
@@ -258,11 +283,20 @@ def test_cli_adapter_for_another_model(calibrated, tmp_path, capsys, monkeypatch
 
     other = family()
     other.transformer = DiTTransformer2DModel(  # same layer names, hidden 8 instead of 16
-        num_attention_heads=2, attention_head_dim=4, in_channels=4, out_channels=4, num_layers=2, sample_size=8,
-        patch_size=2, num_embeds_ada_norm=10, norm_type="ada_norm_zero",
+        num_attention_heads=2,
+        attention_head_dim=4,
+        in_channels=4,
+        out_channels=4,
+        num_layers=2,
+        sample_size=8,
+        patch_size=2,
+        num_embeds_ada_norm=10,
+        norm_type="ada_norm_zero",
     )
     model = save_model(other, tmp_path / "other")
-    code, err = run_cli(["sample", "--model", model, "--adapter", calibrated[0], "--out", tmp_path / "x.npy"], capsys, monkeypatch)
+    code, err = run_cli(
+        ["sample", "--model", model, "--adapter", calibrated[0], "--out", tmp_path / "x.npy"], capsys, monkeypatch
+    )
     assert code == 1 and "does not fit this model" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x.npy").exists()
 
@@ -285,6 +319,6 @@ def test_cli_bad_input(case, tmp_path, capsys, monkeypatch):
         expect = "exceeds the layer's dimensions"
     code, err = run_cli(args, capsys, monkeypatch)
     assert code == 1 and expect in err and len(err.strip().splitlines()) == 1, err
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "model") == (["s.json"] if case == "family" else ["alloc.json"] if case == "rank" else [])
-
-
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "model") == (
+        ["s.json"] if case == "family" else ["alloc.json"] if case == "rank" else []
+    )

@@ -92,7 +92,7 @@ def test_latents_match_python_onnxruntime(rstr_run, bundle, noise, tmp_path):
         assert image.mode == "L" and image.size == (BATCH * 8 * 8, 8 * 8)
         pixels = np.asarray(image)
     expected = np.clip((want[1, 0] + 1) / 2, 0, 1) * 255
-    assert np.abs(pixels[::8, 8 * 8::8].astype(np.float32) - expected).max() <= 1.0
+    assert np.abs(pixels[::8, 8 * 8 :: 8].astype(np.float32) - expected).max() <= 1.0
 
 
 def test_cond_file_equals_class_flag(rstr_run, bundle, noise, tmp_path):
@@ -118,7 +118,9 @@ def test_seed_is_reproducible(rstr_run, bundle, tmp_path):
 def test_installed_package_config(rstr_run, bundle, tmp_path):
     """An application finds the installed library with find_package(rstr_runtime)."""
     src = ROOT / "engines" / "cpp" / "examples" / "consumer"
-    configure = subprocess.run(["cmake", "-S", src, "-B", tmp_path, f"-DCMAKE_PREFIX_PATH={INSTALL}"], capture_output=True, text=True)
+    configure = subprocess.run(
+        ["cmake", "-S", src, "-B", tmp_path, f"-DCMAKE_PREFIX_PATH={INSTALL}"], capture_output=True, text=True
+    )
     assert configure.returncode == 0, configure.stdout + configure.stderr
     compiled = subprocess.run(["cmake", "--build", tmp_path, "-j", "2"], capture_output=True, text=True)
     assert compiled.returncode == 0, compiled.stdout + compiled.stderr
@@ -191,11 +193,13 @@ SCHEMA = ROOT / "engines" / "schemas" / "bundle.schema.json"
 
 def _set(path, value):
     """An edit that sets manifest[path...] = value."""
+
     def edit(m, _):
         *parents, last = path
         for key in parents:
             m = m[key]
         m[last] = value
+
     return edit
 
 
@@ -210,8 +214,10 @@ SCHEMA_VIOLATIONS = {
     "unknown-field": (_set(("colour",), "blue"), "unknown field(s) colour; allowed: batch, conditioning, decoder, dtype"),
     "batch-zero": (_set(("batch",), 0), "batch is 0; it must be at least 1"),
     "unknown-dtype": (_set(("dtype",), "fp8"), 'dtype is "fp8"; expected one of "fp32", "fp16", "bf16"'),
-    "bad-unconditional": (_set(("conditioning", "unconditional", "class_labels"), "maybe"),
-                          'conditioning.unconditional.class_labels is "maybe"; it must match ^required$'),
+    "bad-unconditional": (
+        _set(("conditioning", "unconditional", "class_labels"), "maybe"),
+        'conditioning.unconditional.class_labels is "maybe"; it must match ^required$',
+    ),
     "bad-sha256": (_set(("files", "denoiser.onnx", "sha256"), "xyz"), 'files["denoiser.onnx"].sha256 is "xyz"; it must match'),
     "short-range": (_set(("decoder", "range"), [1.0]), "decoder.range has 1 item(s); it must have at least 2"),
 }
@@ -244,6 +250,7 @@ def test_cpp_build_embeds_the_schema_file(rstr_run):
 @pytest.mark.parametrize("case", sorted(SCHEMA_VIOLATIONS))
 def test_schema_violation_is_refused_by_python_in_one_line(bundle, tmp_path, case):
     from rstr.engines.bundle import Bundle
+
     from rstr.errors import BundleError
 
     edit, message = SCHEMA_VIOLATIONS[case]
@@ -255,6 +262,7 @@ def test_schema_violation_is_refused_by_python_in_one_line(bundle, tmp_path, cas
 @pytest.mark.parametrize("case", sorted(SCHEMA_VIOLATIONS))
 def test_schema_violation_is_refused_by_cpp_in_the_same_words(rstr_run, bundle, noise, tmp_path, case):
     from rstr.engines.bundle import Bundle
+
     from rstr.errors import BundleError
 
     edit, message = SCHEMA_VIOLATIONS[case]
@@ -274,31 +282,43 @@ def test_missing_bundle_directory(rstr_run, tmp_path):
 def test_noise_of_the_wrong_shape(rstr_run, bundle, tmp_path):
     bad = tmp_path / "noise.npy"
     np.save(bad, np.zeros((1, 1, 8, 8), np.float32))
-    assert_error(run(rstr_run, bundle, "--out", tmp_path / "x.npy", "--class", "3", "--noise", bad),
-                 "noise has shape [1, 1, 8, 8] but the bundle expects [2, 1, 8, 8]")
+    assert_error(
+        run(rstr_run, bundle, "--out", tmp_path / "x.npy", "--class", "3", "--noise", bad),
+        "noise has shape [1, 1, 8, 8] but the bundle expects [2, 1, 8, 8]",
+    )
 
 
 def test_noise_of_the_wrong_dtype(rstr_run, bundle, tmp_path):
     bad = tmp_path / "noise.npy"
     np.save(bad, np.zeros((BATCH, 1, 8, 8), np.float64))
-    assert_error(run(rstr_run, bundle, "--out", tmp_path / "x.npy", "--class", "3", "--noise", bad), "dtype '<f8' is not supported")
+    assert_error(
+        run(rstr_run, bundle, "--out", tmp_path / "x.npy", "--class", "3", "--noise", bad), "dtype '<f8' is not supported"
+    )
 
 
 @pytest.mark.parametrize("label", ["10", "-1"])
 def test_class_label_out_of_range(rstr_run, bundle, noise, tmp_path, label):
-    assert_error(run(rstr_run, bundle, "--out", tmp_path / "x.npy", "--class", label, "--noise", noise),
-                 f"class label {label}, out of range: this bundle has classes 0..9")
+    assert_error(
+        run(rstr_run, bundle, "--out", tmp_path / "x.npy", "--class", label, "--noise", noise),
+        f"class label {label}, out of range: this bundle has classes 0..9",
+    )
 
 
-@pytest.mark.parametrize("backend, option, message", [("cuda", "RSTR_WITH_CUDA", "no ONNX Runtime CUDA support"),
-                                                       ("tensorrt", "RSTR_WITH_TENSORRT", "no TensorRT backend")])
+@pytest.mark.parametrize(
+    "backend, option, message",
+    [("cuda", "RSTR_WITH_CUDA", "no ONNX Runtime CUDA support"), ("tensorrt", "RSTR_WITH_TENSORRT", "no TensorRT backend")],
+)
 def test_backend_not_in_this_build(rstr_run, bundle, noise, tmp_path, backend, option, message):
     if f"{option}:BOOL=ON" in (BUILD / "CMakeCache.txt").read_text():
         pytest.skip(f"this build has {option}=ON")
-    assert_error(run(rstr_run, bundle, "--out", tmp_path / "x.npy", "--class", "3", "--noise", noise, "--backend", backend), message)
+    assert_error(
+        run(rstr_run, bundle, "--out", tmp_path / "x.npy", "--class", "3", "--noise", noise, "--backend", backend), message
+    )
 
 
 def test_png_needs_a_pixels_decoder(rstr_run, bundle, noise, tmp_path):
     copy = edited_copy(bundle, tmp_path, lambda m, _: m.update(decoder=None))
-    assert_error(run(rstr_run, copy, "--out", tmp_path / "x.npy", "--png", tmp_path / "x.png", "--class", "3", "--noise", noise),
-                 'decoder is "pixels"')
+    assert_error(
+        run(rstr_run, copy, "--out", tmp_path / "x.npy", "--png", tmp_path / "x.png", "--class", "3", "--noise", noise),
+        'decoder is "pixels"',
+    )

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_parity import _LatentTap, _tiny_vae, assert_close
+from tiny import text_conditioning, tiny_dit, tiny_flux, tiny_pixart, tiny_qwenimage
 
 import rstr.diffusers as rd
 from rstr.errors import RstrError, ScheduleError
 from rstr.families import load_model
 from rstr.sampler import sample
 from rstr.schedule import GuidanceSchedule
-from test_parity import _LatentTap, _tiny_vae, assert_close
-from tiny import text_conditioning, tiny_dit, tiny_flux, tiny_pixart, tiny_qwenimage
 
 ROOT = Path(__file__).resolve().parent.parent
 BUDGET_50 = ROOT / "docs" / "search" / "budget-50" / "schedule.json"
@@ -25,14 +25,17 @@ GUIDED = (True, False, True, False)
 
 
 def sparse(family) -> GuidanceSchedule:
-    return GuidanceSchedule(family=family.name, sampler=family.sampler, guided=GUIDED, scales=(3.0, None, 1.5, None), default_steps=4)
+    return GuidanceSchedule(
+        family=family.name, sampler=family.sampler, guided=GUIDED, scales=(3.0, None, 1.5, None), default_steps=4
+    )
 
 
 def count_rows(family) -> list[int]:
     """Rows entering the first transformer block, one entry per real transformer pass."""
     rows: list[int] = []
     family.transformer.transformer_blocks[0].register_forward_pre_hook(
-        lambda m, args, kwargs: rows.append(int((args[0] if args else kwargs["hidden_states"]).shape[0])), with_kwargs=True)
+        lambda m, args, kwargs: rows.append(int((args[0] if args else kwargs["hidden_states"]).shape[0])), with_kwargs=True
+    )
     return rows
 
 
@@ -42,7 +45,9 @@ def random_adapter(family, path: Path, targets: list[str], seed: int = 0) -> Pat
 
     torch.manual_seed(seed)
     first = targets[0]
-    config = LoraConfig(r=2, lora_alpha=2, target_modules=targets, rank_pattern={first: 4}, alpha_pattern={first: 8}, lora_dropout=0.0)
+    config = LoraConfig(
+        r=2, lora_alpha=2, target_modules=targets, rank_pattern={first: 4}, alpha_pattern={first: 8}, lora_dropout=0.0
+    )
     model = get_peft_model(copy.deepcopy(family.transformer), config)
     for name, p in model.named_parameters():
         if "lora_B" in name:
@@ -108,24 +113,54 @@ def test_dit_reference_budget_50_schedule_equals_rstr_sampler():
 
 # ------------------------------------------------------------------ text pipelines, classic
 def pixart_call(pipe, family, cond, uncond, **kw):
-    return pipe(negative_prompt=None, prompt_embeds=cond["encoder_hidden_states"], prompt_attention_mask=cond["encoder_attention_mask"],
-                negative_prompt_embeds=uncond["encoder_hidden_states"], negative_prompt_attention_mask=uncond["encoder_attention_mask"],
-                output_type="latent", use_resolution_binning=False, height=8, width=8, **kw).images
+    return pipe(
+        negative_prompt=None,
+        prompt_embeds=cond["encoder_hidden_states"],
+        prompt_attention_mask=cond["encoder_attention_mask"],
+        negative_prompt_embeds=uncond["encoder_hidden_states"],
+        negative_prompt_attention_mask=uncond["encoder_attention_mask"],
+        output_type="latent",
+        use_resolution_binning=False,
+        height=8,
+        width=8,
+        **kw,
+    ).images
 
 
 def flux_call(pipe, family, cond, uncond, **kw):
-    negative = {} if uncond is None else {"negative_prompt_embeds": uncond["encoder_hidden_states"],
-                                          "negative_pooled_prompt_embeds": uncond["pooled_projections"]}
+    negative = (
+        {}
+        if uncond is None
+        else {
+            "negative_prompt_embeds": uncond["encoder_hidden_states"],
+            "negative_pooled_prompt_embeds": uncond["pooled_projections"],
+        }
+    )
     size = family.latent_size * 8
-    return pipe(prompt_embeds=cond["encoder_hidden_states"], pooled_prompt_embeds=cond["pooled_projections"], **negative,
-                guidance_scale=3.5, height=size, width=size, output_type="latent", **kw).images
+    return pipe(
+        prompt_embeds=cond["encoder_hidden_states"],
+        pooled_prompt_embeds=cond["pooled_projections"],
+        **negative,
+        guidance_scale=3.5,
+        height=size,
+        width=size,
+        output_type="latent",
+        **kw,
+    ).images
 
 
 def qwen_call(pipe, family, cond, uncond, **kw):
     size = family.latent_size * 8
-    return pipe(prompt_embeds=cond["encoder_hidden_states"], prompt_embeds_mask=cond["encoder_hidden_states_mask"],
-                negative_prompt_embeds=uncond["encoder_hidden_states"], negative_prompt_embeds_mask=uncond["encoder_hidden_states_mask"],
-                height=size, width=size, output_type="latent", **kw).images
+    return pipe(
+        prompt_embeds=cond["encoder_hidden_states"],
+        prompt_embeds_mask=cond["encoder_hidden_states_mask"],
+        negative_prompt_embeds=uncond["encoder_hidden_states"],
+        negative_prompt_embeds_mask=uncond["encoder_hidden_states_mask"],
+        height=size,
+        width=size,
+        output_type="latent",
+        **kw,
+    ).images
 
 
 def text_pipeline(kind: str):
@@ -134,15 +169,26 @@ def text_pipeline(kind: str):
 
     if kind == "pixart":
         family = tiny_pixart()
-        pipe = PixArtAlphaPipeline(tokenizer=None, text_encoder=None, vae=_tiny_vae(), transformer=family.transformer, scheduler=family.fresh_scheduler())
+        pipe = PixArtAlphaPipeline(
+            tokenizer=None, text_encoder=None, vae=_tiny_vae(), transformer=family.transformer, scheduler=family.fresh_scheduler()
+        )
         return family, pipe, pixart_call
     if kind.startswith("flux"):
         family = tiny_flux(guidance_embeds=kind == "flux-guidance")
-        pipe = FluxPipeline(scheduler=family.fresh_scheduler(), vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
-                            tokenizer_2=None, transformer=family.transformer)
+        pipe = FluxPipeline(
+            scheduler=family.fresh_scheduler(),
+            vae=None,
+            text_encoder=None,
+            tokenizer=None,
+            text_encoder_2=None,
+            tokenizer_2=None,
+            transformer=family.transformer,
+        )
         return family, pipe, flux_call
     family = tiny_qwenimage()
-    pipe = QwenImagePipeline(scheduler=family.fresh_scheduler(), vae=None, text_encoder=None, tokenizer=None, transformer=family.transformer)
+    pipe = QwenImagePipeline(
+        scheduler=family.fresh_scheduler(), vae=None, text_encoder=None, tokenizer=None, transformer=family.transformer
+    )
     return family, pipe, qwen_call
 
 
@@ -165,11 +211,15 @@ def test_text_pipelines_follow_the_schedule(kind):
 def test_remove_restores_the_stock_pipeline():
     family, pipe, call = text_pipeline("pixart")
     cond, uncond = text_conditioning(family, B, 0), text_conditioning(family, B, 1)
-    stock = call(pipe, family, cond, uncond, guidance_scale=3.0, num_inference_steps=3, generator=torch.Generator().manual_seed(0))
+    stock = call(
+        pipe, family, cond, uncond, guidance_scale=3.0, num_inference_steps=3, generator=torch.Generator().manual_seed(0)
+    )
     rd.apply(pipe, sparse(family))
     call(pipe, family, cond, uncond, generator=torch.Generator().manual_seed(0))
     rd.remove(pipe)
-    again = call(pipe, family, cond, uncond, guidance_scale=3.0, num_inference_steps=3, generator=torch.Generator().manual_seed(0))
+    again = call(
+        pipe, family, cond, uncond, guidance_scale=3.0, num_inference_steps=3, generator=torch.Generator().manual_seed(0)
+    )
     assert torch.equal(stock, again)
     with pytest.raises(RstrError, match="follows no rstr schedule"):
         rd.remove(pipe)
@@ -188,7 +238,9 @@ def test_apply_refuses_what_the_schedule_decides():
         with pytest.raises(RstrError, match="already follows an rstr schedule"):
             rd.apply(pipe, sparse(family))
     with rd.apply(pipe, GuidanceSchedule.constant(2.0, 1, family="flux", sampler=family.sampler)):  # caught after the last step
-        with pytest.raises(RstrError, match="the schedule has guided steps but the pipeline made no unconditional pass at step 0"):
+        with pytest.raises(
+            RstrError, match="the schedule has guided steps but the pipeline made no unconditional pass at step 0"
+        ):
             call(pipe, family, cond, None)
     with pytest.raises(ScheduleError, match="schedule is for family 'dit'"):
         rd.apply(pipe, GuidanceSchedule.constant(2.0, 4, family="dit", sampler="ddim"))
@@ -254,9 +306,17 @@ def test_qwenimage_modular_pipeline_with_the_guider(tmp_path):
     expected = sample(family, schedule, cond, uncond=uncond, generator=torch.Generator().manual_seed(0))
     rows = count_rows(family)
     size = family.latent_size * 8
-    latents = pipe(prompt_embeds=cond["encoder_hidden_states"], prompt_embeds_mask=cond["encoder_hidden_states_mask"],
-                   negative_prompt_embeds=uncond["encoder_hidden_states"], negative_prompt_embeds_mask=uncond["encoder_hidden_states_mask"],
-                   height=size, width=size, generator=torch.Generator().manual_seed(0), output="latents", **guider.call_kwargs())
+    latents = pipe(
+        prompt_embeds=cond["encoder_hidden_states"],
+        prompt_embeds_mask=cond["encoder_hidden_states_mask"],
+        negative_prompt_embeds=uncond["encoder_hidden_states"],
+        negative_prompt_embeds_mask=uncond["encoder_hidden_states_mask"],
+        height=size,
+        width=size,
+        generator=torch.Generator().manual_seed(0),
+        output="latents",
+        **guider.call_kwargs(),
+    )
     assert_close(pack_latents(latents[:, :, 0]), expected)
     assert rows == [B] * schedule.passes_per_image  # the guider asks for one batch on unguided steps
 
@@ -303,7 +363,9 @@ def test_export_diffusers_round_trip_reproduces_the_sampler(tmp_path, capsys, mo
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "digits-pipe"]  # written atomically, nothing left over
 
     schedule = GuidanceSchedule.load(BUDGET_50)
-    expected = sample(calibrated(reference, adapter), schedule, reference.labels([0, 9]), generator=torch.Generator().manual_seed(3))
+    expected = sample(
+        calibrated(reference, adapter), schedule, reference.labels([0, 9]), generator=torch.Generator().manual_seed(3)
+    )
     pipe = DiffusionPipeline.from_pretrained(out)
     assert isinstance(pipe, DiTPipeline) and isinstance(pipe.vae, rd.PixelDecoder)
     rd.apply(pipe, rd.ScheduledGuidance.from_pretrained(out, subfolder="guider"))
@@ -319,13 +381,15 @@ def test_export_diffusers_round_trip_reproduces_the_sampler(tmp_path, capsys, mo
 def test_export_diffusers_reproduces_the_bundle(tmp_path, pixel_dit_bundle, capsys, monkeypatch):
     """The conftest bundle's model and own-timestep schedule, exported for diffusers: same latents as the ONNX bundle."""
     from diffusers.utils.torch_utils import randn_tensor
-
     from rstr.engines import Pipeline
 
     source = pixel_dit_bundle.parent
     out = tmp_path / "pipe"
-    code, err = run_cli(["export-diffusers", "--model", source / "model", "--schedule", source / "schedule.json", "--out", out],
-                        capsys, monkeypatch)
+    code, err = run_cli(
+        ["export-diffusers", "--model", source / "model", "--schedule", source / "schedule.json", "--out", out],
+        capsys,
+        monkeypatch,
+    )
     assert code == 0, err
     pipe = rd.load_pipeline(out)
     got = run_dit(pipe, [3, 4], seed=0)
@@ -340,14 +404,24 @@ def test_export_from_a_pipeline_directory_keeps_its_components(tmp_path):
 
     family, pipe, call = text_pipeline("pixart")
     pipe.save_pretrained(tmp_path / "source")
-    (tmp_path / "source" / "rstr.json").write_text(json.dumps({"default_steps": 4, "default_scale": 3.0, "text_len": family.text_len}))
+    (tmp_path / "source" / "rstr.json").write_text(
+        json.dumps({"default_steps": 4, "default_scale": 3.0, "text_len": family.text_len})
+    )
     table = tmp_path / "source" / "class_embeddings"  # a 2-class table: rstr's stand-in for a text encoder
     table.mkdir()
     rows = {s.name: torch.randn(3, *s.concrete(1)[1:]) for s in family.cond_specs()}
     rows["encoder_attention_mask"] = torch.ones_like(rows["encoder_attention_mask"])
     save_file(rows, str(table / "embeddings.safetensors"))
-    (table / "config.json").write_text(json.dumps({"format": "rstr.class-embeddings/1", "num_classes": 2, "negative_row": 2,
-                                                   "inputs": [s.name for s in family.cond_specs()]}))
+    (table / "config.json").write_text(
+        json.dumps(
+            {
+                "format": "rstr.class-embeddings/1",
+                "num_classes": 2,
+                "negative_row": 2,
+                "inputs": [s.name for s in family.cond_specs()],
+            }
+        )
+    )
     source = load_model(tmp_path / "source")
     adapter = random_adapter(source, tmp_path / "adapter", ["attn1.to_q", "attn2.to_k"])
     schedule = sparse(source)
@@ -360,15 +434,25 @@ def test_export_from_a_pipeline_directory_keeps_its_components(tmp_path):
     again = load_model(out)  # rstr reads the export: rstr.json and the class table came along, the adapter is fused
     cond2, uncond2 = again.conditioning_for(torch.tensor([1, 0]))
     assert torch.equal(cond2["encoder_hidden_states"], rows["encoder_hidden_states"][[1, 0]])
-    assert_close(sample(again, schedule, cond2, uncond=uncond2, generator=torch.Generator().manual_seed(0)),
-                 sample(calibrated(source, adapter), schedule, cond2, uncond=uncond2, generator=torch.Generator().manual_seed(0)))
+    assert_close(
+        sample(again, schedule, cond2, uncond=uncond2, generator=torch.Generator().manual_seed(0)),
+        sample(calibrated(source, adapter), schedule, cond2, uncond=uncond2, generator=torch.Generator().manual_seed(0)),
+    )
 
 
 def test_export_diffusers_user_errors_are_one_line(tmp_path, capsys, monkeypatch):
     GuidanceSchedule.constant(2.0, 4, family="flux", sampler="flow_euler").save(tmp_path / "flux.json")
-    code, err = run_cli(["export-diffusers", "--schedule", tmp_path / "flux.json", "--out", tmp_path / "out"], capsys, monkeypatch)
-    assert code == 1 and err.strip() == "rstr: error: schedule is for family 'flux' but the model is 'dit'; search a schedule for this model"
-    code, err = run_cli(["export-diffusers", "--schedule", BUDGET_50, "--model", tmp_path / "none", "--out", tmp_path / "out"],
-                        capsys, monkeypatch)
+    code, err = run_cli(
+        ["export-diffusers", "--schedule", tmp_path / "flux.json", "--out", tmp_path / "out"], capsys, monkeypatch
+    )
+    assert (
+        code == 1
+        and err.strip() == "rstr: error: schedule is for family 'flux' but the model is 'dit'; search a schedule for this model"
+    )
+    code, err = run_cli(
+        ["export-diffusers", "--schedule", BUDGET_50, "--model", tmp_path / "none", "--out", tmp_path / "out"],
+        capsys,
+        monkeypatch,
+    )
     assert code == 1 and err.startswith(f"rstr: error: model path {tmp_path / 'none'} does not exist")
     assert not (tmp_path / "out").exists()

@@ -11,11 +11,11 @@ import warnings
 import numpy as np
 import pytest
 import torch
-
 from rstr.engines import Bundle, Pipeline
 from rstr.engines.base import InputError
-from rstr.errors import BackendUnavailable, RstrError
 from rstr.export.verify import rel
+
+from rstr.errors import BackendUnavailable, RstrError
 from rstr.families import load_model
 from rstr.sampler import sample
 from rstr.schedule import GuidanceSchedule
@@ -64,7 +64,10 @@ def test_calls_do_not_share_state(pipe):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"conditioning": {"class_labels": [1, 2]}, "noise": np.zeros((2, 1, 4, 4), np.float32)}, "noise has shape (2, 1, 4, 4), expected (2, 1, 8, 8)"),
+        (
+            {"conditioning": {"class_labels": [1, 2]}, "noise": np.zeros((2, 1, 4, 4), np.float32)},
+            "noise has shape (2, 1, 4, 4), expected (2, 1, 8, 8)",
+        ),
         ({"conditioning": {"class_labels": [1]}, "seed": 0}, "class_labels has shape (1,), expected (2,)"),
         ({"conditioning": {"class_labels": [1.5, 2.0]}, "seed": 0}, "expected integers"),
         ({"conditioning": {"class_labels": [1, 10]}, "seed": 0}, "class label 10 is out of range"),
@@ -94,8 +97,23 @@ def test_auto_falls_back_to_onnxruntime_with_a_warning(pixel_dit_bundle):
 
 @pytest.mark.skipif(not NO_TENSORRT, reason="TensorRT is installed")
 def test_cli_backend_tensorrt_is_one_line_exit_1(pixel_dit_bundle, tmp_path):
-    out = subprocess.run([sys.executable, "-m", "rstr.export.cli", "run", str(pixel_dit_bundle), "--class", "1,2",
-                          "--backend", "tensorrt", "--out", str(tmp_path / "x.npy")], capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rstr.export.cli",
+            "run",
+            str(pixel_dit_bundle),
+            "--class",
+            "1,2",
+            "--backend",
+            "tensorrt",
+            "--out",
+            str(tmp_path / "x.npy"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 1
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("rstr-export: error:") and "TensorRT" in lines[0]
@@ -104,12 +122,42 @@ def test_cli_backend_tensorrt_is_one_line_exit_1(pixel_dit_bundle, tmp_path):
 
 def test_cli_run_writes_png_and_refuses_bad_label(pixel_dit_bundle, tmp_path):
     with warnings.catch_warnings():
-        ok = subprocess.run([sys.executable, "-m", "rstr.export.cli", "run", str(pixel_dit_bundle), "--class", "3,4",
-                             "--backend", "onnxruntime", "--out", str(tmp_path / "x.png")], capture_output=True, text=True)
+        ok = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "rstr.export.cli",
+                "run",
+                str(pixel_dit_bundle),
+                "--class",
+                "3,4",
+                "--backend",
+                "onnxruntime",
+                "--out",
+                str(tmp_path / "x.png"),
+            ],
+            capture_output=True,
+            text=True,
+        )
     assert ok.returncode == 0, ok.stderr
     assert (tmp_path / "x.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    bad = subprocess.run([sys.executable, "-m", "rstr.export.cli", "run", str(pixel_dit_bundle), "--class", "3,42",
-                          "--backend", "onnxruntime", "--out", str(tmp_path / "y.png")], capture_output=True, text=True)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rstr.export.cli",
+            "run",
+            str(pixel_dit_bundle),
+            "--class",
+            "3,42",
+            "--backend",
+            "onnxruntime",
+            "--out",
+            str(tmp_path / "y.png"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 1 and "class label 42 is out of range" in bad.stderr
 
 
@@ -140,6 +188,7 @@ def test_manifest_rules_beyond_the_schema(pixel_dit_bundle, edit, message):
 
     from rstr.engines import schema
     from rstr.engines.manifest import Manifest
+
     from rstr.errors import BundleError
 
     data = json.loads((pixel_dit_bundle / "manifest.json").read_text())

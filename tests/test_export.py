@@ -3,27 +3,31 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import math
-
 import onnx
 import pytest
 import torch
-
 from rstr.engines import schema
 from rstr.engines.bundle import Bundle
 from rstr.engines.manifest import Manifest
-from rstr.errors import BundleError, RstrError, ScheduleError
 from rstr.export.build import BuildOptions, build
 from rstr.export.plan import build_plan
-from rstr.schedule import GuidanceSchedule
 from tiny import TEXT_LEN, tiny_dit, tiny_flux, tiny_pixart, tiny_qwenimage
 
-MAKERS = {"dit": lambda: tiny_dit(num_classes=10), "pixart": tiny_pixart, "flux": lambda: tiny_flux(True), "qwenimage": tiny_qwenimage}
+from rstr.errors import BundleError, RstrError, ScheduleError
+from rstr.schedule import GuidanceSchedule
+
+MAKERS = {
+    "dit": lambda: tiny_dit(num_classes=10),
+    "pixart": tiny_pixart,
+    "flux": lambda: tiny_flux(True),
+    "qwenimage": tiny_qwenimage,
+}
 
 
 def save_model(family, directory: Path) -> Path:
@@ -41,8 +45,9 @@ def save_model(family, directory: Path) -> Path:
 
 def sparse_schedule(family, path: Path) -> Path:
     guided = (True, True, False, False)
-    GuidanceSchedule(family=family.name, sampler=family.sampler, guided=guided,
-                     scales=(2.5, 1.5, None, None), default_steps=4).save(path)
+    GuidanceSchedule(
+        family=family.name, sampler=family.sampler, guided=guided, scales=(2.5, 1.5, None, None), default_steps=4
+    ).save(path)
     return path
 
 
@@ -55,7 +60,9 @@ def dit_bundle(pixel_dit_bundle) -> Path:
 def test_text_families_export_and_verify(tmp_path, name):
     family = MAKERS[name]()
     model = save_model(family, tmp_path / "model")
-    result = build(BuildOptions(model=model, schedule=sparse_schedule(family, tmp_path / "s.json"), out=tmp_path / "b", measure=False))
+    result = build(
+        BuildOptions(model=model, schedule=sparse_schedule(family, tmp_path / "s.json"), out=tmp_path / "b", measure=False)
+    )
     assert result.verification.max_rel_error <= 1e-4
     assert result.manifest.conditioning.unconditional == {s.name: "required" for s in family.cond_specs()}
 
@@ -69,7 +76,9 @@ def test_weights_past_the_limit_go_to_external_data(tmp_path, monkeypatch, name)
     monkeypatch.setattr(graphs, "EXTERNAL_DATA_BYTES", 0)
     family = MAKERS[name]()
     model = save_model(family, tmp_path / "model")
-    result = build(BuildOptions(model=model, schedule=sparse_schedule(family, tmp_path / "s.json"), out=tmp_path / "b", measure=False))
+    result = build(
+        BuildOptions(model=model, schedule=sparse_schedule(family, tmp_path / "s.json"), out=tmp_path / "b", measure=False)
+    )
     assert result.verification.max_rel_error <= 1e-4
     assert "denoiser.onnx.data" in Bundle.open(tmp_path / "b").manifest.files  # checksummed like every file
     graph = onnx.load(str(tmp_path / "b" / "denoiser.onnx"), load_external_data=False).graph
@@ -101,6 +110,7 @@ def test_with_batch_is_the_plan_at_that_batch_and_verifies(dit_bundle):
     batch, and ONNX Runtime on it matches the PyTorch sampler."""
     from rstr.export.plan import build_plan
     from rstr.export.verify import verify
+
     from rstr.families import load_model
 
     bundle = Bundle.open(dit_bundle)
@@ -121,8 +131,17 @@ def _ddim_dit(sample_size: int = 32, **scheduler):
     from rstr.families import DiTFamily
 
     torch.manual_seed(0)
-    model = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=1,
-                                  sample_size=sample_size, patch_size=2, num_embeds_ada_norm=10, norm_type="ada_norm_zero")
+    model = DiTTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=8,
+        num_layers=1,
+        sample_size=sample_size,
+        patch_size=2,
+        num_embeds_ada_norm=10,
+        norm_type="ada_norm_zero",
+    )
     return DiTFamily(model, DDIMScheduler(clip_sample=False, **scheduler), default_steps=5)
 
 
@@ -139,8 +158,14 @@ def test_valid_ddim_plans_are_accepted(case):
     family = _ddim_dit(timestep_spacing="trailing") if case == "trailing-4" else _ddim_dit()
     schedule = {
         "trailing-4": GuidanceSchedule.constant(2.0, 4, family="dit", sampler="ddim"),
-        "own-timesteps": GuidanceSchedule(family="dit", sampler="ddim", guided=(True, True, False, False, False),
-                                          scales=(2.0, 1.5, None, None, None), default_steps=5, timesteps=(980, 731, 402, 155, 20)),
+        "own-timesteps": GuidanceSchedule(
+            family="dit",
+            sampler="ddim",
+            guided=(True, True, False, False, False),
+            scales=(2.0, 1.5, None, None, None),
+            default_steps=5,
+            timesteps=(980, 731, 402, 155, 20),
+        ),
         "warp-0.98-5": _warp(0.98, 2.0, 5),  # timesteps 980, 551, 245, 61, 0
         "warp-0.99-4": _warp(0.99, 1.0, 4),  # timesteps 990, 660, 330, 0
     }[case]
@@ -166,9 +191,19 @@ def test_non_affine_scheduler_update_is_still_refused():
 
 
 def test_inspect_json_shows_unguided_steps_at_batch_b(dit_bundle):
-    out = subprocess.run([sys.executable, "-m", "rstr.export.cli", "inspect", str(dit_bundle), "--json"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "rstr.export.cli", "inspect", str(dit_bundle), "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     steps = json.loads(out.stdout)["steps"]
-    assert [(s["guided"], s["scale"], s["batch"]) for s in steps] == [(True, 2.5, 4), (True, 1.5, 4), (False, None, 2), (False, None, 2)]
+    assert [(s["guided"], s["scale"], s["batch"]) for s in steps] == [
+        (True, 2.5, 4),
+        (True, 1.5, 4),
+        (False, None, 2),
+        (False, None, 2),
+    ]
 
 
 def test_verify_command_passes(dit_bundle):
@@ -230,8 +265,22 @@ def test_schedule_with_too_many_steps_refused_and_nothing_written(tmp_path):
     family = MAKERS["dit"]()
     model = save_model(family, tmp_path / "model")
     GuidanceSchedule.constant(2.0, 2000, family="dit", sampler="ddim").save(tmp_path / "s.json")
-    out = subprocess.run([sys.executable, "-m", "rstr.export.cli", "build", "--model", str(model), "--schedule", str(tmp_path / "s.json"),
-                          "--out", str(tmp_path / "b")], capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rstr.export.cli",
+            "build",
+            "--model",
+            str(model),
+            "--schedule",
+            str(tmp_path / "s.json"),
+            "--out",
+            str(tmp_path / "b"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 1
     assert "2000 steps, more than the model's 1000 training timesteps" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1

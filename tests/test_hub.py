@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import tiny_dit
 
 from rstr.errors import ModelError
 from rstr.families import load_model
 from rstr.hub import resolve_model
 from rstr.sampler import sample
 from rstr.schedule import GuidanceSchedule
-from tiny import tiny_dit
 
 ROOT = Path(__file__).resolve().parent.parent
 REPO = "tiny-org/tiny-dit"
@@ -76,7 +76,9 @@ def test_hub_id_resolves_to_the_cached_snapshot_and_loads(cache):
 def test_revision_picks_the_snapshot(cache):
     assert resolve_model(REPO, revision="v1").name == COMMIT_V1
     assert resolve_model(REPO, revision=COMMIT).name == COMMIT
-    with pytest.raises(ModelError, match=f"model {REPO} at revision v2 is neither a local directory nor in the Hugging Face cache"):
+    with pytest.raises(
+        ModelError, match=f"model {REPO} at revision v2 is neither a local directory nor in the Hugging Face cache"
+    ):
         resolve_model(REPO, revision="v2")
 
 
@@ -89,7 +91,10 @@ def test_variant_must_be_cached(cache):
 
 
 def test_absent_models_fail_like_absent_paths(cache, tmp_path):
-    with pytest.raises(ModelError, match=r"model other-org/none is neither a local directory nor in the Hugging Face cache .*hf download other-org/none"):
+    with pytest.raises(
+        ModelError,
+        match=r"model other-org/none is neither a local directory nor in the Hugging Face cache .*hf download other-org/none",
+    ):
         resolve_model("other-org/none")
     with pytest.raises(ModelError, match="model path .*/not/here does not exist"):
         resolve_model(tmp_path / "not" / "here")
@@ -103,11 +108,14 @@ def test_cli_takes_a_hub_id_offline(cache, tmp_path):
     GuidanceSchedule.constant(2.0, 3, family="dit", sampler="ddim").save(tmp_path / "s.json")
     env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
     run = [sys.executable, "-m", "rstr.cli", "export-diffusers", "--schedule", str(tmp_path / "s.json")]
-    ok = subprocess.run([*run, "--model", REPO, "--out", str(tmp_path / "pipe")], capture_output=True, text=True, env=env, timeout=300)
+    ok = subprocess.run(
+        [*run, "--model", REPO, "--out", str(tmp_path / "pipe")], capture_output=True, text=True, env=env, timeout=300
+    )
     assert ok.returncode == 0, ok.stderr
     assert (tmp_path / "pipe" / "model_index.json").is_file() and (tmp_path / "pipe" / "guider" / "guider_config.json").is_file()
-    missing = subprocess.run([*run, "--model", "tiny-org/absent", "--out", str(tmp_path / "p2")], capture_output=True, text=True, env=env,
-                             timeout=300)
+    missing = subprocess.run(
+        [*run, "--model", "tiny-org/absent", "--out", str(tmp_path / "p2")], capture_output=True, text=True, env=env, timeout=300
+    )
     assert missing.returncode == 1
     assert missing.stderr.strip().splitlines() == [
         f"rstr: error: model tiny-org/absent is neither a local directory nor in the Hugging Face cache ({cache}); rstr does not "

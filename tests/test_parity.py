@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny import text_conditioning, tiny_dit, tiny_flux, tiny_pixart, tiny_qwenimage
 
 from rstr.sampler import sample
 from rstr.schedule import GuidanceSchedule
-from tiny import text_conditioning, tiny_dit, tiny_flux, tiny_pixart, tiny_qwenimage
 
 STEPS, SCALE, B = 3, 3.0, 2
 
@@ -38,7 +38,13 @@ def test_dit_matches_dit_pipeline():
     family = tiny_dit(learned_sigma=True, num_classes=1000)  # DiTPipeline hard-codes null class 1000
     pipe = DiTPipeline(transformer=family.transformer, vae=_tiny_vae(), scheduler=family.fresh_scheduler())
     tap = _LatentTap(pipe.scheduler)
-    pipe(class_labels=[1, 7], guidance_scale=SCALE, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0), output_type="np")
+    pipe(
+        class_labels=[1, 7],
+        guidance_scale=SCALE,
+        num_inference_steps=STEPS,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    )
     expected = tap.last.chunk(2)[0]  # DiTPipeline steps the doubled batch
 
     schedule = GuidanceSchedule.constant(SCALE, STEPS, family="dit", sampler=family.sampler)
@@ -51,12 +57,22 @@ def test_pixart_matches_pixart_pipeline():
 
     family = tiny_pixart()
     cond, uncond = text_conditioning(family, B, 0), text_conditioning(family, B, 1)
-    pipe = PixArtAlphaPipeline(tokenizer=None, text_encoder=None, vae=_tiny_vae(), transformer=family.transformer, scheduler=family.fresh_scheduler())
+    pipe = PixArtAlphaPipeline(
+        tokenizer=None, text_encoder=None, vae=_tiny_vae(), transformer=family.transformer, scheduler=family.fresh_scheduler()
+    )
     expected = pipe(
-        negative_prompt=None, prompt_embeds=cond["encoder_hidden_states"], prompt_attention_mask=cond["encoder_attention_mask"],
-        negative_prompt_embeds=uncond["encoder_hidden_states"], negative_prompt_attention_mask=uncond["encoder_attention_mask"],
-        guidance_scale=SCALE, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0), output_type="latent",
-        use_resolution_binning=False, height=8, width=8,
+        negative_prompt=None,
+        prompt_embeds=cond["encoder_hidden_states"],
+        prompt_attention_mask=cond["encoder_attention_mask"],
+        negative_prompt_embeds=uncond["encoder_hidden_states"],
+        negative_prompt_attention_mask=uncond["encoder_attention_mask"],
+        guidance_scale=SCALE,
+        num_inference_steps=STEPS,
+        generator=torch.Generator().manual_seed(0),
+        output_type="latent",
+        use_resolution_binning=False,
+        height=8,
+        width=8,
     ).images
     schedule = GuidanceSchedule.constant(SCALE, STEPS, family="pixart", sampler=family.sampler)
     ours = sample(family, schedule, cond, uncond=uncond, generator=torch.Generator().manual_seed(0))
@@ -69,14 +85,28 @@ def test_flux_matches_flux_pipeline_true_cfg(guidance_embeds):
 
     family = tiny_flux(guidance_embeds)
     cond, uncond = text_conditioning(family, B, 0), text_conditioning(family, B, 1)
-    pipe = FluxPipeline(scheduler=family.fresh_scheduler(), vae=None, text_encoder=None, tokenizer=None,
-                        text_encoder_2=None, tokenizer_2=None, transformer=family.transformer)
+    pipe = FluxPipeline(
+        scheduler=family.fresh_scheduler(),
+        vae=None,
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        transformer=family.transformer,
+    )
     size = family.latent_size * 8
     expected = pipe(
-        prompt_embeds=cond["encoder_hidden_states"], pooled_prompt_embeds=cond["pooled_projections"],
-        negative_prompt_embeds=uncond["encoder_hidden_states"], negative_pooled_prompt_embeds=uncond["pooled_projections"],
-        true_cfg_scale=SCALE, guidance_scale=3.5, num_inference_steps=STEPS, height=size, width=size,
-        generator=torch.Generator().manual_seed(0), output_type="latent",
+        prompt_embeds=cond["encoder_hidden_states"],
+        pooled_prompt_embeds=cond["pooled_projections"],
+        negative_prompt_embeds=uncond["encoder_hidden_states"],
+        negative_pooled_prompt_embeds=uncond["pooled_projections"],
+        true_cfg_scale=SCALE,
+        guidance_scale=3.5,
+        num_inference_steps=STEPS,
+        height=size,
+        width=size,
+        generator=torch.Generator().manual_seed(0),
+        output_type="latent",
     ).images
     schedule = GuidanceSchedule.constant(SCALE, STEPS, family="flux", sampler=family.sampler)
     ours = sample(family, schedule, cond, uncond=uncond, generator=torch.Generator().manual_seed(0))
@@ -88,13 +118,21 @@ def test_qwenimage_matches_qwenimage_pipeline_true_cfg():
 
     family = tiny_qwenimage()
     cond, uncond = text_conditioning(family, B, 0), text_conditioning(family, B, 1)
-    pipe = QwenImagePipeline(scheduler=family.fresh_scheduler(), vae=None, text_encoder=None, tokenizer=None, transformer=family.transformer)
+    pipe = QwenImagePipeline(
+        scheduler=family.fresh_scheduler(), vae=None, text_encoder=None, tokenizer=None, transformer=family.transformer
+    )
     size = family.latent_size * 8
     expected = pipe(
-        prompt_embeds=cond["encoder_hidden_states"], prompt_embeds_mask=cond["encoder_hidden_states_mask"],
-        negative_prompt_embeds=uncond["encoder_hidden_states"], negative_prompt_embeds_mask=uncond["encoder_hidden_states_mask"],
-        true_cfg_scale=SCALE, num_inference_steps=STEPS, height=size, width=size,
-        generator=torch.Generator().manual_seed(0), output_type="latent",
+        prompt_embeds=cond["encoder_hidden_states"],
+        prompt_embeds_mask=cond["encoder_hidden_states_mask"],
+        negative_prompt_embeds=uncond["encoder_hidden_states"],
+        negative_prompt_embeds_mask=uncond["encoder_hidden_states_mask"],
+        true_cfg_scale=SCALE,
+        num_inference_steps=STEPS,
+        height=size,
+        width=size,
+        generator=torch.Generator().manual_seed(0),
+        output_type="latent",
     ).images
     schedule = GuidanceSchedule.constant(SCALE, STEPS, family="qwenimage", sampler=family.sampler)
     ours = sample(family, schedule, cond, uncond=uncond, generator=torch.Generator().manual_seed(0))
@@ -106,14 +144,27 @@ def test_conditional_only_matches_pipeline_without_guidance():
 
     family = tiny_pixart()
     cond = text_conditioning(family, B, 0)
-    pipe = PixArtAlphaPipeline(tokenizer=None, text_encoder=None, vae=_tiny_vae(), transformer=family.transformer, scheduler=family.fresh_scheduler())
+    pipe = PixArtAlphaPipeline(
+        tokenizer=None, text_encoder=None, vae=_tiny_vae(), transformer=family.transformer, scheduler=family.fresh_scheduler()
+    )
     expected = pipe(
-        negative_prompt=None, prompt_embeds=cond["encoder_hidden_states"], prompt_attention_mask=cond["encoder_attention_mask"],
-        guidance_scale=1.0, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0), output_type="latent",
-        use_resolution_binning=False, height=8, width=8,
+        negative_prompt=None,
+        prompt_embeds=cond["encoder_hidden_states"],
+        prompt_attention_mask=cond["encoder_attention_mask"],
+        guidance_scale=1.0,
+        num_inference_steps=STEPS,
+        generator=torch.Generator().manual_seed(0),
+        output_type="latent",
+        use_resolution_binning=False,
+        height=8,
+        width=8,
     ).images
-    ours = sample(family, GuidanceSchedule.conditional_only(STEPS, family="pixart", sampler=family.sampler), cond,
-                  generator=torch.Generator().manual_seed(0))
+    ours = sample(
+        family,
+        GuidanceSchedule.conditional_only(STEPS, family="pixart", sampler=family.sampler),
+        cond,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert_close(ours, expected)
 
 
@@ -121,11 +172,17 @@ def test_conditional_only_matches_pipeline_without_guidance():
 def test_unguided_steps_run_one_pass_at_batch_b(make):
     family = make()
     batches: list[int] = []
-    family.transformer.register_forward_pre_hook(lambda m, args, kwargs: batches.append(
-        int((args[0] if args else kwargs["hidden_states"]).shape[0])), with_kwargs=True)
+    family.transformer.register_forward_pre_hook(
+        lambda m, args, kwargs: batches.append(int((args[0] if args else kwargs["hidden_states"]).shape[0])), with_kwargs=True
+    )
     guided = (True, False, True, False)
-    schedule = GuidanceSchedule(family=family.name, sampler=family.sampler, guided=guided,
-                                scales=tuple(2.0 if g else None for g in guided), default_steps=4)
+    schedule = GuidanceSchedule(
+        family=family.name,
+        sampler=family.sampler,
+        guided=guided,
+        scales=tuple(2.0 if g else None for g in guided),
+        default_steps=4,
+    )
     if family.name == "dit":
         cond, uncond = family.labels([3, 4]), None
     else:
@@ -139,5 +196,12 @@ def _tiny_vae():
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
-    return AutoencoderKL(block_out_channels=(8,), in_channels=3, out_channels=3, latent_channels=4,
-                         down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",), norm_num_groups=8)
+    return AutoencoderKL(
+        block_out_channels=(8,),
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+        norm_num_groups=8,
+    )

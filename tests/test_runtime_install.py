@@ -47,21 +47,25 @@ def test_pipeline_runs_without_importing_the_toolchain(pixel_dit_bundle):
 
 def _imported_by(cmd: list[str]) -> tuple[subprocess.CompletedProcess, list[str]]:
     """Run ``python -X importtime -m rstr.export.cli CMD``; the process and every module it imported."""
-    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "rstr.export.cli", *cmd], capture_output=True, text=True,
-                          timeout=300)
-    modules = [line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines()
-               if line.startswith("import time:") and not line.endswith("imported package")]
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "rstr.export.cli", *cmd], capture_output=True, text=True, timeout=300
+    )
+    modules = [
+        line.rsplit("|", 1)[1].strip()
+        for line in proc.stderr.splitlines()
+        if line.startswith("import time:") and not line.endswith("imported package")
+    ]
     return proc, modules
 
 
 def test_cli_run_and_inspect_do_not_import_the_toolchain(pixel_dit_bundle, tmp_path):
     from PIL import Image
-
     from rstr.engines import Pipeline
 
     png = tmp_path / "x.png"
-    proc, modules = _imported_by(["run", str(pixel_dit_bundle), "--class", "3,4", "--seed", "5", "--backend", "onnxruntime",
-                                  "--out", str(png)])
+    proc, modules = _imported_by(
+        ["run", str(pixel_dit_bundle), "--class", "3,4", "--seed", "5", "--backend", "onnxruntime", "--out", str(png)]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "rstr.engines.onnxruntime" in modules
     assert _toolchain_imported(modules) == []
@@ -79,10 +83,15 @@ def test_cli_run_and_inspect_do_not_import_the_toolchain(pixel_dit_bundle, tmp_p
     assert _toolchain_imported(modules) == []
 
 
-@pytest.mark.parametrize("command", [("rstr.export.cli", "rstr-export", ["build", "--out", "{tmp}/b"]),
-                                     ("rstr.export.cli", "rstr-export", ["verify", "{bundle}"]),
-                                     ("rstr.cli", "rstr", ["sample", "--out", "{tmp}/s.png"])],
-                         ids=["rstr-export build", "rstr-export verify", "rstr sample"])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("rstr.export.cli", "rstr-export", ["build", "--out", "{tmp}/b"]),
+        ("rstr.export.cli", "rstr-export", ["verify", "{bundle}"]),
+        ("rstr.cli", "rstr", ["sample", "--out", "{tmp}/s.png"]),
+    ],
+    ids=["rstr-export build", "rstr-export verify", "rstr sample"],
+)
 def test_toolchain_command_without_the_toolchain_names_the_extra(command, pixel_dit_bundle, tmp_path):
     module, prog, argv = command
     argv = [a.format(tmp=tmp_path, bundle=pixel_dit_bundle) for a in argv]

@@ -29,13 +29,17 @@ def test_constructors_and_compute():
 
 
 def test_json_round_trip_is_identical(tmp_path):
-    s = GuidanceSchedule(family="flux", sampler="flow_euler", guided=(True, False, True), scales=(3.25, None, 0.5), default_steps=28)
+    s = GuidanceSchedule(
+        family="flux", sampler="flow_euler", guided=(True, False, True), scales=(3.25, None, 0.5), default_steps=28
+    )
     s.save(tmp_path / "s.json")
     loaded = GuidanceSchedule.load(tmp_path / "s.json")
     assert loaded == s and loaded.sha256() == s.sha256()
     data = json.loads((tmp_path / "s.json").read_text())
     assert data["format"] == "rstr.schedule/1" and data["num_steps"] == 3 and "timesteps" not in data
-    own = GuidanceSchedule(family="dit", sampler="ddim", guided=(True, False), scales=(2.0, None), default_steps=25, timesteps=(910, 0))
+    own = GuidanceSchedule(
+        family="dit", sampler="ddim", guided=(True, False), scales=(2.0, None), default_steps=25, timesteps=(910, 0)
+    )
     own.save(tmp_path / "own.json")
     assert GuidanceSchedule.load(tmp_path / "own.json") == own and "timesteps 910..0" in own.describe()
 
@@ -53,7 +57,10 @@ def _write(tmp_path, **changes):
     [
         ({"format": "rstr.schedule/0"}, "format 'rstr.schedule/0' is not 'rstr.schedule/1'"),
         ({"num_steps": 5}, "num_steps is 5 but 'steps' has 4 entries"),
-        ({"steps": [{"guided": True, "scale": -1.0}] + [{"guided": False}] * 3}, "step 0: scale -1.0 must be a finite number >= 0"),
+        (
+            {"steps": [{"guided": True, "scale": -1.0}] + [{"guided": False}] * 3},
+            "step 0: scale -1.0 must be a finite number >= 0",
+        ),
         ({"steps": [{"guided": True, "scale": float("nan")}] + [{"guided": False}] * 3}, "step 0: scale nan"),
         ({"steps": [{"guided": True, "scale": float("inf")}] + [{"guided": False}] * 3}, "step 0: scale inf"),
         ({"extra": 1}, "unknown field(s) extra"),
@@ -78,7 +85,9 @@ def test_written_schedules_validate_and_a_missing_field_is_named(tmp_path):
     """What rstr writes is valid against schemas/schedule.schema.json; a file without a field names it."""
     from rstr.engines import schema
 
-    own = GuidanceSchedule(family="dit", sampler="ddim", guided=(True, False), scales=(2.0, None), default_steps=25, timesteps=(910, 0))
+    own = GuidanceSchedule(
+        family="dit", sampler="ddim", guided=(True, False), scales=(2.0, None), default_steps=25, timesteps=(910, 0)
+    )
     for s in (own, GuidanceSchedule.first_k(2.0, 4, 2, **KW), GuidanceSchedule.conditional_only(3, **KW)):
         assert schema.check(s.to_dict(), "schedule") is None
     data = own.to_dict()
@@ -102,8 +111,11 @@ def test_missing_and_unsupported_model_paths(tmp_path):
 
 def test_cli_bad_schedule_is_one_line_exit_1(tmp_path):
     bad = _write(tmp_path, format="nope")
-    out = subprocess.run([sys.executable, "-m", "rstr.cli", "sample", "--schedule", str(bad), "--out", str(tmp_path / "x.png")],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "rstr.cli", "sample", "--schedule", str(bad), "--out", str(tmp_path / "x.png")],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 1
     assert out.stderr.strip().startswith("rstr: error:") and len(out.stderr.strip().splitlines()) == 1
     assert "format 'nope'" in out.stderr
@@ -113,8 +125,8 @@ def test_own_timesteps_drive_ddim_and_the_step_plan():
     """A schedule's own timesteps: on the stock grid they reproduce diffusers' DDIM exactly; on any grid the
     exported plan's coefficients are DDIM's closed form between consecutive timesteps."""
     import torch
-
     from rstr.export.plan import build_plan
+
     from rstr.sampler import sample
 
     family = load_model()
@@ -125,7 +137,9 @@ def test_own_timesteps_drive_ddim_and_the_step_plan():
     labels = family.labels([0, 3, 5, 9])
     assert torch.equal(sample(family, same, labels, noise=noise), sample(family, stock, labels, noise=noise))
 
-    own = GuidanceSchedule(guided=stock.guided, scales=stock.scales, default_steps=25, timesteps=(930, 700, 420, 200, 60, 0), **KW)
+    own = GuidanceSchedule(
+        guided=stock.guided, scales=stock.scales, default_steps=25, timesteps=(930, 700, 420, 200, 60, 0), **KW
+    )
     assert not torch.allclose(sample(family, own, labels, noise=noise), sample(family, stock, labels, noise=noise))
     plan = build_plan(family, own, batch=1)
     alphas = family.scheduler.alphas_cumprod.double()
@@ -140,7 +154,10 @@ def test_own_timesteps_need_a_ddim_sampler():
     from tiny import tiny_flux
 
     family = tiny_flux()
-    schedule = GuidanceSchedule(family="flux", sampler=family.sampler, guided=(False, False), scales=(None, None),
-                                default_steps=2, timesteps=(900, 0))
-    with pytest.raises(ScheduleError, match="need a deterministic DDIM scheduler; this model uses FlowMatchEulerDiscreteScheduler"):
+    schedule = GuidanceSchedule(
+        family="flux", sampler=family.sampler, guided=(False, False), scales=(None, None), default_steps=2, timesteps=(900, 0)
+    )
+    with pytest.raises(
+        ScheduleError, match="need a deterministic DDIM scheduler; this model uses FlowMatchEulerDiscreteScheduler"
+    ):
         family.scheduler_for(schedule)

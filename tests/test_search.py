@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny import tiny_dit
 
 from rstr.errors import RstrError
 from rstr.executor import LocalExecutor
@@ -24,10 +25,10 @@ from rstr.search.genome import QUANTUM, Genome, SearchSpace, crossover, mutate, 
 from rstr.search.objectives import Objective, TeacherFidelity, objective_for
 from rstr.search.runner import EvalTask, SearchInterrupted, SearchResult, run_search
 from rstr.search.state import SearchState
-from tiny import tiny_dit
 
-SPACE = SearchSpace.for_budget(0.3, 25, range(6, 26), w_max=4.0, init_scales=(1.0, 2.0), sigma=1.0,
-                                 own_timesteps=True)  # 15 passes, 6..15 steps, warp genes on
+SPACE = SearchSpace.for_budget(
+    0.3, 25, range(6, 26), w_max=4.0, init_scales=(1.0, 2.0), sigma=1.0, own_timesteps=True
+)  # 15 passes, 6..15 steps, warp genes on
 
 
 @dataclass
@@ -50,8 +51,16 @@ class Synthetic(Objective):
 
 def small_config(**kw) -> SearchConfig:
     base = preset_config("fast", budget=0.5, steps=8, seed=0)
-    small = dict(step_counts=(3, 4, 5, 6, 7), population=6, generations=3, search_num=4, held_out_num=4, held_out_groups=3,
-                 baseline_scales=(0.75, 1.25), constant_counts=0)
+    small = dict(
+        step_counts=(3, 4, 5, 6, 7),
+        population=6,
+        generations=3,
+        search_num=4,
+        held_out_num=4,
+        held_out_groups=3,
+        baseline_scales=(0.75, 1.25),
+        constant_counts=0,
+    )
     return replace(base, **{**small, **kw})
 
 
@@ -124,11 +133,14 @@ def test_constant_baselines_at_the_largest_counts_only():
     from rstr.search.config import space
 
     config = preset_config("fast", budget=0.5, steps=25, seed=0)
-    counts = sorted({b.genome.num_steps for b in baseline_grid(space(config, 1.0), config, 1.0) if b.kind == "constant" and b.in_budget})
+    counts = sorted(
+        {b.genome.num_steps for b in baseline_grid(space(config, 1.0), config, 1.0) if b.kind == "constant" and b.in_budget}
+    )
     assert config.constant_counts == 2 and counts == [11, 12]  # 2n <= 25 passes
     every = replace(config, constant_counts=0)
-    assert sorted({b.genome.num_steps for b in baseline_grid(space(every, 1.0), every, 1.0)
-                   if b.kind == "constant" and b.in_budget}) == list(range(2, 13))
+    assert sorted(
+        {b.genome.num_steps for b in baseline_grid(space(every, 1.0), every, 1.0) if b.kind == "constant" and b.in_budget}
+    ) == list(range(2, 13))
 
 
 def test_remap_keeps_relative_position():
@@ -153,7 +165,9 @@ def run(tmp: Path, config: SearchConfig, **kw) -> SearchResult:
 
 def test_baselines_seed_the_population_and_result_beats_them(tmp_path):
     seen: list[list[Genome]] = []
-    result = run(tmp_path / "ck", small_config(), on_checkpoint=lambda st: seen.append(list(st.population)) if st.generation == 0 else None)
+    result = run(
+        tmp_path / "ck", small_config(), on_checkpoint=lambda st: seen.append(list(st.population)) if st.generation == 0 else None
+    )
     first = seen[0]
     kinds = {b["kind"] for b in result.report["baselines"] if b["in_budget"] and b["schedule"] in {g.key for g in first}}
     assert kinds == {"constant", "first-k", "interval", "conditional-only"}
@@ -266,8 +280,10 @@ def test_cli_fast_search_writes_schedule_report_and_plots(monkeypatch, capsys, t
 
 # ------------------------------------------------------------------------- executors
 def _items(family_name: str) -> list:
-    schedules = [GuidanceSchedule.first_k(w, n, k, family=family_name, sampler="ddim", default_steps=8)
-                 for w, n, k in ((2.0, 4, 2), (1.5, 6, 1), (3.0, 3, 3))]
+    schedules = [
+        GuidanceSchedule.first_k(w, n, k, family=family_name, sampler="ddim", default_steps=8)
+        for w, n, k in ((2.0, 4, 2), (1.5, 6, 1), (3.0, 3, 3))
+    ]
     return [(sch, 0, 6, 2) for sch in schedules]
 
 

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from rstr.engines.bundle import Bundle, sha256_file
 from rstr.engines.manifest import Engine, Manifest, TensorDesc
 from rstr.engines.tensorrt.plan import (
@@ -31,6 +30,7 @@ from rstr.engines.tensorrt.plan import (
     select_engines,
     step_records,
 )
+
 from rstr.errors import BackendUnavailable, BundleError
 
 C, H, W = 1, 4, 4
@@ -54,8 +54,18 @@ def make_manifest(batch: int = 1, guided=MIXED, symbolic_steps: bool = True) -> 
     steps = []
     for i, g in enumerate(guided):
         t = 900.0 - 150.0 * i
-        steps.append({"index": i, "timestep": t, "model_timestep": t, "guided": g, "scale": 1.5 + 0.25 * i if g else None,
-                      "batch": 2 * b if g else b, "coef_sample": 1.0 + 0.01 * i, "coef_eps": -0.2 - 0.03 * i})
+        steps.append(
+            {
+                "index": i,
+                "timestep": t,
+                "model_timestep": t,
+                "guided": g,
+                "scale": 1.5 + 0.25 * i if g else None,
+                "batch": 2 * b if g else b,
+                "coef_sample": 1.0 + 0.01 * i,
+                "coef_eps": -0.2 - 0.03 * i,
+            }
+        )
     return {
         "format": "rstr.bundle",
         "version": 1,
@@ -64,27 +74,57 @@ def make_manifest(batch: int = 1, guided=MIXED, symbolic_steps: bool = True) -> 
         "dtype": "fp32",
         "sample": _desc("sample", "float32", [b, C, H, W]),
         "graphs": {
-            "denoiser": {"file": "denoiser.onnx",
-                         "inputs": [_desc("sample", "float32", ["batch", C, H, W]), _desc("timestep", "float32", ["batch"]),
-                                    _desc("class_labels", "int64", ["batch"])],
-                         "outputs": [_desc("model_output", "float32", ["batch", C, H, W])]},
-            "step_guided": {"file": "step_guided.onnx",
-                            "inputs": [_desc("sample", "float32", step_shape(b)), _desc("model_output", "float32", step_shape(2 * b)),
-                                       _desc("scale", "float32", one), _desc("coef_sample", "float32", one),
-                                       _desc("coef_eps", "float32", one)],
-                            "outputs": [_desc("next_sample", "float32", step_shape(b)),
-                                        _desc("next_sample_pair", "float32", step_shape(2 * b))]},
-            "step_single": {"file": "step_single.onnx",
-                            "inputs": [_desc("sample", "float32", step_shape(b)), _desc("model_output", "float32", step_shape(b)),
-                                       _desc("coef_sample", "float32", one), _desc("coef_eps", "float32", one)],
-                            "outputs": [_desc("next_sample", "float32", step_shape(b)),
-                                        _desc("next_sample_pair", "float32", step_shape(2 * b))]},
+            "denoiser": {
+                "file": "denoiser.onnx",
+                "inputs": [
+                    _desc("sample", "float32", ["batch", C, H, W]),
+                    _desc("timestep", "float32", ["batch"]),
+                    _desc("class_labels", "int64", ["batch"]),
+                ],
+                "outputs": [_desc("model_output", "float32", ["batch", C, H, W])],
+            },
+            "step_guided": {
+                "file": "step_guided.onnx",
+                "inputs": [
+                    _desc("sample", "float32", step_shape(b)),
+                    _desc("model_output", "float32", step_shape(2 * b)),
+                    _desc("scale", "float32", one),
+                    _desc("coef_sample", "float32", one),
+                    _desc("coef_eps", "float32", one),
+                ],
+                "outputs": [
+                    _desc("next_sample", "float32", step_shape(b)),
+                    _desc("next_sample_pair", "float32", step_shape(2 * b)),
+                ],
+            },
+            "step_single": {
+                "file": "step_single.onnx",
+                "inputs": [
+                    _desc("sample", "float32", step_shape(b)),
+                    _desc("model_output", "float32", step_shape(b)),
+                    _desc("coef_sample", "float32", one),
+                    _desc("coef_eps", "float32", one),
+                ],
+                "outputs": [
+                    _desc("next_sample", "float32", step_shape(b)),
+                    _desc("next_sample_pair", "float32", step_shape(2 * b)),
+                ],
+            },
         },
-        "conditioning": {"inputs": [_desc("class_labels", "int64", ["batch"])],
-                         "unconditional": {"class_labels": {"fill": NUM_CLASSES}}, "num_classes": NUM_CLASSES},
-        "plan": {"init_noise_sigma": 1.0, "num_steps": len(steps), "default_steps": len(steps),
-                 "passes_per_image": len(steps) + sum(guided), "compute_fraction": (len(steps) + sum(guided)) / (2 * len(steps)),
-                 "sampler": "ddim", "steps": steps},
+        "conditioning": {
+            "inputs": [_desc("class_labels", "int64", ["batch"])],
+            "unconditional": {"class_labels": {"fill": NUM_CLASSES}},
+            "num_classes": NUM_CLASSES,
+        },
+        "plan": {
+            "init_noise_sigma": 1.0,
+            "num_steps": len(steps),
+            "default_steps": len(steps),
+            "passes_per_image": len(steps) + sum(guided),
+            "compute_fraction": (len(steps) + sum(guided)) / (2 * len(steps)),
+            "sampler": "ddim",
+            "steps": steps,
+        },
         "decoder": None,
         "provenance": {"model": "hand-made", "schedule_sha256": "0" * 64},
         "files": {},
@@ -112,7 +152,10 @@ def _write_graphs(root: Path, batch: int) -> None:
 
     f, i64 = TensorProto.FLOAT, TensorProto.INT64
     nodes = [
-        const("k_s", 0.9), const("k_t", 0.001), const("k_l", 0.01), const("col", [-1, 1, 1, 1], np.int64),
+        const("k_s", 0.9),
+        const("k_t", 0.001),
+        const("k_l", 0.01),
+        const("col", [-1, 1, 1, 1], np.int64),
         helper.make_node("Reshape", ["timestep", "col"], ["t4"]),
         helper.make_node("Cast", ["class_labels"], ["lf"], to=f),
         helper.make_node("Reshape", ["lf", "col"], ["l4"]),
@@ -123,11 +166,19 @@ def _write_graphs(root: Path, batch: int) -> None:
         helper.make_node("Add", ["ab", "bl"], ["pre"]),
         helper.make_node("Tanh", ["pre"], ["model_output"]),
     ]
-    save(helper.make_graph(nodes, "denoiser",
-                           [helper.make_tensor_value_info("sample", f, ["batch", C, H, W]),
-                            helper.make_tensor_value_info("timestep", f, ["batch"]),
-                            helper.make_tensor_value_info("class_labels", i64, ["batch"])],
-                           [helper.make_tensor_value_info("model_output", f, ["batch", C, H, W])]), "denoiser.onnx")
+    save(
+        helper.make_graph(
+            nodes,
+            "denoiser",
+            [
+                helper.make_tensor_value_info("sample", f, ["batch", C, H, W]),
+                helper.make_tensor_value_info("timestep", f, ["batch"]),
+                helper.make_tensor_value_info("class_labels", i64, ["batch"]),
+            ],
+            [helper.make_tensor_value_info("model_output", f, ["batch", C, H, W])],
+        ),
+        "denoiser.onnx",
+    )
 
     b = batch
     tail = [
@@ -136,8 +187,10 @@ def _write_graphs(root: Path, batch: int) -> None:
         helper.make_node("Add", ["xs", "es"], ["next_sample"]),
         helper.make_node("Concat", ["next_sample", "next_sample"], ["next_sample_pair"], axis=0),
     ]
-    outs = [helper.make_tensor_value_info("next_sample", f, [b, C, H, W]),
-            helper.make_tensor_value_info("next_sample_pair", f, [2 * b, C, H, W])]
+    outs = [
+        helper.make_tensor_value_info("next_sample", f, [b, C, H, W]),
+        helper.make_tensor_value_info("next_sample_pair", f, [2 * b, C, H, W]),
+    ]
     scalars = [helper.make_tensor_value_info(n, f, [1]) for n in ("coef_sample", "coef_eps")]
     guided_nodes = [
         const("halves", [b, b], np.int64),
@@ -146,14 +199,34 @@ def _write_graphs(root: Path, batch: int) -> None:
         helper.make_node("Mul", ["d", "scale"], ["sd"]),
         helper.make_node("Add", ["u", "sd"], ["eps"]),
     ] + tail
-    save(helper.make_graph(guided_nodes, "step_guided",
-                           [helper.make_tensor_value_info("sample", f, [b, C, H, W]),
-                            helper.make_tensor_value_info("model_output", f, [2 * b, C, H, W]),
-                            helper.make_tensor_value_info("scale", f, [1])] + scalars, outs), "step_guided.onnx")
+    save(
+        helper.make_graph(
+            guided_nodes,
+            "step_guided",
+            [
+                helper.make_tensor_value_info("sample", f, [b, C, H, W]),
+                helper.make_tensor_value_info("model_output", f, [2 * b, C, H, W]),
+                helper.make_tensor_value_info("scale", f, [1]),
+            ]
+            + scalars,
+            outs,
+        ),
+        "step_guided.onnx",
+    )
     single_nodes = [helper.make_node("Identity", ["model_output"], ["eps"])] + tail
-    save(helper.make_graph(single_nodes, "step_single",
-                           [helper.make_tensor_value_info("sample", f, [b, C, H, W]),
-                            helper.make_tensor_value_info("model_output", f, [b, C, H, W])] + scalars, outs), "step_single.onnx")
+    save(
+        helper.make_graph(
+            single_nodes,
+            "step_single",
+            [
+                helper.make_tensor_value_info("sample", f, [b, C, H, W]),
+                helper.make_tensor_value_info("model_output", f, [b, C, H, W]),
+            ]
+            + scalars,
+            outs,
+        ),
+        "step_single.onnx",
+    )
 
 
 def write_manifest(root: Path, manifest: dict) -> None:
@@ -171,6 +244,7 @@ def make_bundle(root: Path, batch: int = 1, guided=MIXED) -> Bundle:
 
 def reference_walk(manifest: dict, noise: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """docs/bundle.md's walk in numpy, with the toy denoiser."""
+
     def denoiser(x, t, lab):
         return np.tanh(0.9 * x + 0.001 * t[:, None, None, None] + 0.01 * lab.astype(np.float32)[:, None, None, None])
 
@@ -257,8 +331,15 @@ def test_graphs_and_rows_needed():
 
 
 # ----------------------------------------------------------------------------- compatibility
-ENTRY = {"backend": "tensorrt", "graph": "denoiser", "file": "engines/denoiser.plan", "tensorrt_version": "10.3.0.26",
-         "compute_capability": "8.9", "device_name": "NVIDIA L40S", "profiles": []}
+ENTRY = {
+    "backend": "tensorrt",
+    "graph": "denoiser",
+    "file": "engines/denoiser.plan",
+    "tensorrt_version": "10.3.0.26",
+    "compute_capability": "8.9",
+    "device_name": "NVIDIA L40S",
+    "profiles": [],
+}
 
 
 def _engine(**changes) -> Engine:
@@ -275,14 +356,16 @@ def test_incompatible_engine_is_refused_with_the_fix(version, cc):
     with pytest.raises(BackendUnavailable) as err:
         check_compatible(_engine(), version, cc)
     short = ".".join(version.split(".")[:3])
-    assert str(err.value) == (f"engine engines/denoiser.plan was built for TensorRT 10.3.0 on compute capability 8.9; "
-                              f"this machine has TensorRT {short} on {cc}: rebuild with `rstr-export build --backend tensorrt`")
+    assert str(err.value) == (
+        f"engine engines/denoiser.plan was built for TensorRT 10.3.0 on compute capability 8.9; "
+        f"this machine has TensorRT {short} on {cc}: rebuild with `rstr-export build --backend tensorrt`"
+    )
 
 
 def test_version_and_hardware_compatible_engines():
     vc = _engine(version_compatible=True)
-    check_compatible(vc, "10.7.0", "8.9")   # later release, same major
-    check_compatible(vc, "11.1.0", "8.9")   # TensorRT 10 version-compatible engines run on 11
+    check_compatible(vc, "10.7.0", "8.9")  # later release, same major
+    check_compatible(vc, "11.1.0", "8.9")  # TensorRT 10 version-compatible engines run on 11
     with pytest.raises(BackendUnavailable):
         check_compatible(vc, "10.2.0", "8.9")  # never on an older release
     hc = _engine(hardware_compatibility="ampere_plus")
@@ -299,14 +382,22 @@ def _entries(manifest: dict, rows_order=None) -> list[dict]:
     rows = rows_order or plan.denoiser_rows
     out = []
     for g in graphs_needed(plan):
-        out.append({**ENTRY, "graph": g, "file": f"engines/{g}.plan",
-                    "profiles": [{"batch": n, "inputs": {}} for n in (rows if g == "denoiser" else [b])]})
+        out.append(
+            {
+                **ENTRY,
+                "graph": g,
+                "file": f"engines/{g}.plan",
+                "profiles": [{"batch": n, "inputs": {}} for n in (rows if g == "denoiser" else [b])],
+            }
+        )
     return out
 
 
 def test_select_engines_checks_presence_files_and_compatibility():
     m = make_manifest(2)
-    with pytest.raises(BackendUnavailable, match="has no TensorRT engines; build them with `rstr-export build --backend tensorrt`"):
+    with pytest.raises(
+        BackendUnavailable, match="has no TensorRT engines; build them with `rstr-export build --backend tensorrt`"
+    ):
         select_engines(_bundle(m), "10.3.0", "8.9")
     m["engines"] = _entries(m)
     m["files"] = {e["file"]: {"sha256": "0" * 64} for e in m["engines"]}
@@ -380,13 +471,13 @@ def test_buffers_and_step_records():
     table = step_records(bundle, layout)
     assert table.nbytes == len(MIXED) * layout.size
     for i, step in enumerate(m["plan"]["steps"]):
-        rec = table[i * layout.size:(i + 1) * layout.size]
+        rec = table[i * layout.size : (i + 1) * layout.size]
         rows = 2 * batch if step["guided"] else batch
-        ts = rec[:4 * 2 * batch].view(np.float32)
+        ts = rec[: 4 * 2 * batch].view(np.float32)
         assert np.all(ts[:rows] == np.float32(step["model_timestep"])) and np.all(ts[rows:] == 0)
 
         def scalar(name, rec=rec):
-            return rec[layout.offsets[name]:layout.offsets[name] + 4].view(np.float32)[0]
+            return rec[layout.offsets[name] : layout.offsets[name] + 4].view(np.float32)[0]
 
         assert scalar("scale") == np.float32(step["scale"] or 0.0)
         assert scalar("coef_sample") == np.float32(step["coef_sample"])

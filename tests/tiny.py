@@ -14,8 +14,15 @@ def tiny_dit(learned_sigma: bool = True, num_classes: int = 1000) -> DiTFamily:
 
     torch.manual_seed(0)
     model = DiTTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8 if learned_sigma else 4,
-        num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=num_classes, norm_type="ada_norm_zero",
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=8 if learned_sigma else 4,
+        num_layers=2,
+        sample_size=8,
+        patch_size=2,
+        num_embeds_ada_norm=num_classes,
+        norm_type="ada_norm_zero",
     )
     return DiTFamily(model, DDIMScheduler(clip_sample=False), default_steps=4)
 
@@ -25,8 +32,17 @@ def tiny_pixart() -> PixArtFamily:
 
     torch.manual_seed(0)
     model = PixArtTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2, sample_size=8,
-        patch_size=2, cross_attention_dim=16, caption_channels=32, norm_type="ada_norm_single", use_additional_conditions=False,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=8,
+        num_layers=2,
+        sample_size=8,
+        patch_size=2,
+        cross_attention_dim=16,
+        caption_channels=32,
+        norm_type="ada_norm_single",
+        use_additional_conditions=False,
     )
     return PixArtFamily(model, DDIMScheduler(clip_sample=False), default_steps=4, text_len=TEXT_LEN)
 
@@ -36,8 +52,16 @@ def tiny_flux(guidance_embeds: bool = False) -> FluxFamily:
 
     torch.manual_seed(0)
     model = FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
-        joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=guidance_embeds, axes_dims_rope=(2, 2, 4),
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=16,
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=(2, 2, 4),
     )
     sched = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
     return FluxFamily(model, sched, default_steps=4, latent_size=8, text_len=TEXT_LEN)
@@ -48,11 +72,23 @@ def tiny_qwenimage() -> QwenImageFamily:
 
     torch.manual_seed(0)
     model = QwenImageTransformer2DModel(
-        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=16, axes_dims_rope=(8, 4, 4),
+        patch_size=2,
+        in_channels=16,
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        axes_dims_rope=(8, 4, 4),
     )
-    sched = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9, base_image_seq_len=256,
-                                            max_image_seq_len=4096, shift_terminal=0.02)
+    sched = FlowMatchEulerDiscreteScheduler(
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=0.9,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+        shift_terminal=0.02,
+    )
     return QwenImageFamily(model, sched, default_steps=4, latent_size=8, text_len=TEXT_LEN)
 
 

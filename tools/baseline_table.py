@@ -101,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.time()
         rows = []
         for name, s in schedules(scale, steps):
-            r = evaluate(family, s, num=args.num, groups=args.groups, seed_start=args.seed_start, classifier=classifier, progress=False)
+            r = evaluate(
+                family, s, num=args.num, groups=args.groups, seed_start=args.seed_start, classifier=classifier, progress=False
+            )
             print(f"{name:34s} {r.summary()}", flush=True)
             rows.append((name, r))
         xt, yt = real_digits("test")

@@ -54,8 +54,20 @@ CHILD_TAG = "BENCH_CHILD "
 
 def memory_child(spec, key: str, mb: ModelBench, rstr_file: Path, args) -> Memory | None:
     """Peak memory of row ``key`` in a fresh process (``child_main``); None if that process fails."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--_child", key, "--models", spec.key, "--work", str(args.work),
-           "--threads", str(args.threads), "--_rstr", str(rstr_file)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--_child",
+        key,
+        "--models",
+        spec.key,
+        "--work",
+        str(args.work),
+        "--threads",
+        str(args.threads),
+        "--_rstr",
+        str(rstr_file),
+    ]
     if args.quick:
         cmd.append("--quick")
     if args.reference is not None:
@@ -66,7 +78,7 @@ def memory_child(spec, key: str, mb: ModelBench, rstr_file: Path, args) -> Memor
     proc = subprocess.run(cmd, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith(CHILD_TAG):
-            return Memory(**json.loads(line[len(CHILD_TAG):]))
+            return Memory(**json.loads(line[len(CHILD_TAG) :]))
     log(f"  memory child for {key} failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
     return None
 
@@ -111,8 +123,15 @@ def bench_model(spec, args, source_schedule) -> dict:
     mb.rstr.save(rstr_file)
 
     runs, skipped = mb.set_up_rows(args.rows)
-    rows = res["rows"] = {key: {"label": setup.ROW_LABELS[key], "engine": ROW_ENGINE[key], "schedule": ROW_SCHEDULE[key],
-                                "skipped": skipped.get(key)} for key in ROWS}
+    rows = res["rows"] = {
+        key: {
+            "label": setup.ROW_LABELS[key],
+            "engine": ROW_ENGINE[key],
+            "schedule": ROW_SCHEDULE[key],
+            "skipped": skipped.get(key),
+        }
+        for key in ROWS
+    }
     if any(ROW_ENGINE[k] == "ort" for k in runs):
         res["bundle_rel_error"] = mb.check_bundles()
         res["bundle_files_mb"] = mb.bundle_files_mb()
@@ -125,7 +144,7 @@ def bench_model(spec, args, source_schedule) -> dict:
             rows[key].setdefault("e2e", {})[str(b)] = asdict(spread)
         for (key, _), calls in mb.session_log.items():  # ONNX Runtime rows: the same calls split by session
             steps = len(mb.bundle(ROW_SCHEDULE[key]).steps)
-            rows[key].setdefault("overhead", {})[str(b)] = asdict(Overhead.of(calls[-args.reps:], steps))  # no warm-up
+            rows[key].setdefault("overhead", {})[str(b)] = asdict(Overhead.of(calls[-args.reps :], steps))  # no warm-up
 
     calls = mb.denoiser_calls(runs)
     log(f"  denoiser calls: {', '.join(sorted(calls))} x {max(args.reps, 5)} reps (interleaved)")
@@ -177,42 +196,75 @@ def machine() -> dict:
     with contextlib.suppress(OSError, ValueError):
         mem = int(Path("/proc/meminfo").read_text().split()[1]) / 2**20
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "memory_gb": mem, "gpu": gpu, "python": platform.python_version(),
-            "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "diffusers": diffusers.__version__,
-            "cache_dit": setup.cache_dit_version(), "platform": platform.platform()}
+    return {
+        "cpu": cpu,
+        "logical_cpus": os.cpu_count(),
+        "memory_gb": mem,
+        "gpu": gpu,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "diffusers": diffusers.__version__,
+        "cache_dit": setup.cache_dit_version(),
+        "platform": platform.platform(),
+    }
 
 
 # ================================================================================= main
 def parse(argv=None):
     p = argparse.ArgumentParser(prog="tools/bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default=None,
-                   help=f"comma-separated, from {', '.join(MODELS)} (default: all; --quick: {', '.join(setup.QUICK_MODELS)})")
+    p.add_argument(
+        "--models",
+        default=None,
+        help=f"comma-separated, from {', '.join(MODELS)} (default: all; --quick: {', '.join(setup.QUICK_MODELS)})",
+    )
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {', '.join(ROWS)} (default: all)")
     p.add_argument("--reps", type=int, default=None, help="interleaved repetitions per measurement (default 5; --quick 1)")
-    p.add_argument("--out", type=Path, default=setup.ROOT / "docs" / "benchmarks.md",
-                   help="markdown report; plots and results.json go to bench/ beside it")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke run: 1 rep, 10 steps for DiT-S and the text models, 40 quality images, no memory children, "
-                        "no DiT-XL unless named")
-    p.add_argument("--schedule", type=Path, default=None,
-                   help="the reference model's rstr schedule (default: best under docs/search/)")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                   help="torch and ONNX Runtime intra-op threads (default: all)")
-    p.add_argument("--reference", type=Path, default=None,
-                   help="the reference model directory (default: rstr/reference/digits-dit)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=setup.ROOT / "docs" / "benchmarks.md",
+        help="markdown report; plots and results.json go to bench/ beside it",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 1 rep, 10 steps for DiT-S and the text models, 40 quality images, no memory children, "
+        "no DiT-XL unless named",
+    )
+    p.add_argument(
+        "--schedule", type=Path, default=None, help="the reference model's rstr schedule (default: best under docs/search/)"
+    )
+    p.add_argument(
+        "--threads", type=int, default=os.cpu_count() or 1, help="torch and ONNX Runtime intra-op threads (default: all)"
+    )
+    p.add_argument(
+        "--reference", type=Path, default=None, help="the reference model directory (default: rstr/reference/digits-dit)"
+    )
     p.add_argument("--work", type=Path, default=setup.ROOT / "build" / "bench", help="cache of model directories and bundles")
     p.add_argument("--rebuild", action="store_true", help="re-export bundles even when cached")
-    p.add_argument("--update", action="store_true",
-                   help="keep the other models' results from the existing bench/results.json beside --out (each model's rows "
-                        "are always measured together in one run; the report dates each model)")
+    p.add_argument(
+        "--update",
+        action="store_true",
+        help="keep the other models' results from the existing bench/results.json beside --out (each model's rows "
+        "are always measured together in one run; the report dates each model)",
+    )
     p.add_argument("--quality-num", type=int, default=None, help="held-out images per seed group (default 500; --quick 40)")
     p.add_argument("--quality-groups", type=int, default=None, help="held-out seed groups (default 2; --quick 1)")
     p.add_argument("--no-quality", action="store_true", help="skip the reference model's FD/accuracy")
-    p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=None,
-                   help="peak RSS per row in a fresh process (default: on; off with --quick)")
-    p.add_argument("--count-full-runs", action=argparse.BooleanOptionalAction, default=None,
-                   help="count FLOPs over a whole batch-1 generation for PyTorch rows too (default: on; off with --quick); "
-                        "cache-dit is always counted that way")
+    p.add_argument(
+        "--memory",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="peak RSS per row in a fresh process (default: on; off with --quick)",
+    )
+    p.add_argument(
+        "--count-full-runs",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="count FLOPs over a whole batch-1 generation for PyTorch rows too (default: on; off with --quick); "
+        "cache-dit is always counted that way",
+    )
     p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--_bundle", type=Path, default=None, help=argparse.SUPPRESS)
     p.add_argument("--_rstr", type=Path, default=None, help=argparse.SUPPRESS)
@@ -251,8 +303,10 @@ def source_schedule(args):
             from rstr.schedule import GuidanceSchedule
 
             return GuidanceSchedule.load(args.schedule), str(args.schedule)
-        raise SystemExit(f"bench: error: cannot load the reference model ({err}); train it with "
-                         "`python tools/train_reference.py --out rstr/reference/digits-dit --seed 0`") from None
+        raise SystemExit(
+            f"bench: error: cannot load the reference model ({err}); train it with "
+            "`python tools/train_reference.py --out rstr/reference/digits-dit --seed 0`"
+        ) from None
     s, where = setup.find_searched_schedule(ref, args.schedule)
     if s is None:
         s = setup.hand_schedule(ref, ref.default_steps, float(ref.meta.get("default_scale", 2.0)))
@@ -261,8 +315,14 @@ def source_schedule(args):
 
 
 def _partial(results: dict, args, t0: float, write_report) -> None:
-    snap = dict(results, matmul_end=results["matmul_start"], contention_end=results["contention"],
-                peak_gflops=results["matmul_start"]["gflops"], seconds=time.time() - t0, partial=True)
+    snap = dict(
+        results,
+        matmul_end=results["matmul_start"],
+        contention_end=results["contention"],
+        peak_gflops=results["matmul_start"]["gflops"],
+        seconds=time.time() - t0,
+        partial=True,
+    )
     write_report(snap, args.out)
 
 
@@ -278,17 +338,27 @@ def main(argv=None) -> int:
     t0 = time.time()
     sched, where = source_schedule(args)
     log(f"rstr schedule: {where}; {sched.describe()}")
-    results = {"command": "python tools/bench.py " + " ".join(sys.argv[1:] if argv is None else argv),
-               "started": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(), "threads": args.threads,
-               "reps": args.reps, "quick": args.quick, "schedule_source": where, "source_schedule": sched.to_dict(),
-               "schedule_describe": sched.describe(),
-               "tensorrt": setup.tensorrt_unavailable() or "available", "models": {}}
+    results = {
+        "command": "python tools/bench.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": machine(),
+        "threads": args.threads,
+        "reps": args.reps,
+        "quick": args.quick,
+        "schedule_source": where,
+        "source_schedule": sched.to_dict(),
+        "schedule_describe": sched.describe(),
+        "tensorrt": setup.tensorrt_unavailable() or "available",
+        "models": {},
+    }
     c = measure.contention_probe(args.threads)
     results["contention"] = asdict(c)
     log(f"contention probe: {c.ratio:.2f}x slower on {c.threads} threads than on 1 (load average {c.loadavg[0]:.1f})")
     if c.ratio > 2:
-        log("  WARNING: other jobs are competing for the cores; multi-threaded timings will be inflated "
-            "(rerun on an idle machine, or with --threads 1)")
+        log(
+            "  WARNING: other jobs are competing for the cores; multi-threaded timings will be inflated "
+            "(rerun on an idle machine, or with --threads 1)"
+        )
     log("fp32 matmul peak ...")
     start = measure.matmul_peak(args.threads, _matmul_sizes(args))
     results["matmul_start"] = asdict(start)

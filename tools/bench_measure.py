@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-
 from bench_setup import ROW_ENGINE, ROW_SCHEDULE
 
 if TYPE_CHECKING:
@@ -93,8 +92,16 @@ class Overhead:
         infer = [c[0] for c in calls]
         host = [i - d - s for i, d, s in calls]
         med = statistics.median
-        return cls(med(infer) * 1e3, med([c[1] for c in calls]) * 1e3, med([c[2] for c in calls]) * 1e3, med(host) * 1e3,
-                   med([(i - d) / i for i, d, _ in calls]), med([h / i for h, i in zip(host, infer)]), steps, len(calls))
+        return cls(
+            med(infer) * 1e3,
+            med([c[1] for c in calls]) * 1e3,
+            med([c[2] for c in calls]) * 1e3,
+            med(host) * 1e3,
+            med([(i - d) / i for i, d, _ in calls]),
+            med([h / i for h, i in zip(host, infer)]),
+            steps,
+            len(calls),
+        )
 
 
 @dataclass(frozen=True)
@@ -315,8 +322,9 @@ def peak_memory(after_imports_mb: float) -> Memory:
 
     VmHWM, not ru_maxrss: Linux folds the parent's high-water mark into the child's ru_maxrss at exec.
     """
-    return Memory(status_mb("VmHWM"), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, after_imports_mb,
-                  "torch" in sys.modules)
+    return Memory(
+        status_mb("VmHWM"), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, after_imports_mb, "torch" in sys.modules
+    )
 
 
 # ======================================================== measurements of one model's rows

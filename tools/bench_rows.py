@@ -16,10 +16,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 import bench_measure as measure
 import bench_setup as setup
+import numpy as np
 from bench_measure import log
 from bench_setup import ROW_ENGINE, ROW_SCHEDULE, ROWS
 
@@ -70,11 +69,26 @@ class ModelBench:
     def describe(self) -> dict:
         """What the report says about the model and its two schedules."""
         f, spec = self.family, self.spec
-        return {"key": spec.key, "title": spec.title, "shape": spec.shape, "family": f.name, "steps": self.steps,
-                "scale": self.scale, "batches": self.batches, "parameters": sum(p.numel() for p in f.transformer.parameters()),
-                "blocks": len(f.blocks()),
-                "schedules": {k: {"describe": s.describe(), "passes": s.passes_per_image, "compute_fraction": s.compute_fraction,
-                                  "schedule": s.to_dict()} for k, s in self.schedules.items()}}
+        return {
+            "key": spec.key,
+            "title": spec.title,
+            "shape": spec.shape,
+            "family": f.name,
+            "steps": self.steps,
+            "scale": self.scale,
+            "batches": self.batches,
+            "parameters": sum(p.numel() for p in f.transformer.parameters()),
+            "blocks": len(f.blocks()),
+            "schedules": {
+                k: {
+                    "describe": s.describe(),
+                    "passes": s.passes_per_image,
+                    "compute_fraction": s.compute_fraction,
+                    "schedule": s.to_dict(),
+                }
+                for k, s in self.schedules.items()
+            },
+        }
 
     # ------------------------------------------------------------------ reasons to skip
     def skip_reason(self, key: str) -> str | None:
@@ -121,15 +135,19 @@ class ModelBench:
 
     # -------------------------------------------------------------------------- bundles
     def bundle_dir(self, kind: str, backend: str = "onnxruntime") -> Path:
-        tag = self.dir.name if self.spec.config is not None else setup.file_digest(
-            self.dir / "transformer" / "diffusion_pytorch_model.safetensors")
+        tag = (
+            self.dir.name
+            if self.spec.config is not None
+            else setup.file_digest(self.dir / "transformer" / "diffusion_pytorch_model.safetensors")
+        )
         digest = setup._digest([tag, self.schedules[kind].to_dict(), backend])
         return self.args.work / "bundles" / f"{self.spec.key}-{kind}-{backend}-{digest}"
 
     def bundle(self, kind: str, backend: str = "onnxruntime"):
         if (kind, backend) not in self.bundles:
-            self.bundles[kind, backend] = setup.build_bundle(self.dir, self.schedules[kind], self.bundle_dir(kind, backend), log,
-                                                             backend=backend, rebuild=self.args.rebuild)
+            self.bundles[kind, backend] = setup.build_bundle(
+                self.dir, self.schedules[kind], self.bundle_dir(kind, backend), log, backend=backend, rebuild=self.args.rebuild
+            )
         return self.bundles[kind, backend]
 
     def new_runner(self, key: str, batch: int):
@@ -193,8 +211,11 @@ class ModelBench:
         return out
 
     def bundle_files_mb(self) -> dict[str, float]:
-        return {kind: sum(e.bytes or 0 for e in b.manifest.files.values()) / 2**20
-                for (kind, backend), b in self.bundles.items() if backend == "onnxruntime"}
+        return {
+            kind: sum(e.bytes or 0 for e in b.manifest.files.values()) / 2**20
+            for (kind, backend), b in self.bundles.items()
+            if backend == "onnxruntime"
+        }
 
     # ------------------------------------------------------------------- denoiser calls
     def denoiser_input(self, b: int, n: int):
@@ -240,15 +261,16 @@ class ModelBench:
         f, num = self.family, len(labels)
         if ROW_ENGINE[key] != "torch":
             with self.new_runner(key, num) as runner:
-                yield lambda seeds: torch.from_numpy(runner.infer(noise_for_seeds(f, seeds).numpy(),
-                                                                  {"class_labels": labels.numpy()}))
+                yield lambda seeds: torch.from_numpy(
+                    runner.infer(noise_for_seeds(f, seeds).numpy(), {"class_labels": labels.numpy()})
+                )
             return
         chunk = 1 if key == "cache-dit" else num
 
         def generate(seeds: list[int]):
             outs = []
             for lo in range(0, num, chunk):
-                inp = setup.Inputs(min(chunk, num - lo), seeds[lo:lo + chunk], None, {}, None, labels[lo:lo + chunk].tolist())
+                inp = setup.Inputs(min(chunk, num - lo), seeds[lo : lo + chunk], None, {}, None, labels[lo : lo + chunk].tolist())
                 outs.append(setup.call_pipeline(self.pipeline(key), f, inp, self.steps, self.scale) * 2 - 1)  # [0,1] -> [-1,1]
             return torch.cat(outs)
 

@@ -13,9 +13,10 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -34,10 +35,24 @@ ROW_LABELS = {
     "trt-cfg": "rstr bundle, TensorRT, constant CFG",
     "trt-rstr": "rstr bundle, TensorRT, rstr schedule",
 }
-ROW_SCHEDULE = {"diffusers": "cfg", "cache-dit": "cfg", "rstr-torch": "rstr", "ort-cfg": "cfg", "ort-rstr": "rstr",
-                "trt-cfg": "cfg", "trt-rstr": "rstr"}
-ROW_ENGINE = {"diffusers": "torch", "cache-dit": "torch", "rstr-torch": "torch", "ort-cfg": "ort", "ort-rstr": "ort",
-              "trt-cfg": "trt", "trt-rstr": "trt"}
+ROW_SCHEDULE = {
+    "diffusers": "cfg",
+    "cache-dit": "cfg",
+    "rstr-torch": "rstr",
+    "ort-cfg": "cfg",
+    "ort-rstr": "rstr",
+    "trt-cfg": "cfg",
+    "trt-rstr": "rstr",
+}
+ROW_ENGINE = {
+    "diffusers": "torch",
+    "cache-dit": "torch",
+    "rstr-torch": "torch",
+    "ort-cfg": "ort",
+    "ort-rstr": "ort",
+    "trt-cfg": "trt",
+    "trt-rstr": "trt",
+}
 
 
 # ================================================================================ models
@@ -59,61 +74,145 @@ class ModelSpec:
 
 
 DIT_XL_STEPS = 4
-XL_EXPORT = ("not run here: exporting this 3 GB model peaked at 21.9 GB RSS on this 24 GB machine (measured once, "
-             "rstr 0.1.0, when it then failed on protobuf's 2 GB limit in `export/graphs.py` `clean()`, since fixed and "
-             "tested with a lowered threshold); run it on a machine with more memory")
+XL_EXPORT = (
+    "not run here: exporting this 3 GB model peaked at 21.9 GB RSS on this 24 GB machine (measured once, "
+    "rstr 0.1.0, when it then failed on protobuf's 2 GB limit in `export/graphs.py` `clean()`, since fixed and "
+    "tested with a lowered threshold); run it on a machine with more memory"
+)
 MODELS: dict[str, ModelSpec] = {
     "ref": ModelSpec(
-        "ref", "reference digits DiT", "dit", "DiT 4 blocks, hidden 128 (4x32), 8x8x1 pixels, 16 tokens, 10 classes",
-        steps=25, scale=2.0, big_batch=8,
+        "ref",
+        "reference digits DiT",
+        "dit",
+        "DiT 4 blocks, hidden 128 (4x32), 8x8x1 pixels, 16 tokens, 10 classes",
+        steps=25,
+        scale=2.0,
+        big_batch=8,
     ),
     "dit-s": ModelSpec(
-        "dit-s", "DiT-S/2-shaped (random weights)", "dit",
+        "dit-s",
+        "DiT-S/2-shaped (random weights)",
+        "dit",
         "DiT 12 blocks, hidden 384 (6x64), patch 2, 32x32x4 latents (256 px), 256 tokens, learned sigma, 1000 classes",
-        steps=20, scale=4.0, big_batch=2, quick_steps=10,
-        config=dict(num_attention_heads=6, attention_head_dim=64, in_channels=4, out_channels=8, num_layers=12, sample_size=32,
-                    patch_size=2, num_embeds_ada_norm=1000, norm_type="ada_norm_zero"),
+        steps=20,
+        scale=4.0,
+        big_batch=2,
+        quick_steps=10,
+        config=dict(
+            num_attention_heads=6,
+            attention_head_dim=64,
+            in_channels=4,
+            out_channels=8,
+            num_layers=12,
+            sample_size=32,
+            patch_size=2,
+            num_embeds_ada_norm=1000,
+            norm_type="ada_norm_zero",
+        ),
     ),
     "dit-xl": ModelSpec(
-        "dit-xl", "DiT-XL/2-shaped (random weights)", "dit",
+        "dit-xl",
+        "DiT-XL/2-shaped (random weights)",
+        "dit",
         "DiT 28 blocks, hidden 1152 (16x72), patch 2, 32x32x4 latents (256 px), 256 tokens, learned sigma, 1000 classes",
-        steps=DIT_XL_STEPS, scale=4.0, big_batch=None,
-        config=dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28, sample_size=32,
-                    patch_size=2, num_embeds_ada_norm=1000, norm_type="ada_norm_zero"),
-        skip={"cache-dit": f"not run: with {DIT_XL_STEPS} steps, DBCache's default 8 warm-up steps (max_warmup_steps=8) never "
-                           "cache, so it would compute exactly what the diffusers row computes",
-              "ort-cfg": XL_EXPORT, "ort-rstr": XL_EXPORT},
+        steps=DIT_XL_STEPS,
+        scale=4.0,
+        big_batch=None,
+        config=dict(
+            num_attention_heads=16,
+            attention_head_dim=72,
+            in_channels=4,
+            out_channels=8,
+            num_layers=28,
+            sample_size=32,
+            patch_size=2,
+            num_embeds_ada_norm=1000,
+            norm_type="ada_norm_zero",
+        ),
+        skip={
+            "cache-dit": f"not run: with {DIT_XL_STEPS} steps, DBCache's default 8 warm-up steps (max_warmup_steps=8) never "
+            "cache, so it would compute exactly what the diffusers row computes",
+            "ort-cfg": XL_EXPORT,
+            "ort-rstr": XL_EXPORT,
+        },
     ),
     "pixart": ModelSpec(
-        "pixart", "PixArt-alpha-shaped, small (random weights)", "pixart",
+        "pixart",
+        "PixArt-alpha-shaped, small (random weights)",
+        "pixart",
         "PixArt 12 blocks, hidden 256 (4x64), patch 2, 16x16x4 latents, 64 tokens, 32 text tokens (dim 512), learned sigma",
-        steps=20, scale=4.5, big_batch=4, quick_steps=10,
-        config=dict(num_attention_heads=4, attention_head_dim=64, in_channels=4, out_channels=8, num_layers=12, sample_size=16,
-                    patch_size=2, cross_attention_dim=256, caption_channels=512, norm_type="ada_norm_single",
-                    use_additional_conditions=False),
+        steps=20,
+        scale=4.5,
+        big_batch=4,
+        quick_steps=10,
+        config=dict(
+            num_attention_heads=4,
+            attention_head_dim=64,
+            in_channels=4,
+            out_channels=8,
+            num_layers=12,
+            sample_size=16,
+            patch_size=2,
+            cross_attention_dim=256,
+            caption_channels=512,
+            norm_type="ada_norm_single",
+            use_additional_conditions=False,
+        ),
         meta={"text_len": 32},
     ),
     "flux": ModelSpec(
-        "flux", "FLUX.1-shaped, small (random weights)", "flux",
+        "flux",
+        "FLUX.1-shaped, small (random weights)",
+        "flux",
         "FLUX 4 double + 8 single blocks, hidden 256 (4x64), 16x16x16 latents packed to 64 tokens, 32 text tokens (dim 256)",
-        steps=20, scale=4.0, big_batch=4, quick_steps=10,
-        config=dict(patch_size=1, in_channels=64, num_layers=4, num_single_layers=8, attention_head_dim=64, num_attention_heads=4,
-                    joint_attention_dim=256, pooled_projection_dim=128, guidance_embeds=False, axes_dims_rope=(16, 24, 24)),
+        steps=20,
+        scale=4.0,
+        big_batch=4,
+        quick_steps=10,
+        config=dict(
+            patch_size=1,
+            in_channels=64,
+            num_layers=4,
+            num_single_layers=8,
+            attention_head_dim=64,
+            num_attention_heads=4,
+            joint_attention_dim=256,
+            pooled_projection_dim=128,
+            guidance_embeds=False,
+            axes_dims_rope=(16, 24, 24),
+        ),
         meta={"text_len": 32, "latent_size": 16},
     ),
     "qwen": ModelSpec(
-        "qwen", "Qwen-Image-shaped, small (random weights)", "qwenimage",
+        "qwen",
+        "Qwen-Image-shaped, small (random weights)",
+        "qwenimage",
         "Qwen-Image 12 blocks, hidden 256 (4x64), 16x16x16 latents packed to 64 tokens, 32 text tokens (dim 256)",
-        steps=20, scale=4.0, big_batch=4, quick_steps=10,
-        config=dict(patch_size=2, in_channels=64, out_channels=16, num_layers=12, attention_head_dim=64, num_attention_heads=4,
-                    joint_attention_dim=256, axes_dims_rope=(16, 24, 24)),
+        steps=20,
+        scale=4.0,
+        big_batch=4,
+        quick_steps=10,
+        config=dict(
+            patch_size=2,
+            in_channels=64,
+            out_channels=16,
+            num_layers=12,
+            attention_head_dim=64,
+            num_attention_heads=4,
+            joint_attention_dim=256,
+            axes_dims_rope=(16, 24, 24),
+        ),
         meta={"text_len": 32, "latent_size": 16},
     ),
 }
 DEFAULT_MODELS = ("ref", "dit-s", "dit-xl", "pixart", "flux", "qwen")
 QUICK_MODELS = ("ref", "dit-s", "pixart", "flux", "qwen")
-TRANSFORMER_CLASS = {"dit": "DiTTransformer2DModel", "pixart": "PixArtTransformer2DModel", "flux": "FluxTransformer2DModel",
-                     "qwenimage": "QwenImageTransformer2DModel"}
+TRANSFORMER_CLASS = {
+    "dit": "DiTTransformer2DModel",
+    "pixart": "PixArtTransformer2DModel",
+    "flux": "FluxTransformer2DModel",
+    "qwenimage": "QwenImageTransformer2DModel",
+}
 
 
 def make_scheduler(family: str):
@@ -124,8 +223,14 @@ def make_scheduler(family: str):
         return DDIMScheduler(clip_sample=False)
     if family == "flux":
         return FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
-    return FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9, base_image_seq_len=256,
-                                           max_image_seq_len=4096, shift_terminal=0.02)
+    return FlowMatchEulerDiscreteScheduler(
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=0.9,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+        shift_terminal=0.02,
+    )
 
 
 def _digest(obj: Any) -> str:
@@ -146,8 +251,10 @@ def model_dir(spec: ModelSpec, work: Path, steps: int, log: Callable[[str], None
     if spec.config is None:
         path = reference_dir()
         if not (path / "transformer").is_dir():
-            raise FileNotFoundError(f"the reference model {path} is missing; train it with "
-                                    "`python tools/train_reference.py --out rstr/reference/digits-dit --seed 0`")
+            raise FileNotFoundError(
+                f"the reference model {path} is missing; train it with "
+                "`python tools/train_reference.py --out rstr/reference/digits-dit --seed 0`"
+            )
         return path
     import diffusers
     import torch
@@ -200,7 +307,11 @@ def find_searched_schedule(family, explicit: Path | None) -> tuple[Any, str]:
             s = GuidanceSchedule.from_dict(data, source=str(path))
         except Exception:  # noqa: BLE001 - any unreadable file is simply not a candidate
             continue
-        if (s.family, s.sampler, s.default_steps) == (family.name, family.sampler, family.default_steps) and s.compute_fraction <= 0.5:
+        if (s.family, s.sampler, s.default_steps) == (
+            family.name,
+            family.sampler,
+            family.default_steps,
+        ) and s.compute_fraction <= 0.5:
             found.append((s.compute_fraction, str(path.relative_to(ROOT)), s))
     if not found:
         return None, ""
@@ -257,9 +368,9 @@ class Inputs:
 
 def make_inputs(family, batch: int, seed_start: int = BENCH_SEED) -> Inputs:
     import torch
+    from rstr.export.verify import example_inputs
 
     from rstr.evaluate import noise_for_seeds
-    from rstr.export.verify import example_inputs
 
     seeds = list(range(seed_start, seed_start + batch))
     noise = noise_for_seeds(family, seeds)
@@ -312,10 +423,19 @@ def stock_pipeline(family, transformer):
             remap_null_class(transformer, family.num_classes)
         pipe = diffusers.DiTPipeline(transformer=transformer, vae=identity_vae(), scheduler=sched)
     elif family.name == "pixart":
-        pipe = diffusers.PixArtAlphaPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer, scheduler=sched)
+        pipe = diffusers.PixArtAlphaPipeline(
+            tokenizer=None, text_encoder=None, vae=None, transformer=transformer, scheduler=sched
+        )
     elif family.name == "flux":
-        pipe = diffusers.FluxPipeline(scheduler=sched, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
-                                      tokenizer_2=None, transformer=transformer)
+        pipe = diffusers.FluxPipeline(
+            scheduler=sched,
+            vae=None,
+            text_encoder=None,
+            tokenizer=None,
+            text_encoder_2=None,
+            tokenizer_2=None,
+            transformer=transformer,
+        )
     else:
         pipe = diffusers.QwenImagePipeline(scheduler=sched, vae=None, text_encoder=None, tokenizer=None, transformer=transformer)
     pipe.set_progress_bar_config(disable=True)
@@ -333,25 +453,52 @@ def call_pipeline(pipe, family, inputs: Inputs, steps: int, scale: float):
 
     if family.name == "dit":
         gens = [torch.Generator().manual_seed(s) for s in inputs.seeds]
-        return pipe(class_labels=inputs.labels, guidance_scale=scale, num_inference_steps=steps, generator=gens,
-                    output_type="pt").images
+        return pipe(
+            class_labels=inputs.labels, guidance_scale=scale, num_inference_steps=steps, generator=gens, output_type="pt"
+        ).images
     c, u = inputs.cond, inputs.uncond
     if family.name == "pixart":
         px = family.sample_shape(1)[-1] * 8
-        return pipe(negative_prompt=None, prompt_embeds=c["encoder_hidden_states"], prompt_attention_mask=c["encoder_attention_mask"],
-                    negative_prompt_embeds=u["encoder_hidden_states"], negative_prompt_attention_mask=u["encoder_attention_mask"],
-                    guidance_scale=scale, num_inference_steps=steps, latents=inputs.noise.clone(), output_type="latent",
-                    use_resolution_binning=False, height=px, width=px).images
+        return pipe(
+            negative_prompt=None,
+            prompt_embeds=c["encoder_hidden_states"],
+            prompt_attention_mask=c["encoder_attention_mask"],
+            negative_prompt_embeds=u["encoder_hidden_states"],
+            negative_prompt_attention_mask=u["encoder_attention_mask"],
+            guidance_scale=scale,
+            num_inference_steps=steps,
+            latents=inputs.noise.clone(),
+            output_type="latent",
+            use_resolution_binning=False,
+            height=px,
+            width=px,
+        ).images
     px = family.latent_size * 8
     if family.name == "flux":
-        return pipe(prompt_embeds=c["encoder_hidden_states"], pooled_prompt_embeds=c["pooled_projections"],
-                    negative_prompt_embeds=u["encoder_hidden_states"], negative_pooled_prompt_embeds=u["pooled_projections"],
-                    true_cfg_scale=scale, num_inference_steps=steps, height=px, width=px, latents=inputs.noise.clone(),
-                    output_type="latent").images
-    return pipe(prompt_embeds=c["encoder_hidden_states"], prompt_embeds_mask=c["encoder_hidden_states_mask"],
-                negative_prompt_embeds=u["encoder_hidden_states"], negative_prompt_embeds_mask=u["encoder_hidden_states_mask"],
-                true_cfg_scale=scale, num_inference_steps=steps, height=px, width=px, latents=inputs.noise.clone(),
-                output_type="latent").images
+        return pipe(
+            prompt_embeds=c["encoder_hidden_states"],
+            pooled_prompt_embeds=c["pooled_projections"],
+            negative_prompt_embeds=u["encoder_hidden_states"],
+            negative_pooled_prompt_embeds=u["pooled_projections"],
+            true_cfg_scale=scale,
+            num_inference_steps=steps,
+            height=px,
+            width=px,
+            latents=inputs.noise.clone(),
+            output_type="latent",
+        ).images
+    return pipe(
+        prompt_embeds=c["encoder_hidden_states"],
+        prompt_embeds_mask=c["encoder_hidden_states_mask"],
+        negative_prompt_embeds=u["encoder_hidden_states"],
+        negative_prompt_embeds_mask=u["encoder_hidden_states_mask"],
+        true_cfg_scale=scale,
+        num_inference_steps=steps,
+        height=px,
+        width=px,
+        latents=inputs.noise.clone(),
+        output_type="latent",
+    ).images
 
 
 def cache_dit_version() -> str | None:
@@ -383,8 +530,10 @@ def cache_dit_unavailable(family) -> str | None:
         return "cache-dit is not installed (`pip install cache-dit`; it does not change torch)"
     blocks = len(family.blocks())
     if blocks < 8:
-        return (f"cache-dit's default DBCache (Fn_compute_blocks=8) needs at least 8 transformer blocks and this model has "
-                f"{blocks}; cache-dit refuses it (AssertionError)")
+        return (
+            f"cache-dit's default DBCache (Fn_compute_blocks=8) needs at least 8 transformer blocks and this model has "
+            f"{blocks}; cache-dit refuses it (AssertionError)"
+        )
     return None
 
 
@@ -399,13 +548,15 @@ def cache_dit_stats(pipe) -> dict:
 
 
 # =============================================================================== bundles
-def build_bundle(model: Path, schedule, out: Path, log: Callable[[str], None], backend: str = "onnxruntime", rebuild: bool = False):
+def build_bundle(
+    model: Path, schedule, out: Path, log: Callable[[str], None], backend: str = "onnxruntime", rebuild: bool = False
+):
     """Export (or reuse a cached) batch-1 bundle of ``model`` under ``schedule``; returns the opened Bundle."""
     from rich.console import Console
-
     from rstr.engines.bundle import Bundle
-    from rstr.errors import BundleError
     from rstr.export.build import BuildOptions, build
+
+    from rstr.errors import BundleError
 
     if out.is_dir() and not rebuild:
         try:
@@ -418,8 +569,10 @@ def build_bundle(model: Path, schedule, out: Path, log: Callable[[str], None], b
     log(f"  exporting bundle {out.name} ({schedule.describe()})")
     import io
 
-    build(BuildOptions(model=model, schedule=sched_path, out=out, measure=False, batch=1, force=True, backend=backend),
-          console=Console(file=io.StringIO()))
+    build(
+        BuildOptions(model=model, schedule=sched_path, out=out, measure=False, batch=1, force=True, backend=backend),
+        console=Console(file=io.StringIO()),
+    )
     return Bundle.open(out)
 
 

@@ -42,7 +42,9 @@ def load_schedule(args: argparse.Namespace, family) -> GuidanceSchedule:
     schedule = GuidanceSchedule.load(args.schedule) if args.schedule else stage2.default_schedule(family)
     schedule.check_fits(family.name, family.sampler)
     if schedule.compute_fraction > 0.5:
-        raise RstrError(f"the schedule uses {schedule.compute_fraction:.0%} of constant CFG; this ablation is about schedules at <= 50%")
+        raise RstrError(
+            f"the schedule uses {schedule.compute_fraction:.0%} of constant CFG; this ablation is about schedules at <= 50%"
+        )
     return schedule
 
 
@@ -61,8 +63,18 @@ def calibrated_run(args: argparse.Namespace, schedule: GuidanceSchedule, method:
     wanted = {"schedule_sha256": schedule.sha256(), "preset": args.preset, "budget": budget, "allocation": method, "seed": seed}
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
     if any(record.get(k) != v for k, v in wanted.items()):
-        stage2.calibrate(load_model(args.model, device=args.device), schedule, adapter, preset=args.preset, budget=budget,
-                         allocation=method, seed=seed, resume=True, force=True, progress=False)
+        stage2.calibrate(
+            load_model(args.model, device=args.device),
+            schedule,
+            adapter,
+            preset=args.preset,
+            budget=budget,
+            allocation=method,
+            seed=seed,
+            resume=True,
+            force=True,
+            progress=False,
+        )
         record = json.loads(record_path.read_text())
     family = load_model(args.model, device=args.device)
     stage2.apply_adapter(family, adapter)
@@ -119,13 +131,27 @@ def run(args: argparse.Namespace, command: str) -> int:
         for seed in args.seeds:
             for method in METHODS:
                 r = runs.setdefault(label(method, budget), {})[seed] = calibrated_run(args, schedule, method, budget, seed)
-                print(f"{label(method, budget)} seed {seed}: FD {[round(x, 3) for x in r['eval']['fd']]}, "
-                      f"loss {r['validation_loss']['calibrated']:.3g}, {r['seconds']:.0f} s", flush=True)
-    data = {"command": command, "device": args.device, "schedule": schedule.to_dict(), "teacher": teacher.to_dict(),
-            "budgets": args.budgets, "preset": args.preset, "preset_settings": asdict(stage2.PRESETS[args.preset]),
-            "num": args.num, "groups": args.groups, "seeds": args.seeds,
-            "held_out_seeds": [HELD_OUT_SEEDS.start, HELD_OUT_SEEDS.start + args.num * args.groups],
-            "results": results, "runs": runs, "seconds": round(time.perf_counter() - t0)}
+                print(
+                    f"{label(method, budget)} seed {seed}: FD {[round(x, 3) for x in r['eval']['fd']]}, "
+                    f"loss {r['validation_loss']['calibrated']:.3g}, {r['seconds']:.0f} s",
+                    flush=True,
+                )
+    data = {
+        "command": command,
+        "device": args.device,
+        "schedule": schedule.to_dict(),
+        "teacher": teacher.to_dict(),
+        "budgets": args.budgets,
+        "preset": args.preset,
+        "preset_settings": asdict(stage2.PRESETS[args.preset]),
+        "num": args.num,
+        "groups": args.groups,
+        "seeds": args.seeds,
+        "held_out_seeds": [HELD_OUT_SEEDS.start, HELD_OUT_SEEDS.start + args.num * args.groups],
+        "results": results,
+        "runs": runs,
+        "seconds": round(time.perf_counter() - t0),
+    }
     write_json(args.out.with_suffix(".json"), data)
     plot(data, args.out.with_suffix(".png"))
     with atomic_path(args.out) as tmp:
@@ -171,12 +197,18 @@ def report(data: dict, schedule: GuidanceSchedule, teacher: GuidanceSchedule, pn
     for name, runs in data["runs"].items():
         for seed in seeds:
             lines.append(_row(f"{name}, seed {seed}", runs[seed]["eval"]["fd"]))
-    lines += ["", "## Summary over calibration seeds (mean ± standard deviation)", "",
-              "| allocation, budget | FD (mean of groups) | FD change vs uncalibrated | groups better than uncalibrated, per seed "
-              "| loss to teacher (validation) | LoRA params | calibration time |",
-              "|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Summary over calibration seeds (mean ± standard deviation)",
+        "",
+        "| allocation, budget | FD (mean of groups) | FD change vs uncalibrated | groups better than uncalibrated, per seed "
+        "| loss to teacher (validation) | LoRA params | calibration time |",
+        "|---|---|---|---|---|---|---|",
+    ]
     first = next(iter(data["runs"].values()))
-    lines.append(f"| none | {statistics.mean(uncal):.3f} | - | - | {first[seeds[0]]['validation_loss']['uncalibrated']:.3g} | 0 | - |")
+    lines.append(
+        f"| none | {statistics.mean(uncal):.3f} | - | - | {first[seeds[0]]['validation_loss']['uncalibrated']:.3g} | 0 | - |"
+    )
     for name, runs in data["runs"].items():
         rs = [runs[s] for s in seeds]
         fd = [statistics.mean(r["eval"]["fd"]) for r in rs]
@@ -189,12 +221,19 @@ def report(data: dict, schedule: GuidanceSchedule, teacher: GuidanceSchedule, pn
     for budget in data["budgets"]:
         a, u = data["runs"][label("adaptive", budget)][seeds[0]], data["runs"][label("uniform", budget)][seeds[0]]
         total = sum(b["sensitivity"] for b in a["blocks"].values()) or 1.0
-        lines += ["", f"## Where the LoRA parameters went at {budget:.2%} (seed {seeds[0]})", "",
-                  "| block or layer kind | adaptive | uniform | sensitivity share |", "|---|---|---|---|"]
+        lines += [
+            "",
+            f"## Where the LoRA parameters went at {budget:.2%} (seed {seeds[0]})",
+            "",
+            "| block or layer kind | adaptive | uniform | sensitivity share |",
+            "|---|---|---|---|",
+        ]
         for part in ("blocks", "kinds"):
             for name in a[part]:
-                lines.append(f"| {name} | {a[part][name]['params']:,} | {u[part][name]['params']:,} | "
-                             f"{a[part][name]['sensitivity'] / total:.1%} |")
+                lines.append(
+                    f"| {name} | {a[part][name]['params']:,} | {u[part][name]['params']:,} | "
+                    f"{a[part][name]['sensitivity'] / total:.1%} |"
+                )
     return "\n".join(lines) + "\n"
 
 
@@ -236,8 +275,12 @@ def plot(data: dict, path: Path) -> None:
     blocks = list(data["runs"][names[0]][seeds[0]]["blocks"])
     width = 0.8 / len(names)
     for j, name in enumerate(names):
-        ax.bar([i + (j - (len(names) - 1) / 2) * width for i in range(len(blocks))],
-               [data["runs"][name][seeds[0]]["blocks"][b]["params"] for b in blocks], width, label=name)
+        ax.bar(
+            [i + (j - (len(names) - 1) / 2) * width for i in range(len(blocks))],
+            [data["runs"][name][seeds[0]]["blocks"][b]["params"] for b in blocks],
+            width,
+            label=name,
+        )
     ax.set_xticks(range(len(blocks)), [b.rsplit(".", 1)[-1] for b in blocks])
     ax.set_xlabel("block")
     ax.set_ylabel("LoRA parameters")

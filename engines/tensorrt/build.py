@@ -29,6 +29,7 @@ from rstr.engines.bundle import safe_member
 from rstr.engines.manifest import Engine, Manifest
 from rstr.engines.tensorrt.cuda import gpu, load_tensorrt
 from rstr.engines.tensorrt.plan import ENGINE_DIR, graphs_needed, profiles_for, profiles_json
+
 from rstr.errors import BackendUnavailable, RstrError
 
 
@@ -39,9 +40,17 @@ def _strongly_typed_kwargs(trt) -> dict:
     return {"strongly_typed": True} if flags is not None and hasattr(flags, "STRONGLY_TYPED") else {}
 
 
-def build_engines(bundle_root: Path, manifest: Manifest, *, timing_cache: Path | None = None, optimization_level: int = 3,
-                  workspace_bytes: int | None = None, version_compatible: bool = False, hardware_compatible: bool = False,
-                  device: int = 0) -> list[Engine]:
+def build_engines(
+    bundle_root: Path,
+    manifest: Manifest,
+    *,
+    timing_cache: Path | None = None,
+    optimization_level: int = 3,
+    workspace_bytes: int | None = None,
+    version_compatible: bool = False,
+    hardware_compatible: bool = False,
+    device: int = 0,
+) -> list[Engine]:
     """Build a TensorRT engine for each graph the plan uses; return their manifest entries.
 
     Engines are written to ``<bundle_root>/engines/<graph>.plan``; the caller adds each
@@ -108,9 +117,18 @@ def build_engines(bundle_root: Path, manifest: Manifest, *, timing_cache: Path |
         with open(tmp, "wb") as fh:
             fh.write(memoryview(plan))  # IHostMemory supports the buffer protocol: no extra copy
         os.replace(tmp, dest)
-        entries.append(Engine(
-            graph=graph, file=rel, backend="tensorrt", tensorrt_version=trt.__version__, compute_capability=cc,
-            device_name=device_name, version_compatible=bool(version_compatible),
-            hardware_compatibility="ampere_plus" if hardware_compatible else "none",
-            builder_optimization_level=int(optimization_level), profiles=tuple(profiles_json(profiles, rows))))
+        entries.append(
+            Engine(
+                graph=graph,
+                file=rel,
+                backend="tensorrt",
+                tensorrt_version=trt.__version__,
+                compute_capability=cc,
+                device_name=device_name,
+                version_compatible=bool(version_compatible),
+                hardware_compatibility="ampere_plus" if hardware_compatible else "none",
+                builder_optimization_level=int(optimization_level),
+                profiles=tuple(profiles_json(profiles, rows)),
+            )
+        )
     return entries

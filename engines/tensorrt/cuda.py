@@ -21,7 +21,9 @@ def load_tensorrt():
     except ImportError:
         raise BackendUnavailable("TensorRT is not installed (pip install 'rstr[tensorrt]' from NVIDIA's package index)") from None
     except Exception as err:  # a broken install (missing libnvinfer) raises OSError and others at import
-        raise BackendUnavailable(f"TensorRT is installed but cannot be imported ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+        raise BackendUnavailable(
+            f"TensorRT is installed but cannot be imported ({type(err).__name__}: {str(err).splitlines()[0]})"
+        ) from None
     return tensorrt
 
 
@@ -36,11 +38,13 @@ def _cudart():
     """cuda-python's runtime module (``cuda.bindings.runtime`` from 12.6, ``cuda.cudart`` before)."""
     try:
         from cuda.bindings import runtime
+
         return runtime
     except ImportError:
         pass
     try:
         from cuda import cudart
+
         return cudart
     except ImportError:
         raise BackendUnavailable("cuda-python is not installed; pip install 'rstr[tensorrt]'") from None

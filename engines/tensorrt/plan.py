@@ -7,13 +7,13 @@ to TensorRT.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import numpy as np
-
 from rstr.engines.bundle import Bundle
 from rstr.engines.manifest import Engine, Plan, Step, TensorDesc
+
 from rstr.errors import BackendUnavailable, BundleError
 
 GRAPHS = ("denoiser", "step_guided", "step_single")
@@ -61,8 +61,10 @@ def resolve_shape(graph: str, desc: TensorDesc, rows: int, batch: int) -> tuple[
         elif i == 0:
             shape.append(want)
         else:
-            raise BundleError(f"graph {graph} tensor {desc.name} has axis {i} named {d!r}; only the batch axis (0) "
-                              "is symbolic, give every other axis as a number")
+            raise BundleError(
+                f"graph {graph} tensor {desc.name} has axis {i} named {d!r}; only the batch axis (0) "
+                "is symbolic, give every other axis as a number"
+            )
     if graph in _STEP_ROWS and desc.name in _STEP_ROWS[graph] and shape and shape[0] != want:
         raise BundleError(f"graph {graph} tensor {desc.name} has {shape[0]} rows; docs/bundle.md says {want} at batch {batch}")
     return tuple(shape)
@@ -107,8 +109,10 @@ def profiles_for(graph_inputs: list[TensorDesc], batch: int, kind: str, rows: It
 
 def profiles_json(profiles: list[ProfileShapes], rows: list[int]) -> list[dict]:
     """The manifest form of ``profiles``: ``[{"batch": N, "inputs": {name: {"min", "opt", "max"}}}]``."""
-    return [{"batch": n, "inputs": {name: {"min": list(lo), "opt": list(opt), "max": list(hi)} for name, (lo, opt, hi) in p.items()}}
-            for n, p in zip(rows, profiles)]
+    return [
+        {"batch": n, "inputs": {name: {"min": list(lo), "opt": list(opt), "max": list(hi)} for name, (lo, opt, hi) in p.items()}}
+        for n, p in zip(rows, profiles)
+    ]
 
 
 def _entry_field(entry: Engine, key: str):
@@ -146,7 +150,8 @@ def check_compatible(entry: Engine, trt_version: str, compute_capability: str) -
     if not (version_ok and cc_ok):
         raise BackendUnavailable(
             f"engine {file} was built for TensorRT {_short(built_v)} on compute capability {built_cc}; "
-            f"this machine has TensorRT {_short(trt_version)} on {compute_capability}: {REBUILD}")
+            f"this machine has TensorRT {_short(trt_version)} on {compute_capability}: {REBUILD}"
+        )
 
 
 def select_engines(bundle: Bundle, trt_version: str, compute_capability: str) -> dict[str, Engine]:
@@ -154,7 +159,9 @@ def select_engines(bundle: Bundle, trt_version: str, compute_capability: str) ->
     needed = graphs_needed(bundle.plan)
     entries = bundle.engines_for("tensorrt")
     if not entries:
-        raise BackendUnavailable(f"bundle {bundle.root} has no TensorRT engines; build them with `rstr-export build --backend tensorrt`")
+        raise BackendUnavailable(
+            f"bundle {bundle.root} has no TensorRT engines; build them with `rstr-export build --backend tensorrt`"
+        )
     by_graph: dict[str, Engine] = {}
     for entry in entries:
         by_graph.setdefault(entry.graph, entry)
@@ -165,7 +172,9 @@ def select_engines(bundle: Bundle, trt_version: str, compute_capability: str) ->
     for graph in needed:
         entry = by_graph[graph]
         if entry.file not in bundle.manifest.files:
-            raise BundleError(f"engine file {entry.file} is not listed in the manifest's 'files' (so it is not checksummed); {REBUILD}")
+            raise BundleError(
+                f"engine file {entry.file} is not listed in the manifest's 'files' (so it is not checksummed); {REBUILD}"
+            )
         check_compatible(entry, trt_version, compute_capability)
         out[graph] = entry
     rows = bundle.plan.denoiser_rows
@@ -189,11 +198,11 @@ class RecordLayout:
         """The record of ``step`` (whose denoiser runs at ``rows``) as bytes."""
         out = np.zeros(self.size, np.uint8)
         ts = np.full(rows, step.model_timestep, self.timestep_dtype)
-        out[self.offsets["timestep"]:self.offsets["timestep"] + ts.nbytes] = ts.view(np.uint8)
+        out[self.offsets["timestep"] : self.offsets["timestep"] + ts.nbytes] = ts.view(np.uint8)
         for name in ("scale", "coef_sample", "coef_eps"):
             value = getattr(step, name)
             v = np.array([0.0 if value is None else value], np.float32)
-            out[self.offsets[name]:self.offsets[name] + 4] = v.view(np.uint8)
+            out[self.offsets[name] : self.offsets[name] + 4] = v.view(np.uint8)
         return out
 
 
@@ -286,21 +295,42 @@ def plan_bindings(bundle: Bundle, entries: dict[str, Engine] | None = None) -> l
             shapes[graph] = {d.name: resolve_shape(graph, d, rows, b) for d in descs}
         den = {"sample": "x2" if kind == "guided" else "x", "timestep": "record/timestep", "model_output": "model_output"}
         den.update({name: f"cond/{name}" for name in cond_names})
-        step = {"sample": "x", "model_output": "model_output", "coef_sample": "record/coef_sample",
-                "coef_eps": "record/coef_eps", "next_sample": "x_next", "next_sample_pair": "x2"}
+        step = {
+            "sample": "x",
+            "model_output": "model_output",
+            "coef_sample": "record/coef_sample",
+            "coef_eps": "record/coef_eps",
+            "next_sample": "x_next",
+            "next_sample_pair": "x2",
+        }
         if kind == "guided":
             step["scale"] = "record/scale"
         for graph, feeds in (("denoiser", den), (step_graph, step)):
             unknown = sorted(set(shapes[graph]) - set(feeds))
             if unknown:
                 raise BundleError(f"graph {graph} has tensors {unknown} that docs/bundle.md does not define")
-        paths[kind] = PathBinding(kind, rows, _profile_index(entries.get("denoiser"), rows, default_rows), step_graph,
-                                  shapes, {"denoiser": den, step_graph: step})
+        paths[kind] = PathBinding(
+            kind,
+            rows,
+            _profile_index(entries.get("denoiser"), rows, default_rows),
+            step_graph,
+            shapes,
+            {"denoiser": den, step_graph: step},
+        )
         return paths[kind]
 
-    return [StepBinding(i, path("guided" if s.guided else "single"), float(s.model_timestep), s.scale,
-                        float(s.coef_sample), float(s.coef_eps), i * layout.size)
-            for i, s in enumerate(bundle.steps)]
+    return [
+        StepBinding(
+            i,
+            path("guided" if s.guided else "single"),
+            float(s.model_timestep),
+            s.scale,
+            float(s.coef_sample),
+            float(s.coef_eps),
+            i * layout.size,
+        )
+        for i, s in enumerate(bundle.steps)
+    ]
 
 
 @dataclass(frozen=True)

@@ -41,11 +41,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
 from rstr.engines.base import Runner
 from rstr.engines.bundle import Bundle, safe_member
 from rstr.engines.tensorrt.cuda import CudaError, gpu, load_tensorrt, trt_logger
-from rstr.engines.tensorrt.plan import REBUILD, PathBinding, buffer_specs, plan_bindings, record_layout, select_engines, step_records
+from rstr.engines.tensorrt.plan import (
+    REBUILD,
+    PathBinding,
+    buffer_specs,
+    plan_bindings,
+    record_layout,
+    select_engines,
+    step_records,
+)
+
 from rstr.errors import BackendUnavailable, BundleError, RstrError
 
 
@@ -163,17 +171,23 @@ class TensorRTRunner(Runner):
         names = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
         manifest = {d.name: d for d in self.bundle.graph_inputs(graph) + self.bundle.graph_outputs(graph)}
         if names != set(manifest):
-            raise BundleError(f"engine {self.entries[graph].file} has tensors {sorted(names)} but the manifest's {graph} "
-                              f"graph has {sorted(manifest)}; {REBUILD}")
+            raise BundleError(
+                f"engine {self.entries[graph].file} has tensors {sorted(names)} but the manifest's {graph} "
+                f"graph has {sorted(manifest)}; {REBUILD}"
+            )
         for name in names:
             got = np.dtype(trt.nptype(engine.get_tensor_dtype(name)))
             want = np.dtype(manifest[name].np_dtype)
             if got != want:
-                raise BundleError(f"engine {self.entries[graph].file} tensor {name} is {got}, the manifest says {want}; {REBUILD}")
+                raise BundleError(
+                    f"engine {self.entries[graph].file} tensor {name} is {got}, the manifest says {want}; {REBUILD}"
+                )
             is_input = engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
             if is_input != any(d.name == name for d in self.bundle.graph_inputs(graph)):
-                raise BundleError(f"engine {self.entries[graph].file} tensor {name} is an {'input' if is_input else 'output'} "
-                                  f"there but not in the manifest; {REBUILD}")
+                raise BundleError(
+                    f"engine {self.entries[graph].file} tensor {name} is an {'input' if is_input else 'output'} "
+                    f"there but not in the manifest; {REBUILD}"
+                )
 
     def _scratch_sizes(self, wanted: list[tuple[str, int]]) -> dict[tuple[str, int], int] | None:
         """Activation memory per (graph, profile), or None where TensorRT cannot take user-managed memory (< 10.1)."""
@@ -212,8 +226,10 @@ class TensorRTRunner(Runner):
         shapes, feeds = binding.shapes[graph], binding.feeds[graph]
         for name in (d.name for d in self.bundle.graph_inputs(graph)):
             if not ctx.set_input_shape(name, shapes[name]):
-                raise BundleError(f"engine {self.entries[graph].file} refuses input {name} of shape {shapes[name]} "
-                                  f"(profile {profile}); {REBUILD}")
+                raise BundleError(
+                    f"engine {self.entries[graph].file} refuses input {name} of shape {shapes[name]} "
+                    f"(profile {profile}); {REBUILD}"
+                )
         for name, buffer in feeds.items():
             if not ctx.set_tensor_address(name, self._address(buffer)):
                 raise CudaError(f"TensorRT refused the address of {name} for {graph}")
@@ -223,7 +239,9 @@ class TensorRTRunner(Runner):
         for name in (d.name for d in self.bundle.graph_outputs(graph)):
             got = tuple(ctx.get_tensor_shape(name))
             if got != shapes[name]:
-                raise BundleError(f"engine {self.entries[graph].file} gives {name} shape {got}, expected {shapes[name]}; {REBUILD}")
+                raise BundleError(
+                    f"engine {self.entries[graph].file} gives {name} shape {got}, expected {shapes[name]}; {REBUILD}"
+                )
         return ctx
 
     def _address(self, buffer: str) -> int:
@@ -252,8 +270,11 @@ class TensorRTRunner(Runner):
                     graph = cuda.end_capture(s.stream)  # always leave capture mode
                 path.graph_exec = cuda.instantiate(graph)
             except RuntimeError as err:  # CudaError, or TensorRT refusing to enqueue under capture
-                warnings.warn(f"CUDA graph capture failed for {kind} steps ({str(err).splitlines()[0]}); "
-                              "running TensorRT without CUDA graphs", stacklevel=4)
+                warnings.warn(
+                    f"CUDA graph capture failed for {kind} steps ({str(err).splitlines()[0]}); "
+                    "running TensorRT without CUDA graphs",
+                    stacklevel=4,
+                )
                 self._drop_graphs()
                 cuda.sync(s.stream)
                 return False

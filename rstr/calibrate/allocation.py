@@ -120,11 +120,15 @@ def ranks_from_file(path: Path, modules: Sequence[TargetModule]) -> dict[str, in
     by_name = {m.name: m for m in modules}
     unknown = sorted(set(given) - set(by_name))
     if unknown:
-        raise RstrError(f"--allocation {path}: module {unknown[0]} is not a linear layer of this model's blocks ({len(unknown)} unknown)")
+        raise RstrError(
+            f"--allocation {path}: module {unknown[0]} is not a linear layer of this model's blocks ({len(unknown)} unknown)"
+        )
     for name, rank in given.items():
         m = by_name[name]
         if rank > m.max_rank:
-            raise RstrError(f"--allocation {path}: rank {rank} for {name} exceeds the layer's dimensions ({m.in_features}x{m.out_features}, max rank {m.max_rank})")
+            raise RstrError(
+                f"--allocation {path}: rank {rank} for {name} exceeds the layer's dimensions ({m.in_features}x{m.out_features}, max rank {m.max_rank})"
+            )
         if rank not in m.ranks():
             raise RstrError(f"--allocation {path}: rank {rank} for {name} is not one of {m.ranks()}")
     return {m.name: given.get(m.name, 0) for m in modules}

@@ -72,8 +72,10 @@ def load_checkpoint(path: Path, settings: dict, modules: Sequence[str]) -> dict 
     if not path.is_file():
         legacy = _legacy_path(path)
         if legacy.is_file():
-            raise RstrError(f"checkpoint {legacy} is in the pickle format of an older rstr, which is no longer loaded "
-                            "(unpickling can run code); delete it and run without --resume")
+            raise RstrError(
+                f"checkpoint {legacy} is in the pickle format of an older rstr, which is no longer loaded "
+                "(unpickling can run code); delete it and run without --resume"
+            )
         return None
     try:
         with safe_open(str(path), "pt") as f:
@@ -81,8 +83,10 @@ def load_checkpoint(path: Path, settings: dict, modules: Sequence[str]) -> dict 
             _check_document(document, path, settings, modules)
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (OSError, SafetensorError, ValueError, RecursionError) as err:
-        raise RstrError(f"checkpoint {path} is not a readable rstr calibration checkpoint ({type(err).__name__}: "
-                        f"{str(err).splitlines()[0] if str(err) else ''}); delete it or run without --resume") from None
+        raise RstrError(
+            f"checkpoint {path} is not a readable rstr calibration checkpoint ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}); delete it or run without --resume"
+        ) from None
     return _state(document, tensors, path)
 
 
@@ -104,12 +108,19 @@ _SHAPE: dict[str, tuple[Callable[[Any], bool], str]] = {
     "iteration": (_is_int, "an integer"),
     "losses": (_numbers, "a list of numbers"),
     "spectra": (lambda v: isinstance(v, dict) and all(map(_numbers, v.values())), "an object of number lists"),
-    "ranks": (lambda v: isinstance(v, dict) and all(_is_int(r) and r in (0, *RANKS) for r in v.values()),
-              f"an object of ranks in {(0, *RANKS)}"),
+    "ranks": (
+        lambda v: isinstance(v, dict) and all(_is_int(r) and r in (0, *RANKS) for r in v.values()),
+        f"an object of ranks in {(0, *RANKS)}",
+    ),
     "validation_before": (_is_number, "a number"),
     "lr_scheduler": (lambda v: isinstance(v, dict), "an object"),
-    "param_groups": (lambda v: isinstance(v, list) and all(isinstance(g, dict) and isinstance(g.get("params"), list)
-                                                          and all(map(_is_int, g["params"])) for g in v), "a list of parameter groups"),
+    "param_groups": (
+        lambda v: (
+            isinstance(v, list)
+            and all(isinstance(g, dict) and isinstance(g.get("params"), list) and all(map(_is_int, g["params"])) for g in v)
+        ),
+        "a list of parameter groups",
+    ),
     "generator": (lambda v: isinstance(v, list) and all(_is_int(b) and 0 <= b < 256 for b in v), "a list of bytes"),
 }
 
@@ -117,27 +128,36 @@ _SHAPE: dict[str, tuple[Callable[[Any], bool], str]] = {
 def _check_document(document: Any, path: Path, settings: dict, modules: Sequence[str]) -> None:
     """Refuse a header document of the wrong shape, or one written with other settings, naming the field."""
     if not isinstance(document, dict) or document.get("format") != CHECKPOINT_FORMAT:
-        raise RstrError(f"checkpoint {path} is not an rstr calibration checkpoint (format {CHECKPOINT_FORMAT!r} expected); "
-                        "delete it or run without --resume")
+        raise RstrError(
+            f"checkpoint {path} is not an rstr calibration checkpoint (format {CHECKPOINT_FORMAT!r} expected); "
+            "delete it or run without --resume"
+        )
     for key, (valid, what) in _SHAPE.items():
         if not valid(document.get(key)):
             raise RstrError(f"checkpoint {path}: {key!r} must be {what}; delete it or run without --resume")
     saved, wanted = document["settings"], json.loads(json.dumps(settings))
     if saved != wanted:
         differ = sorted(k for k in wanted if saved.get(k) != wanted[k])
-        raise RstrError(f"checkpoint {path} was written with different settings ({', '.join(differ)}); drop --resume or delete it")
+        raise RstrError(
+            f"checkpoint {path} was written with different settings ({', '.join(differ)}); drop --resume or delete it"
+        )
     if not 0 < document["iteration"] < settings["iterations"] or len(document["losses"]) != document["iteration"]:
-        raise RstrError(f"checkpoint {path}: iteration {document['iteration']} with {len(document['losses'])} losses does not "
-                        f"fit a run of {settings['iterations']} iterations; delete it or run without --resume")
+        raise RstrError(
+            f"checkpoint {path}: iteration {document['iteration']} with {len(document['losses'])} losses does not "
+            f"fit a run of {settings['iterations']} iterations; delete it or run without --resume"
+        )
     if sorted(document["ranks"]) != sorted(modules) or sorted(document["spectra"]) != sorted(modules):
-        raise RstrError(f"checkpoint {path}: its ranks and sensitivity are not for this model's {len(modules)} layers; "
-                        "delete it or run without --resume")
+        raise RstrError(
+            f"checkpoint {path}: its ranks and sensitivity are not for this model's {len(modules)} layers; "
+            "delete it or run without --resume"
+        )
 
 
 def _state(document: dict, tensors: dict[str, torch.Tensor], path: Path) -> dict:
     """The training state of a checked document and its tensors, as :func:`save_checkpoint` was given it."""
+
     def under(prefix: str) -> dict[str, torch.Tensor]:
-        return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
     missing = [f"{p}.{k}" for p in _PARTS for k in ("noise", "target") if f"{p}.{k}" not in tensors]
     moments: dict[int, dict[str, torch.Tensor]] = {}
@@ -147,10 +167,16 @@ def _state(document: dict, tensors: dict[str, torch.Tensor], path: Path) -> dict
             raise RstrError(f"checkpoint {path}: unexpected tensor optimizer.{key}; delete it or run without --resume")
         moments.setdefault(int(index), {})[name] = value
     if missing or not under("lora."):
-        raise RstrError(f"checkpoint {path} lacks tensor {missing[0] if missing else 'lora.*'}; delete it or run without --resume")
+        raise RstrError(
+            f"checkpoint {path} lacks tensor {missing[0] if missing else 'lora.*'}; delete it or run without --resume"
+        )
     groups = [{**g, "betas": tuple(g["betas"])} if isinstance(g.get("betas"), list) else g for g in document["param_groups"]]
     state = {k: document[k] for k in ("settings", "iteration", "losses", "spectra", "ranks", "validation_before", "lr_scheduler")}
     for part in _PARTS:
         state[part] = CalibrationData(tensors[f"{part}.noise"], under(f"{part}.cond."), tensors[f"{part}.target"])
-    return {**state, "lora": under("lora."), "optimizer": {"state": moments, "param_groups": groups},
-            "generator": torch.tensor(document["generator"], dtype=torch.uint8)}
+    return {
+        **state,
+        "lora": under("lora."),
+        "optimizer": {"state": moments, "param_groups": groups},
+        "generator": torch.tensor(document["generator"], dtype=torch.uint8),
+    }

@@ -22,8 +22,15 @@ CALIBRATION_FORMAT = "rstr.calibration/1"
 
 
 def write_outputs(
-    out: Path, force: bool, peft_model, family: Family, schedule: GuidanceSchedule, modules: list[TargetModule],
-    spectra: dict[str, list[float]], result: CalibrationResult, settings: dict,
+    out: Path,
+    force: bool,
+    peft_model,
+    family: Family,
+    schedule: GuidanceSchedule,
+    modules: list[TargetModule],
+    spectra: dict[str, list[float]],
+    result: CalibrationResult,
+    settings: dict,
 ) -> None:
     """The adapter and its records, written to a temporary directory and renamed onto ``out``."""
     with atomic_dir(out, force=force) as tmp:
@@ -31,16 +38,22 @@ def write_outputs(
         (tmp / "README.md").unlink(missing_ok=True)  # peft's empty model-card template
         schedule.save(tmp / "schedule.json")
         write_json(tmp / "allocation.json", allocation_record(family, modules, result.ranks, spectra, settings))
-        write_json(tmp / "calibration.json", {
-            "format": CALIBRATION_FORMAT,
-            **settings,
-            "adapter_sha256": adapter_sha256(tmp),
-            "lora_params": result.params,
-            "validation_loss": {"uncalibrated": result.validation_before, "calibrated": result.validation_after,
-                                "images": settings["preset_settings"]["validation"]},
-            "losses": result.losses,
-            "seconds": round(result.seconds, 1),
-        })
+        write_json(
+            tmp / "calibration.json",
+            {
+                "format": CALIBRATION_FORMAT,
+                **settings,
+                "adapter_sha256": adapter_sha256(tmp),
+                "lora_params": result.params,
+                "validation_loss": {
+                    "uncalibrated": result.validation_before,
+                    "calibrated": result.validation_after,
+                    "images": settings["preset_settings"]["validation"],
+                },
+                "losses": result.losses,
+                "seconds": round(result.seconds, 1),
+            },
+        )
         write_report(tmp, family, schedule, modules, result, spectra, settings)
 
 
@@ -53,19 +66,32 @@ def allocation_record(
     rows = []
     for m in modules:
         sens = gain(spectra[m.name], m.max_rank)
-        rows.append({
-            "name": m.name, "block": m.block, "kind": m.kind, "in_features": m.in_features, "out_features": m.out_features,
-            "rank": ranks[m.name], "params": m.cost(ranks[m.name]), "sensitivity": sens,
-            "sensitivity_per_param": sens / (m.in_features * m.out_features),
-        })
+        rows.append(
+            {
+                "name": m.name,
+                "block": m.block,
+                "kind": m.kind,
+                "in_features": m.in_features,
+                "out_features": m.out_features,
+                "rank": ranks[m.name],
+                "params": m.cost(ranks[m.name]),
+                "sensitivity": sens,
+                "sensitivity_per_param": sens / (m.in_features * m.out_features),
+            }
+        )
     return {
         "format": ALLOCATION_FORMAT,
         "family": family.name,
         "transformer": type(family.transformer).__name__,
         "method": settings["allocation"],
         "ranks_allowed": [0, *RANKS],
-        "budget": {"fraction": settings["budget"], "params": settings["budget_params"], "used": used, "used_fraction": used / total,
-                   "transformer_params": total},
+        "budget": {
+            "fraction": settings["budget"],
+            "params": settings["budget_params"],
+            "used": used,
+            "used_fraction": used / total,
+            "transformer_params": total,
+        },
         "blocks": _group(rows, "block"),
         "kinds": _group(rows, "kind"),
         "modules": rows,
@@ -84,8 +110,13 @@ def _group(rows: list[dict], key: str) -> dict[str, dict]:
 
 
 def write_report(
-    directory: Path, family: Family, schedule: GuidanceSchedule, modules: Sequence[TargetModule], result: CalibrationResult,
-    spectra: dict[str, list[float]], settings: dict,
+    directory: Path,
+    family: Family,
+    schedule: GuidanceSchedule,
+    modules: Sequence[TargetModule],
+    result: CalibrationResult,
+    spectra: dict[str, list[float]],
+    settings: dict,
 ) -> None:
     """``report.md`` and ``calibration.png``: ranks and sensitivity per block and kind, loss curve."""
     import matplotlib
@@ -151,7 +182,11 @@ def write_report(
             cells.append("/".join(rs) or "-")
         share = sum(sens[b, k] for k in kinds) / total_sens
         lines.append(f"| {b} | " + " | ".join(cells) + f" | {sum(params[b, k] for k in kinds):,} | {share:.1%} |")
-    lines += ["", "Sensitivity: the calibration loss a full-rank adapter on the module is predicted to remove: a rank-1 "
-              "probe adapter's leave-one-out loss drop, spread over ranks by the module's Fisher eigenvalues "
-              "(see `rstr.calibrate`).", ""]
+    lines += [
+        "",
+        "Sensitivity: the calibration loss a full-rank adapter on the module is predicted to remove: a rank-1 "
+        "probe adapter's leave-one-out loss drop, spread over ranks by the module's Fisher eigenvalues "
+        "(see `rstr.calibrate`).",
+        "",
+    ]
     (directory / "report.md").write_text("\n".join(lines))

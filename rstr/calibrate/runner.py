@@ -16,11 +16,21 @@ from rstr.calibrate.checkpoint import checkpoint_path, load_checkpoint, save_che
 from rstr.calibrate.modules import target_modules, transformer_params
 from rstr.calibrate.report import write_outputs
 from rstr.calibrate.sensitivity import measure_sensitivity
-from rstr.calibrate.train import PRESETS, Preset, lora_student, mean_loss, seed_conditioning, teacher_data, teacher_schedule, train_step
+from rstr.calibrate.train import (
+    PRESETS,
+    Preset,
+    lora_student,
+    mean_loss,
+    seed_conditioning,
+    teacher_data,
+    teacher_schedule,
+    train_step,
+)
 from rstr.errors import RstrError
 from rstr.families.base import Family
 from rstr.schedule import GuidanceSchedule
 from rstr.seeds import CALIBRATION_SEEDS, SeedRange
+
 
 @dataclass
 class CalibrationResult:
@@ -66,7 +76,9 @@ def calibrate(
     settings["preset"] = preset if isinstance(preset, str) else "custom"
     ckpt = checkpoint_path(out)
     names = [m.name for m in modules]
-    state = (load_checkpoint(ckpt, settings, names) if resume else None) or _initial_state(family, schedule, modules, p, settings, allocation)
+    state = (load_checkpoint(ckpt, settings, names) if resume else None) or _initial_state(
+        family, schedule, modules, p, settings, allocation
+    )
     pool, val = state["pool"].to(family.device), state["validation"].to(family.device)
 
     student, peft_model, params, opt = lora_student(family, state["ranks"], seed, p.lr)
@@ -82,8 +94,10 @@ def calibrate(
             lr_sched.load_state_dict(state["lr_scheduler"])
             gen.set_state(state["generator"])
         except (ValueError, RuntimeError, KeyError, TypeError) as err:
-            raise RstrError(f"checkpoint {ckpt} does not fit this calibration ({type(err).__name__}: {str(err).partition(chr(10))[0]}); "
-                            "delete it or run without --resume") from None
+            raise RstrError(
+                f"checkpoint {ckpt} does not fit this calibration ({type(err).__name__}: {str(err).partition(chr(10))[0]}); "
+                "delete it or run without --resume"
+            ) from None
     losses: list[float] = list(state["losses"])
 
     with progress_bar(iterations, "calibrate", enabled=progress) as bar:
@@ -96,21 +110,39 @@ def calibrate(
             bar.note(f"loss {sum(losses[-10:]) / len(losses[-10:]):.4g}")
             if (it + 1) % p.checkpoint_every == 0 and it + 1 < iterations:
                 lora = {k: v for k, v in peft_model.state_dict().items() if "lora_" in k}
-                save_checkpoint(ckpt, {**state, "iteration": it + 1, "losses": losses, "lora": lora, "optimizer": opt.state_dict(),
-                                        "lr_scheduler": lr_sched.state_dict(), "generator": gen.get_state()})
+                save_checkpoint(
+                    ckpt,
+                    {
+                        **state,
+                        "iteration": it + 1,
+                        "losses": losses,
+                        "lora": lora,
+                        "optimizer": opt.state_dict(),
+                        "lr_scheduler": lr_sched.state_dict(),
+                        "generator": gen.get_state(),
+                    },
+                )
 
     ranks = state["ranks"]
     used = sum(m.cost(ranks[m.name]) for m in modules)
-    result = CalibrationResult(out, ranks, used, losses, state["validation_before"], mean_loss(student, schedule, val),
-                               time.perf_counter() - t0)
+    result = CalibrationResult(
+        out, ranks, used, losses, state["validation_before"], mean_loss(student, schedule, val), time.perf_counter() - t0
+    )
     write_outputs(out, force, peft_model, family, schedule, modules, state["spectra"], result, settings)
     ckpt.unlink(missing_ok=True)
     return result
 
 
 def _check_inputs(
-    family: Family, schedule: GuidanceSchedule, out: Path, p: Preset, budget: float, allocation: Method | Path,
-    iterations: int, seed: int, force: bool,
+    family: Family,
+    schedule: GuidanceSchedule,
+    out: Path,
+    p: Preset,
+    budget: float,
+    allocation: Method | Path,
+    iterations: int,
+    seed: int,
+    force: bool,
 ) -> tuple[dict, list[TargetModule]]:
     """Refuse bad input with one line each; return the run's settings and the target modules."""
     if iterations < 1:
@@ -133,7 +165,9 @@ def _check_inputs(
         ranks = ranks_from_file(allocation, modules)
         used = sum(m.cost(ranks[m.name]) for m in modules)
         if used > budget_params:
-            raise RstrError(f"--allocation {allocation} uses {used:,} parameters, more than the budget {budget_params:,}; raise --budget")
+            raise RstrError(
+                f"--allocation {allocation} uses {used:,} parameters, more than the budget {budget_params:,}; raise --budget"
+            )
         if used == 0:
             raise RstrError(f"--allocation {allocation} gives every module rank 0; nothing to train")
     elif allocation in ("adaptive", "uniform"):
@@ -174,5 +208,13 @@ def _initial_state(
         ranks = ranks_from_file(allocation, modules)
     else:
         ranks = allocate(modules, settings["budget_params"], allocation, spectra)
-    return {"settings": settings, "iteration": 0, "losses": [], "pool": pool, "validation": val, "spectra": spectra,
-            "ranks": ranks, "validation_before": mean_loss(family, schedule, val)}
+    return {
+        "settings": settings,
+        "iteration": 0,
+        "losses": [],
+        "pool": pool,
+        "validation": val,
+        "spectra": spectra,
+        "ranks": ranks,
+        "validation_before": mean_loss(family, schedule, val),
+    }

@@ -21,6 +21,7 @@ from rstr.families.base import Conditioning, Family
 from rstr.sampler import sample
 from rstr.schedule import GuidanceSchedule
 
+
 @dataclass(frozen=True)
 class Preset:
     """How much calibration to run: images, batch, iterations and learning rate."""
@@ -36,8 +37,12 @@ class Preset:
 
 
 PRESETS = {
-    "fast": Preset(pool=64, probe=32, probe_iterations=10, validation=32, batch_size=8, iterations=40, lr=1e-3, checkpoint_every=10),
-    "full": Preset(pool=192, probe=48, probe_iterations=30, validation=48, batch_size=12, iterations=120, lr=1e-3, checkpoint_every=20),
+    "fast": Preset(
+        pool=64, probe=32, probe_iterations=10, validation=32, batch_size=8, iterations=40, lr=1e-3, checkpoint_every=10
+    ),
+    "full": Preset(
+        pool=192, probe=48, probe_iterations=30, validation=48, batch_size=12, iterations=120, lr=1e-3, checkpoint_every=20
+    ),
 }
 
 
@@ -52,8 +57,9 @@ def default_schedule(family: Family) -> GuidanceSchedule:
     For the reference model (25 steps) that is 8 steps, 5 guided: 13 passes, 26% of constant CFG.
     """
     n = max(1, round(family.default_steps / 3))
-    return GuidanceSchedule.first_k(family.default_scale, n, round(0.6 * n), family=family.name, sampler=family.sampler,
-                                    default_steps=family.default_steps)
+    return GuidanceSchedule.first_k(
+        family.default_scale, n, round(0.6 * n), family=family.name, sampler=family.sampler, default_steps=family.default_steps
+    )
 
 
 @dataclass
@@ -67,10 +73,10 @@ class CalibrationData:
     def __len__(self) -> int:
         return len(self.noise)
 
-    def take(self, idx: torch.Tensor | slice) -> "CalibrationData":
+    def take(self, idx: torch.Tensor | slice) -> CalibrationData:
         return CalibrationData(self.noise[idx], {k: v[idx] for k, v in self.cond.items()}, self.target[idx])
 
-    def to(self, device: torch.device) -> "CalibrationData":
+    def to(self, device: torch.device) -> CalibrationData:
         return CalibrationData(self.noise.to(device), {k: v.to(device) for k, v in self.cond.items()}, self.target.to(device))
 
 
@@ -82,14 +88,18 @@ def seed_conditioning(family: Family, seeds: range) -> tuple[torch.Tensor, Condi
     from rstr.evaluate import noise_for_seeds
 
     if family.num_classes is None:
-        raise RstrError(f"calibration images are drawn per class; this {family.name} model has neither class labels nor a "
-                        "prompt set: give prompts with --prompts FILE")
+        raise RstrError(
+            f"calibration images are drawn per class; this {family.name} model has neither class labels nor a "
+            "prompt set: give prompts with --prompts FILE"
+        )
     cond, _ = family.conditioning_for(torch.arange(len(seeds)) % family.num_classes)
     return noise_for_seeds(family, seeds).to(family.device), cond
 
 
 @torch.no_grad()
-def teacher_data(family: Family, teacher: GuidanceSchedule, noise: torch.Tensor, cond: Conditioning, batch_size: int = 256) -> CalibrationData:
+def teacher_data(
+    family: Family, teacher: GuidanceSchedule, noise: torch.Tensor, cond: Conditioning, batch_size: int = 256
+) -> CalibrationData:
     """Run the teacher once on every image and keep its final samples as targets."""
     outs = []
     for lo in range(0, len(noise), batch_size):
@@ -130,8 +140,9 @@ def lora_student(family: Family, ranks: dict[str, int], seed: int, lr: float):
     return student, peft_model, params, torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
 
 
-def train_step(student: Family, schedule: GuidanceSchedule, data: CalibrationData, batch_size: int, params: list, opt,
-               gen: torch.Generator) -> torch.Tensor:
+def train_step(
+    student: Family, schedule: GuidanceSchedule, data: CalibrationData, batch_size: int, params: list, opt, gen: torch.Generator
+) -> torch.Tensor:
     """One update: a random batch of ``data`` (drawn with ``gen``), the endpoint loss, a clipped AdamW step; the loss."""
     idx = torch.randperm(len(data), generator=gen)[:batch_size]
     loss = endpoint_loss(student, schedule, data.take(idx.to(data.noise.device)))

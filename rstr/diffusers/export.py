@@ -42,8 +42,17 @@ from rstr.schedule import GuidanceSchedule
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' default for load_lora_weights
 GUIDER_FOLDER = "guider"
 # peft LoraConfig fields that decide the adapter's shapes and scaling; diffusers rebuilds the config from them
-_LORA_FIELDS = ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "target_modules", "use_rslora", "use_dora", "lora_bias",
-                "fan_in_fan_out")
+_LORA_FIELDS = (
+    "r",
+    "lora_alpha",
+    "rank_pattern",
+    "alpha_pattern",
+    "target_modules",
+    "use_rslora",
+    "use_dora",
+    "lora_bias",
+    "fan_in_fan_out",
+)
 _PEFT_KEY = re.compile(r"base_model\.model\.(.+\.lora_[AB]\.weight)")
 
 
@@ -86,8 +95,15 @@ def write_lora(adapter: str | os.PathLike[str], directory: str | os.PathLike[str
             raise RstrError(f"{weights_file}: tensor {key} is not a LoRA A/B weight; only LoRA adapters convert")
         state[f"transformer.{m.group(1)}"] = value
     metadata = {f"transformer.{k}": config[k] for k in _LORA_FIELDS if k in config}
-    LoraBaseMixin.write_lora_layers(state, str(directory), is_main_process=True, weight_name=LORA_WEIGHT_NAME, save_function=None,
-                                    safe_serialization=True, lora_adapter_metadata=metadata)
+    LoraBaseMixin.write_lora_layers(
+        state,
+        str(directory),
+        is_main_process=True,
+        weight_name=LORA_WEIGHT_NAME,
+        save_function=None,
+        safe_serialization=True,
+        lora_adapter_metadata=metadata,
+    )
     return Path(directory) / LORA_WEIGHT_NAME
 
 
@@ -105,8 +121,12 @@ def export_lora(family: Family, adapter: str | os.PathLike[str], out: str | os.P
 
 # -------------------------------------------------------------------- pipeline
 def export_pipeline(
-    model: str | os.PathLike[str] | None, schedule: GuidanceSchedule, out: str | os.PathLike[str], *,
-    adapter: str | os.PathLike[str] | None = None, force: bool = False,
+    model: str | os.PathLike[str] | None,
+    schedule: GuidanceSchedule,
+    out: str | os.PathLike[str],
+    *,
+    adapter: str | os.PathLike[str] | None = None,
+    force: bool = False,
 ) -> Path:
     """Write ``model`` as a diffusers pipeline directory that runs ``schedule`` (adapter fused); return ``out``.
 
@@ -144,7 +164,9 @@ def load_pipeline(directory: str | os.PathLike[str], **kwargs: Any) -> Any:
     """Load a directory written by :func:`export_pipeline` and apply its schedule (``kwargs`` go to ``from_pretrained``)."""
     directory = Path(directory)
     if not (directory / GUIDER_FOLDER / ScheduledGuidance.config_name).is_file():
-        raise RstrError(f"{directory} has no {GUIDER_FOLDER}/{ScheduledGuidance.config_name}; write it with `rstr export-diffusers --out {directory}`")
+        raise RstrError(
+            f"{directory} has no {GUIDER_FOLDER}/{ScheduledGuidance.config_name}; write it with `rstr export-diffusers --out {directory}`"
+        )
     pipe = DiffusionPipeline.from_pretrained(directory, **kwargs)
     apply(pipe, ScheduledGuidance.from_pretrained(directory, subfolder=GUIDER_FOLDER))
     return pipe

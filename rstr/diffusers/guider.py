@@ -46,11 +46,13 @@ class ScheduledGuidance(BaseGuidance):
     def __init__(self, schedule: dict[str, Any] | None = None, enabled: bool = True):
         super().__init__(start=0.0, stop=1.0, enabled=enabled)
         if schedule is None:
-            raise ScheduleError("ScheduledGuidance needs a schedule: use ScheduledGuidance.from_schedule(GuidanceSchedule.load(path))")
+            raise ScheduleError(
+                "ScheduledGuidance needs a schedule: use ScheduledGuidance.from_schedule(GuidanceSchedule.load(path))"
+            )
         self.schedule = GuidanceSchedule.from_dict(dict(schedule), source="guider config")
 
     @classmethod
-    def from_schedule(cls, schedule: GuidanceSchedule, enabled: bool = True) -> "ScheduledGuidance":
+    def from_schedule(cls, schedule: GuidanceSchedule, enabled: bool = True) -> ScheduledGuidance:
         """The guider for ``schedule``."""
         return cls(schedule=schedule.to_dict(), enabled=enabled)
 
@@ -96,10 +98,12 @@ class ScheduledGuidance(BaseGuidance):
         return self._count_prepared == 1
 
     # ---------------------------------------------------------- batches and combine
-    def prepare_inputs(self, data: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> list["BlockState"]:
+    def prepare_inputs(self, data: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> list[BlockState]:
         return [self._prepare_batch(data, i, name) for i, name in enumerate(self._input_predictions[: self.num_conditions])]
 
-    def prepare_inputs_from_block_state(self, data: "BlockState", input_fields: dict[str, str | tuple[str, str]]) -> list["BlockState"]:
+    def prepare_inputs_from_block_state(
+        self, data: BlockState, input_fields: dict[str, str | tuple[str, str]]
+    ) -> list[BlockState]:
         return [
             self._prepare_batch_from_block_state(input_fields, data, i, name)
             for i, name in enumerate(self._input_predictions[: self.num_conditions])

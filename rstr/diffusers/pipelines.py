@@ -74,8 +74,9 @@ class PinnedTimesteps(DDIMAtTimesteps):
 
     pinned: tuple[int, ...] = ()
 
-    def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None,
-                      timesteps: list[int] | None = None) -> None:
+    def set_timesteps(
+        self, num_inference_steps: int | None = None, device: str | torch.device | None = None, timesteps: list[int] | None = None
+    ) -> None:
         super().set_timesteps(device=device, timesteps=self.pinned)
 
 
@@ -250,7 +251,9 @@ class Applied:
                 call[name] = value
         n = self.schedule.num_steps
         if call.get("num_inference_steps", n) != n:
-            raise ScheduleError(f"num_inference_steps {call['num_inference_steps']} differs from the schedule's {n} steps; drop it")
+            raise ScheduleError(
+                f"num_inference_steps {call['num_inference_steps']} differs from the schedule's {n} steps; drop it"
+            )
         for decided in (self.layout.scale_arg, "timesteps", "sigmas"):
             if call.get(decided) is not None:
                 raise RstrError(f"{decided}= is set by the rstr schedule applied to this pipeline (per step); drop it")
@@ -294,7 +297,9 @@ def apply(pipe: Any, schedule: GuidanceSchedule | ScheduledGuidance, adapter: st
     if "_rstr_applied" in pipe.__dict__:
         raise RstrError(f"this {name} already follows an rstr schedule; call rstr.diffusers.remove(pipe) first")
     if name not in LAYOUTS:
-        raise RstrError(f"{name} is not supported; rstr.diffusers.apply runs {', '.join(LAYOUTS)} (modular pipelines: use ScheduledGuidance)")
+        raise RstrError(
+            f"{name} is not supported; rstr.diffusers.apply runs {', '.join(LAYOUTS)} (modular pipelines: use ScheduledGuidance)"
+        )
     family = family_for_transformer(pipe.transformer)(pipe.transformer, pipe.scheduler)
     schedule.check_fits(family.name, family.sampler)
     applied = Applied(pipe, schedule, LAYOUTS[name], type(pipe), ScheduleHook(schedule, LAYOUTS[name], family))

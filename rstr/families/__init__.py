@@ -37,8 +37,18 @@ FAMILIES: dict[str, type[Family]] = {}
 REFERENCE_MODELS = Path(__file__).resolve().parent.parent / "reference"
 REFERENCE_MODEL = REFERENCE_MODELS / "digits-dit"
 
-__all__ = ["FAMILIES", "REFERENCE_MODEL", "Conditioning", "Family", "ImageSpec", "TensorSpec", "family_for_transformer",
-           "load_model", "register_family", "resolve_model_path"]
+__all__ = [
+    "FAMILIES",
+    "REFERENCE_MODEL",
+    "Conditioning",
+    "Family",
+    "ImageSpec",
+    "TensorSpec",
+    "family_for_transformer",
+    "load_model",
+    "register_family",
+    "resolve_model_path",
+]
 
 
 def register_family(family: type[Family]) -> type[Family]:
@@ -86,7 +96,9 @@ def family_for_transformer(transformer: torch.nn.Module) -> type[Family]:
     for family in FAMILIES.values():
         if family.transformer_class == name:
             return family
-    raise ModelError(f"transformer class {name} is not supported; supported: {', '.join(sorted(f.transformer_class for f in FAMILIES.values()))}")
+    raise ModelError(
+        f"transformer class {name} is not supported; supported: {', '.join(sorted(f.transformer_class for f in FAMILIES.values()))}"
+    )
 
 
 def resolve_model_path(model: str | os.PathLike[str] | None, revision: str | None = None, variant: str | None = None) -> Path:
@@ -103,8 +115,14 @@ def resolve_model_path(model: str | os.PathLike[str] | None, revision: str | Non
     return path
 
 
-def load_model(path: str | os.PathLike[str] | None = None, *, device: str | torch.device = "cpu", revision: str | None = None,
-               variant: str | None = None, **family_kwargs) -> Family:
+def load_model(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    revision: str | None = None,
+    variant: str | None = None,
+    **family_kwargs,
+) -> Family:
     """Load a family adapter from a local diffusers directory, a reference model name or a cached Hub id.
 
     The default is the reference digits DiT; ``revision`` picks a Hub id's cached snapshot and
@@ -141,8 +159,9 @@ def load_model(path: str | os.PathLike[str] | None = None, *, device: str | torc
             f"supported: {', '.join(sorted(f.transformer_class for f in FAMILIES.values()))}"
         )
     try:
-        transformer = getattr(diffusers, family.transformer_class).from_pretrained(transformer_dir, torch_dtype=torch.float32,
-                                                                                  variant=variant)
+        transformer = getattr(diffusers, family.transformer_class).from_pretrained(
+            transformer_dir, torch_dtype=torch.float32, variant=variant
+        )
     except (OSError, ValueError, RuntimeError, TypeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelError(f"{transformer_dir}: cannot load the weights ({first})") from None

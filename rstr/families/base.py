@@ -101,8 +101,15 @@ class Family(ABC):
     default_scale_fallback: ClassVar[float]  # the stock pipeline's default guidance scale
     export_dynamo: ClassVar[bool] = True  # False: the TorchScript exporter (deployment.md)
 
-    def __init__(self, transformer: nn.Module, scheduler, default_steps: int | None = None, meta: dict | None = None,
-                 path: Path | None = None, class_embeddings: ClassEmbeddings | None = None):
+    def __init__(
+        self,
+        transformer: nn.Module,
+        scheduler,
+        default_steps: int | None = None,
+        meta: dict | None = None,
+        path: Path | None = None,
+        class_embeddings: ClassEmbeddings | None = None,
+    ):
         self.transformer = transformer.eval()
         self.scheduler = scheduler
         self.default_steps = default_steps or self.default_steps_fallback
@@ -140,8 +147,9 @@ class Family(ABC):
         scale = self.meta.get("default_scale")
         return float(scale) if scale is not None else self.default_scale_fallback
 
-    def constant_cfg(self, scale: float | None = None, steps: int | None = None, *,
-                     default_steps: int | None = None) -> GuidanceSchedule:
+    def constant_cfg(
+        self, scale: float | None = None, steps: int | None = None, *, default_steps: int | None = None
+    ) -> GuidanceSchedule:
         """Constant CFG (every step guided) at ``scale`` (default: the model's) and ``steps`` (default: the model's).
 
         Compute is counted against ``default_steps`` (default: the model's), so ``--steps 8`` on a
@@ -151,8 +159,13 @@ class Family(ABC):
         from rstr.schedule import GuidanceSchedule
 
         n = steps if steps is not None else self.default_steps
-        return GuidanceSchedule.constant(self.default_scale if scale is None else scale, n, family=self.name,
-                                         sampler=self.sampler, default_steps=default_steps or self.default_steps)
+        return GuidanceSchedule.constant(
+            self.default_scale if scale is None else scale,
+            n,
+            family=self.name,
+            sampler=self.sampler,
+            default_steps=default_steps or self.default_steps,
+        )
 
     # ----------------------------------------------------------------- conditioning
     @abstractmethod
@@ -226,8 +239,14 @@ class Family(ABC):
             return {s.name: torch.arange(batch) % (self.num_classes or 1) for s in self.cond_specs()}, None
 
         def draw() -> Conditioning:
-            return {s.name: (torch.full(s.concrete(batch), s.example) if s.example is not None
-                             else torch.randn(s.concrete(batch), generator=g)) for s in self.cond_specs()}
+            return {
+                s.name: (
+                    torch.full(s.concrete(batch), s.example)
+                    if s.example is not None
+                    else torch.randn(s.concrete(batch), generator=g)
+                )
+                for s in self.cond_specs()
+            }
 
         return draw(), draw()
 
@@ -236,9 +255,7 @@ class Family(ABC):
         if self.class_embeddings is not None:
             n = next(iter(cond.values())).shape[0]
             return {k: v.to(self.device) for k, v in self.class_embeddings.negative(n).items()}
-        raise RstrError(
-            f"{self.name} needs unconditional (negative-prompt) embeddings for guided steps; pass `uncond=`"
-        )
+        raise RstrError(f"{self.name} needs unconditional (negative-prompt) embeddings for guided steps; pass `uncond=`")
 
     def null_fill(self) -> dict[str, int | float] | None:
         """A constant per conditioning input that makes it unconditional (DiT's null class); None: the user supplies it."""

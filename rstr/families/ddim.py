@@ -25,8 +25,12 @@ class DDIMAtTimesteps(DDIMScheduler):
 
     _custom: list[int] | None = None
 
-    def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None,
-                      timesteps: Sequence[int] | None = None) -> None:
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: str | torch.device | None = None,
+        timesteps: Sequence[int] | None = None,
+    ) -> None:
         if timesteps is None:
             self._custom = None
             super().set_timesteps(num_inference_steps, device=device)
@@ -46,8 +50,15 @@ class DDIMAtTimesteps(DDIMScheduler):
         i = self._custom.index(int(timestep))
         return self._custom[i + 1] if i + 1 < len(self._custom) else -1
 
-    def step(self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor, eta: float = 0.0,
-             return_dict: bool = True, **kwargs) -> DDIMSchedulerOutput | tuple:
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: int | torch.Tensor,
+        sample: torch.Tensor,
+        eta: float = 0.0,
+        return_dict: bool = True,
+        **kwargs,
+    ) -> DDIMSchedulerOutput | tuple:
         if self._custom is None:
             return super().step(model_output, timestep, sample, eta=eta, return_dict=return_dict, **kwargs)
         if eta != 0.0 or self.config.clip_sample or self.config.thresholding:

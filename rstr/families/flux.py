@@ -75,7 +75,9 @@ class FlowMatchFamily(Family):
     def set_timesteps(self, scheduler, num_steps: int) -> None:
         sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
         if scheduler.config.get("use_dynamic_shifting", False):
-            scheduler.set_timesteps(num_steps, device=self.device, sigmas=sigmas, mu=calculate_shift(self.seq_len, scheduler.config))
+            scheduler.set_timesteps(
+                num_steps, device=self.device, sigmas=sigmas, mu=calculate_shift(self.seq_len, scheduler.config)
+            )
         else:
             scheduler.set_timesteps(num_steps, device=self.device, sigmas=sigmas)
         scheduler.set_begin_index(0)

@@ -68,7 +68,10 @@ class QwenImageFamily(FlowMatchFamily):
             img, txt = pos_embed([[(1, half, half)]], max_txt_seq_len=self.text_len, device=self.device)
 
         def table(freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            return (freqs.real.repeat_interleave(2, -1)[:, None].contiguous(), freqs.imag.repeat_interleave(2, -1)[:, None].contiguous())
+            return (
+                freqs.real.repeat_interleave(2, -1)[:, None].contiguous(),
+                freqs.imag.repeat_interleave(2, -1)[:, None].contiguous(),
+            )
 
         tables = (table(img), table(txt))
         original_apply = qmod.apply_rotary_emb_qwen
@@ -81,8 +84,9 @@ class QwenImageFamily(FlowMatchFamily):
             qmod.apply_rotary_emb_qwen = original_apply
 
 
-def _real_rotary(x: torch.Tensor, freqs: tuple[torch.Tensor, torch.Tensor], use_real: bool = False,
-                 use_real_unbind_dim: int = -1) -> torch.Tensor:
+def _real_rotary(
+    x: torch.Tensor, freqs: tuple[torch.Tensor, torch.Tensor], use_real: bool = False, use_real_unbind_dim: int = -1
+) -> torch.Tensor:
     """Qwen-Image rotary embedding with real cos/sin tables instead of complex numbers.
 
     ``(a + ib)(c + is)`` on interleaved pairs, written with strided slices (not a reshape

@@ -32,7 +32,7 @@ class Baseline:
         return f"steps {idx[0]}-{idx[-1]} of {n}, {w}"
 
 
-def baseline_grid(space: SearchSpace, config: "SearchConfig", w0: float) -> list[Baseline]:
+def baseline_grid(space: SearchSpace, config: SearchConfig, w0: float) -> list[Baseline]:
     """The simple schedules tuned on search seeds, all within the budget unless marked.
 
     Scales are ``config.baseline_scales`` times the model's default scale ``w0``.
@@ -48,8 +48,11 @@ def baseline_grid(space: SearchSpace, config: "SearchConfig", w0: float) -> list
     """
     t, b = space.default_steps, space.max_passes
     scales = sorted({quantize(f * w0) for f in config.baseline_scales})
-    counts = list(range(MIN_STEPS, min(t, b // 2) + 1))[-config.constant_counts:] if config.constant_counts else \
-        range(MIN_STEPS, min(t, b // 2) + 1)
+    counts = (
+        list(range(MIN_STEPS, min(t, b // 2) + 1))[-config.constant_counts :]
+        if config.constant_counts
+        else range(MIN_STEPS, min(t, b // 2) + 1)
+    )
     out = [Baseline("constant", Genome.span(n, 0, n, w)) for n in counts for w in scales]
     lo, hi = b // 2 + 1, min(t, b - 1)
     partial = sorted({int(round(x)) for x in np.linspace(lo, hi, config.partial_counts)}) if lo <= hi else []

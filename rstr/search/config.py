@@ -66,8 +66,17 @@ PRESETS: dict[str, dict[str, Any]] = {
     # constant CFG only at the two largest counts that fit; one held-out group (the build's own
     # gate and report compare against the stock model on their own seeds).
     "fast": dict(
-        population=6, generations=2, step_fractions=(0.48, 0.64, 0.8), search_num=400, held_out_num=400, held_out_groups=1,
-        baseline_scales=(1.0, 1.6), partial_counts=2, interval_starts=(0.5,), finalists=2, constant_counts=2,
+        population=6,
+        generations=2,
+        step_fractions=(0.48, 0.64, 0.8),
+        search_num=400,
+        held_out_num=400,
+        held_out_groups=1,
+        baseline_scales=(1.0, 1.6),
+        partial_counts=2,
+        interval_starts=(0.5,),
+        finalists=2,
+        constant_counts=2,
     ),
     # the search the reports quote: 3 held-out groups of 2000 images.  Candidates are scored on
     # groups of 2000 too: the Frechet distance's finite-sample bias depends on the sample size and
@@ -76,14 +85,23 @@ PRESETS: dict[str, dict[str, Any]] = {
     # differences between good schedules, so the search picked noise and the result tied the
     # best baseline on some held-out groups.  ~2 minutes on one GPU, hours on two CPU cores.
     "full": dict(
-        population=10, generations=6, step_fractions=None, search_num=2000, held_out_num=2000, held_out_groups=3,
-        baseline_scales=(1.0, 1.2, 1.6, 2.0), partial_counts=3, interval_starts=(1 / 3, 2 / 3), finalists=4,
+        population=10,
+        generations=6,
+        step_fractions=None,
+        search_num=2000,
+        held_out_num=2000,
+        held_out_groups=3,
+        baseline_scales=(1.0, 1.2, 1.6, 2.0),
+        partial_counts=3,
+        interval_starts=(1 / 3, 2 / 3),
+        finalists=4,
     ),
 }
 
 
-def preset_config(preset: str, *, budget: float, steps: int, seed: int, images: int | None = None,
-                  own_timesteps: bool = True) -> SearchConfig:
+def preset_config(
+    preset: str, *, budget: float, steps: int, seed: int, images: int | None = None, own_timesteps: bool = True
+) -> SearchConfig:
     """The configuration of ``preset`` for ``budget`` at ``steps`` full steps; checks every input.
 
     Step-count candidates are fractions of ``steps`` (``fast``: 12, 16, 20 of 25) or every count
@@ -96,7 +114,9 @@ def preset_config(preset: str, *, budget: float, steps: int, seed: int, images: 
     if not 0 < budget <= 1:
         raise RstrError(f"--budget {budget} must be in (0, 1]: the compute fraction of constant CFG at full steps")
     if steps < MIN_STEPS:
-        raise RstrError(f"--steps {steps} is fewer than the {MIN_STEPS} steps the sampler supports; use --steps {MIN_STEPS} or more")
+        raise RstrError(
+            f"--steps {steps} is fewer than the {MIN_STEPS} steps the sampler supports; use --steps {MIN_STEPS} or more"
+        )
     p = dict(PRESETS[preset])
     if images is not None:
         if images < 2:
@@ -107,8 +127,9 @@ def preset_config(preset: str, *, budget: float, steps: int, seed: int, images: 
         counts = tuple(range(max(MIN_STEPS, round(0.24 * steps)), steps + 1))
     else:
         counts = tuple(sorted({max(MIN_STEPS, round(f * steps)) for f in fractions}))
-    config = SearchConfig(budget=budget, steps=steps, preset=preset, seed=seed, step_counts=counts,
-                          own_timesteps=own_timesteps, **p)
+    config = SearchConfig(
+        budget=budget, steps=steps, preset=preset, seed=seed, step_counts=counts, own_timesteps=own_timesteps, **p
+    )
     space(config, 1.0)  # refuse a budget too small for any schedule now, not after loading the model
     return config
 
@@ -119,6 +140,13 @@ def space(config: SearchConfig, w0: float, scheduler: Any = None) -> SearchSpace
     lo, hi = min(config.baseline_scales), max(config.baseline_scales)
     own = config.own_timesteps and scheduler is not None and supports_own_timesteps(scheduler)
     num_train = int(scheduler.config.num_train_timesteps) if scheduler is not None else 1000
-    return SearchSpace.for_budget(config.budget, config.steps, config.step_counts, w_max=config.w_max * w0,
-                                  init_scales=(lo * w0, hi * w0), sigma=config.sigma * w0,
-                                  own_timesteps=own, num_train=num_train)
+    return SearchSpace.for_budget(
+        config.budget,
+        config.steps,
+        config.step_counts,
+        w_max=config.w_max * w0,
+        init_scales=(lo * w0, hi * w0),
+        sigma=config.sigma * w0,
+        own_timesteps=own,
+        num_train=num_train,
+    )

@@ -65,19 +65,22 @@ class Genome:
         return steps if self.warp is None else f"{steps}@{self.warp[0]:.2f}^{self.warp[1]:.2f}"
 
     @classmethod
-    def from_key(cls, key: str) -> "Genome":
+    def from_key(cls, key: str) -> Genome:
         steps, _, warp = key.partition("@")
         parts = steps.split(",")
         start, _, rho = warp.partition("^")
-        return cls(tuple(p != "-" for p in parts), tuple(1.0 if p == "-" else float(p) for p in parts),
-                   (float(start), float(rho)) if warp else None)
+        return cls(
+            tuple(p != "-" for p in parts),
+            tuple(1.0 if p == "-" else float(p) for p in parts),
+            (float(start), float(rho)) if warp else None,
+        )
 
     @classmethod
-    def span(cls, num_steps: int, start: int, stop: int, scale: float) -> "Genome":
+    def span(cls, num_steps: int, start: int, stop: int, scale: float) -> Genome:
         """Guidance at ``scale`` on steps ``start <= i < stop`` (constant, first-k, interval, none)."""
         return cls(tuple(start <= i < stop for i in range(num_steps)), (quantize(scale),) * num_steps)
 
-    def with_warp(self, warp: tuple[float, float] | None) -> "Genome":
+    def with_warp(self, warp: tuple[float, float] | None) -> Genome:
         return Genome(self.guided, self.scales, warp)
 
     def timesteps(self, num_train: int) -> tuple[int, ...] | None:
@@ -105,10 +108,13 @@ class Genome:
         return {"guided": list(self.guided), "scales": list(self.scales), "warp": None if self.warp is None else list(self.warp)}
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "Genome":
+    def from_json(cls, data: dict[str, Any]) -> Genome:
         warp = data.get("warp")
-        return cls(tuple(bool(g) for g in data["guided"]), tuple(float(s) for s in data["scales"]),
-                   None if warp is None else (float(warp[0]), float(warp[1])))
+        return cls(
+            tuple(bool(g) for g in data["guided"]),
+            tuple(float(s) for s in data["scales"]),
+            None if warp is None else (float(warp[0]), float(warp[1])),
+        )
 
 
 def quantize(scale: float, quantum: float = QUANTUM) -> float:
@@ -140,7 +146,7 @@ class SearchSpace:
     rho_sigma: float = 0.1
 
     @classmethod
-    def for_budget(cls, budget: float, default_steps: int, step_counts: Sequence[int], **genes: Any) -> "SearchSpace":
+    def for_budget(cls, budget: float, default_steps: int, step_counts: Sequence[int], **genes: Any) -> SearchSpace:
         """The space of schedules within ``budget`` (fraction of constant CFG at ``default_steps``)."""
         max_passes = math.floor(budget * 2 * default_steps + 1e-9)
         if max_passes < MIN_STEPS:
@@ -156,8 +162,7 @@ class SearchSpace:
 
     def clip_warp(self, start: float, rho: float) -> tuple[float, float]:
         """``(start, rho)`` clipped to their ranges and snapped to their grids."""
-        return (quantize(float(np.clip(start, *self.start_range)), START_QUANTUM),
-                quantize(float(np.clip(rho, *self.rho_range))))
+        return (quantize(float(np.clip(start, *self.start_range)), START_QUANTUM), quantize(float(np.clip(rho, *self.rho_range))))
 
 
 def remap(genome: Genome, num_steps: int) -> Genome:
@@ -204,8 +209,9 @@ def random_genome(space: SearchSpace, rng: np.random.Generator) -> Genome:
     return Genome(tuple(i in chosen for i in range(n)), scales, warp)
 
 
-def mutate(genome: Genome, space: SearchSpace, rng: np.random.Generator, *, p_steps: float, p_scale: float,
-           p_warp: float = 0.0) -> Genome:
+def mutate(
+    genome: Genome, space: SearchSpace, rng: np.random.Generator, *, p_steps: float, p_scale: float, p_warp: float = 0.0
+) -> Genome:
     """Mutate, then repair.
 
     * with probability ``p_steps`` move to another step count one or two places along
@@ -230,9 +236,7 @@ def mutate(genome: Genome, space: SearchSpace, rng: np.random.Generator, *, p_st
     moved = rng.random(n) < p_scale
     noise = rng.normal(0.0, space.sigma, size=n)
     guided = tuple(bool(g) ^ bool(f) for g, f in zip(genome.guided, flips))
-    scales = tuple(
-        quantize(float(np.clip(s + d, 0.0, space.w_max))) if m else s for s, d, m in zip(genome.scales, noise, moved)
-    )
+    scales = tuple(quantize(float(np.clip(s + d, 0.0, space.w_max))) if m else s for s, d, m in zip(genome.scales, noise, moved))
     warp = genome.warp
     if space.own_timesteps and rng.random() < p_warp:
         start, rho = warp if warp is not None else ((n - 1) / n, 1.0)
@@ -269,7 +273,11 @@ def tournament(population: list[Genome], rank: Callable[[Genome], RankKey], rng:
 
 
 def next_generation(
-    population: list[Genome], rank: Callable[[Genome], RankKey], space: SearchSpace, rng: np.random.Generator, config: "SearchConfig"
+    population: list[Genome],
+    rank: Callable[[Genome], RankKey],
+    space: SearchSpace,
+    rng: np.random.Generator,
+    config: SearchConfig,
 ) -> list[Genome]:
     """Elitism, then tournament selection, crossover and mutation until the population is full.
 

@@ -123,8 +123,10 @@ class TeacherFidelity(Objective):
 def objective_for(family: Family, config: SearchConfig) -> Objective:
     """The family's quality measure: digits FD where it has the digits metrics, else fidelity to its constant-CFG teacher."""
     if family.num_classes is None:
-        raise RstrError(f"this {family.name} model has neither class labels nor a prompt set to draw conditioning from; "
-                        "give prompts with --prompts FILE")
+        raise RstrError(
+            f"this {family.name} model has neither class labels nor a prompt set to draw conditioning from; "
+            "give prompts with --prompts FILE"
+        )
     if family.quality == "digits":
         return DigitsFD(min_accuracy=config.min_accuracy, batch_size=config.batch_size)
     return TeacherFidelity(scale=family.default_scale, steps=config.steps, batch_size=config.batch_size)

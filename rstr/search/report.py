@@ -23,18 +23,33 @@ REPORT_FORMAT = "rstr.search-report/1"
 def _entry(run: _Search, genome: Genome, **extra: Any) -> dict[str, Any]:
     """One schedule's record: what it is, and its scores on every seed group that scored it."""
     s = run.schedule_of(genome)
-    d: dict[str, Any] = {**extra, "describe": s.describe(), "schedule": genome.key, "passes_per_image": genome.passes,
-                         "compute_fraction": s.compute_fraction, "timesteps": None if s.timesteps is None else list(s.timesteps)}
+    d: dict[str, Any] = {
+        **extra,
+        "describe": s.describe(),
+        "schedule": genome.key,
+        "passes_per_image": genome.passes,
+        "compute_fraction": s.compute_fraction,
+        "timesteps": None if s.timesteps is None else list(s.timesteps),
+    }
     for which, cache in (("search", run.state.search), ("validation", run.state.validation), ("held_out", run.state.held_out)):
         if genome.key in cache:
             m = cache[genome.key]
-            d[which] = {"groups": m, "mean": {k: statistics.fmean(v) for k, v in m.items()},
-                        "feasible": run.objective.violation(m) == 0}
+            d[which] = {
+                "groups": m,
+                "mean": {k: statistics.fmean(v) for k, v in m.items()},
+                "feasible": run.objective.violation(m) == 0,
+            }
     return d
 
 
-def search_report(run: _Search, result: Genome, grid: list[Baseline], chosen: list[Baseline],
-                  ablations: list[tuple[str, Genome]], seconds: float) -> dict[str, Any]:
+def search_report(
+    run: _Search,
+    result: Genome,
+    grid: list[Baseline],
+    chosen: list[Baseline],
+    ablations: list[tuple[str, Genome]],
+    seconds: float,
+) -> dict[str, Any]:
     """``search-report.json``: the result against the selected baselines, the fronts and the run's history."""
     metric = run.objective.metric
     res = _entry(run, result, label="search result")
@@ -52,28 +67,45 @@ def search_report(run: _Search, result: Genome, grid: list[Baseline], chosen: li
         "model": run.model,
         "config": run.config.to_json(),
         "objective": run.objective.describe(),
-        "seeds": {"search": [run.search_seeds.start, run.search_seeds.stop],
-                  "validation": [run.validation_seeds.start, run.validation_seeds.stop],
-                  "held_out": [run.held_out_seeds.start, run.held_out_seeds.stop],
-                  "held_out_groups": run.config.held_out_groups, "held_out_num": run.config.held_out_num},
-        "budget": {"compute_fraction": run.config.budget, "max_passes_per_image": run.space.max_passes,
-                   "full_cfg_passes_per_image": 2 * run.config.steps},
+        "seeds": {
+            "search": [run.search_seeds.start, run.search_seeds.stop],
+            "validation": [run.validation_seeds.start, run.validation_seeds.stop],
+            "held_out": [run.held_out_seeds.start, run.held_out_seeds.stop],
+            "held_out_groups": run.config.held_out_groups,
+            "held_out_num": run.config.held_out_num,
+        },
+        "budget": {
+            "compute_fraction": run.config.budget,
+            "max_passes_per_image": run.space.max_passes,
+            "full_cfg_passes_per_image": 2 * run.config.steps,
+        },
         "result": res,
         "finalists": [_entry(run, Genome.from_key(k)) for k in sorted(run.state.validation, key=run.final_rank)],
         "baselines": baselines,
         "beats_every_in_budget_baseline": all(b["result_better_on_all_groups"] for b in baselines if b["in_budget"]),
         "ablations": [_entry(run, g, label=label) for label, g in ablations],
         "points": {
-            "search": [[Genome.from_key(k).passes / (2 * run.config.steps), run.objective.value(run.state.search[k]),
-                        run.objective.violation(run.state.search[k]) == 0] for k in run.state.ga_keys],
-            "baselines": [[b.genome.passes / (2 * run.config.steps), run.objective.value(run.state.search[b.genome.key]), b.kind]
-                          for b in grid],
+            "search": [
+                [
+                    Genome.from_key(k).passes / (2 * run.config.steps),
+                    run.objective.value(run.state.search[k]),
+                    run.objective.violation(run.state.search[k]) == 0,
+                ]
+                for k in run.state.ga_keys
+            ],
+            "baselines": [
+                [b.genome.passes / (2 * run.config.steps), run.objective.value(run.state.search[b.genome.key]), b.kind]
+                for b in grid
+            ],
         },
         "pareto_front": [_entry(run, g) for g in front],
         "baseline_front": [_entry(run, g) for g in bfront],
         "history": run.state.history,
-        "evaluations": {"search_seeds": len(run.state.search), "validation": len(run.state.validation),
-                        "held_out": len(run.state.held_out)},
+        "evaluations": {
+            "search_seeds": len(run.state.search),
+            "validation": len(run.state.validation),
+            "held_out": len(run.state.held_out),
+        },
         "seconds": round(seconds, 1),
     }
 
@@ -97,8 +129,13 @@ def write_outputs(result: SearchResult, out: str | os.PathLike[str]) -> list[Pat
 
     out = Path(out)
     result.schedule.save(out)
-    paths = [out, out.with_name("search-report.json"), out.with_name("search-report.md"),
-             out.with_name("search-schedule.png"), out.with_name("search-pareto.png")]
+    paths = [
+        out,
+        out.with_name("search-report.json"),
+        out.with_name("search-report.md"),
+        out.with_name("search-schedule.png"),
+        out.with_name("search-pareto.png"),
+    ]
     write_json(paths[1], result.report)
     plot_schedule(result.schedule, paths[3])
     plot_pareto(result.report, paths[4])
@@ -119,7 +156,14 @@ def markdown_report(r: dict[str, Any], schedule_name: str, schedule_png: str, pa
     def row(name: str, e: dict[str, Any], wins: str) -> str:
         h, s = e["held_out"], e["search"]
         per = " / ".join(f"{v:.4f}" for v in h["groups"][metric])
-        cols = [name, str(e["passes_per_image"]), f"{e['compute_fraction']:.0%}", f"{s['mean'][metric]:.4f}", per, f"{h['mean'][metric]:.4f}"]
+        cols = [
+            name,
+            str(e["passes_per_image"]),
+            f"{e['compute_fraction']:.0%}",
+            f"{s['mean'][metric]:.4f}",
+            per,
+            f"{h['mean'][metric]:.4f}",
+        ]
         cols += [f"{h['mean']['accuracy']:.3f}"] if has_acc else []
         return "| " + " | ".join([*cols, wins]) + " |"
 
@@ -131,7 +175,8 @@ def markdown_report(r: dict[str, Any], schedule_name: str, schedule_png: str, pa
         "",
         f"Model `{r['model']['path']}` ({r['model']['family']}, {r['model']['parameters']:,} parameters, {r['model']['sampler']}); "
         f"preset `{c['preset']}`, seed {c['seed']}; objective `{r['objective']['name']}` (lower {metric} is better"
-        + (f", class accuracy >= {r['objective']['min_accuracy']}" if "min_accuracy" in r["objective"] else "") + ").",
+        + (f", class accuracy >= {r['objective']['min_accuracy']}" if "min_accuracy" in r["objective"] else "")
+        + ").",
         f"Search seeds {r['seeds']['search']} (one group of {c['search_num']} images), validation seeds {r['seeds']['validation']} "
         f"(the {c['finalists']} finalists only), held-out seeds {r['seeds']['held_out']} ({groups} groups of "
         f"{r['seeds']['held_out_num']} images, never seen by the search). Every schedule starts from the same noise.",
@@ -142,16 +187,25 @@ def markdown_report(r: dict[str, Any], schedule_name: str, schedule_png: str, pa
         "",
         f"{res['describe']}; per step (`-` = unguided): `{res['schedule'].partition('@')[0]}`.",
         "",
-        *([f"Its own timesteps (searched warp `@start^rho` = `{res['schedule'].partition('@')[2]}`; the baselines use the "
-           f"sampler's stock spacing): `{res['timesteps']}`.", ""] if res.get("timesteps") else []),
+        *(
+            [
+                f"Its own timesteps (searched warp `@start^rho` = `{res['schedule'].partition('@')[2]}`; the baselines use the "
+                f"sampler's stock spacing): `{res['timesteps']}`.",
+                "",
+            ]
+            if res.get("timesteps")
+            else []
+        ),
         f"![schedule]({schedule_png})",
         "",
         f"Finalists, ranked by the mean over the search and validation groups ({metric}):",
         "",
         "| schedule | passes/image | search | validation |",
         "|---|---|---|---|",
-        *[f"| `{e['schedule']}` | {e['passes_per_image']} | {e['search']['mean'][metric]:.4f} | {e['validation']['mean'][metric]:.4f} |"
-          for e in r["finalists"]],
+        *[
+            f"| `{e['schedule']}` | {e['passes_per_image']} | {e['search']['mean'][metric]:.4f} | {e['validation']['mean'][metric]:.4f} |"
+            for e in r["finalists"]
+        ],
         "",
         "## Held-out comparison with the baselines",
         "",
@@ -183,8 +237,10 @@ def markdown_report(r: dict[str, Any], schedule_name: str, schedule_png: str, pa
         for e in r["ablations"]:
             theirs = e["held_out"]["groups"][metric]
             wins = all(a < t for a, t in zip(res["held_out"]["groups"][metric], theirs))
-            lines.append(f"| {e['label']} | {e['passes_per_image']} | {' / '.join(f'{v:.4f}' for v in theirs)} | "
-                         f"{e['held_out']['mean'][metric]:.4f} | {'yes' if wins else 'no'} |")
+            lines.append(
+                f"| {e['label']} | {e['passes_per_image']} | {' / '.join(f'{v:.4f}' for v in theirs)} | "
+                f"{e['held_out']['mean'][metric]:.4f} | {'yes' if wins else 'no'} |"
+            )
         lines.append("")
     lines += [
         "## Quality vs compute (search seeds)",
@@ -194,6 +250,8 @@ def markdown_report(r: dict[str, Any], schedule_name: str, schedule_png: str, pa
         f"| compute | passes/image | search {metric} | schedule |",
         "|---|---|---|---|",
     ]
-    lines += [f"| {e['compute_fraction']:.0%} | {e['passes_per_image']} | {e['search']['mean'][metric]:.4f} | {e['describe']} |"
-              for e in r["pareto_front"]]
+    lines += [
+        f"| {e['compute_fraction']:.0%} | {e['passes_per_image']} | {e['search']['mean'][metric]:.4f} | {e['describe']} |"
+        for e in r["pareto_front"]
+    ]
     return "\n".join(lines) + "\n"

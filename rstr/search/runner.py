@@ -57,7 +57,9 @@ class EvalTask(Task):
             from rstr.families import load_model
 
             if self.model is None:
-                raise RstrError("this model was built in memory, so workers cannot load it; save it to a directory or use one worker")
+                raise RstrError(
+                    "this model was built in memory, so workers cannot load it; save it to a directory or use one worker"
+                )
 
             self.family = load_model(self.model, device=device)
 
@@ -79,8 +81,15 @@ class SearchResult:
 class _Search:
     """One run of the three phases; owns the state, the executor and checkpointing."""
 
-    def __init__(self, family: Family, config: SearchConfig, checkpoint_dir: Path, objective: Objective, progress: bool,
-                 on_checkpoint: Callable[[SearchState], None] | None) -> None:
+    def __init__(
+        self,
+        family: Family,
+        config: SearchConfig,
+        checkpoint_dir: Path,
+        objective: Objective,
+        progress: bool,
+        on_checkpoint: Callable[[SearchState], None] | None,
+    ) -> None:
         self.family, self.config, self.dir, self.objective = family, config, checkpoint_dir, objective
         self.space = space(config, family.default_scale, family.scheduler)
         self.progress, self.on_checkpoint = progress, on_checkpoint
@@ -110,10 +119,17 @@ class _Search:
         return (self.objective.violation(m), self.objective.value(m), Genome.from_key(key).passes, key)
 
     def save(self, out: Path | None) -> None:
-        write_json(self.dir / CHECKPOINT_FILE, {
-            "format": CHECKPOINT_FORMAT, "model": self.model, "config": self.config.to_json(),
-            "objective": self.objective.describe(), "out": str(out.resolve()) if out else None, "state": self.state.to_json(),
-        })
+        write_json(
+            self.dir / CHECKPOINT_FILE,
+            {
+                "format": CHECKPOINT_FORMAT,
+                "model": self.model,
+                "config": self.config.to_json(),
+                "objective": self.objective.describe(),
+                "out": str(out.resolve()) if out else None,
+                "state": self.state.to_json(),
+            },
+        )
         if self.on_checkpoint is not None:
             self.on_checkpoint(self.state)
 
@@ -144,8 +160,11 @@ class _Search:
         with executor_factory(task) as self.executor:
             grid = baseline_grid(self.space, self.config, self.family.default_scale)
             for lo in range(0, len(grid), self.config.population):
-                self.score([b.genome for b in grid[lo : lo + self.config.population]], "search",
-                           f"baselines {lo + 1}-{min(lo + self.config.population, len(grid))}/{len(grid)}")
+                self.score(
+                    [b.genome for b in grid[lo : lo + self.config.population]],
+                    "search",
+                    f"baselines {lo + 1}-{min(lo + self.config.population, len(grid))}/{len(grid)}",
+                )
                 self.save(out)
             chosen = self.select_baselines(grid)
             self.evolve(chosen, out)
@@ -158,11 +177,15 @@ class _Search:
             ablations = self.ablations(result, chosen)
             self.score([g for _, g in ablations], "held_out", "ablations")
             self.save(out)
-        ranked = [result, *(Genome.from_key(k) for k in sorted(self.state.validation, key=self.final_rank)),
-                  *(b.genome for b in sorted((b for b in chosen if b.in_budget), key=lambda b: self.rank(b.genome)))]
+        ranked = [
+            result,
+            *(Genome.from_key(k) for k in sorted(self.state.validation, key=self.final_rank)),
+            *(b.genome for b in sorted((b for b in chosen if b.in_budget), key=lambda b: self.rank(b.genome))),
+        ]
         candidates = [self.schedule_of(g) for g in {g.key: g for g in ranked}.values()]
-        return SearchResult(candidates[0], search_report(self, result, grid, chosen, ablations, time.perf_counter() - t0),
-                            candidates)
+        return SearchResult(
+            candidates[0], search_report(self, result, grid, chosen, ablations, time.perf_counter() - t0), candidates
+        )
 
     def ablations(self, result: Genome, chosen: list[Baseline]) -> list[tuple[str, Genome]]:
         """Where a result with its own timesteps gains: its guidance on the stock timesteps, and the best
@@ -171,8 +194,10 @@ class _Search:
             return []
         metric = self.objective.metric
         best = min((b for b in chosen if b.in_budget), key=lambda b: statistics.fmean(self.state.held_out[b.genome.key][metric]))
-        return [("search result on the stock timesteps", result.with_warp(None)),
-                (f"{best.label} on the result's timesteps", best.genome.with_warp(result.warp))]
+        return [
+            ("search result on the stock timesteps", result.with_warp(None)),
+            (f"{best.label} on the result's timesteps", best.genome.with_warp(result.warp)),
+        ]
 
     def select_baselines(self, grid: list[Baseline]) -> list[Baseline]:
         """Best (on search seeds) constant CFG per step count, best first-k, best interval, and the fixed ones."""
@@ -211,10 +236,14 @@ class _Search:
             st.generation += 1
             st.ga_keys.extend(k for k in dict.fromkeys(g.key for g in population) if k not in set(st.ga_keys))
             best = self.best(st.ga_keys)
-            st.history.append({
-                "generation": st.generation, "evaluated": len(st.search),
-                "best": self.objective.value(st.search[best]), "best_schedule": best,
-            })
+            st.history.append(
+                {
+                    "generation": st.generation,
+                    "evaluated": len(st.search),
+                    "best": self.objective.value(st.search[best]),
+                    "best_schedule": best,
+                }
+            )
             self.save(out)
 
 

@@ -33,7 +33,7 @@ class SearchState:
     history: list[dict[str, Any]]
 
     @classmethod
-    def fresh(cls, seed: int) -> "SearchState":
+    def fresh(cls, seed: int) -> SearchState:
         return cls(-1, [], np.random.default_rng(seed), {}, {}, {}, [], [])
 
     def to_json(self) -> dict[str, Any]:
@@ -49,12 +49,18 @@ class SearchState:
         }
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "SearchState":
+    def from_json(cls, data: dict[str, Any]) -> SearchState:
         rng = np.random.default_rng()
         rng.bit_generator.state = data["rng"]
         return cls(
-            data["generation"], [Genome.from_json(g) for g in data["population"]], rng,
-            data["search"], data["validation"], data["held_out"], data["ga_keys"], data["history"],
+            data["generation"],
+            [Genome.from_json(g) for g in data["population"]],
+            rng,
+            data["search"],
+            data["validation"],
+            data["held_out"],
+            data["ga_keys"],
+            data["history"],
         )
 
 
@@ -75,7 +81,9 @@ def load_checkpoint(directory: str | os.PathLike[str]) -> dict[str, Any]:
     """Read ``directory/checkpoint.json``; a missing or foreign file is one :class:`RstrError` line."""
     path = Path(directory) / CHECKPOINT_FILE
     if not path.is_file():
-        raise RstrError(f"--resume {directory}: no {CHECKPOINT_FILE} there; give the checkpoint directory of an earlier `rstr search`")
+        raise RstrError(
+            f"--resume {directory}: no {CHECKPOINT_FILE} there; give the checkpoint directory of an earlier `rstr search`"
+        )
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
@@ -85,7 +93,9 @@ def load_checkpoint(directory: str | os.PathLike[str]) -> dict[str, Any]:
     return data
 
 
-def check_resumable(data: dict[str, Any], directory: Path, model: dict[str, Any], config: SearchConfig, objective: Objective) -> None:
+def check_resumable(
+    data: dict[str, Any], directory: Path, model: dict[str, Any], config: SearchConfig, objective: Objective
+) -> None:
     """Refuse to resume a checkpoint made for another model, configuration or objective, naming the difference."""
     if data["model"] != model:
         raise RstrError(
@@ -95,6 +105,10 @@ def check_resumable(data: dict[str, Any], directory: Path, model: dict[str, Any]
     saved = data["config"]
     for k, v in config.to_json().items():
         if saved.get(k) != v:
-            raise RstrError(f"--resume {directory} was made with {k}={saved.get(k)!r}, this run has {k}={v!r}: drop the option or start a new search")
+            raise RstrError(
+                f"--resume {directory} was made with {k}={saved.get(k)!r}, this run has {k}={v!r}: drop the option or start a new search"
+            )
     if data["objective"] != objective.describe():
-        raise RstrError(f"--resume {directory} was scored with objective {data['objective']}, this run with {objective.describe()}; start a new search")
+        raise RstrError(
+            f"--resume {directory} was scored with objective {data['objective']}, this run with {objective.describe()}; start a new search"
+        )
