@@ -202,19 +202,25 @@ class Plan:
 
 @dataclass(frozen=True)
 class Decoder:
-    """How latents become images: ``pixels`` means the latents are the image, ``(x - lo) / (hi - lo)`` in [0, 1]."""
+    """How latents become ``size x size x channels`` images with values in ``range``.
+
+    ``pixels``: the latents are the image, ``(x - lo) / (hi - lo)`` clipped to [0, 1];
+    ``vae``: the bundle graph ``graph`` (``vae_decoder``) maps the final latents to images in [0, 1].
+    """
 
     kind: str
     channels: int
     size: int
     range: tuple[float, float]
+    graph: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"kind": self.kind, "channels": self.channels, "size": self.size, "range": list(self.range)}
+        out = {"kind": self.kind, "channels": self.channels, "size": self.size, "range": list(self.range)}
+        return _omit_none({**out, "graph": self.graph})
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> Decoder:
-        return cls(d["kind"], d["channels"], d["size"], tuple(d["range"]))
+        return cls(d["kind"], d["channels"], d["size"], tuple(d["range"]), d.get("graph"))
 
 
 @dataclass(frozen=True)
@@ -301,18 +307,22 @@ class VerificationRecord:
     max_rel_error: float
     tolerance: float
     per_step_rel_error: tuple[float, ...] = ()
+    graphs: Mapping[str, float] = field(default_factory=dict)  # other graphs (decoder, text encoders): max rel. error
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "backend": self.backend,
             "max_rel_error": self.max_rel_error,
             "tolerance": self.tolerance,
             "per_step_rel_error": list(self.per_step_rel_error),
         }
+        return {**out, "graphs": dict(self.graphs)} if self.graphs else out
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> VerificationRecord:
-        return cls(d["backend"], d["max_rel_error"], d["tolerance"], tuple(d.get("per_step_rel_error", ())))
+        return cls(
+            d["backend"], d["max_rel_error"], d["tolerance"], tuple(d.get("per_step_rel_error", ())), dict(d.get("graphs", {}))
+        )
 
 
 @dataclass(frozen=True)
@@ -406,6 +416,10 @@ class Manifest:
                 f'give {{"fill": value}} or "{REQUIRED}"'
             )
         decoder, verification = data.get("decoder"), data.get("verification")
+        if decoder is not None and decoder["kind"] == "vae" and decoder.get("graph") not in data["graphs"]:
+            raise BundleError(
+                f"{source}: decoder.graph {decoder.get('graph')!r} is not one of the graphs; a vae decoder names its graph"
+            )
         return cls(
             family=data["family"],
             dtype=data["dtype"],

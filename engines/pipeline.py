@@ -27,7 +27,7 @@ BACKENDS = ("auto", "tensorrt", "onnxruntime", "onnxruntime-cpu", "onnxruntime-c
 
 @dataclass(frozen=True)
 class Result:
-    """Final latents ``[B, ...]`` and, when the bundle has a decoder, images ``[B, H, W, C]`` in [0, 1]."""
+    """Final latents ``[B, ...]`` and, when the bundle has a decoder (pixels or a VAE graph), images ``[B, H, W, C]`` in [0, 1]."""
 
     latents: np.ndarray
     images: np.ndarray | None
@@ -61,12 +61,37 @@ def make_runner(bundle: Bundle, backend: str = "auto") -> Runner:
     return OnnxRuntimeRunner(bundle, device=backend.removeprefix("onnxruntime-"))
 
 
+class ImageDecoder:
+    """Final latents to images ``[B, H, W, C]`` in [0, 1] by the bundle's decoder.
+
+    ``pixels``: the latents are the image; ``vae``: the bundle's ``vae_decoder`` graph, run by ONNX
+    Runtime (CUDA when available, else CPU) whatever backend walked the plan; no decoder: None.
+    """
+
+    def __init__(self, bundle: Bundle):
+        from rstr.engines.onnxruntime import cuda_available, open_session
+
+        self.decoder = bundle.decoder
+        self.session = None
+        if self.decoder is not None and self.decoder.kind == "vae":
+            self.session = open_session(bundle, self.decoder.graph, "cuda" if cuda_available() else "cpu")
+
+    def __call__(self, latents: np.ndarray) -> np.ndarray | None:
+        if self.session is not None:
+            return self.session.run(["images"], {"latents": np.ascontiguousarray(latents, dtype=np.float32)})[0]
+        return decode(self.decoder, latents)
+
+    def close(self) -> None:
+        self.session = None
+
+
 class Pipeline:
-    """A loaded bundle with an active runner."""
+    """A loaded bundle with an active runner and its image decoder."""
 
     def __init__(self, bundle: Bundle, runner: Runner):
         self.bundle = bundle
         self.runner = runner
+        self.decoder = ImageDecoder(bundle)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], backend: str = "auto") -> Pipeline:
@@ -77,6 +102,7 @@ class Pipeline:
 
     def close(self) -> None:
         self.runner.deactivate()
+        self.decoder.close()
 
     def __enter__(self) -> Pipeline:
         return self
@@ -103,7 +129,7 @@ class Pipeline:
             noise = self.noise(seed)
         conditioning = {k: np.asarray(v) for k, v in conditioning.items()}
         latents = self.runner.infer(noise, conditioning, uncond)
-        return Result(latents, decode(self.bundle.decoder, latents))
+        return Result(latents, self.decoder(latents))
 
 
 def decode(decoder: Decoder | None, latents: np.ndarray) -> np.ndarray | None:

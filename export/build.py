@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -20,19 +21,25 @@ from rich.markup import escape
 from rstr.engines.bundle import Bundle
 from rstr.engines.manifest import Conditioning, Decoder, Engine, Graph, Manifest, Provenance, TensorDesc, VerificationRecord
 from rstr.export.bundle import versions, write_manifest
+from rstr.export.decoder import GRAPH as DECODER_GRAPH
+from rstr.export.decoder import decoder_graph, decoder_section, export_vae_decoder
 from rstr.export.graphs import export_denoiser, export_steps, graph_description
 from rstr.export.measure import REPORT_GROUPS, REPORT_NUM, measure_quality, measure_speed
 from rstr.export.plan import build_plan
 from rstr.export.stages import gate_schedule, run_stage1, run_stage2
-from rstr.export.verify import Verification, rel, verify
+from rstr.export.verify import Verification, check_bundle, reference_run, rel
 
 from rstr._io import atomic_dir
-from rstr.errors import BackendUnavailable, RstrError
+from rstr.errors import BackendUnavailable, BundleError, RstrError
 from rstr.families import load_model
 from rstr.families.base import Family
+from rstr.families.weights import torch_dtype, weight_bytes
 from rstr.schedule import GuidanceSchedule
 
 MERGE_TOLERANCE = 1e-5
+# Past this many bytes of weights a model is large: its PyTorch weights are freed before ONNX Runtime loads the
+# graphs, and its speed is not timed by the build (that runs PyTorch and the bundle side by side, holding both).
+LARGE_MODEL_BYTES = 1 << 30
 log = logging.getLogger("rstr")
 
 
@@ -76,13 +83,49 @@ def merge_adapter(family: Family, adapter: Path, batch: int) -> str:
     c = family.check_conditioning(cond, 2 * batch)
     with torch.no_grad():
         family.transformer = peft_model
-        with_adapter = family.denoise(x, t, c).numpy()
+        with_adapter = family.predict(x, t, c).numpy()
         family.transformer = peft_model.merge_and_unload().eval()
-        merged = family.denoise(x, t, c).numpy()
+        merged = family.predict(x, t, c).numpy()
     err = rel(merged, with_adapter)
     if err > MERGE_TOLERANCE:
         raise RuntimeError(f"merged LoRA differs from the adapter model by {err:.1e} (> {MERGE_TOLERANCE:.0e})")
     return adapter_sha256(adapter)
+
+
+def check_runs_in_dtype(family: Family, dtype: str) -> None:
+    """One transformer call at batch 1 in a reduced dtype, before any work: a dtype the model cannot run in is one line."""
+    if dtype == "fp32":
+        return
+    cond, _ = family.example_conditioning(1)
+    x = torch.randn(family.sample_shape(1), generator=torch.Generator().manual_seed(0))
+    t = torch.full((1,), family.model_timestep(family.fresh_scheduler().config.num_train_timesteps // 2))
+    try:
+        with torch.no_grad():
+            out = family.predict(x, t, family.check_conditioning(cond, 1))
+    except (RuntimeError, NotImplementedError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RstrError(
+            f"--dtype {dtype}: the {family.name} model cannot run in {dtype} here ({first}); use --dtype fp32"
+        ) from None
+    if not torch.isfinite(out).all():
+        raise RstrError(
+            f"--dtype {dtype}: the {family.name} model gives non-finite outputs in {dtype} (overflow); use --dtype fp32"
+        )
+
+
+def check_dtype_runs(dtype: str, check: Callable[[], Verification]) -> Verification:
+    """Run ``check``; a graph ONNX Runtime cannot load is named with the dtype that made it."""
+    try:
+        return check()
+    except BundleError as err:
+        raise RstrError(f"--dtype {dtype}: {err}; use --dtype fp32 or fp16") from None
+
+
+def drop_weights(family: Family) -> None:
+    """Free the PyTorch weights (moved to the meta device) once only ONNX Runtime runs: memory for the graphs."""
+    family.transformer.to("meta")
+    if family.vae is not None:
+        family.vae.to("meta")
 
 
 def build_engines_if_usable(root: Path, manifest: Manifest, opts: BuildOptions) -> list[Engine]:
@@ -107,7 +150,8 @@ def build(opts: BuildOptions) -> BuildResult:
         raise RstrError(f"output directory {opts.out} exists; pass --force to replace it or choose another --out")
     if opts.batch < 1:
         raise RstrError(f"--batch {opts.batch} must be at least 1")
-    family = load_model(opts.model)
+    family = load_model(opts.model, dtype=torch_dtype(opts.dtype))
+    check_runs_in_dtype(family, opts.dtype)
     if opts.schedule is not None:
         build_plan(family, GuidanceSchedule.load(opts.schedule), opts.batch)  # refuse a misfit before any work
     if opts.require_better and family.quality != "digits":
@@ -141,13 +185,18 @@ def build(opts: BuildOptions) -> BuildResult:
         log.info(f"exporting {family.name} ({opts.dtype}, batch {opts.batch}) to ONNX")
         export_denoiser(family, root / "denoiser.onnx", dtype=opts.dtype, batch=opts.batch)
         export_steps(family, root, batch=opts.batch)
+        graphs = graph_description(family, opts.batch)
+        if family.vae is not None:
+            log.info(f"exporting the VAE decoder ({opts.dtype})")
+            export_vae_decoder(family, root / f"{DECODER_GRAPH}.onnx")
+            graphs[DECODER_GRAPH] = decoder_graph(family)
 
         decoder = decoder_section(family)
         manifest = Manifest(
             family=family.name,
             dtype=opts.dtype,
             sample=TensorDesc("sample", "float32", tuple(family.sample_shape(opts.batch))),
-            graphs={name: Graph.from_json(g) for name, g in graph_description(family, opts.batch).items()},
+            graphs={name: Graph.from_json(g) for name, g in graphs.items()},
             conditioning=Conditioning.from_json(conditioning_section(family)),
             plan=plan,
             decoder=None if decoder is None else Decoder.from_json(decoder),
@@ -160,17 +209,13 @@ def build(opts: BuildOptions) -> BuildResult:
             ),
         )
         write_manifest(root, manifest)  # provisional, so the bundle can be opened and verified
-        log.info("verifying the bundle against PyTorch (ONNX Runtime, CPU)")
+        log.info("verifying the bundle against PyTorch (ONNX Runtime, CPU): the PyTorch side first")
         bundle = Bundle.open(root)
-        check = verify(bundle, family, schedule)
-        manifest = replace(manifest, verification=VerificationRecord.from_json(check.to_json()))
-        manifest = replace(manifest, engines=tuple(build_engines_if_usable(root, manifest, opts)))
-
+        reference = reference_run(family, schedule, opts.batch)
         summary: dict = {
             "schedule": schedule.describe(),
             "compute_fraction": schedule.compute_fraction,
             "compute_saved": 1 - schedule.compute_fraction,
-            "max_rel_error": check.max_rel_error,
             "gates": gates,
         }
         if opts.measure or opts.require_better:
@@ -182,7 +227,20 @@ def build(opts: BuildOptions) -> BuildResult:
                     f"--require-better: the bundle does not beat the stock model on every held-out group "
                     f"({quality.describe() if quality else 'no quality measure'})"
                 )
-        if opts.measure:
+        large = weight_bytes(family.transformer) > LARGE_MODEL_BYTES
+        if large:
+            if opts.measure:
+                summary["speed"] = None
+                log.info(
+                    f"speed not measured: the model's weights pass {LARGE_MODEL_BYTES >> 20} MiB and timing would hold them "
+                    f"twice (PyTorch and the bundle side by side); time it with tools/bench.py"
+                )
+            drop_weights(family)  # from here on only ONNX Runtime runs
+        check = check_dtype_runs(opts.dtype, lambda: check_bundle(bundle, reference))
+        summary["max_rel_error"] = check.max_rel_error
+        manifest = replace(manifest, verification=VerificationRecord.from_json(check.to_json()))
+        manifest = replace(manifest, engines=tuple(build_engines_if_usable(root, manifest, opts)))
+        if opts.measure and not large:
             log.info("measuring speed (end to end, interleaved, median of 5)")
             summary["speed"] = measure_speed(family, bundle, schedule)
         manifest = replace(manifest, summary=summary)
@@ -204,8 +262,3 @@ def conditioning_section(family: Family) -> dict:
     if family.conditioning == "class-labels" and family.num_classes is not None:
         section["num_classes"] = family.num_classes
     return section
-
-
-def decoder_section(family: Family) -> dict | None:
-    image = family.image
-    return None if image is None else {"kind": "pixels", **image.to_json()}

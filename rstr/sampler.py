@@ -76,18 +76,16 @@ def sample(
     if len(timesteps) != schedule.num_steps:
         raise RstrError(f"scheduler produced {len(timesteps)} timesteps for a {schedule.num_steps}-step schedule")
 
-    dtype = family.dtype
     x = noise.to(family.device, torch.float32) * getattr(scheduler, "init_noise_sigma", 1.0)
     with progress_bar(len(timesteps), "sampling", enabled=progress) as bar:
         for i, t in enumerate(timesteps):
             x_in = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
             mt = family.model_timestep(t)
             if schedule.guided[i]:
-                x2 = torch.cat([x_in, x_in]).to(dtype)
-                out = family.denoise(x2, expand_timestep(mt, 2 * b, x.device).to(dtype), both).float()
+                out = family.predict(torch.cat([x_in, x_in]), expand_timestep(mt, 2 * b, x.device), both)
                 eps = family.combine(out[:b], out[b:], schedule.scales[i])
             else:
-                out = family.denoise(x_in.to(dtype), expand_timestep(mt, b, x.device).to(dtype), cond).float()
+                out = family.predict(x_in, expand_timestep(mt, b, x.device), cond)
                 eps = family.single(out)
             x_next = scheduler.step(eps, t, x, return_dict=False)[0]
             if callback is not None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
 from rstr.families import DiTFamily, FluxFamily, PixArtFamily, QwenImageFamily
@@ -107,3 +110,45 @@ def text_conditioning(family, batch: int, seed: int) -> dict[str, torch.Tensor]:
         else:
             out[spec.name] = torch.randn(shape, generator=g)
     return out
+
+
+def tiny_vae(family):
+    """A VAE of the family's class with 8x spatial compression (as real ones), a few channels, random weights."""
+    from diffusers import AutoencoderKL, AutoencoderKLQwenImage
+
+    torch.manual_seed(1)
+    channels = family.latent_channels
+    if family.vae_class == "AutoencoderKLQwenImage":
+        return AutoencoderKLQwenImage(
+            base_dim=8,
+            z_dim=channels,
+            dim_mult=[1, 1, 1, 1],
+            num_res_blocks=1,
+            latents_mean=[0.1 * i - 0.2 for i in range(channels)],
+            latents_std=[1.0 + 0.5 * i for i in range(channels)],
+        )
+    return AutoencoderKL(
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        latent_channels=channels,
+        norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        scaling_factor=0.3611 if family.name == "flux" else 0.18215,
+        shift_factor=0.1159 if family.name == "flux" else None,  # FluxPipeline adds it unconditionally
+    )
+
+
+def save_model(family, directory: Path, vae=None) -> Path:
+    """A transformer-plus-scheduler directory (and ``vae/`` when given), as a user would have on disk."""
+    family.transformer.save_pretrained(directory / "transformer")
+    family.scheduler.save_pretrained(directory / "scheduler")
+    if vae is not None:
+        vae.save_pretrained(directory / "vae")
+    meta = {"default_steps": 4}
+    if family.name != "dit":
+        meta["text_len"] = TEXT_LEN
+    if family.name in ("flux", "qwenimage"):
+        meta["latent_size"] = family.latent_size
+    (directory / "rstr.json").write_text(json.dumps(meta))
+    return directory

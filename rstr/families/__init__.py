@@ -32,6 +32,7 @@ from rstr.families.dit import DiTFamily
 from rstr.families.flux import FluxFamily
 from rstr.families.pixart import PixArtFamily
 from rstr.families.qwenimage import QwenImageFamily
+from rstr.families.weights import load_streamed
 
 FAMILIES: dict[str, type[Family]] = {}
 REFERENCE_MODELS = Path(__file__).resolve().parent.parent / "reference"
@@ -91,6 +92,23 @@ def _load_scheduler(directory: Path, family: type[Family]):
         raise ModelError(f"{config_path}: cannot build the scheduler ({err})") from None
 
 
+def _load_vae(directory: Path, family: type[Family], dtype: torch.dtype, variant: str | None) -> torch.nn.Module:
+    """The pipeline's VAE (``family.vae_class``) in ``dtype``; a broken config or weights is one ModelError line."""
+    import diffusers
+
+    config = _read_json(directory / "config.json") if (directory / "config.json").is_file() else {}
+    if config.get("_class_name") != family.vae_class:
+        raise ModelError(
+            f"{directory}/config.json: VAE class {config.get('_class_name')!r} is not the {family.name} family's "
+            f"{family.vae_class}; give the pipeline's own vae/ (or remove it to build without a decoder)"
+        )
+    try:
+        return load_streamed(getattr(diffusers, family.vae_class), directory, dtype, variant)
+    except (OSError, ValueError, RuntimeError, TypeError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelError(f"{directory}: cannot load the VAE ({first})") from None
+
+
 def family_for_transformer(transformer: torch.nn.Module) -> type[Family]:
     name = type(transformer).__name__
     for family in FAMILIES.values():
@@ -119,6 +137,7 @@ def load_model(
     path: str | os.PathLike[str] | None = None,
     *,
     device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
     revision: str | None = None,
     variant: str | None = None,
     **family_kwargs,
@@ -126,7 +145,8 @@ def load_model(
     """Load a family adapter from a local diffusers directory, a reference model name or a cached Hub id.
 
     The default is the reference digits DiT; ``revision`` picks a Hub id's cached snapshot and
-    ``variant`` (e.g. ``fp16``) the weight files to load.
+    ``variant`` (e.g. ``fp16``) the weight files to load.  The weights are read in ``dtype``, one
+    tensor at a time (:mod:`rstr.families.weights`).
     """
     import diffusers
 
@@ -159,17 +179,17 @@ def load_model(
             f"supported: {', '.join(sorted(f.transformer_class for f in FAMILIES.values()))}"
         )
     try:
-        transformer = getattr(diffusers, family.transformer_class).from_pretrained(
-            transformer_dir, torch_dtype=torch.float32, variant=variant
-        )
+        transformer = load_streamed(getattr(diffusers, family.transformer_class), transformer_dir, dtype, variant)
     except (OSError, ValueError, RuntimeError, TypeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelError(f"{transformer_dir}: cannot load the weights ({first})") from None
+    vae = _load_vae(path / "vae", family, dtype, variant) if (path / "vae").is_dir() else None
     scheduler = _load_scheduler(scheduler_dir if scheduler_dir.is_dir() else path, family)
     default_steps = meta.get("default_steps")
     if default_steps is not None and (isinstance(default_steps, bool) or not isinstance(default_steps, int) or default_steps < 1):
         raise ModelError(f"{path}/rstr.json: default_steps {default_steps!r} must be an integer >= 1")
     adapter = family(transformer.to(device), scheduler, default_steps=default_steps, meta=meta, path=path, **family_kwargs)
+    adapter.vae = None if vae is None else vae.to(device)
     table = path / CLASS_EMBEDDINGS_DIR
     if table.is_dir():
         adapter.class_embeddings = ClassEmbeddings.load(table, [s.name for s in adapter.cond_specs()])

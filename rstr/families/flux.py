@@ -69,6 +69,11 @@ class FlowMatchFamily(Family):
     def to_images(self, latents: torch.Tensor) -> torch.Tensor:
         return unpack_latents(latents, self.latent_size)
 
+    def vae_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Unpacked, then ``x / scaling_factor + shift_factor`` (FluxPipeline)."""
+        cfg = self.vae.config
+        return self.to_images(latents) / cfg.scaling_factor + (cfg.shift_factor or 0.0)
+
     def model_timestep(self, t) -> float:
         return float(torch.as_tensor(t, dtype=torch.float32) / 1000)
 
