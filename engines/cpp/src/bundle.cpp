@@ -235,6 +235,21 @@ Manifest parse_manifest(const json& root, const std::string& bundle) {
       man.decoder.lo = as_float(range.item(0));
       man.decoder.hi = as_float(range.item(1));
       if (!(man.decoder.hi > man.decoder.lo)) range.fail("must have hi > lo");
+    } else if (kind == "vae") {
+      man.decoder.kind = DecoderKind::Vae;
+      man.decoder.channels = static_cast<int>(d.at("channels").integer());
+      man.decoder.size = static_cast<int>(d.at("size").integer());
+      man.decoder.lo = 0.0f;
+      man.decoder.hi = 1.0f;
+      const std::string name = d.at("graph").str();
+      if (!graphs.has(name.c_str())) d.at("graph").fail("is '" + name + "', not one of the graphs");
+      const Field g = graphs.at(name.c_str());
+      man.decoder.graph = parse_graph(g);
+      require_io(g, man.decoder.graph, {"latents"}, {"images"});
+      const std::vector<int64_t>& images = man.decoder.graph.find_output("images")->shape;
+      if (images.size() != 4) g.fail("output images must be [N, H, W, C]");
+      for (size_t i = 1; i < images.size(); ++i)
+        if (images[i] == TensorInfo::kDynamic) g.fail("output images must be concrete past dimension 0");
     } else {
       man.decoder.kind = DecoderKind::Other;
     }
@@ -275,6 +290,8 @@ Manifest parse_manifest(const json& root, const std::string& bundle) {
   for (const auto& [name, g] : named)
     if (!man.files.count(g->file))
       graphs.at(name).at("file").fail("'" + g->file + "' is not listed in files (it would be loaded unchecked)");
+  if (man.decoder.kind == DecoderKind::Vae && !man.files.count(man.decoder.graph.file))
+    m.at("decoder").at("graph").fail("'" + man.decoder.graph.file + "' is not listed in files (it would be loaded unchecked)");
   for (size_t i = 0; i < man.engines.size(); ++i)
     if (!man.files.count(man.engines[i].file))
       m.at("engines").item(i).at("file").fail("'" + man.engines[i].file + "' is not listed in files");
