@@ -224,6 +224,53 @@ class Decoder:
 
 
 @dataclass(frozen=True)
+class TextEncoderDesc:
+    """One text encoder: its graph, tokenizer file, how prompts are tokenized, and the conditioning input it fills."""
+
+    graph: str
+    tokenizer: str  # a tokenizers-package JSON file inside the bundle
+    max_length: int  # prompts are padded (with pad_id / pad_token) and truncated to this many tokens
+    pad_id: int
+    pad_token: str
+    output: str  # the conditioning input its embeddings fill
+    preprocess: str = "none"  # "lower-strip": the prompt is lower-cased and stripped first
+    mask: str | None = None  # the conditioning input the attention mask fills (it is also the graph's attention_mask)
+
+    def to_json(self) -> dict[str, Any]:
+        out = {
+            "graph": self.graph,
+            "tokenizer": self.tokenizer,
+            "max_length": self.max_length,
+            "pad_id": self.pad_id,
+            "pad_token": self.pad_token,
+            "output": self.output,
+            "preprocess": self.preprocess,
+        }
+        return _omit_none({**out, "mask": self.mask})
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> TextEncoderDesc:
+        return cls(
+            d["graph"], d["tokenizer"], d["max_length"], d["pad_id"], d["pad_token"], d["output"], d["preprocess"], d.get("mask")
+        )
+
+
+@dataclass(frozen=True)
+class Text:
+    """Prompts in: the text encoders, run in order, and the negative prompt of guided steps by default."""
+
+    encoders: tuple[TextEncoderDesc, ...]
+    negative_prompt: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"encoders": [e.to_json() for e in self.encoders], "negative_prompt": self.negative_prompt}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> Text:
+        return cls(tuple(TextEncoderDesc.from_json(e) for e in d["encoders"]), d["negative_prompt"])
+
+
+@dataclass(frozen=True)
 class Engine:
     """A TensorRT engine for one graph, built for one TensorRT release and GPU (engines/tensorrt)."""
 
@@ -350,6 +397,7 @@ class Manifest:
     plan: Plan
     provenance: Provenance
     decoder: Decoder | None = None
+    text: Text | None = None
     engines: tuple[Engine, ...] = ()
     verification: VerificationRecord | None = None
     summary: Mapping[str, Any] | None = None  # the build's measurements, free-form (report.md)
@@ -379,6 +427,7 @@ class Manifest:
             "conditioning": self.conditioning.to_json(),
             "plan": self.plan.to_json(),
             "decoder": None if self.decoder is None else self.decoder.to_json(),
+            **({"text": self.text.to_json()} if self.text is not None else {}),
             "engines": [e.to_json() for e in self.engines],
             "provenance": self.provenance.to_json(),
         }
@@ -420,6 +469,16 @@ class Manifest:
             raise BundleError(
                 f"{source}: decoder.graph {decoder.get('graph')!r} is not one of the graphs; a vae decoder names its graph"
             )
+        text = None if data.get("text") is None else Text.from_json(data["text"])
+        names = {d.name for d in conditioning.inputs}
+        for i, e in enumerate(text.encoders if text is not None else ()):
+            if e.graph not in data["graphs"]:
+                raise BundleError(f"{source}: text.encoders[{i}].graph {e.graph!r} is not one of the graphs")
+            if e.tokenizer not in data["files"]:
+                raise BundleError(f"{source}: text.encoders[{i}].tokenizer {e.tokenizer!r} is not listed in 'files'")
+            for key, name in (("output", e.output), ("mask", e.mask)):
+                if name is not None and name not in names:
+                    raise BundleError(f"{source}: text.encoders[{i}].{key} {name!r} is not a conditioning input")
         return cls(
             family=data["family"],
             dtype=data["dtype"],
@@ -429,6 +488,7 @@ class Manifest:
             plan=Plan.from_json(data["plan"], batch, source=f"{source}: plan"),
             provenance=Provenance.from_json(data["provenance"]),
             decoder=None if decoder is None else Decoder.from_json(decoder),
+            text=text,
             engines=tuple(Engine.from_json(e) for e in data.get("engines", ())),
             verification=None if verification is None else VerificationRecord.from_json(verification),
             summary=data.get("summary"),

@@ -12,6 +12,7 @@ parallel generation.
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from dataclasses import dataclass
 
@@ -92,6 +93,8 @@ class Pipeline:
         self.bundle = bundle
         self.runner = runner
         self.decoder = ImageDecoder(bundle)
+        self._prompts = None  # the PromptEncoder, loaded on the first call with prompts
+        self._prompts_lock = threading.Lock()
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], backend: str = "auto") -> Pipeline:
@@ -103,6 +106,7 @@ class Pipeline:
     def close(self) -> None:
         self.runner.deactivate()
         self.decoder.close()
+        self._prompts = None
 
     def __enter__(self) -> Pipeline:
         return self
@@ -120,16 +124,53 @@ class Pipeline:
         return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
 
     def __call__(
-        self, conditioning: dict, *, uncond: dict | None = None, seed: int | None = None, noise: np.ndarray | None = None
+        self,
+        conditioning: dict | None = None,
+        *,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        uncond: dict | None = None,
+        seed: int | None = None,
+        noise: np.ndarray | None = None,
     ) -> Result:
-        """Generate from conditioning (e.g. ``{"class_labels": [3]}``) and either ``seed`` or ``noise``."""
+        """Generate from conditioning (e.g. ``{"class_labels": [3]}``) or a ``prompt``, and either ``seed`` or ``noise``.
+
+        ``prompt`` (bundles with text encoders): one string for every row, or B strings; the
+        negative prompt of guided steps defaults to the bundle's (``""``).  Inputs no encoder
+        fills (FLUX's distilled ``guidance``) come in ``conditioning``.
+        """
         if (seed is None) == (noise is None):
             raise RstrError("give exactly one of seed= or noise=")
         if noise is None:
             noise = self.noise(seed)
-        conditioning = {k: np.asarray(v) for k, v in conditioning.items()}
+        conditioning = {k: np.asarray(v) for k, v in (conditioning or {}).items()}
+        if prompt is not None:
+            conditioning, uncond = self._from_prompts(prompt, negative_prompt, conditioning, uncond)
+        elif negative_prompt is not None:
+            raise RstrError("negative_prompt= needs prompt=")
         latents = self.runner.infer(noise, conditioning, uncond)
         return Result(latents, self.decoder(latents))
+
+    def _rows(self, text: str | list[str], what: str) -> list[str]:
+        b = self.bundle.batch
+        rows = [text] * b if isinstance(text, str) else list(text)
+        if len(rows) != b or not all(isinstance(r, str) for r in rows):
+            raise RstrError(f"{what} must be a string or {b} strings (this bundle runs batch {b})")
+        return rows
+
+    def _from_prompts(self, prompt, negative_prompt, extra: dict, uncond: dict | None) -> tuple[dict, dict | None]:
+        """Conditioning (and, for guided steps, unconditional rows) from prompts through the bundle's text encoders."""
+        from rstr.engines.text import PromptEncoder
+
+        with self._prompts_lock:
+            if self._prompts is None:
+                self._prompts = PromptEncoder(self.bundle)
+        encoder = self._prompts
+        cond = {**encoder(self._rows(prompt, "prompt")), **extra}
+        if uncond is None and self.bundle.plan.num_guided:
+            negative = encoder.negative_prompt if negative_prompt is None else negative_prompt
+            uncond = {**extra, **encoder(self._rows(negative, "negative_prompt"))}
+        return cond, uncond
 
 
 def decode(decoder: Decoder | None, latents: np.ndarray) -> np.ndarray | None:

@@ -19,7 +19,17 @@ from pathlib import Path
 import torch
 from rich.markup import escape
 from rstr.engines.bundle import Bundle
-from rstr.engines.manifest import Conditioning, Decoder, Engine, Graph, Manifest, Provenance, TensorDesc, VerificationRecord
+from rstr.engines.manifest import (
+    Conditioning,
+    Decoder,
+    Engine,
+    Graph,
+    Manifest,
+    Provenance,
+    TensorDesc,
+    Text,
+    VerificationRecord,
+)
 from rstr.export.bundle import versions, write_manifest
 from rstr.export.decoder import GRAPH as DECODER_GRAPH
 from rstr.export.decoder import decoder_graph, decoder_section, export_vae_decoder
@@ -27,6 +37,7 @@ from rstr.export.graphs import export_denoiser, export_steps, graph_description
 from rstr.export.measure import REPORT_GROUPS, REPORT_NUM, measure_quality, measure_speed
 from rstr.export.plan import build_plan
 from rstr.export.stages import gate_schedule, run_stage1, run_stage2
+from rstr.export.text import export_text_encoders, text_graphs, text_section
 from rstr.export.verify import Verification, check_bundle, reference_run, rel
 
 from rstr._io import atomic_dir
@@ -123,9 +134,9 @@ def check_dtype_runs(dtype: str, check: Callable[[], Verification]) -> Verificat
 
 def drop_weights(family: Family) -> None:
     """Free the PyTorch weights (moved to the meta device) once only ONNX Runtime runs: memory for the graphs."""
-    family.transformer.to("meta")
-    if family.vae is not None:
-        family.vae.to("meta")
+    for module in (family.transformer, family.vae, *(e.model for e in family.text_encoders)):
+        if module is not None:
+            module.to("meta")
 
 
 def build_engines_if_usable(root: Path, manifest: Manifest, opts: BuildOptions) -> list[Engine]:
@@ -190,6 +201,11 @@ def build(opts: BuildOptions) -> BuildResult:
             log.info(f"exporting the VAE decoder ({opts.dtype})")
             export_vae_decoder(family, root / f"{DECODER_GRAPH}.onnx")
             graphs[DECODER_GRAPH] = decoder_graph(family)
+        if family.text_encoders:
+            log.info(f"exporting the text encoders ({opts.dtype}) and their tokenizers")
+            export_text_encoders(family, root)
+            graphs.update(text_graphs(family))
+        text = text_section(family)
 
         decoder = decoder_section(family)
         manifest = Manifest(
@@ -200,6 +216,7 @@ def build(opts: BuildOptions) -> BuildResult:
             conditioning=Conditioning.from_json(conditioning_section(family)),
             plan=plan,
             decoder=None if decoder is None else Decoder.from_json(decoder),
+            text=None if text is None else Text.from_json(text),
             provenance=Provenance(
                 model=str(family.path),
                 schedule_sha256=schedule.sha256(),

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from rstr.engines.bundle import Bundle
 from rstr.engines.onnxruntime import OnnxRuntimeRunner, open_session
+from rstr.export.text import text_reference
 
 from rstr.errors import RstrError
 from rstr.families.base import Family
@@ -72,6 +73,7 @@ class Reference:
     latents: np.ndarray
     trace: list[np.ndarray]  # x after each step
     images: np.ndarray | None = None  # the latents through the model's VAE, when it has one
+    text: dict[str, tuple[dict[str, np.ndarray], np.ndarray]] = field(default_factory=dict)  # encoder: (tokens, output)
 
 
 def reference_run(family: Family, schedule: GuidanceSchedule, batch: int, *, seed: int = 0) -> Reference:
@@ -97,7 +99,7 @@ def reference_run(family: Family, schedule: GuidanceSchedule, batch: int, *, see
     if family.vae is not None:
         with torch.no_grad():
             images = family.decode(torch.from_numpy(latents)).cpu().numpy()
-    return Reference(noise, cond, uncond, latents, trace, images)
+    return Reference(noise, cond, uncond, latents, trace, images, text_reference(family))
 
 
 def check_bundle(bundle: Bundle, ref: Reference, *, raise_on_failure: bool = True) -> Verification:
@@ -110,6 +112,8 @@ def check_bundle(bundle: Bundle, ref: Reference, *, raise_on_failure: bool = Tru
     decoder = bundle.decoder
     if decoder is not None and decoder.kind == "vae" and ref.images is not None:
         graphs[decoder.graph] = rel(run_graph(bundle, decoder.graph, {"latents": ref.latents})[0], ref.images)
+    for name, (tokens, expected) in ref.text.items():
+        graphs[name] = rel(run_graph(bundle, name, tokens)[0], expected)
     result = Verification(rel(got, ref.latents), TOLERANCE[bundle.manifest.dtype], per_step, runner.backend, graphs)
     if raise_on_failure and not result.passed:
         if result.max_rel_error <= result.tolerance:

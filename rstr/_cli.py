@@ -39,6 +39,7 @@ TOOLCHAIN_MODULES = frozenset(
         "onnxscript",
         "onnx_graphsurgeon",
         "polygraphy",
+        "transformers",
     }
 )
 

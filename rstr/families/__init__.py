@@ -32,6 +32,7 @@ from rstr.families.dit import DiTFamily
 from rstr.families.flux import FluxFamily
 from rstr.families.pixart import PixArtFamily
 from rstr.families.qwenimage import QwenImageFamily
+from rstr.families.text import load_text_encoders
 from rstr.families.weights import load_streamed
 
 FAMILIES: dict[str, type[Family]] = {}
@@ -190,6 +191,9 @@ def load_model(
         raise ModelError(f"{path}/rstr.json: default_steps {default_steps!r} must be an integer >= 1")
     adapter = family(transformer.to(device), scheduler, default_steps=default_steps, meta=meta, path=path, **family_kwargs)
     adapter.vae = None if vae is None else vae.to(device)
+    adapter.text_encoders = load_text_encoders(path, adapter.text_encoder_specs(), dtype)
+    for encoder in adapter.text_encoders:
+        encoder.model.to(device)
     table = path / CLASS_EMBEDDINGS_DIR
     if table.is_dir():
         adapter.class_embeddings = ClassEmbeddings.load(table, [s.name for s in adapter.cond_specs()])

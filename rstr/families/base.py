@@ -40,6 +40,7 @@ from rstr.errors import ModelError, RstrError
 
 if TYPE_CHECKING:
     from rstr.families.class_embeddings import ClassEmbeddings
+    from rstr.families.text import TextEncoder, TextEncoderSpec
     from rstr.schedule import GuidanceSchedule
 
 Conditioning = dict[str, torch.Tensor]
@@ -101,7 +102,6 @@ class Family(ABC):
     default_scale_fallback: ClassVar[float]  # the stock pipeline's default guidance scale
     export_dynamo: ClassVar[bool] = True  # False: the TorchScript exporter (deployment.md)
     vae_class: ClassVar[str] = "AutoencoderKL"  # the diffusers class of a pipeline directory's vae/
-    vae: nn.Module | None = None  # the pipeline's VAE, when the model directory has one (load_model)
 
     def __init__(
         self,
@@ -118,6 +118,8 @@ class Family(ABC):
         self.meta = dict(meta or {})
         self.path = path
         self.class_embeddings = class_embeddings
+        self.vae: nn.Module | None = None  # the pipeline's VAE and text encoders, when the directory has them (load_model)
+        self.text_encoders: list[TextEncoder] = []
 
     # --------------------------------------------------------------------- identity
     @property
@@ -334,6 +336,10 @@ class Family(ABC):
     def to_images(self, latents: torch.Tensor) -> torch.Tensor:
         """Final latents as images ``[N, C, H, W]`` (identity for spatial latents; packed ones are unpacked)."""
         return latents
+
+    def text_encoder_specs(self) -> list[TextEncoderSpec]:
+        """The pipeline's text encoders as its stock pipeline uses them (:mod:`rstr.families.text`); [] for none."""
+        return []
 
     # --------------------------------------------------------------------- decoder
     def vae_latents(self, latents: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from rstr.families.base import Conditioning, Family, TensorSpec
+from rstr.families.text import TextEncoderSpec
 
 
 def calculate_shift(seq_len: int, config) -> float:
@@ -115,6 +116,13 @@ class FluxFamily(FlowMatchFamily):
         if cfg.guidance_embeds:
             specs.append(TensorSpec("guidance", torch.float32, ("batch",), example=3.5))
         return specs
+
+    def text_encoder_specs(self) -> list[TextEncoderSpec]:
+        """CLIP's pooled output (its tokenizer's length, 77) and T5's last hidden state (``text_len`` tokens), no masks."""
+        return [
+            TextEncoderSpec("text_encoder", "tokenizer", None, "pooler_output", "pooled_projections"),
+            TextEncoderSpec("text_encoder_2", "tokenizer_2", self.text_len, "last_hidden_state", "encoder_hidden_states"),
+        ]
 
     def _ids(self) -> tuple[torch.Tensor, torch.Tensor]:
         half = self.latent_size // 2

@@ -2,6 +2,8 @@
 
 True CFG as ``QwenImagePipeline``: ``comb = neg + w (pos - neg)``, then each token's
 prediction is rescaled to the norm of the conditional one (``comb * |pos| / |comb|``).
+Its text encoder is a Qwen2.5-VL model with a chat template and a dropped prompt prefix; it
+stays outside the bundle: Qwen-Image bundles take prompt embeddings ("embeddings in").
 """
 
 from __future__ import annotations
