@@ -145,7 +145,10 @@ json read_json(const fs::path& path, const std::string& bundle) {
     return root;
   } catch (const json::exception& e) {
     if (too_deep) throw BundleError(at + " is not valid JSON (nested deeper than " + std::to_string(kMaxDepth) + " levels)");
-    throw BundleError(at + " is not valid JSON (" + std::string(e.what()) + ")");
+    std::string detail = e.what();  // may quote the offending bytes: keep the line printable ASCII
+    for (char& c : detail)
+      if (static_cast<unsigned char>(c) < 0x20 || static_cast<unsigned char>(c) > 0x7e) c = '?';
+    throw BundleError(at + " is not valid JSON (" + detail + ")");
   }
 }
 
