@@ -28,7 +28,7 @@ from rstr.export.verify import Verification, rel, verify
 
 from rstr._io import atomic_dir
 from rstr.errors import BackendUnavailable, RstrError
-from rstr.families import load_model
+from rstr.families import load_model, model_sha256
 from rstr.families.base import Family
 from rstr.schedule import GuidanceSchedule
 
@@ -153,6 +153,7 @@ def build(opts: BuildOptions) -> BuildResult:
             decoder=None if decoder is None else Decoder.from_json(decoder),
             provenance=Provenance(
                 model=str(family.path),
+                model_sha256=None if family.path is None else model_sha256(family.path),
                 schedule_sha256=schedule.sha256(),
                 adapter="stages/adapter" if adapter is not None else None,
                 adapter_sha256=adapter_hash,

@@ -161,25 +161,43 @@ def inspect(bundle: BundleArg, json_out: Annotated[bool, typer.Option("--json", 
 
 
 @app.command()
-def verify(bundle: BundleArg, seed: Annotated[int, typer.Option(help="Seed of the noise.")] = 0) -> None:
+def verify(
+    bundle: BundleArg,
+    seed: Annotated[int, typer.Option(help="Seed of the noise.")] = 0,
+    model: Annotated[
+        Path | None,
+        typer.Option(
+            help="The model the bundle was built from. Default: the path the bundle records, used only when it exists "
+            "and its files still hash to the recorded model_sha256."
+        ),
+    ] = None,
+) -> None:
     """Run the bundle (ONNX Runtime, CPU) and the PyTorch sampler from the same noise and compare.
 
-    The model, schedule and adapter are the ones recorded in the bundle.
+    The schedule and the merged adapter are the bundle's own copies (listed and hashed in its
+    manifest; the adapter is checked against provenance.adapter_sha256); the model is --model or
+    the recorded one when it still matches its recorded hash.
     """
     from rstr.engines.bundle import Bundle
+    from rstr.export.verify import bundled_adapter, recorded_model
     from rstr.export.verify import verify as run_verify
 
     from rstr.families import load_model
     from rstr.schedule import GuidanceSchedule
 
     b = Bundle.open(bundle)
-    prov = b.manifest.provenance
-    family = load_model(Path(prov.model))
-    if prov.adapter:
+    schedule = GuidanceSchedule.load(b.member("schedule.json"))
+    adapter = bundled_adapter(b)
+    family = load_model(recorded_model(b, model))
+    if family.name != b.family:
+        raise RstrError(
+            f"--model is a {family.name} model but bundle {bundle} holds a {b.family} model; pass the model it was built from"
+        )
+    if adapter is not None:
         from rstr.calibrate import apply_adapter
 
-        apply_adapter(family, b.root / prov.adapter)
-    result = run_verify(b, family, GuidanceSchedule.load(b.root / "schedule.json"), seed=seed)
+        apply_adapter(family, adapter)
+    result = run_verify(b, family, schedule, seed=seed)
     console.print(
         f"[green]verified[/green]: max relative error {result.max_rel_error:.2e} <= {result.tolerance:.0e} "
         f"over {len(result.per_step)} steps ({result.backend})"

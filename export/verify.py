@@ -8,11 +8,13 @@ on the (merged) PyTorch model with the bundle's own schedule.  fp32 bundles must
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from rstr.engines.bundle import Bundle
 from rstr.engines.onnxruntime import OnnxRuntimeRunner
+from rstr.engines.validate import entry_problem
 
 from rstr.errors import RstrError
 from rstr.families.base import Family
@@ -44,6 +46,61 @@ class Verification:
             "tolerance": self.tolerance,
             "per_step_rel_error": self.per_step,
         }
+
+
+def recorded_model(bundle: Bundle, model: Path | None = None) -> Path:
+    """The model to verify ``bundle`` against: ``model`` when given, else the path in its provenance, but
+    only when that exists and its files still hash to the recorded ``model_sha256`` (provenance is
+    information, not an instruction to load whatever sits at a path)."""
+    from rstr.families import model_sha256
+
+    if model is not None:
+        return model
+    prov = bundle.manifest.provenance
+    path = Path(prov.model)
+    if prov.model_sha256 is None:
+        raise RstrError(
+            f"bundle {bundle.root} records no hash of its model, so its recorded path {path} is not trusted; "
+            "pass --model with the model it was built from"
+        )
+    if not path.is_dir():
+        raise RstrError(f"bundle {bundle.root} was built from {path}, which is not on this machine; pass --model")
+    if model_sha256(path) != prov.model_sha256:
+        raise RstrError(
+            f"the model at {path} is not the one bundle {bundle.root} was built from (its files hash differently); "
+            "pass --model with the right model"
+        )
+    return path
+
+
+def bundled_adapter(bundle: Bundle) -> Path | None:
+    """The bundle's own copy of the merged adapter (``provenance.adapter``), or None when none was merged.
+
+    It must lie inside the bundle with every file listed in ``files`` (so checked at open: hashed,
+    no symbolic links) and hash to ``provenance.adapter_sha256``; an adapter elsewhere is never loaded.
+    """
+    from rstr.calibrate import ADAPTER_FILES, adapter_sha256
+
+    prov = bundle.manifest.provenance
+    if prov.adapter is None:
+        return None
+    problem = entry_problem(prov.adapter)
+    if problem is not None:
+        raise RstrError(f"bundle {bundle.root}: provenance.adapter {prov.adapter!r} is not inside the bundle ({problem})")
+    listed = {name for name in bundle.manifest.files if name.startswith(prov.adapter + "/")}
+    missing = [name for name in ADAPTER_FILES if f"{prov.adapter}/{name}" not in listed]
+    if missing:
+        raise RstrError(f"bundle {bundle.root}: the adapter's {missing[0]} is not listed in files; rebuild the bundle")
+    directory = bundle.member(f"{prov.adapter}/{ADAPTER_FILES[0]}").parent
+    unlisted = sorted(p.relative_to(bundle.root).as_posix() for p in directory.rglob("*") if not p.is_dir())
+    unlisted = [name for name in unlisted if name not in listed]
+    if unlisted:
+        raise RstrError(f"bundle {bundle.root}: {unlisted[0]} sits in the adapter but is not listed in files; rebuild the bundle")
+    if prov.adapter_sha256 is None or adapter_sha256(directory) != prov.adapter_sha256.lower():
+        raise RstrError(
+            f"bundle {bundle.root}: the adapter in {prov.adapter} does not match provenance.adapter_sha256; rebuild the bundle"
+        )
+    return directory
 
 
 def example_inputs(family: Family, batch: int, seed: int = 0) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:

@@ -9,12 +9,14 @@ must agree word for word once the bundle's path is taken out.
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from bad_bundles import CASES, make_corpus, normalise
+from bad_bundles import CASES, make_corpus, normalise, rehash
 
 from rstr.errors import RstrError
 
@@ -92,3 +94,104 @@ def test_bad_bundle_is_refused_alike_by_cpp_and_python(case, corpus, rstr_run, t
     verdicts["rstr-run"] = (proc.returncode, proc.stderr)
     assert_refused(verdicts, bundle, CASES[case].reason)
     assert not out.exists()
+
+
+# --------------------------------------------------------------- verify: provenance is information
+def _copy(bundle: Path, dest: Path, edit=None) -> Path:
+    """A copy of ``bundle``; ``edit(manifest, copy)`` may change its manifest (and files, rehashing them)."""
+    shutil.copytree(bundle, dest)
+    if edit is not None:
+        manifest = json.loads((dest / "manifest.json").read_text())
+        edit(manifest, dest)
+        (dest / "manifest.json").write_text(json.dumps(manifest))
+    return dest
+
+
+def _verify(bundle: Path, capsys, monkeypatch, *extra: str) -> tuple[int, str]:
+    from rstr.export.cli import main
+
+    return run_cli(main, ["rstr-export", "verify", str(bundle), *extra], capsys, monkeypatch)
+
+
+def _zero_adapter(model: Path, out: Path) -> Path:
+    """A peft LoRA adapter whose B matrices are zero (peft's initialisation): merging it changes nothing."""
+    from peft import LoraConfig, get_peft_model
+
+    from rstr.families import load_model
+
+    family = load_model(model)
+    get_peft_model(family.transformer, LoraConfig(r=2, lora_alpha=2, target_modules=["to_q"])).save_pretrained(out)
+    return out
+
+
+def _with_adapter(model: Path, adapter: str = "stages/adapter", extra: str | None = None, sha: str | None = None):
+    """An edit that puts a zero adapter at ``adapter`` inside the bundle, lists its files and records its hash."""
+
+    def edit(m: dict, copy: Path) -> None:
+        from rstr.calibrate import adapter_sha256
+
+        directory = _zero_adapter(model, copy / adapter)
+        for f in sorted(directory.iterdir()):
+            rehash(m, copy, f.relative_to(copy).as_posix())
+        if extra is not None:
+            (directory / extra).write_text("{}")
+        m["provenance"].update(adapter=adapter, adapter_sha256=sha or adapter_sha256(directory))
+
+    return edit
+
+
+def test_verify_uses_the_recorded_model_only_while_it_hashes_the_same(pixel_dit_bundle, tmp_path, capsys, monkeypatch):
+    recorded = Path(json.loads((pixel_dit_bundle / "manifest.json").read_text())["provenance"]["model"])
+    code, err = _verify(pixel_dit_bundle, capsys, monkeypatch)
+    assert code == 0, err
+    changed = shutil.copytree(recorded, tmp_path / "changed-model")
+    (changed / "rstr.json").write_text(json.dumps({**json.loads((changed / "rstr.json").read_text()), "note": "edited"}))
+    moved = _copy(pixel_dit_bundle, tmp_path / "moved", lambda m, _: m["provenance"].update(model=str(changed)))
+    code, err = _verify(moved, capsys, monkeypatch)
+    assert code == 1 and "is not the one bundle" in err and "pass --model" in err and len(err.splitlines()) == 1, err
+    assert _verify(moved, capsys, monkeypatch, "--model", str(recorded))[0] == 0
+
+
+@pytest.mark.parametrize(
+    "provenance, message",
+    [
+        ({"model_sha256": None}, "records no hash of its model"),
+        ({"model": "/nonexistent/model"}, "which is not on this machine; pass --model"),
+    ],
+)
+def test_verify_refuses_an_untrusted_recorded_model(pixel_dit_bundle, tmp_path, capsys, monkeypatch, provenance, message):
+    bundle = _copy(pixel_dit_bundle, tmp_path / "b", lambda m, _: m["provenance"].update(provenance))
+    code, err = _verify(bundle, capsys, monkeypatch)
+    assert code == 1 and message in err and len(err.splitlines()) == 1, err
+
+
+def test_verify_loads_the_bundles_own_adapter_when_its_hash_matches(pixel_dit_bundle, tmp_path, capsys, monkeypatch):
+    model = Path(json.loads((pixel_dit_bundle / "manifest.json").read_text())["provenance"]["model"])
+    bundle = _copy(pixel_dit_bundle, tmp_path / "b", _with_adapter(model))
+    code, err = _verify(bundle, capsys, monkeypatch)
+    assert code == 0, err
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("outside", "provenance.adapter '../elsewhere' is not inside the bundle"),
+        ("hash", "does not match provenance.adapter_sha256"),
+        ("unlisted-file", "stages/adapter/allocation.json sits in the adapter but is not listed in files"),
+        ("not-listed", "the adapter's adapter_config.json is not listed in files"),
+    ],
+)
+def test_verify_refuses_an_adapter_it_cannot_trust(pixel_dit_bundle, tmp_path, capsys, monkeypatch, case, message):
+    model = Path(json.loads((pixel_dit_bundle / "manifest.json").read_text())["provenance"]["model"])
+    if case == "outside":
+        _zero_adapter(model, tmp_path / "elsewhere")
+        edit = lambda m, _: m["provenance"].update(adapter="../elsewhere", adapter_sha256="0" * 64)  # noqa: E731
+    elif case == "hash":
+        edit = _with_adapter(model, sha="1" * 64)
+    elif case == "unlisted-file":
+        edit = _with_adapter(model, extra="allocation.json")
+    else:
+        edit = lambda m, c: (_zero_adapter(model, c / "stages" / "adapter"), m["provenance"].update(adapter="stages/adapter"))  # noqa: E731
+    bundle = _copy(pixel_dit_bundle, tmp_path / "b", edit)
+    code, err = _verify(bundle, capsys, monkeypatch)
+    assert code == 1 and message in err and len(err.splitlines()) == 1, err

@@ -18,12 +18,14 @@ Families outside this package join with :func:`register_family`.
 
 from __future__ import annotations
 
-import json
+import hashlib
 import os
 from pathlib import Path
 
 import torch
 
+from rstr._io import read_json
+from rstr.engines.schema import json_type
 from rstr.errors import ModelError
 from rstr.families.base import Conditioning, Family, ImageSpec, TensorSpec
 from rstr.families.class_embeddings import DIRECTORY as CLASS_EMBEDDINGS_DIR
@@ -46,6 +48,7 @@ __all__ = [
     "TensorSpec",
     "family_for_transformer",
     "load_model",
+    "model_sha256",
     "register_family",
     "resolve_model_path",
 ]
@@ -65,12 +68,9 @@ for _family in (DiTFamily, PixArtFamily, FluxFamily, QwenImageFamily):
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
-        raise ModelError(f"{path} is not a readable JSON file ({err})") from None
+    data = read_json(path, ModelError)
     if not isinstance(data, dict):
-        raise ModelError(f"{path} must hold a JSON object, not {type(data).__name__}")
+        raise ModelError(f"{path} must hold a JSON object, not {json_type(data)}")
     return data
 
 
@@ -113,6 +113,33 @@ def resolve_model_path(model: str | os.PathLike[str] | None, revision: str | Non
     if path.exists() or is_hub_id(model) or revision is not None or variant is not None:
         return resolve_model(model, revision=revision, variant=variant)
     return path
+
+
+def _model_files(path: Path) -> list[Path]:
+    """The files :func:`load_model` reads from the model directory ``path`` (hidden files aside)."""
+    transformer = path / "transformer" if (path / "transformer").is_dir() else path
+    files = [f for f in (path / "rstr.json", path / "model_index.json") if f.is_file()]
+    files += [f for f in transformer.iterdir() if f.is_file()]
+    for sub in (path / "scheduler", path / CLASS_EMBEDDINGS_DIR):
+        if sub.is_dir():
+            files += [f for f in sub.rglob("*") if f.is_file()]
+    return sorted({f for f in files if not f.name.startswith(".")})
+
+
+def model_sha256(path: str | os.PathLike[str]) -> str:
+    """Content hash of the files of the model directory ``path`` that :func:`load_model` reads (names, sizes, bytes).
+
+    ``rstr-export build`` records it as the bundle's ``provenance.model_sha256``; ``rstr-export verify``
+    loads the recorded model only when its files still hash to it.
+    """
+    path = Path(path)
+    h = hashlib.sha256()
+    for f in _model_files(path):
+        h.update(f"{f.relative_to(path).as_posix()}\0{f.stat().st_size}\0".encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
 
 
 def load_model(
