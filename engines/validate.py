@@ -255,23 +255,26 @@ def file_problems(root: Path, files: Mapping[str, Any], verify_checksums: bool =
     for name in sorted(files):
         problem = entry_problem(name) or member_problem(root, name)
         if problem is None and verify_checksums:
-            entry, path = files[name], root / name
-            size = path.stat().st_size
-            if entry.bytes is not None and size != entry.bytes:
-                problem = (
-                    f"file '{name}' has {size} bytes, manifest.json says {entry.bytes} "
-                    "(corrupt or truncated; re-export or re-copy the bundle)"
-                )
-            else:
-                actual, want = sha256_file(path), entry.sha256.lower()
-                if actual != want:
-                    problem = (
-                        f"file '{name}' fails its checksum (sha256 {actual[:12]}..., manifest.json says {want[:12]}...; "
-                        "corrupt or modified: re-export or re-copy the bundle)"
-                    )
+            try:
+                problem = _content_problem(root, name, files[name])
+            except OSError:
+                problem = f"file '{name}' cannot be read"
         if problem is not None:
             problems.append(problem)
     return problems
+
+
+def _content_problem(root: Path, name: str, entry: Any) -> str | None:
+    size = (root / name).stat().st_size
+    if entry.bytes is not None and size != entry.bytes:
+        return f"file '{name}' has {size} bytes, manifest.json says {entry.bytes} (corrupt or truncated; re-export or re-copy the bundle)"
+    actual, want = sha256_file(root / name), entry.sha256.lower()
+    if actual != want:
+        return (
+            f"file '{name}' fails its checksum (sha256 {actual[:12]}..., manifest.json says {want[:12]}...; "
+            "corrupt or modified: re-export or re-copy the bundle)"
+        )
+    return None
 
 
 # ----------------------------------------------------------------------------------- the graphs

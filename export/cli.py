@@ -8,6 +8,7 @@ engines for the best backend present, verification and a report.
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 from typing import Annotated
 
@@ -213,33 +214,62 @@ def run(
     noise: Annotated[Path | None, typer.Option(help=".npy noise of the bundle's sample shape.")] = None,
     backend: Annotated[str, typer.Option(help="auto | tensorrt | onnxruntime | onnxruntime-cpu | onnxruntime-cuda.")] = "auto",
     out: Annotated[Path, typer.Option(help=".png (bundles with a pixel decoder) or .npy latents.")] = Path("out.png"),
+    trust_engine_host_code: Annotated[
+        bool,
+        typer.Option(
+            "--trust-engine-host-code",
+            help="Let version-compatible TensorRT engines run the host code they embed (TensorRT's lean runtime) when "
+            "they load. Only for bundles whose author you trust as you would trust a program from them.",
+        ),
+    ] = False,
 ) -> None:
     """Generate with a bundle and save the image grid or the latents."""
     from rstr.engines.pipeline import Pipeline
 
     from rstr._io import atomic_path
 
-    with Pipeline.load(bundle, backend=backend) as pipe:
+    if out.suffix not in (".png", ".npy"):
+        raise RstrError(f"--out {out}: use a .npy (latents) or .png (image) file name")
+    with Pipeline.load(bundle, backend=backend, trust_engine_host_code=trust_engine_host_code) as pipe:
+        decoder = pipe.bundle.decoder
+        if out.suffix == ".png" and (decoder is None or decoder.kind != "pixels"):
+            raise RstrError(f"--out {out}: this bundle returns latents, not images; use a .npy file name")
         if cond is not None:
-            arrays = dict(np.load(cond))
+            arrays = _load_arrays(cond, "--cond")
             conditioning = {k: v for k, v in arrays.items() if not k.startswith("uncond_")}
             uncond = {k.removeprefix("uncond_"): v for k, v in arrays.items() if k.startswith("uncond_")} or None
         else:
             try:
                 conditioning, uncond = {"class_labels": np.array([int(c) for c in classes.split(",")], np.int64)}, None
-            except ValueError:
+            except (ValueError, OverflowError):
                 raise RstrError(f"--class {classes!r} must be comma-separated integers") from None
-        noise_arr = None if noise is None else np.load(noise)
+        noise_arr = None if noise is None else _load_arrays(noise, "--noise")
         result = pipe(conditioning, uncond=uncond, seed=None if noise_arr is not None else seed, noise=noise_arr)
         with atomic_path(out) as tmp:
             if out.suffix == ".npy":
                 with open(tmp, "wb") as fh:
                     np.save(fh, result.latents)
-            elif out.suffix == ".png" and result.images is not None:
-                _write_png(tmp, result.images)
             else:
-                raise RstrError(f"--out {out}: use .npy (latents){' or .png' if result.images is not None else ''}")
+                _write_png(tmp, result.images)
     console.print(f"wrote {out} ({pipe.backend})")
+
+
+def _load_arrays(path: Path, flag: str):
+    """``--noise`` (a .npy array) or ``--cond`` (a .npz of named arrays), read without pickle; one error line otherwise."""
+    want = ".npz archive of named arrays" if flag == "--cond" else ".npy array"
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.lib.npyio.NpzFile):
+            with loaded:
+                loaded = {k: loaded[k] for k in loaded.files}
+    except OSError as err:
+        raise RstrError(f"{flag} {path}: cannot read it ({err.strerror or err})") from None
+    except (ValueError, EOFError, zipfile.BadZipFile) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RstrError(f"{flag} {path} is not a {want} numpy can read without pickle ({first}); save it with numpy") from None
+    if isinstance(loaded, dict) != (flag == "--cond"):
+        raise RstrError(f"{flag} {path}: give a {want}")
+    return loaded
 
 
 def _write_png(path: Path, images: np.ndarray) -> None:

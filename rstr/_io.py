@@ -143,37 +143,38 @@ def remove_stale(path: Path) -> list[Path]:
     return removed
 
 
-def write_error(target: Path, err: OSError, temporary: Path | None = None) -> RstrError | None:
+def write_error(target: Path, err: OSError, temporary: Path | None = None, *, preparing: bool = False) -> RstrError | None:
     """The one-line error for a failed write of ``target``, or None when ``err`` is not a write failure.
 
-    Space, quota, size and read-only errors can only come from writing; a permission error is a
-    write failure when it names the target, its temporary or a path inside it.
+    Every error while ``preparing`` (making the folder, creating the temporary) is one; later,
+    space, quota, size and read-only errors can only come from writing, and a permission error
+    is one when it names the target, its temporary or a path inside it.
     """
     reason = err.strerror or str(err)
     if err.errno in _WRITE_FIXES:
         return RstrError(f"cannot write {target}: {reason}; {_WRITE_FIXES[err.errno]}")
     names = [Path(f) for f in (err.filename, err.filename2) if f]
     ours = [p for p in (target, target.parent, temporary) if p is not None]
-    if err.errno in _PERMISSION and any(n == p or p in n.parents for n in names for p in ours):
+    if preparing or (err.errno in _PERMISSION and any(n == p or p in n.parents for n in names for p in ours)):
         return RstrError(f"cannot write {target}: {reason}; choose a location you can write to")
     return None
 
 
 @contextlib.contextmanager
-def _converted(target: Path, temporary: Path | None = None) -> Iterator[None]:
+def _converted(target: Path, temporary: Path | None = None, *, preparing: bool = False) -> Iterator[None]:
     try:
         yield
     except OSError as err:
-        converted = write_error(target, err, temporary)
+        converted = write_error(target, err, temporary, preparing=preparing)
         if converted is None:
             raise
         raise converted from None
 
 
 def _prepare(path: Path) -> str:
-    with _converted(path):
+    with _converted(path, preparing=True):
         path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale(path)
+        remove_stale(path)
     return f".{path.name}.{_owner_tag()}."
 
 
@@ -182,7 +183,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary sibling of ``path``; rename it onto ``path`` on success."""
     path = Path(path)
     prefix = _prepare(path)
-    with _converted(path):
+    with _converted(path, preparing=True):
         fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
     os.close(fd)
     os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are ordinary files
@@ -204,7 +205,7 @@ def atomic_dir(path: str | os.PathLike[str], force: bool = False) -> Iterator[Pa
     """
     path = Path(path)
     prefix = _prepare(path)
-    with _converted(path):
+    with _converted(path, preparing=True):
         tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=path.parent))
     tmp.chmod(0o755)
     try:

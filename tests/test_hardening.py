@@ -195,3 +195,187 @@ def test_verify_refuses_an_adapter_it_cannot_trust(pixel_dit_bundle, tmp_path, c
     bundle = _copy(pixel_dit_bundle, tmp_path / "b", edit)
     code, err = _verify(bundle, capsys, monkeypatch)
     assert code == 1 and message in err and len(err.splitlines()) == 1, err
+
+
+# ------------------------------------------------------------------ the runtime API: typed errors
+@pytest.fixture(scope="module")
+def pipe(pixel_dit_bundle):
+    from rstr.engines import Pipeline
+
+    with Pipeline.load(pixel_dit_bundle, backend="onnxruntime-cpu") as p:
+        yield p
+
+
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (
+            lambda p: p({"class_labels": [1, 2]}, uncond={"class_labels": [-1, 10]}, seed=0),
+            "InputError",
+            "unconditional class label -1",
+        ),
+        (
+            lambda p: p({"class_labels": [1, 2]}, uncond={"class_labels": [11, 10]}, seed=0),
+            "InputError",
+            "unconditional class label 11",
+        ),
+        (lambda p: p({"class_labels": [1, 2]}, seed=-1), "InputError", "seed -1 must be an integer >= 0"),
+        (lambda p: p({"class_labels": [1, 2]}, seed=True), "InputError", "seed True must be an integer >= 0"),
+        (lambda p: p({"class_labels": [1, 2]}, seed=1.5), "InputError", "seed 1.5 must be an integer >= 0"),
+        (lambda p: p([1, 2], seed=0), "InputError", "conditioning must be a dict of arrays keyed by ['class_labels'] (got list)"),
+        (lambda p: p({"class_labels": ["a", "b"]}, seed=0), "InputError", "expected integers (int64)"),
+        (lambda p: p({"class_labels": [[1], [2, 3]]}, seed=0), "InputError", "is not an array"),
+        (lambda p: p({"class_labels": [1, 2]}, noise=[["x"]]), "InputError", "noise has shape"),
+        (lambda p: p({"class_labels": [1, 2]}), "InputError", "give exactly one of seed= or noise="),
+    ],
+)
+def test_runtime_api_errors_are_typed_one_line(pipe, call, error, message):
+    from rstr.engines import base
+
+    with pytest.raises(RstrError) as err:
+        call(pipe)
+    assert type(err.value) is getattr(base, error) and message in str(err.value) and "\n" not in str(err.value), err.value
+
+
+def test_the_null_class_is_a_valid_unconditional_label(pipe):
+    a = pipe({"class_labels": [1, 2]}, seed=0).latents
+    b = pipe({"class_labels": [1, 2]}, uncond={"class_labels": [10, 10]}, seed=0).latents
+    assert (a == b).all()
+
+
+def test_unknown_backend_is_a_backend_error(pixel_dit_bundle):
+    from rstr.engines import Pipeline
+
+    from rstr.errors import BackendUnavailable
+
+    with pytest.raises(BackendUnavailable, match="backend 'onnx' is not one of"):
+        Pipeline.load(pixel_dit_bundle, backend="onnx")
+
+
+def test_closing_a_pipeline_while_another_thread_generates(pixel_dit_bundle):
+    """close() waits for the generation in progress; later calls raise InactiveError, never a KeyError."""
+    import threading
+
+    from rstr.engines import Pipeline
+    from rstr.engines.base import InactiveError
+
+    p = Pipeline.load(pixel_dit_bundle, backend="onnxruntime-cpu")
+    started, results, errors = threading.Event(), [], []
+
+    def generate():
+        started.set()
+        for seed in range(200):
+            try:
+                results.append(p({"class_labels": [1, 2]}, seed=seed).latents)
+            except InactiveError as err:
+                errors.append(err)
+                return
+        errors.append(None)
+
+    thread = threading.Thread(target=generate)
+    thread.start()
+    started.wait()
+    while not results:
+        thread.join(0.001)
+    p.close()
+    thread.join()
+    assert isinstance(errors[0], InactiveError) and all(r.shape == (2, 1, 8, 8) for r in results)
+    with pytest.raises(InactiveError, match="is not active"):
+        p({"class_labels": [1, 2]}, seed=0)
+
+
+# ---------------------------------------------------------------- rstr-export run: one-line errors
+def _run(bundle: Path, capsys, monkeypatch, *args: str) -> tuple[int, str]:
+    from rstr.export.cli import main
+
+    argv = ["rstr-export", "run", str(bundle), "--backend", "onnxruntime-cpu", *args]
+    return run_cli(main, argv, capsys, monkeypatch)
+
+
+def _object_cond(path: Path) -> Path:
+    import numpy as np
+
+    np.savez(path, class_labels=np.array([object(), object()], dtype=object))
+    return path
+
+
+def _npy_cond(path: Path) -> Path:
+    import numpy as np
+
+    np.save(path, np.array([1, 2]))
+    return path
+
+
+@pytest.mark.parametrize(
+    "make, args, message",
+    [
+        (lambda t: (t / "n.txt").write_text("0.1 0.2\n"), ["--noise", "{t}/n.txt"], "--noise {t}/n.txt is not a .npy array"),
+        (lambda t: None, ["--noise", "{t}/missing.npy"], "--noise {t}/missing.npy: cannot read it (No such file or directory)"),
+        (lambda t: _object_cond(t / "c.npz"), ["--cond", "{t}/c.npz"], "--cond {t}/c.npz is not a .npz archive of named arrays"),
+        (lambda t: _npy_cond(t / "c.npy"), ["--cond", "{t}/c.npy"], "--cond {t}/c.npy: give a .npz archive of named arrays"),
+        (lambda t: None, ["--seed", "-1"], "seed -1 must be an integer >= 0"),
+        (lambda t: None, ["--class", "3,11"], "class label 11 is out of range"),
+        (lambda t: None, ["--class", "3,x"], "--class '3,x' must be comma-separated integers"),
+        (lambda t: None, ["--out", "{t}/x.txt"], "--out {t}/x.txt: use a .npy (latents) or .png (image) file name"),
+        (lambda t: (t / "file").write_text(""), ["--out", "{t}/file/x.npy"], "cannot write {t}/file/x.npy: "),
+    ],
+)
+def test_run_refuses_bad_input_in_one_line(pixel_dit_bundle, tmp_path, capsys, monkeypatch, make, args, message):
+    make(tmp_path)
+    args = [a.format(t=tmp_path) for a in args]
+    if "--class" not in args:
+        args += ["--class", "1,2"]
+    if "--out" not in args:
+        args += ["--out", str(tmp_path / "x.npy")]
+    code, err = _run(pixel_dit_bundle, capsys, monkeypatch, *args)
+    assert code == 1 and len(err.splitlines()) == 1 and message.format(t=tmp_path) in err, err
+    assert not list(tmp_path.glob("*.npy")) or "c.npy" in " ".join(args)
+
+
+def test_run_on_a_full_disk_is_one_line_and_leaves_nothing(pixel_dit_bundle, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import numpy as np
+
+    def full(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np, "save", full)
+    code, err = _run(pixel_dit_bundle, capsys, monkeypatch, "--class", "1,2", "--out", str(tmp_path / "x.npy"))
+    assert code == 1 and err.strip() == (
+        f"rstr-export: error: cannot write {tmp_path / 'x.npy'}: No space left on device; free some space or choose another location"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_tensorrt_fallback_notice_is_one_plain_line(pixel_dit_bundle, tmp_path):
+    pytest.importorskip("onnxruntime")
+    if _has_tensorrt():
+        pytest.skip("TensorRT is installed: no fallback")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rstr.export.cli",
+            "run",
+            str(pixel_dit_bundle),
+            "--class",
+            "1,2",
+            "--out",
+            str(tmp_path / "x.png"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert (
+        len(lines) == 1 and lines[0].startswith("TensorRT not used (") and lines[0].endswith("falling back to ONNX Runtime (cpu)")
+    )
+
+
+def _has_tensorrt() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorrt") is not None

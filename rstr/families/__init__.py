@@ -18,8 +18,10 @@ Families outside this package join with :func:`register_family`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -72,6 +74,18 @@ def _read_json(path: Path) -> dict:
     if not isinstance(data, dict):
         raise ModelError(f"{path} must hold a JSON object, not {json_type(data)}")
     return data
+
+
+@contextlib.contextmanager
+def _diffusers_quiet() -> Iterator[None]:
+    from diffusers.utils import logging as diffusers_logging
+
+    previous = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(previous)
 
 
 def _load_scheduler(directory: Path, family: type[Family]):
@@ -186,16 +200,23 @@ def load_model(
             f"supported: {', '.join(sorted(f.transformer_class for f in FAMILIES.values()))}"
         )
     try:
-        transformer = getattr(diffusers, family.transformer_class).from_pretrained(
-            transformer_dir, torch_dtype=torch.float32, variant=variant
-        )
+        with _diffusers_quiet():  # its notes on missing weights become the one error line below
+            transformer = getattr(diffusers, family.transformer_class).from_pretrained(
+                transformer_dir, torch_dtype=torch.float32, variant=variant
+            )
     except (OSError, ValueError, RuntimeError, TypeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelError(f"{transformer_dir}: cannot load the weights ({first})") from None
+    missing = [name for name, p in transformer.named_parameters() if p.is_meta]
+    if missing:
+        raise ModelError(
+            f"{transformer_dir}: the weights lack {len(missing)} tensor(s) its config.json asks for (e.g. {missing[0]}); "
+            "the config does not match the weights"
+        )
     scheduler = _load_scheduler(scheduler_dir if scheduler_dir.is_dir() else path, family)
     default_steps = meta.get("default_steps")
-    if default_steps is not None and (isinstance(default_steps, bool) or not isinstance(default_steps, int) or default_steps < 1):
-        raise ModelError(f"{path}/rstr.json: default_steps {default_steps!r} must be an integer >= 1")
+    if "default_steps" in meta and (isinstance(default_steps, bool) or not isinstance(default_steps, int) or default_steps < 1):
+        raise ModelError(f"{path}/rstr.json: default_steps {default_steps!r} must be an integer >= 1 (or leave it out)")
     adapter = family(transformer.to(device), scheduler, default_steps=default_steps, meta=meta, path=path, **family_kwargs)
     table = path / CLASS_EMBEDDINGS_DIR
     if table.is_dir():

@@ -364,7 +364,14 @@ std::vector<std::string> file_problems(const fs::path& dir, const std::map<std::
         problem = "file '" + name + "' has " + std::to_string(size) + " bytes, manifest.json says " +
                   std::to_string(*entry.bytes) + " (corrupt or truncated; re-export or re-copy the bundle)";
       } else {
-        const std::string actual = sha256_hex(path), want = lower(entry.sha256);
+        std::string actual;
+        try {
+          actual = sha256_hex(path);
+        } catch (const BundleError&) {
+          problems.push_back("file '" + name + "' cannot be read");
+          continue;
+        }
+        const std::string want = lower(entry.sha256);
         if (actual != want)
           problem = "file '" + name + "' fails its checksum (sha256 " + actual.substr(0, 12) + "..., manifest.json says " +
                     want.substr(0, 12) + "...; corrupt or modified: re-export or re-copy the bundle)";
