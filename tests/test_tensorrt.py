@@ -620,3 +620,31 @@ def test_tensorrt_refuses_engines_for_another_gpu(tmp_path):
     write_manifest(bundle.root, manifest)
     with pytest.raises(BackendUnavailable, match="on compute capability 5.0; this machine has TensorRT"):
         TensorRTRunner(Bundle.open(bundle.root))
+
+
+# ------------------------------------------------------------------- host code in engines: opt-in
+def test_version_compatible_engines_load_only_when_their_author_is_trusted():
+    from rstr.engines.tensorrt.plan import host_code_allowed
+
+    plain = _engine()
+    compatible = _engine(version_compatible=True)
+    assert host_code_allowed([plain], trusted=False) is False
+    assert host_code_allowed([plain], trusted=True) is False  # nothing to allow: host code stays off
+    assert host_code_allowed([plain, compatible], trusted=True) is True
+    with pytest.raises(BackendUnavailable) as err:
+        host_code_allowed([plain, compatible], trusted=False)
+    assert "is version-compatible: it embeds TensorRT's lean runtime as host code" in str(err.value)
+    assert "--trust-engine-host-code" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.tensorrt
+@pytest.mark.gpu
+def test_tensorrt_runner_refuses_version_compatible_engines_unless_trusted(tmp_path):
+    from rstr.engines.tensorrt import TensorRTRunner
+
+    bundle = _with_engines(tmp_path, 1, MIXED, version_compatible=True)
+    with pytest.raises(BackendUnavailable, match="is version-compatible"):
+        TensorRTRunner(bundle)
+    with TensorRTRunner(bundle, trust_engine_host_code=True) as runner:
+        noise, labels = _inputs(1, 0)
+        assert runner.infer(noise, {"class_labels": labels}).shape == noise.shape
