@@ -38,7 +38,7 @@ KEYWORDS = frozenset(
     }
 )
 ANNOTATIONS = frozenset({"$schema", "$id", "$defs", "title", "description"})
-MAX_QUOTED = 60  # characters of a string value quoted in a message
+MAX_QUOTED = 60  # characters (code points) of a string value quoted in a message
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -70,13 +70,36 @@ class Violation:
         return self.problem
 
 
-def check(document: Any, name: str) -> Violation | None:
-    """The violation of schema ``name`` that best explains what is wrong with ``document``, or None."""
-    from jsonschema.exceptions import best_match
+# The order in which the C++ validator tries the keywords at one place in a document.
+_KEYWORD_ORDER = (
+    "type",
+    "enum",
+    "const",
+    "minimum",
+    "maximum",
+    "exclusiveMinimum",
+    "pattern",
+    "minItems",
+    "maxItems",
+    "required",
+    "additionalProperties",
+)
 
-    error = best_match(_validator(name).iter_errors(document))
-    if error is None:
+
+def _reading_order(error) -> tuple:
+    """Where the C++ validator (depth first, object keys in sorted order, a node before its children) meets ``error``."""
+    return tuple(error.absolute_path), _KEYWORD_ORDER.index(error.validator)
+
+
+def check(document: Any, name: str) -> Violation | None:
+    """The first violation of schema ``name`` in ``document`` in the order the C++ validator reads it, or None.
+
+    Both readers thus name the same problem when a document has several.
+    """
+    errors = list(_validator(name).iter_errors(document))
+    if not errors:
         return None
+    error = min(errors, key=_reading_order)
     path = tuple(error.absolute_path)
     return Violation(path, describe(error.validator, error.validator_value, error.instance, error.schema, path))
 
@@ -90,7 +113,7 @@ def where(path: Sequence[str | int]) -> str:
         elif _IDENTIFIER.match(part):
             out += f".{part}" if out else part
         else:
-            out += f"[{json.dumps(part)}]"
+            out += f"[{json.dumps(part, ensure_ascii=False)}]"
     return out
 
 
@@ -123,8 +146,8 @@ def dump(value: Any) -> str:
     if isinstance(value, (list, dict)):
         return _types(json_type(value))
     if isinstance(value, str) and len(value) > MAX_QUOTED:
-        return json.dumps(value[:MAX_QUOTED]) + "..."
-    return json.dumps(value, separators=(",", ":"))
+        return json.dumps(value[:MAX_QUOTED], ensure_ascii=False) + "..."
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
 def describe(keyword: str, expected: Any, value: Any, schema: dict, path: Sequence[str | int]) -> str:

@@ -61,14 +61,22 @@ def _constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def json_depth(value: Any) -> int:
-    """How deeply arrays and objects nest in ``value`` (a scalar: 0), without recursion."""
+    """How deeply arrays and objects nest in ``value`` (a scalar: 0), without recursion; ``ValueError`` on a
+    string holding a lone UTF-16 surrogate (``"\\ud800"``), which no UTF-8 text can carry."""
     deepest, stack = 0, [(value, 1)]
     while stack:
         item, depth = stack.pop()
+        if isinstance(item, str) and _SURROGATE.search(item):
+            raise ValueError("a string holds a lone \\u surrogate escape")
         if isinstance(item, (list, dict)):
             deepest = max(deepest, depth)
             stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+            if isinstance(item, dict):
+                stack.extend((key, depth) for key in item)
     return deepest
 
 

@@ -14,7 +14,7 @@
 namespace rstr::schema {
 namespace {
 
-constexpr size_t kMaxQuoted = 60;  // bytes of a string value quoted in a message (MAX_QUOTED in schema.py)
+constexpr size_t kMaxQuoted = 60;  // characters of a string value quoted in a message (MAX_QUOTED in schema.py)
 
 using json = nlohmann::json;
 
@@ -70,8 +70,13 @@ std::string type_phrase(const json& types) {
 
 std::string dump(const json& v) {
   if (v.is_array() || v.is_object()) return type_phrase(json_type(v));
-  if (v.is_string() && v.get<std::string>().size() > kMaxQuoted)
-    return json(v.get<std::string>().substr(0, kMaxQuoted)).dump(-1, ' ', false, json::error_handler_t::replace) + "...";
+  if (v.is_string()) {  // cut after kMaxQuoted characters (UTF-8 code points), as schema.py does
+    const std::string& text = v.get_ref<const std::string&>();
+    size_t chars = 0;
+    for (size_t i = 0; i < text.size(); ++i)
+      if ((static_cast<unsigned char>(text[i]) & 0xC0) != 0x80 && ++chars > kMaxQuoted)
+        return json(text.substr(0, i)).dump(-1, ' ', false, json::error_handler_t::replace) + "...";
+  }
   return v.dump(-1, ' ', false, json::error_handler_t::replace);
 }
 

@@ -25,10 +25,14 @@ namespace rstr {
 // Errors
 // ---------------------------------------------------------------------------------------
 
-/// Root of everything a caller can fix; what() is one line that names the value and the fix.
+/// `text` with control and line-breaking characters escaped ("\x0a", "\u2028"), as rstr.errors.one_line does.
+std::string one_line(const std::string& text);
+
+/// Root of everything a caller can fix; what() is one line that names the value and the fix
+/// (control characters that user input brought into it are escaped).
 class Error : public std::runtime_error {
  public:
-  using std::runtime_error::runtime_error;
+  explicit Error(const std::string& what) : std::runtime_error(one_line(what)) {}
 };
 
 /// A bundle that is missing, corrupt, unsafe or of an unknown format/version.
