@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import re
 
-
 # Characters that would break a message into lines (str.splitlines splits on all of them).
 _LINE_BREAKING = re.compile("[\x00-\x1f\x7f\x85\u2028\u2029]")
 
