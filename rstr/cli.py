@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal, cast
 
 import typer
 from rich.console import Console
@@ -199,6 +199,7 @@ def evaluate(
         "seeds": list(result.seeds),
     }
     if grid is not None:
+        assert result.images is not None and result.labels is not None  # kept for the grid
         sample_grid(result.images, result.labels, grid)
     if json_out:
         print(json.dumps(record))
@@ -271,7 +272,7 @@ def calibrate(
         sched = stage2.default_schedule(family)
     else:
         sched = GuidanceSchedule.load(schedule)
-    method = allocation if allocation in ("adaptive", "uniform") else Path(allocation)
+    method = cast(Literal["adaptive", "uniform"], allocation) if allocation in ("adaptive", "uniform") else Path(allocation)
     if isinstance(method, Path) and not method.is_file():
         raise RstrError(f"--allocation {allocation}: use adaptive, uniform or an existing allocation.json")
     console.print(f"calibrating for: {sched.describe()}")
