@@ -178,7 +178,7 @@ def report(data: dict, schedule: GuidanceSchedule, teacher: GuidanceSchedule, pn
         "",
         f"![FD per held-out group, loss and allocation]({png})",
         "",
-        "How it works (details in `rstr/calibrate.py`): the loss is the mean squared difference between the "
+        "How it works (details in `rstr/calibrate/`): the loss is the mean squared difference between the "
         "student's final samples (LoRA model, sparse schedule) and the teacher's (uncalibrated model, constant CFG at "
         "full steps) from the same noise and class, back-propagated through the whole student sampling loop. A layer's "
         "sensitivity is the loss its adapter removes: a rank-1 LoRA on every layer is trained briefly (the probe) and "
