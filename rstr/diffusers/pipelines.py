@@ -35,7 +35,7 @@ import dataclasses
 import functools
 import inspect
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -75,11 +75,9 @@ class PinnedTimesteps(DDIMAtTimesteps):
     pinned: tuple[int, ...] = ()
 
     def set_timesteps(
-        self,
-        num_inference_steps: int | None = None,
-        device: str | torch.device | None = None,
-        timesteps: Sequence[int] | None = None,
+        self, num_inference_steps: int | None = None, device: str | torch.device | None = None, timesteps: object = None
     ) -> None:
+        """The pinned timesteps, whatever step count or timesteps the pipeline passes."""
         super().set_timesteps(device=device, timesteps=self.pinned)
 
 
