@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
+from tiny import TEXT_LEN, tiny_pixart
 
 from rstr.calibrate import calibrate
 from rstr.calibrate.train import Preset, seed_conditioning
@@ -19,7 +20,6 @@ from rstr.errors import ModelError
 from rstr.families import load_model
 from rstr.schedule import GuidanceSchedule
 from rstr.search import preset_config, run_search
-from tiny import TEXT_LEN, tiny_pixart
 
 NUM_PROMPTS = 3
 
@@ -35,8 +35,11 @@ def pixart_dir(tmp_path_factory) -> tuple[Path, Path]:
     g = torch.Generator().manual_seed(0)
     mask = torch.ones(NUM_PROMPTS + 1, TEXT_LEN)
     mask[-1, 1:] = 0  # the negative (empty) prompt keeps one token
-    save_file({"encoder_hidden_states": torch.randn(NUM_PROMPTS + 1, TEXT_LEN, 32, generator=g), "encoder_attention_mask": mask},
-              str(root / "prompts.safetensors"), metadata={"format": "rstr.prompts/1"})
+    save_file(
+        {"encoder_hidden_states": torch.randn(NUM_PROMPTS + 1, TEXT_LEN, 32, generator=g), "encoder_attention_mask": mask},
+        str(root / "prompts.safetensors"),
+        metadata={"format": "rstr.prompts/1"},
+    )
     return root / "model", root / "prompts.safetensors"
 
 
@@ -55,7 +58,11 @@ def test_prompt_set_is_the_conditioning(pixart_dir):
 
 def test_bad_prompt_files_are_refused(pixart_dir, tmp_path):
     model, _ = pixart_dir
-    save_file({"encoder_hidden_states": torch.zeros(3, TEXT_LEN, 32)}, str(tmp_path / "p.safetensors"), metadata={"format": "rstr.prompts/1"})
+    save_file(
+        {"encoder_hidden_states": torch.zeros(3, TEXT_LEN, 32)},
+        str(tmp_path / "p.safetensors"),
+        metadata={"format": "rstr.prompts/1"},
+    )
     with pytest.raises(ModelError, match="expected the conditioning inputs"):
         load_model(model, prompts=tmp_path / "p.safetensors")
     save_file({"x": torch.zeros(3)}, str(tmp_path / "q.safetensors"))
@@ -70,14 +77,25 @@ def test_search_with_workers_and_calibration_use_the_prompts(pixart_dir, tmp_pat
     """Worker processes load the model with the same prompt set (teacher fidelity needs identical conditioning)."""
     model, prompts = pixart_dir
     family = load_model(model, prompts=prompts)
-    config = replace(preset_config("fast", budget=0.75, steps=4, seed=0), step_counts=(3, 4), population=4, generations=1,
-                     search_num=4, held_out_num=4, held_out_groups=1, finalists=1, batch_size=4)
+    config = replace(
+        preset_config("fast", budget=0.75, steps=4, seed=0),
+        step_counts=(3, 4),
+        population=4,
+        generations=1,
+        search_num=4,
+        held_out_num=4,
+        held_out_groups=1,
+        finalists=1,
+        batch_size=4,
+    )
     inline = run_search(family, config, tmp_path / "a", progress=False)
     pooled = run_search(family, config, tmp_path / "b", progress=False, workers=2)
     assert inline.report["objective"]["name"] == "teacher-fidelity"
     assert inline.schedule == pooled.schedule
     assert inline.report["result"]["search"] == pooled.report["result"]["search"]
-    schedule = GuidanceSchedule(family="pixart", sampler="ddim", guided=(True, False, False), scales=(3.0, None, None), default_steps=4)
+    schedule = GuidanceSchedule(
+        family="pixart", sampler="ddim", guided=(True, False, False), scales=(3.0, None, None), default_steps=4
+    )
     tiny = Preset(pool=8, probe=4, probe_iterations=2, validation=4, batch_size=4, iterations=2, lr=1e-3, checkpoint_every=2)
     result = calibrate(family, schedule, tmp_path / "adapter", preset=tiny, budget=0.05, progress=False)
     assert np.isfinite(result.validation_after)
@@ -86,8 +104,22 @@ def test_search_with_workers_and_calibration_use_the_prompts(pixart_dir, tmp_pat
 def test_cli_takes_prompts(pixart_dir, tmp_path):
     model, prompts = pixart_dir
     out = tmp_path / "x.npy"
-    cmd = [sys.executable, "-m", "rstr.cli", "sample", "--model", str(model), "--prompts", str(prompts), "--classes", "2,0",
-           "--steps", "2", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "rstr.cli",
+        "sample",
+        "--model",
+        str(model),
+        "--prompts",
+        str(prompts),
+        "--classes",
+        "2,0",
+        "--steps",
+        "2",
+        "--out",
+        str(out),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert np.load(out).shape == (2, 4, 8, 8)
