@@ -37,7 +37,7 @@ def measure_quality(family: Family, schedule: GuidanceSchedule) -> Comparison | 
     """The bundle (``family`` as merged, ``schedule``) against the freshly loaded stock model on held-out seeds."""
     if family.quality != "digits":
         return None
-    stock = load_model(family.path, device=family.device)
+    stock = load_model(family.path, device=family.device, prompts=family.prompts)
     return compare(
         (family, schedule, "rstr bundle"),
         (stock, stock_constant_cfg(stock, schedule), "stock constant CFG"),

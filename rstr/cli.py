@@ -29,12 +29,22 @@ console = Console()
 
 ModelOpt = Annotated[
     Path | None,
-    typer.Option("--model", help="Local diffusers directory (pipeline or transformer). Default: the reference digits DiT."),
+    typer.Option(
+        "--model",
+        help="Local diffusers directory (pipeline or transformer), a reference model name (digits-dit, digits-pixart, digits-flux, digits-qwenimage) or a Hub id in the local cache. Default: the reference digits DiT.",
+    ),
 ]
 ScheduleOpt = Annotated[Path | None, typer.Option("--schedule", help="Schedule JSON (rstr.schedule/1) from `rstr search`.")]
 ScaleOpt = Annotated[float | None, typer.Option("--scale", help="Constant CFG scale, instead of --schedule.")]
 StepsOpt = Annotated[int | None, typer.Option("--steps", help="Sampling steps for --scale (default: the model's default).")]
 AdapterOpt = Annotated[Path | None, typer.Option("--adapter", help="Stage-2 adapter directory from `rstr calibrate`.")]
+PromptsOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--prompts",
+        help="Prompt set (safetensors from tools/make_prompts.py): the conditioning drawn per image for models without classes (image i takes prompt i mod N).",
+    ),
+]
 
 
 def load_schedule_for(family, schedule: Path | None, scale: float | None, steps: int | None):
@@ -54,7 +64,7 @@ def load_schedule_for(family, schedule: Path | None, scale: float | None, steps:
     return family.constant_cfg(scale, steps)
 
 
-def load_family(model: Path | None, adapter: Path | None = None, device: str = "cpu"):
+def load_family(model: Path | None, adapter: Path | None = None, device: str = "cpu", prompts: Path | None = None):
     """Load the model onto ``device`` (and merge a Stage-2 adapter into it when given)."""
     from rstr.families import load_model
 
@@ -66,7 +76,7 @@ def load_family(model: Path | None, adapter: Path | None = None, device: str = "
                 f"--device {device}: torch sees no such device here; use --device cpu"
                 + ("" if device.startswith("cuda") else " or cuda")
             )
-    family = load_model(model, device=device)
+    family = load_model(model, device=device, prompts=prompts)
     if adapter is not None:
         from rstr.calibrate import apply_adapter
 
@@ -76,7 +86,9 @@ def load_family(model: Path | None, adapter: Path | None = None, device: str = "
 
 @app.command()
 def info(
-    model: Annotated[Path | None, typer.Argument(help="Model directory (default: the reference model).")] = None,
+    model: Annotated[
+        Path | None, typer.Argument(help="Model directory, reference model name or cached Hub id (default: the reference model).")
+    ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Describe a model: family, transformer class, parameters, blocks, scheduler and conditioning inputs."""
@@ -101,6 +113,7 @@ def info(
 @app.command()
 def sample(
     model: ModelOpt = None,
+    prompts: PromptsOpt = None,
     schedule: ScheduleOpt = None,
     scale: ScaleOpt = None,
     steps: StepsOpt = None,
@@ -126,7 +139,7 @@ def sample(
     from rstr._io import atomic_path
     from rstr.sampler import sample as run_sampler
 
-    family = load_family(model, adapter)
+    family = load_family(model, adapter, prompts=prompts)
     sched = load_schedule_for(family, schedule, scale, steps)
     if out.suffix not in (".png", ".npy"):
         raise RstrError(f"--out {out}: use a .png or .npy file name")
@@ -152,6 +165,7 @@ def sample(
 @app.command()
 def evaluate(
     model: ModelOpt = None,
+    prompts: PromptsOpt = None,
     schedule: ScheduleOpt = None,
     scale: ScaleOpt = None,
     steps: StepsOpt = None,
@@ -178,7 +192,7 @@ def evaluate(
     from rstr.evaluate import sample_grid
     from rstr.seeds import HELD_OUT_SEEDS
 
-    family = load_family(model, adapter)
+    family = load_family(model, adapter, prompts=prompts)
     sched = load_schedule_for(family, schedule, scale, steps)
     start = HELD_OUT_SEEDS.start if seed_start is None else seed_start
     result = run_evaluate(
@@ -223,6 +237,7 @@ def evaluate(
 @app.command()
 def calibrate(
     model: ModelOpt = None,
+    prompts: PromptsOpt = None,
     schedule: Annotated[
         Path | None,
         typer.Option(
@@ -267,7 +282,7 @@ def calibrate(
     from rstr import calibrate as stage2
     from rstr.schedule import GuidanceSchedule
 
-    family = load_family(model)
+    family = load_family(model, prompts=prompts)
     if schedule is None:
         sched = stage2.default_schedule(family)
     else:
@@ -297,6 +312,7 @@ def calibrate(
 @app.command()
 def search(
     model: ModelOpt = None,
+    prompts: PromptsOpt = None,
     steps: Annotated[
         int | None,
         typer.Option(
@@ -392,7 +408,7 @@ def search(
         raise RstrError(
             f"--device {device} applies to local workers; Ray actors take a GPU when the cluster has one: drop --device"
         )
-    family = load_family(model, device=device)
+    family = load_family(model, device=device, prompts=prompts)
     preset = preset if preset is not None else config_saved.get("preset", "full")
     if images is None and config_saved and config_saved.get("search_num") != stage1.PRESETS.get(preset, {}).get("search_num"):
         images = config_saved["search_num"]  # the resumed search ran with --images

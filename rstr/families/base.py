@@ -117,6 +117,7 @@ class Family(ABC):
         self.meta = dict(meta or {})
         self.path = path
         self.class_embeddings = class_embeddings
+        self.prompts: Path | None = None  # the prompt set file that class_embeddings came from, if any
 
     # --------------------------------------------------------------------- identity
     @property

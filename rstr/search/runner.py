@@ -47,6 +47,7 @@ class EvalTask(Task):
 
     model: str | None
     objective: Objective
+    prompts: str | None = None  # the prompt set the model's conditioning comes from, if any
     family: Family | None = field(default=None, repr=False)  # preloaded, for inline runs only
 
     def __getstate__(self) -> dict[str, Any]:
@@ -61,7 +62,7 @@ class EvalTask(Task):
                     "this model was built in memory, so workers cannot load it; save it to a directory or use one worker"
                 )
 
-            self.family = load_model(self.model, device=device)
+            self.family = load_model(self.model, device=device, prompts=self.prompts)
 
     def run(self, item: tuple[GuidanceSchedule, int, int, int]) -> Metrics:
         schedule, seed_start, num, groups = item
@@ -157,7 +158,8 @@ class _Search:
     # ------------------------------------------------------------------------ phases
     def run(self, out: Path | None, executor_factory: Callable[[Task], Executor]) -> SearchResult:
         t0 = time.perf_counter()
-        task = EvalTask(str(self.family.path) if self.family.path is not None else None, self.objective, self.family)
+        f = self.family
+        task = EvalTask(str(f.path) if f.path is not None else None, self.objective, str(f.prompts) if f.prompts else None, f)
         with executor_factory(task) as self.executor:
             grid = baseline_grid(self.space, self.config, self.family.default_scale)
             for lo in range(0, len(grid), self.config.population):
