@@ -113,6 +113,7 @@ class Pipeline:
         if (seed is None) == (noise is None):
             raise InputError("give exactly one of seed= or noise=")
         if noise is None:
+            assert seed is not None  # exactly one was given
             noise = self.noise(seed)
         latents = self.runner.infer(noise, conditioning, uncond)
         return Result(latents, decode(self.bundle.decoder, latents))

@@ -51,6 +51,7 @@ class BuildOptions:
     seed: int = 0
     measure: bool = True
     require_better: bool = False
+    prompts: Path | None = None
 
 
 @dataclass
@@ -107,7 +108,7 @@ def build(opts: BuildOptions) -> BuildResult:
         raise RstrError(f"output directory {opts.out} exists; pass --force to replace it or choose another --out")
     if opts.batch < 1:
         raise RstrError(f"--batch {opts.batch} must be at least 1")
-    family = load_model(opts.model)
+    family = load_model(opts.model, prompts=opts.prompts)
     if opts.schedule is not None:
         build_plan(family, GuidanceSchedule.load(opts.schedule), opts.batch)  # refuse a misfit before any work
     if opts.require_better and family.quality != "digits":

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal, cast
 
 import typer
 from rich.console import Console
@@ -29,12 +29,22 @@ console = Console()
 
 ModelOpt = Annotated[
     Path | None,
-    typer.Option("--model", help="Local diffusers directory (pipeline or transformer). Default: the reference digits DiT."),
+    typer.Option(
+        "--model",
+        help="Local diffusers directory (pipeline or transformer), a reference model name (digits-dit, digits-pixart, digits-flux, digits-qwenimage) or a Hub id in the local cache. Default: the reference digits DiT.",
+    ),
 ]
 ScheduleOpt = Annotated[Path | None, typer.Option("--schedule", help="Schedule JSON (rstr.schedule/1) from `rstr search`.")]
 ScaleOpt = Annotated[float | None, typer.Option("--scale", help="Constant CFG scale, instead of --schedule.")]
 StepsOpt = Annotated[int | None, typer.Option("--steps", help="Sampling steps for --scale (default: the model's default).")]
 AdapterOpt = Annotated[Path | None, typer.Option("--adapter", help="Stage-2 adapter directory from `rstr calibrate`.")]
+PromptsOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--prompts",
+        help="Prompt set (safetensors from tools/make_prompts.py): the conditioning drawn per image for models without classes (image i takes prompt i mod N).",
+    ),
+]
 
 
 def load_schedule_for(family, schedule: Path | None, scale: float | None, steps: int | None):
@@ -55,7 +65,7 @@ def load_schedule_for(family, schedule: Path | None, scale: float | None, steps:
     return s
 
 
-def load_family(model: Path | None, adapter: Path | None = None, device: str = "cpu"):
+def load_family(model: Path | None, adapter: Path | None = None, device: str = "cpu", prompts: Path | None = None):
     """Load the model onto ``device`` (and merge a Stage-2 adapter into it when given)."""
     from rstr.families import load_model
 
@@ -67,7 +77,7 @@ def load_family(model: Path | None, adapter: Path | None = None, device: str = "
                 f"--device {device}: torch sees no such device here; use --device cpu"
                 + ("" if device.startswith("cuda") else " or cuda")
             )
-    family = load_model(model, device=device)
+    family = load_model(model, device=device, prompts=prompts)
     if adapter is not None:
         from rstr.calibrate import apply_adapter
 
@@ -77,7 +87,9 @@ def load_family(model: Path | None, adapter: Path | None = None, device: str = "
 
 @app.command()
 def info(
-    model: Annotated[Path | None, typer.Argument(help="Model directory (default: the reference model).")] = None,
+    model: Annotated[
+        Path | None, typer.Argument(help="Model directory, reference model name or cached Hub id (default: the reference model).")
+    ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Describe a model: family, transformer class, parameters, blocks, scheduler and conditioning inputs."""
@@ -102,6 +114,7 @@ def info(
 @app.command()
 def sample(
     model: ModelOpt = None,
+    prompts: PromptsOpt = None,
     schedule: ScheduleOpt = None,
     scale: ScaleOpt = None,
     steps: StepsOpt = None,
@@ -127,7 +140,7 @@ def sample(
     from rstr._io import atomic_path
     from rstr.sampler import sample as run_sampler
 
-    family = load_family(model, adapter)
+    family = load_family(model, adapter, prompts=prompts)
     sched = load_schedule_for(family, schedule, scale, steps)
     if out.suffix not in (".png", ".npy"):
         raise RstrError(f"--out {out}: use a .png or .npy file name")
@@ -153,6 +166,7 @@ def sample(
 @app.command()
 def evaluate(
     model: ModelOpt = None,
+    prompts: PromptsOpt = None,
     schedule: ScheduleOpt = None,
     scale: ScaleOpt = None,
     steps: StepsOpt = None,
@@ -179,7 +193,7 @@ def evaluate(
     from rstr.evaluate import sample_grid
     from rstr.seeds import HELD_OUT_SEEDS
 
-    family = load_family(model, adapter)
+    family = load_family(model, adapter, prompts=prompts)
     sched = load_schedule_for(family, schedule, scale, steps)
     start = HELD_OUT_SEEDS.start if seed_start is None else seed_start
     result = run_evaluate(
@@ -200,6 +214,7 @@ def evaluate(
         "seeds": list(result.seeds),
     }
     if grid is not None:
+        assert result.images is not None and result.labels is not None  # kept for the grid
         sample_grid(result.images, result.labels, grid)
     if json_out:
         print(json.dumps(record))
@@ -223,6 +238,7 @@ def evaluate(
 @app.command()
 def calibrate(
     model: ModelOpt = None,
+    prompts: PromptsOpt = None,
     schedule: Annotated[
         Path | None,
         typer.Option(
@@ -258,8 +274,16 @@ def calibrate(
         bool, typer.Option("--resume", help="Continue from the checkpoint an interrupted run left beside --out.")
     ] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
+    teacher: Annotated[
+        Path | None,
+        typer.Option(
+            "--teacher",
+            help="Schedule JSON the student must match (default: constant CFG at the model's scale and full steps). "
+            "Where --schedule already beats constant CFG, give a better one, e.g. `rstr search --budget 1` output.",
+        ),
+    ] = None,
 ) -> None:
-    """Stage-2: train a per-module-rank LoRA so the model under a sparse schedule matches full CFG.
+    """Stage-2: train a per-module-rank LoRA so the model under a sparse schedule matches its teacher.
 
     Sensitivity of every linear layer in every block decides its rank under the budget; the
     adapter merges into the weights at export.  Example: `rstr calibrate --schedule s.json --out adapter`.
@@ -267,12 +291,12 @@ def calibrate(
     from rstr import calibrate as stage2
     from rstr.schedule import GuidanceSchedule
 
-    family = load_family(model)
+    family = load_family(model, prompts=prompts)
     if schedule is None:
         sched = stage2.default_schedule(family)
     else:
         sched = GuidanceSchedule.load(schedule)
-    method = allocation if allocation in ("adaptive", "uniform") else Path(allocation)
+    method = cast(Literal["adaptive", "uniform"], allocation) if allocation in ("adaptive", "uniform") else Path(allocation)
     if isinstance(method, Path) and not method.is_file():
         raise RstrError(f"--allocation {allocation}: use adaptive, uniform or an existing allocation.json")
     console.print(f"calibrating for: {sched.describe()}")
@@ -287,6 +311,7 @@ def calibrate(
         seed=seed,
         resume=resume,
         force=force,
+        teacher=None if teacher is None else GuidanceSchedule.load(teacher),
     )
     console.print(
         f"[green]wrote[/green] {out}: {result.params:,} LoRA parameters, loss to the teacher "
@@ -297,6 +322,7 @@ def calibrate(
 @app.command()
 def search(
     model: ModelOpt = None,
+    prompts: PromptsOpt = None,
     steps: Annotated[
         int | None,
         typer.Option(
@@ -392,7 +418,7 @@ def search(
         raise RstrError(
             f"--device {device} applies to local workers; Ray actors take a GPU when the cluster has one: drop --device"
         )
-    family = load_family(model, device=device)
+    family = load_family(model, device=device, prompts=prompts)
     preset = preset if preset is not None else config_saved.get("preset", "full")
     if images is None and config_saved and config_saved.get("search_num") != stage1.PRESETS.get(preset, {}).get("search_num"):
         images = config_saved["search_num"]  # the resumed search ran with --images

@@ -385,7 +385,8 @@ def clip_score(
     except ImportError:
         raise RstrError("CLIP score needs transformers; install it with `pip install 'rstr[metrics]'`") from None
     try:
-        model = CLIPModel.from_pretrained(str(path), local_files_only=True).to(device).eval()
+        # transformers types its decorated ``.to`` as the decorator's wrapper, which takes the model first
+        model = CLIPModel.from_pretrained(str(path), local_files_only=True).to(device).eval()  # type: ignore[arg-type]
         processor = CLIPProcessor.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as err:
         raise RstrError(f"CLIP directory {path} could not be loaded ({str(err).strip().splitlines()[0]})") from None

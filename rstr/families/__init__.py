@@ -23,6 +23,7 @@ import hashlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 
@@ -100,7 +101,7 @@ def _load_scheduler(directory: Path, family: type[Family]):
     if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
         raise ModelError(f"{config_path}: {config.get('_class_name')!r} is not a diffusers scheduler class")
     try:
-        return cls.from_config(config)
+        return cast(Any, cls).from_config(config)  # a diffusers class: untyped here (pyproject.toml)
     except (TypeError, ValueError) as err:
         raise ModelError(f"{config_path}: cannot build the scheduler ({err})") from None
 
@@ -162,12 +163,14 @@ def load_model(
     device: str | torch.device = "cpu",
     revision: str | None = None,
     variant: str | None = None,
+    prompts: str | os.PathLike[str] | None = None,
     **family_kwargs,
 ) -> Family:
     """Load a family adapter from a local diffusers directory, a reference model name or a cached Hub id.
 
     The default is the reference digits DiT; ``revision`` picks a Hub id's cached snapshot and
-    ``variant`` (e.g. ``fp16``) the weight files to load.
+    ``variant`` (e.g. ``fp16``) the weight files to load.  ``prompts`` (a prompt set file) replaces the
+    model's class table as the conditioning drawn for evaluation, search and calibration.
     """
     import diffusers
 
@@ -219,6 +222,9 @@ def load_model(
         raise ModelError(f"{path}/rstr.json: default_steps {default_steps!r} must be an integer >= 1 (or leave it out)")
     adapter = family(transformer.to(device), scheduler, default_steps=default_steps, meta=meta, path=path, **family_kwargs)
     table = path / CLASS_EMBEDDINGS_DIR
-    if table.is_dir():
-        adapter.class_embeddings = ClassEmbeddings.load(table, [s.name for s in adapter.cond_specs()])
+    if prompts is not None:
+        adapter.prompts = Path(prompts).resolve()
+        adapter.class_embeddings = ClassEmbeddings.load_prompts(adapter.prompts, adapter.cond_specs())
+    elif table.is_dir():
+        adapter.class_embeddings = ClassEmbeddings.load(table, adapter.cond_specs())
     return adapter

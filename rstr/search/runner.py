@@ -13,7 +13,7 @@ from typing import Any
 from rstr._io import write_json
 from rstr._progress import progress_bar
 from rstr.errors import RstrError
-from rstr.executor import Task, make_executor
+from rstr.executor import Executor, Task, make_executor
 from rstr.families.base import Family
 from rstr.schedule import GuidanceSchedule
 from rstr.search.baselines import Baseline, baseline_grid
@@ -47,6 +47,7 @@ class EvalTask(Task):
 
     model: str | None
     objective: Objective
+    prompts: str | None = None  # the prompt set the model's conditioning comes from, if any
     family: Family | None = field(default=None, repr=False)  # preloaded, for inline runs only
 
     def __getstate__(self) -> dict[str, Any]:
@@ -61,7 +62,7 @@ class EvalTask(Task):
                     "this model was built in memory, so workers cannot load it; save it to a directory or use one worker"
                 )
 
-            self.family = load_model(self.model, device=device)
+            self.family = load_model(self.model, device=device, prompts=self.prompts)
 
     def run(self, item: tuple[GuidanceSchedule, int, int, int]) -> Metrics:
         schedule, seed_start, num, groups = item
@@ -95,7 +96,7 @@ class _Search:
         self.progress, self.on_checkpoint = progress, on_checkpoint
         self.model = model_identity(family)
         self.state = SearchState.fresh(config.seed)
-        self.executor = None
+        self.executor: Executor | None = None  # open while run() runs
         self.search_seeds = SeedRange(SEARCH_SEEDS.start, SEARCH_SEEDS.start + config.search_num)
         self.validation_seeds = SeedRange(self.search_seeds.stop, self.search_seeds.stop + config.search_num)
         self.held_out_seeds = SeedRange(HELD_OUT_SEEDS.start, HELD_OUT_SEEDS.start + config.held_out_num * config.held_out_groups)
@@ -145,6 +146,7 @@ class _Search:
             "held_out": (self.held_out_seeds.start, self.config.held_out_num, self.config.held_out_groups),
         }[which]
         items = [(self.schedule_of(g), *seeds) for g in todo]
+        assert self.executor is not None, "score() runs inside run()"
         with progress_bar(len(todo), desc, enabled=self.progress) as bar:
             for g, metrics in zip(todo, self.executor.map(items)):
                 cache[g.key] = metrics
@@ -154,9 +156,10 @@ class _Search:
                     bar.note(f"best {self.objective.metric} {self.objective.value(self.state.search[best]):.4f}")
 
     # ------------------------------------------------------------------------ phases
-    def run(self, out: Path | None, executor_factory: Callable[[Task], Any]) -> SearchResult:
+    def run(self, out: Path | None, executor_factory: Callable[[Task], Executor]) -> SearchResult:
         t0 = time.perf_counter()
-        task = EvalTask(str(self.family.path) if self.family.path is not None else None, self.objective, self.family)
+        f = self.family
+        task = EvalTask(str(f.path) if f.path is not None else None, self.objective, str(f.prompts) if f.prompts else None, f)
         with executor_factory(task) as self.executor:
             grid = baseline_grid(self.space, self.config, self.family.default_scale)
             for lo in range(0, len(grid), self.config.population):
@@ -236,6 +239,7 @@ class _Search:
             st.generation += 1
             st.ga_keys.extend(k for k in dict.fromkeys(g.key for g in population) if k not in set(st.ga_keys))
             best = self.best(st.ga_keys)
+            assert best is not None  # the population just scored is in ga_keys
             st.history.append(
                 {
                     "generation": st.generation,
