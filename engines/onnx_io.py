@@ -101,7 +101,8 @@ def _signed(value: int) -> int:
 
 
 def _tensor(buf: memoryview, span: tuple[int, int]) -> GraphTensor:
-    name, dtype, shape = "", "undefined", ()
+    name, dtype = "", "undefined"
+    shape: tuple[int | str | None, ...] = ()
     for number, wire, value in _fields(buf, *span):
         if number == 1 and wire == 2:
             name = _text(buf, value)

@@ -163,7 +163,7 @@ def _graphs(data: Mapping[str, Any]) -> str | None:
     contract = _graph_contract(data)
     sample = ("float32", tuple(data["sample"]["shape"][1:]))
     cond = {d["name"]: (d["dtype"], tuple(d["shape"][1:])) for d in data["conditioning"]["inputs"]}
-    out = None
+    out: tuple[str, tuple[Any, ...]] = ("float32", ())  # the denoiser's model_output, read first (GRAPHS order)
     for name in GRAPHS:
         graph = data["graphs"][name]
         for kind, expected in zip(("inputs", "outputs"), contract[name]):

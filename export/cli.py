@@ -250,6 +250,7 @@ def run(
                 with open(tmp, "wb") as fh:
                     np.save(fh, result.latents)
             else:
+                assert result.images is not None  # a pixels decoder was checked above
                 _write_png(tmp, result.images)
     console.print(f"wrote {out} ({pipe.backend})")
 
