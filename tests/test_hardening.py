@@ -353,22 +353,8 @@ def test_tensorrt_fallback_notice_is_one_plain_line(pixel_dit_bundle, tmp_path):
     pytest.importorskip("onnxruntime")
     if _has_tensorrt():
         pytest.skip("TensorRT is installed: no fallback")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "rstr.export.cli",
-            "run",
-            str(pixel_dit_bundle),
-            "--class",
-            "1,2",
-            "--out",
-            str(tmp_path / "x.png"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    argv = ["run", pixel_dit_bundle, "--class", "1,2", "--out", tmp_path / "x.png"]  # --backend auto
+    proc = subprocess.run([sys.executable, "-m", "rstr.export.cli", *map(str, argv)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert (
@@ -673,3 +659,26 @@ def test_rstr_run_documents_and_takes_the_trust_option(rstr_run, pixel_dit_bundl
     assert "--trust-engine-host-code" in usage and "whose author" in usage
     args = [str(rstr_run), str(pixel_dit_bundle), "--out", str(tmp_path / "x.npy"), "--class", "3", "--seed", "0"]
     assert subprocess.run([*args, "--trust-engine-host-code"], capture_output=True).returncode == 0
+
+
+class _Payload:
+    """Unpickling this writes a marker file: the proof that a pickle was (or was not) loaded."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "ran"))
+
+
+def test_pickled_weights_are_never_loaded(model_dir, tmp_path, capsys, monkeypatch):
+    import pickle
+
+    model = shutil.copytree(model_dir, tmp_path / "model")
+    marker = tmp_path / "payload-ran"
+    for weights in (model / "transformer").glob("*.safetensors"):
+        weights.unlink()
+    (model / "transformer" / "diffusion_pytorch_model.bin").write_bytes(pickle.dumps({"w": _Payload(marker)}))
+    code, err = _rstr(capsys, monkeypatch, "info", model)
+    assert code == 1 and len(err.splitlines()) == 1 and "has pickled .bin weights only" in err, err
+    assert not marker.exists()

@@ -82,7 +82,7 @@ def _diffusers_quiet() -> Iterator[None]:
     from diffusers.utils import logging as diffusers_logging
 
     previous = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()
+    diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)
     try:
         yield
     finally:
@@ -202,10 +202,15 @@ def load_model(
             f"{transformer_dir}: transformer {config.get('_class_name')!r} is not supported; "
             f"supported: {', '.join(sorted(f.transformer_class for f in FAMILIES.values()))}"
         )
+    if not any(transformer_dir.glob("*.safetensors")) and any(transformer_dir.glob("*.bin")):
+        raise ModelError(
+            f"{transformer_dir} has pickled .bin weights only; rstr loads safetensors weights (unpickling can run code): "
+            "convert them with safetensors.torch.save_file"
+        )
     try:
         with _diffusers_quiet():  # its notes on missing weights become the one error line below
             transformer = getattr(diffusers, family.transformer_class).from_pretrained(
-                transformer_dir, torch_dtype=torch.float32, variant=variant
+                transformer_dir, torch_dtype=torch.float32, variant=variant, use_safetensors=True  # never unpickle weights
             )
     except (OSError, ValueError, RuntimeError, TypeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
