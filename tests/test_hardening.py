@@ -682,3 +682,29 @@ def test_pickled_weights_are_never_loaded(model_dir, tmp_path, capsys, monkeypat
     code, err = _rstr(capsys, monkeypatch, "info", model)
     assert code == 1 and len(err.splitlines()) == 1 and "has pickled .bin weights only" in err, err
     assert not marker.exists()
+
+
+@pytest.mark.cpp
+@pytest.mark.parametrize(
+    "labels, message",
+    [
+        (
+            [-1, 10],
+            "unconditional input 'class_labels' holds class label -1, out of range: this bundle has classes 0..9 and the null class 10",
+        ),
+        ([11, 10], "holds class label 11, out of range"),
+        (None, "--seed -1 must be an integer >= 0"),
+    ],
+)
+def test_rstr_run_checks_unconditional_labels_and_the_seed(rstr_run, pixel_dit_bundle, tmp_path, labels, message):
+    import numpy as np
+
+    args = [str(rstr_run), str(pixel_dit_bundle), "--out", str(tmp_path / "x.npy"), "--class", "3"]
+    if labels is None:
+        args += ["--seed", "-1"]
+    else:
+        np.save(tmp_path / "u.npy", np.array(labels, np.int64))
+        args += ["--seed", "0", "--uncond", str(tmp_path / "u.npy")]
+    proc = subprocess.run(args, capture_output=True, text=True)
+    assert proc.returncode == 1 and proc.stderr.strip() == f"rstr-run: error: {message}" or message in proc.stderr, proc.stderr
+    assert len(proc.stderr.splitlines()) == 1 and not (tmp_path / "x.npy").exists()

@@ -106,7 +106,9 @@ Args parse_args(int argc, char** argv) {
     } else if (arg == "--uncond") {
       a.uncond.push_back(value());
     } else if (arg == "--seed") {
-      a.seed = static_cast<uint64_t>(parse_int(arg, value()));
+      const int64_t seed = parse_int(arg, value());
+      if (seed < 0) throw UsageError("--seed " + std::to_string(seed) + " must be an integer >= 0");
+      a.seed = static_cast<uint64_t>(seed);
     } else if (arg == "--noise") {
       a.noise = value();
     } else if (arg == "--backend") {
