@@ -95,7 +95,9 @@ def sample(
     ] = 0,
     noise: Annotated[
         Path | None,
-        typer.Option("--noise", help="Initial noise, float32 .npy of the model's sample shape for the --classes given; replaces --seed."),
+        typer.Option(
+            "--noise", help="Initial noise, float32 .npy of the model's sample shape for the --classes given; replaces --seed."
+        ),
     ] = None,
     out: Annotated[Path, typer.Option("--out", help="Output: .png grid (reference model) or .npy latents.")] = Path(
         "samples.png"

@@ -68,9 +68,7 @@ def test_digits_fd_equals_torchmetrics_with_the_classifier_as_its_feature_networ
     for fake in (test, noised):
         ours = frechet_distance(clf.features(train), clf.features(fake))
         assert ours == pytest.approx(torchmetrics_fd(DigitsFeatures(), train, fake), rel=1e-5)
-    assert frechet_distance(clf.features(train), clf.features(noised)) > frechet_distance(
-        clf.features(train), clf.features(test)
-    )
+    assert frechet_distance(clf.features(train), clf.features(noised)) > frechet_distance(clf.features(train), clf.features(test))
 
 
 def test_clip_score_is_the_clip_models_own_cosine(tmp_path, monkeypatch):
