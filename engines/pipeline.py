@@ -100,6 +100,7 @@ class Pipeline:
         if (seed is None) == (noise is None):
             raise RstrError("give exactly one of seed= or noise=")
         if noise is None:
+            assert seed is not None  # exactly one was given
             noise = self.noise(seed)
         conditioning = {k: np.asarray(v) for k, v in conditioning.items()}
         latents = self.runner.infer(noise, conditioning, uncond)

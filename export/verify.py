@@ -16,7 +16,7 @@ from rstr.engines.noise import standard_normal
 from rstr.engines.onnxruntime import OnnxRuntimeRunner
 
 from rstr.errors import RstrError
-from rstr.families.base import Family
+from rstr.families.base import Conditioning, Family
 from rstr.sampler import sample
 from rstr.schedule import GuidanceSchedule
 
@@ -47,11 +47,18 @@ class Verification:
         }
 
 
-def example_inputs(family: Family, batch: int, seed: int = 0) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
-    """The family's deterministic example conditioning (:meth:`Family.example_conditioning`) as arrays."""
-    cond, uncond = family.example_conditioning(batch, seed)
+Arrays = dict[str, np.ndarray]
+
+
+def as_arrays(cond: Conditioning, uncond: Conditioning | None) -> tuple[Arrays, Arrays | None]:
+    """Conditioning and its unconditional counterpart (when the family has one) as the runtime's arrays."""
     to_np = lambda c: {k: v.cpu().numpy() for k, v in c.items()}  # noqa: E731
     return to_np(cond), None if uncond is None else to_np(uncond)
+
+
+def example_inputs(family: Family, batch: int, seed: int = 0) -> tuple[Arrays, Arrays | None]:
+    """The family's deterministic example conditioning (:meth:`Family.example_conditioning`) as arrays."""
+    return as_arrays(*family.example_conditioning(batch, seed))
 
 
 def rel(a: np.ndarray, b: np.ndarray) -> float:
@@ -69,13 +76,13 @@ def verify(
     with OnnxRuntimeRunner(bundle, device="cpu") as runner:
         got = runner.infer(noise, cond, uncond, trace=trace)
     ref_trace: list[np.ndarray] = []
-    to_t = lambda d: None if d is None else {k: torch.from_numpy(v) for k, v in d.items()}  # noqa: E731
+    to_t = lambda d: {k: torch.from_numpy(v) for k, v in d.items()}  # noqa: E731
     expected = (
         sample(
             family,
             schedule,
             to_t(cond),
-            uncond=to_t(uncond),
+            uncond=None if uncond is None else to_t(uncond),
             noise=torch.from_numpy(noise),
             callback=lambda s: ref_trace.append(s.next_sample.cpu().numpy()),
         )

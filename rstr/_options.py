@@ -1,4 +1,4 @@
-"""What the commands that run a model share: --device and --dtype, their checks, and loading the model.
+"""What the commands that run a model share: their options, the --device and --dtype checks, loading the model.
 
 ``--device cpu|cuda|cuda:N`` places the transformer; ``--dtype fp32|fp16|bf16`` is the dtype its
 weights are loaded in (the sampler feeds it that dtype and keeps the scheduler in fp32).  A device
@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
 
 from rstr.errors import RstrError
 
@@ -65,6 +66,11 @@ def load_schedule_for(family, schedule: Path | None, scale: float | None, steps:
     if steps is not None and steps < 1:
         raise RstrError(f"--steps {steps} must be at least 1")
     return family.constant_cfg(scale, steps)
+
+
+def notes(json_out: bool) -> Console:
+    """Where a command's progress notes go: stdout, or stderr when ``--json`` keeps stdout for the result."""
+    return Console(stderr=json_out)
 
 
 def check_device(device: str) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal, cast
 
 import typer
 from rich.console import Console
@@ -28,6 +28,7 @@ from rstr._options import (
     StepsOpt,
     load_family,
     load_schedule_for,
+    notes,
 )
 from rstr.errors import RstrError
 
@@ -39,11 +40,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console()
-
-
-def notes(json_out: bool) -> Console:
-    """Where a command's progress notes go: stdout, or stderr when ``--json`` keeps stdout for the result."""
-    return Console(stderr=True) if json_out else console
 
 
 @app.command()
@@ -194,6 +190,7 @@ def evaluate(
         "seeds": list(result.seeds),
     }
     if grid is not None:
+        assert result.images is not None and result.labels is not None  # kept for the grid
         sample_grid(result.images, result.labels, grid)
     if json_out:
         print(json.dumps(record))
@@ -278,7 +275,7 @@ def calibrate(
         sched = stage2.default_schedule(family)
     else:
         sched = GuidanceSchedule.load(schedule)
-    method = allocation if allocation in ("adaptive", "uniform") else Path(allocation)
+    method = cast(Literal["adaptive", "uniform"], allocation) if allocation in ("adaptive", "uniform") else Path(allocation)
     if isinstance(method, Path) and not method.is_file():
         raise RstrError(f"--allocation {allocation}: use adaptive, uniform or an existing allocation.json")
     notes(json_out).print(f"calibrating for: {sched.describe()}")

@@ -26,7 +26,7 @@ import os
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, cast, runtime_checkable
 
 import numpy as np
 import torch
@@ -399,7 +399,12 @@ def clip_score(
         processor = CLIPProcessor.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as err:
         raise RstrError(f"CLIP directory {path} could not be loaded ({str(err).strip().splitlines()[0]})") from None
-    metric = CLIPScore(model_name_or_path=lambda: (_ProjectedCLIP(model), processor)).to(device)
+
+    def load() -> tuple[CLIPModel, CLIPProcessor]:
+        # Duck-typed: CLIPScore uses only the model's config, get_*_features and .to.
+        return cast(CLIPModel, _ProjectedCLIP(model)), processor
+
+    metric = CLIPScore(model_name_or_path=load).to(device)
     with torch.inference_mode():
         metric.update(_to_uint8_rgb(images).to(device), list(prompts))
         return float(metric.compute())
@@ -414,7 +419,7 @@ class _ProjectedCLIP(nn.Module):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        self.model = model
+        self.model: Any = model
         self.config = model.config
 
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:

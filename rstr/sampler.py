@@ -105,7 +105,7 @@ def sample(
             if schedule.guided[i]:
                 x2 = torch.cat([x_in, x_in]).to(dtype)
                 out = family.denoise(x2, expand_timestep(mt, 2 * b, x.device).to(dtype), both).float()
-                eps = family.combine(out[:b], out[b:], schedule.scales[i])
+                eps = family.combine(out[:b], out[b:], schedule.scale_at(i))
             else:
                 out = family.denoise(x_in.to(dtype), expand_timestep(mt, b, x.device).to(dtype), cond).float()
                 eps = family.single(out)

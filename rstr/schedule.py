@@ -113,6 +113,13 @@ class GuidanceSchedule:
         return cls.interval(scale, num_steps, 0, k, family=family, sampler=sampler, default_steps=default_steps)
 
     # ------------------------------------------------------------------- properties
+    def scale_at(self, i: int) -> float:
+        """The CFG scale of guided step ``i`` (an unguided step has none: a caller's fault)."""
+        scale = self.scales[i]
+        if scale is None:
+            raise ValueError(f"step {i} is not guided and has no scale")
+        return scale
+
     @property
     def num_guided(self) -> int:
         return sum(self.guided)

@@ -183,10 +183,10 @@ def train_dit(args: argparse.Namespace) -> tuple[nn.Module, dict]:
 def choose_scale(out: Path, scales: list[float], steps: int, num: int) -> tuple[float, dict]:
     """Pick the constant CFG scale with the lowest Frechet distance on calibration seeds."""
     from rstr.evaluate import evaluate
-    from rstr.seeds import CALIBRATION_SEEDS
     from rstr.families import load_model
     from rstr.metrics import load_classifier
     from rstr.schedule import GuidanceSchedule
+    from rstr.seeds import CALIBRATION_SEEDS
 
     family = load_model(out)
     classifier = load_classifier(out / "classifier.safetensors")
@@ -207,12 +207,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=4000, help="optimiser steps (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (default: %(default)s)")
-    p.add_argument("--label-dropout", type=float, default=0.1, help="probability a label becomes the null class (default: %(default)s)")
+    p.add_argument(
+        "--label-dropout", type=float, default=0.1, help="probability a label becomes the null class (default: %(default)s)"
+    )
     p.add_argument("--ema-decay", type=float, default=0.999)
-    p.add_argument("--spacing", choices=["leading", "trailing", "linspace"], default="leading", help="DDIM timestep spacing (default: %(default)s; see the module docstring)")
-    p.add_argument("--scales", type=float, nargs="+", default=[1.0, 1.25, 1.5, 2.0, 3.0], help="constant scales tried for default_scale (default: %(default)s)")
+    p.add_argument(
+        "--spacing",
+        choices=["leading", "trailing", "linspace"],
+        default="leading",
+        help="DDIM timestep spacing (default: %(default)s; see the module docstring)",
+    )
+    p.add_argument(
+        "--scales",
+        type=float,
+        nargs="+",
+        default=[1.0, 1.25, 1.5, 2.0, 3.0],
+        help="constant scales tried for default_scale (default: %(default)s)",
+    )
     p.add_argument("--calibration-num", type=int, default=1000, help="images per scale when choosing default_scale")
-    p.add_argument("--device", default="cpu", help="training device; the shipped model is trained on the CPU (default: %(default)s)")
+    p.add_argument(
+        "--device", default="cpu", help="training device; the shipped model is trained on the CPU (default: %(default)s)"
+    )
     p.add_argument("--classifier-only", action="store_true", help="retrain only the classifier of an existing --out")
     p.add_argument("--force", action="store_true", help="replace --out even if it is not an rstr model directory")
     args = p.parse_args(argv)

@@ -143,7 +143,7 @@ class TensorRTRunner(Runner):
         cuda.h2d(s.table, table, s.stream)
 
         # Contexts: (graph, profile) per path, sharing one scratch buffer where TensorRT allows.
-        kinds = {}
+        kinds: dict[str, PathBinding] = {}
         for sb in self.bindings:
             kinds.setdefault(sb.path.kind, sb.path)
         wanted = [("denoiser", p.denoiser_profile) for p in kinds.values()] + [(p.step_graph, 0) for p in kinds.values()]
@@ -246,6 +246,7 @@ class TensorRTRunner(Runner):
 
     def _address(self, buffer: str) -> int:
         if buffer.startswith("record/"):
+            assert self._s.record is not None  # allocated at activation
             return self._s.record + self.layout.offsets[buffer.removeprefix("record/")]
         return self._s.buffers[buffer]
 
@@ -327,6 +328,7 @@ class TensorRTRunner(Runner):
     def _infer(self, noise, cond, uncond, trace):
         cuda, s = self.cuda, self._s
         stream = s.stream
+        assert s.record is not None and s.table is not None  # allocated at activation
         guided_any = any(sb.path.kind == "guided" for sb in self.bindings)
         x0 = np.ascontiguousarray(noise * np.float32(self.bundle.plan.init_noise_sigma), dtype=self.specs["x"].dtype)
         hosts = {"x": x0, "x2": np.concatenate([x0, x0])}

@@ -76,6 +76,7 @@ def allocate(
             if spent + cost > budget_params:
                 continue
             if method == "adaptive":
+                assert spectra is not None  # checked above
                 key = ((gain(spectra[m.name], nxt) - gain(spectra[m.name], cur)) / cost, -order[m.name])
             else:
                 key = (-cur, -order[m.name])

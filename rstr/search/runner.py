@@ -13,7 +13,7 @@ from typing import Any
 from rstr._io import write_json
 from rstr._progress import progress_bar
 from rstr.errors import RstrError
-from rstr.executor import Task, make_executor
+from rstr.executor import Executor, Task, make_executor
 from rstr.families import dtype_name
 from rstr.families.base import Family
 from rstr.schedule import GuidanceSchedule
@@ -98,7 +98,7 @@ class _Search:
         self.progress, self.on_checkpoint = progress, on_checkpoint
         self.model = model_identity(family)
         self.state = SearchState.fresh(config.seed)
-        self.executor = None
+        self.executor: Executor | None = None  # open while run() runs
         self.search_seeds = SeedRange(SEARCH_SEEDS.start, SEARCH_SEEDS.start + config.search_num)
         self.validation_seeds = SeedRange(self.search_seeds.stop, self.search_seeds.stop + config.search_num)
         self.held_out_seeds = SeedRange(HELD_OUT_SEEDS.start, HELD_OUT_SEEDS.start + config.held_out_num * config.held_out_groups)
@@ -148,6 +148,7 @@ class _Search:
             "held_out": (self.held_out_seeds.start, self.config.held_out_num, self.config.held_out_groups),
         }[which]
         items = [(self.schedule_of(g), *seeds) for g in todo]
+        assert self.executor is not None, "score() runs inside run()"
         with progress_bar(len(todo), desc, enabled=self.progress) as bar:
             for g, metrics in zip(todo, self.executor.map(items)):
                 cache[g.key] = metrics
@@ -157,7 +158,7 @@ class _Search:
                     bar.note(f"best {self.objective.metric} {self.objective.value(self.state.search[best]):.4f}")
 
     # ------------------------------------------------------------------------ phases
-    def run(self, out: Path | None, executor_factory: Callable[[Task], Any]) -> SearchResult:
+    def run(self, out: Path | None, executor_factory: Callable[[Task], Executor]) -> SearchResult:
         t0 = time.perf_counter()
         f = self.family
         task = EvalTask(
@@ -246,6 +247,7 @@ class _Search:
             st.generation += 1
             st.ga_keys.extend(k for k in dict.fromkeys(g.key for g in population) if k not in set(st.ga_keys))
             best = self.best(st.ga_keys)
+            assert best is not None  # the population just scored is in ga_keys
             st.history.append(
                 {
                     "generation": st.generation,
