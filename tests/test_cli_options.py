@@ -124,18 +124,17 @@ def test_search_workers_load_the_dtype_of_the_model(tiny_dir):
 
 
 # --------------------------------------------------------------------------- --json
-def only_json(out: str) -> dict:
+def json_result(monkeypatch, capsys, *args, export: bool = False) -> dict:
+    """Run a command with --json: it succeeds and stdout is exactly one JSON object."""
+    code, out, err = cli(monkeypatch, capsys, *args, "--json", export=export)
+    assert code == 0, err
     assert out.count("\n") == 1, out
     return json.loads(out)
 
 
 def test_search_json(monkeypatch, capsys, tmp_path, tiny_dir):
     out = tmp_path / "s.json"
-    code, stdout, err = cli(
-        monkeypatch, capsys, "search", "--model", tiny_dir, "--preset", "fast", "--steps", "6", "--out", out, "--json"
-    )
-    assert code == 0, err
-    record = only_json(stdout)
+    record = json_result(monkeypatch, capsys, "search", "--model", tiny_dir, "--preset", "fast", "--steps", "6", "--out", out)
     assert record["out"] == str(out) and record["metric"] == "teacher_mse" and len(record["held_out_groups"]) >= 1
     assert record["schedule"] == json.loads(out.read_text())
     assert isinstance(record["beats_every_in_budget_baseline"], bool)
@@ -143,18 +142,12 @@ def test_search_json(monkeypatch, capsys, tmp_path, tiny_dir):
 
 def test_calibrate_json(monkeypatch, capsys, tmp_path, tiny_dir):
     out = tmp_path / "ad"
-    code, stdout, err = cli(
-        monkeypatch, capsys, "calibrate", "--model", tiny_dir, "--preset", "fast", "--steps", "2", "--out", out, "--json"
-    )
-    assert code == 0, err
-    record = only_json(stdout)
+    record = json_result(monkeypatch, capsys, "calibrate", "--model", tiny_dir, "--preset", "fast", "--steps", "2", "--out", out)
     assert record["out"] == str(out) and (out / "allocation.json").is_file()
     assert record["params"] > 0 and record["ranks"] and record["validation_after"] >= 0
 
 
 def test_verify_json(monkeypatch, capsys, pixel_dit_bundle):
-    code, stdout, err = cli(monkeypatch, capsys, "verify", pixel_dit_bundle, "--seed", "3", "--json", export=True)
-    assert code == 0, err
-    record = only_json(stdout)
+    record = json_result(monkeypatch, capsys, "verify", pixel_dit_bundle, "--seed", "3", export=True)
     assert record["passed"] is True and record["seed"] == 3 and record["max_rel_error"] <= record["tolerance"]
     assert len(record["per_step_rel_error"]) == Bundle.open(pixel_dit_bundle).plan.num_steps
