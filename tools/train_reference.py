@@ -198,36 +198,27 @@ def _ddim(spacing: str):
     )
 
 
-def _flux_euler(spacing: str):
-    """FLUX.1-dev's scheduler configuration (``spacing`` is a DDIM option and unused here)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
+def _flow_euler(max_shift: float, max_image_seq_len: int, **extra) -> Callable[[str], object]:
+    """The Euler flow-matching sampler with dynamic shifting as FLUX.1-dev and Qwen-Image configure it.
 
-    return FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000,
-        shift=1.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-    )
+    The factory takes ``spacing`` like :func:`_ddim`, a DDIM option unused here.
+    """
 
+    def make(spacing: str):
+        from diffusers import FlowMatchEulerDiscreteScheduler
 
-def _qwen_euler(spacing: str):
-    """Qwen-Image's scheduler configuration (``spacing`` is a DDIM option and unused here)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
+        return FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=1000,
+            shift=1.0,
+            use_dynamic_shifting=True,
+            base_shift=0.5,
+            max_shift=max_shift,
+            base_image_seq_len=256,
+            max_image_seq_len=max_image_seq_len,
+            **extra,
+        )
 
-    return FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000,
-        shift=1.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=0.9,
-        base_image_seq_len=256,
-        max_image_seq_len=8192,
-        shift_terminal=0.02,
-        time_shift_type="exponential",
-    )
+    return make
 
 
 @dataclass(frozen=True)
@@ -269,11 +260,19 @@ SPECS = {
         Spec(
             "pixart", _pixart, _ddim, "epsilon", packed=False, table=("encoder_hidden_states", "encoder_attention_mask"), **_TEXT
         ),
-        Spec("flux", _flux, _flux_euler, "flow", packed=True, table=("encoder_hidden_states", "pooled_projections"), **_TEXT),
+        Spec(
+            "flux",
+            _flux,
+            _flow_euler(1.15, 4096),
+            "flow",
+            packed=True,
+            table=("encoder_hidden_states", "pooled_projections"),
+            **_TEXT,
+        ),
         Spec(
             "qwenimage",
             _qwenimage,
-            _qwen_euler,
+            _flow_euler(0.9, 8192, shift_terminal=0.02, time_shift_type="exponential"),
             "flow",
             packed=True,
             table=("encoder_hidden_states", "encoder_hidden_states_mask"),
