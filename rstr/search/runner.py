@@ -220,7 +220,8 @@ class _Search:
         return sorted(chosen, key=lambda b: (b.genome.passes, b.kind))
 
     def initial_population(self, chosen: list[Baseline]) -> list[Genome]:
-        """The best baseline of each kind, then the next best ones up to half the population; random members fill the rest."""
+        """The best baseline of each kind, then the next best ones up to half the population; the rest are random
+        members or, with ``config.warp_seeds``, the best baselines (in rank order) on random timestep warps."""
         ranked = sorted((b for b in chosen if b.in_budget), key=lambda b: self.rank(b.genome))
         kinds: dict[str, Genome] = {}
         for b in ranked:
@@ -229,8 +230,17 @@ class _Search:
         for b in ranked:
             if len(seeds) < self.config.population // 2 and b.genome.key not in {g.key for g in seeds}:
                 seeds.append(b.genome)
+        warped = self.config.warp_seeds and self.space.own_timesteps
+        i = 0
         while len(seeds) < self.config.population:
-            g = random_genome(self.space, self.state.rng)
+            if warped:
+                rng, space = self.state.rng, self.space
+                g = ranked[i % len(ranked)].genome.with_warp(
+                    space.clip_warp(rng.uniform(*space.start_range), rng.uniform(*space.rho_range))
+                )
+                i += 1
+            else:
+                g = random_genome(self.space, self.state.rng)
             if g.key not in {s.key for s in seeds}:
                 seeds.append(g)
         return seeds
