@@ -26,6 +26,7 @@ import numpy as np
 from rstr.engines.base import InputError, Runner
 from rstr.engines.bundle import Bundle
 from rstr.engines.manifest import Decoder
+from rstr.engines.noise import standard_normal
 
 from rstr.errors import BackendUnavailable
 
@@ -100,11 +101,8 @@ class Pipeline:
         return self.runner.backend
 
     def noise(self, seed: int) -> np.ndarray:
-        """Standard normal noise of the bundle's sample shape from numpy's PCG64 with ``seed`` (an integer >= 0)."""
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise InputError(f"seed {seed!r} must be an integer >= 0")
-        shape = self.bundle.sample.concrete(self.bundle.batch)
-        return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+        """rstr's seeded noise of the bundle's sample shape (:mod:`rstr.engines.noise`; ``rstr-run --seed`` draws the same)."""
+        return standard_normal(seed, self.bundle.sample.concrete(self.bundle.batch))
 
     def __call__(
         self, conditioning: dict, *, uncond: dict | None = None, seed: int | None = None, noise: np.ndarray | None = None

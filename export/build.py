@@ -52,6 +52,7 @@ class BuildOptions:
     measure: bool = True
     require_better: bool = False
     prompts: Path | None = None
+    device: str = "cpu"  # where the PyTorch stages and the quality measurement run
 
 
 @dataclass
@@ -108,7 +109,7 @@ def build(opts: BuildOptions) -> BuildResult:
         raise RstrError(f"output directory {opts.out} exists; pass --force to replace it or choose another --out")
     if opts.batch < 1:
         raise RstrError(f"--batch {opts.batch} must be at least 1")
-    family = load_model(opts.model, prompts=opts.prompts)
+    family = load_model(opts.model, device=opts.device, prompts=opts.prompts)
     if opts.schedule is not None:
         build_plan(family, GuidanceSchedule.load(opts.schedule), opts.batch)  # refuse a misfit before any work
     if opts.require_better and family.quality != "digits":
@@ -130,6 +131,7 @@ def build(opts: BuildOptions) -> BuildResult:
             gates["adapter"] = adapter_gate.to_json()
             log.info(adapter_gate.decision)
         schedule.save(root / "schedule.json")
+        family.transformer.to("cpu")  # merge, export and verification against the CPU runtime run on the CPU
 
         adapter_hash = None
         if adapter is not None:
@@ -177,7 +179,9 @@ def build(opts: BuildOptions) -> BuildResult:
         }
         if opts.measure or opts.require_better:
             log.info(f"measuring quality against the stock model ({REPORT_GROUPS} x {REPORT_NUM} held-out seeds, paired)")
+            family.transformer.to(opts.device)
             quality = measure_quality(family, schedule)
+            family.transformer.to("cpu")  # the speed measurement compares PyTorch and ONNX Runtime on the CPU
             summary["quality"] = None if quality is None else quality.to_json()
             if opts.require_better and (quality is None or quality.verdict != "better"):
                 raise RstrError(

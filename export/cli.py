@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from rstr._cli import run_app
+from rstr._options import JsonOpt
 from rstr.errors import RstrError
 
 app = typer.Typer(
@@ -50,6 +51,12 @@ def build(
         str, typer.Option(help="auto (TensorRT when usable, else ONNX Runtime) | tensorrt | onnxruntime.")
     ] = "auto",
     dtype: Annotated[str, typer.Option(help="Precision inside the denoiser graph: fp32 | fp16 | bf16.")] = "fp32",
+    device: Annotated[
+        str,
+        typer.Option(
+            help="cpu | cuda | cuda:N: where the PyTorch stages run (search, calibration, gates, quality); merge, export and verification run on the CPU."
+        ),
+    ] = "cpu",
     batch: Annotated[int, typer.Option(help="Images per call (B); guided steps run 2B rows, unguided B.")] = 1,
     preset: Annotated[
         str,
@@ -72,9 +79,7 @@ def build(
     threads: Annotated[int | None, typer.Option(help="Torch threads (default: the cores not busy with other work).")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", help="Show every step's detail and third-party messages.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="Print only the final table.")] = False,
-    json_out: Annotated[
-        bool, typer.Option("--json", help="Print the summary as one JSON object (nothing else on stdout).")
-    ] = False,
+    json_out: JsonOpt = False,
 ) -> None:
     """Build a verified bundle. With no arguments: the whole job on the reference model.
 
@@ -86,8 +91,10 @@ def build(
     --adapter calib/ --out b/` | `rstr-export build --require-better --quiet`
     """
     from rstr._cli import set_threads, setup_output
+    from rstr._options import check_device
 
     setup_output(verbose=verbose, quiet=quiet or json_out)
+    check_device(device)
     if backend not in ("auto", "tensorrt", "onnxruntime"):
         raise RstrError(f"--backend {backend!r} is not one of auto, tensorrt, onnxruntime")
     if preset not in ("fast", "full"):
@@ -97,7 +104,22 @@ def build(
 
     set_threads(threads)
     result = run_build(
-        BuildOptions(model, schedule, adapter, out, backend, dtype, batch, force, preset, budget, seed, measure, require_better)
+        BuildOptions(
+            model,
+            schedule,
+            adapter,
+            out,
+            backend,
+            dtype,
+            batch,
+            force,
+            preset,
+            budget,
+            seed,
+            measure,
+            require_better,
+            device=device,
+        )
     )
     s = result.summary
     if json_out:
@@ -164,7 +186,7 @@ def inspect(bundle: BundleArg, json_out: Annotated[bool, typer.Option("--json", 
 @app.command()
 def verify(
     bundle: BundleArg,
-    seed: Annotated[int, typer.Option(help="Seed of the noise.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the noise (rstr's seeded generator, as `rstr-export run --seed`).")] = 0,
     model: Annotated[
         Path | None,
         typer.Option(
@@ -172,6 +194,7 @@ def verify(
             "and its files still hash to the recorded model_sha256."
         ),
     ] = None,
+    json_out: JsonOpt = False,
 ) -> None:
     """Run the bundle (ONNX Runtime, CPU) and the PyTorch sampler from the same noise and compare.
 
@@ -199,6 +222,9 @@ def verify(
 
         apply_adapter(family, adapter)
     result = run_verify(b, family, schedule, seed=seed)
+    if json_out:
+        print(json.dumps({"bundle": str(bundle), "seed": seed, "passed": result.passed, **result.to_json()}))
+        return
     console.print(
         f"[green]verified[/green]: max relative error {result.max_rel_error:.2e} <= {result.tolerance:.0e} "
         f"over {len(result.per_step)} steps ({result.backend})"
@@ -210,7 +236,12 @@ def run(
     bundle: BundleArg,
     classes: Annotated[str, typer.Option("--class", help="Class label(s), comma-separated, one per batch row.")] = "0",
     cond: Annotated[Path | None, typer.Option(help=".npz of conditioning arrays (and uncond_<name> for negatives).")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the noise (numpy PCG64); ignored with --noise.")] = 0,
+    seed: Annotated[
+        int,
+        typer.Option(
+            help="Seed of the noise: rstr's seeded generator, as rstr-run and `rstr sample` (docs/seeding.md); ignored with --noise."
+        ),
+    ] = 0,
     noise: Annotated[Path | None, typer.Option(help=".npy noise of the bundle's sample shape.")] = None,
     backend: Annotated[str, typer.Option(help="auto | tensorrt | onnxruntime | onnxruntime-cpu | onnxruntime-cuda.")] = "auto",
     out: Annotated[Path, typer.Option(help=".png (bundles with a pixel decoder) or .npy latents.")] = Path("out.png"),
@@ -222,6 +253,7 @@ def run(
             "they load. Only for bundles whose author you trust as you would trust a program from them.",
         ),
     ] = False,
+    json_out: JsonOpt = False,
 ) -> None:
     """Generate with a bundle and save the image grid or the latents."""
     from rstr.engines.pipeline import Pipeline
@@ -252,6 +284,10 @@ def run(
             else:
                 assert result.images is not None  # a pixels decoder was checked above
                 _write_png(tmp, result.images)
+    if json_out:
+        noise_from = {"seed": seed} if noise is None else {"noise": str(noise)}
+        print(json.dumps({"out": str(out), "backend": pipe.backend, "shape": list(result.latents.shape), **noise_from}))
+        return
     console.print(f"wrote {out} ({pipe.backend})")
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from rstr.engines.bundle import Bundle
+from rstr.engines.noise import standard_normal
 from rstr.engines.onnxruntime import OnnxRuntimeRunner
 from rstr.engines.validate import entry_problem
 
@@ -126,7 +127,7 @@ def verify(
 ) -> Verification:
     """Run the bundle (ONNX Runtime, CPU) and the PyTorch sampler from the same noise; compare."""
     b = bundle.batch
-    noise = np.random.default_rng(seed).standard_normal(bundle.sample.concrete(b), dtype=np.float32)
+    noise = standard_normal(seed, bundle.sample.concrete(b))  # rstr's seeded noise, as `rstr-export run --seed`
     cond, uncond = example_inputs(family, b, seed)
     trace: list[np.ndarray] = []
     with OnnxRuntimeRunner(bundle, device="cpu") as runner:

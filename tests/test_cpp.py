@@ -95,6 +95,30 @@ def test_seed_is_reproducible(rstr_run, bundle, tmp_path):
     assert not np.array_equal(first, other)
 
 
+def test_seed_draws_the_same_noise_as_python(rstr_run, bundle, tmp_path):
+    """rstr-run --seed S draws rstr.engines.noise.standard_normal(S) exactly: the latents equal those from
+    that noise given with --noise, and match the Python runtime's Pipeline(seed=S)."""
+    from rstr.engines import Pipeline
+    from rstr.engines.noise import standard_normal
+
+    seeded, given = tmp_path / "seeded.npy", tmp_path / "given.npy"
+    np.save(tmp_path / "noise.npy", standard_normal(2**40 + 5, (BATCH, 1, 8, 8)))
+    assert run(rstr_run, bundle, "--out", seeded, "--class", "3,7", "--seed", 2**40 + 5).returncode == 0
+    assert run(rstr_run, bundle, "--out", given, "--class", "3,7", "--noise", tmp_path / "noise.npy").returncode == 0
+    np.testing.assert_array_equal(np.load(seeded), np.load(given))
+    with Pipeline.load(bundle, backend="onnxruntime") as pipe:
+        python = pipe({"class_labels": [3, 7]}, seed=2**40 + 5).latents
+    assert rel(np.load(seeded), python) <= 1e-6
+
+
+@pytest.mark.parametrize("seed", ["-1", "18446744073709551616", "1e3"])
+def test_bad_seed(rstr_run, bundle, tmp_path, seed):
+    assert_error(
+        run(rstr_run, bundle, "--out", tmp_path / "x.npy", "--class", "3", "--seed", seed),
+        f"--seed expects an integer from 0 to 2^64 - 1, got '{seed}'",
+    )
+
+
 def test_installed_package_config(rstr_run, bundle, tmp_path):
     """An application finds the installed library with find_package(rstr_runtime)."""
     src = ROOT / "engines" / "cpp" / "examples" / "consumer"

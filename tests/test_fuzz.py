@@ -225,3 +225,44 @@ def test_cpp_reader_agrees_with_python_on_mutated_manifests(rstr_run, pixel_dit_
         assert normalise(lines[0], bundle) == normalise(message, bundle)
     else:
         assert proc.returncode == 0 or "manifest.json" not in lines[0], f"C++ refused what Python accepts: {lines[0]}"
+
+
+@st.composite
+def corrupted_text(draw, text: str) -> bytes:
+    """``text`` with bytes flipped, cut out or inserted (the file a faulty copy or an editor leaves)."""
+    data = bytearray(text.encode())
+    for _ in range(draw(st.integers(1, 3))):
+        at = draw(st.integers(0, len(data) - 1))
+        action = draw(st.sampled_from(["flip", "cut", "insert"]))
+        if action == "flip":
+            data[at] ^= 1 << draw(st.integers(0, 7))
+        elif action == "cut":
+            del data[at : at + draw(st.integers(1, 16))]
+        else:
+            data[at:at] = draw(st.binary(min_size=1, max_size=4))
+    return bytes(data)
+
+
+@pytest.mark.cpp
+@CPP_FUZZ
+@given(st.data())
+def test_cpp_reader_agrees_with_python_on_corrupted_manifest_text(rstr_run, pixel_dit_bundle, tmp_path_factory, data):
+    import shutil
+
+    bundle = tmp_path_factory.getbasetemp() / "fuzz-text-bundle"
+    if not bundle.exists():
+        shutil.copytree(pixel_dit_bundle, bundle)
+    good = (pixel_dit_bundle / "manifest.json").read_text()
+    (bundle / "manifest.json").write_bytes(data.draw(corrupted_text(good)))
+    out = bundle.parent / "fuzz-text-out.npy"
+    proc = subprocess.run(
+        [str(rstr_run), str(bundle), "--out", str(out), "--class", "0", "--seed", "0"], capture_output=True, timeout=60
+    )
+    out.unlink(missing_ok=True)
+    stderr = proc.stderr.decode("utf-8", "replace").strip()
+    assert proc.returncode in (0, 1) and (proc.returncode == 0 or len(stderr.splitlines()) == 1), stderr
+    assert proc.returncode == 0 or stderr.startswith("rstr-run: error: "), stderr
+    code, message = _python_verdict(bundle)
+    assert proc.returncode == code, (stderr, message)
+    if code == 1:
+        assert normalise(stderr, bundle) == normalise(message, bundle)

@@ -39,21 +39,26 @@ from rstr.families.pixart import PixArtFamily
 from rstr.families.qwenimage import QwenImageFamily
 
 FAMILIES: dict[str, type[Family]] = {}
+# The transformer dtypes a command can load (--dtype), by the names rstr uses everywhere (the bundle's dtype too).
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 REFERENCE_MODELS = Path(__file__).resolve().parent.parent / "reference"
 REFERENCE_MODEL = REFERENCE_MODELS / "digits-dit"
 
 __all__ = [
+    "DTYPES",
     "FAMILIES",
     "REFERENCE_MODEL",
     "Conditioning",
     "Family",
     "ImageSpec",
     "TensorSpec",
+    "dtype_name",
     "family_for_transformer",
     "load_model",
     "model_sha256",
     "register_family",
     "resolve_model_path",
+    "torch_dtype",
 ]
 
 
@@ -116,6 +121,20 @@ def family_for_transformer(transformer: torch.nn.Module) -> type[Family]:
     )
 
 
+def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """The torch dtype for ``fp32`` / ``fp16`` / ``bf16`` (or one of those torch dtypes)."""
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if dtype not in DTYPES:
+        raise ModelError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``fp32`` / ``fp16`` / ``bf16`` for a torch dtype (the inverse of :func:`torch_dtype`)."""
+    return next(name for name, d in DTYPES.items() if d == dtype)
+
+
 def resolve_model_path(model: str | os.PathLike[str] | None, revision: str | None = None, variant: str | None = None) -> Path:
     """A model directory from a path, a reference model shipped with rstr (``digits-flux``), or a Hub id in the local cache."""
     if model is None:
@@ -161,6 +180,7 @@ def load_model(
     path: str | os.PathLike[str] | None = None,
     *,
     device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = "fp32",
     revision: str | None = None,
     variant: str | None = None,
     prompts: str | os.PathLike[str] | None = None,
@@ -168,12 +188,14 @@ def load_model(
 ) -> Family:
     """Load a family adapter from a local diffusers directory, a reference model name or a cached Hub id.
 
-    The default is the reference digits DiT; ``revision`` picks a Hub id's cached snapshot and
+    The default is the reference digits DiT; the transformer is loaded in ``dtype`` (``fp32``,
+    ``fp16`` or ``bf16``) and moved to ``device``; ``revision`` picks a Hub id's cached snapshot and
     ``variant`` (e.g. ``fp16``) the weight files to load.  ``prompts`` (a prompt set file) replaces the
     model's class table as the conditioning drawn for evaluation, search and calibration.
     """
     import diffusers
 
+    weights_dtype = torch_dtype(dtype)
     path = resolve_model_path(path, revision, variant)
     if not path.exists():
         names = ", ".join(sorted(p.name for p in REFERENCE_MODELS.iterdir() if p.is_dir()))
@@ -210,7 +232,10 @@ def load_model(
     try:
         with _diffusers_quiet():  # its notes on missing weights become the one error line below
             transformer = getattr(diffusers, family.transformer_class).from_pretrained(
-                transformer_dir, torch_dtype=torch.float32, variant=variant, use_safetensors=True  # never unpickle weights
+                transformer_dir,
+                torch_dtype=weights_dtype,
+                variant=variant,
+                use_safetensors=True,  # never unpickle weights
             )
     except (OSError, ValueError, RuntimeError, TypeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -43,6 +43,7 @@ class SearchConfig:
     interval_starts: tuple[float, ...]
     finalists: int
     constant_counts: int = 0  # constant-CFG baselines only at this many of the largest step counts that fit (0: every count)
+    warp_seeds: bool = False  # fill the initial population with the best baselines on random warps, not random members
     w_max: float = 3.0
     elite: int = 2
     tournament: int = 3
@@ -66,7 +67,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # constant CFG only at the two largest counts that fit; one held-out group (the build's own
     # gate and report compare against the stock model on their own seeds).
     "fast": dict(
-        population=6,
+        population=8,
         generations=2,
         step_fractions=(0.48, 0.64, 0.8),
         search_num=400,
@@ -77,6 +78,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         interval_starts=(0.5,),
         finalists=2,
         constant_counts=2,
+        warp_seeds=True,
     ),
     # the search the reports quote: 3 held-out groups of 2000 images.  Candidates are scored on
     # groups of 2000 too: the Frechet distance's finite-sample bias depends on the sample size and

@@ -5,7 +5,6 @@
 #include <cstdio>
 #include <cstring>
 #include <iostream>
-#include <random>
 #include <sstream>
 
 #include "atomic_file.hpp"
@@ -33,9 +32,9 @@ Walks the bundle's step plan from initial noise to final latents and saves them 
                       left out when the bundle has a single conditioning input; repeat per input
   --uncond NAME=FILE  the unconditional rows of an input marked "required" (e.g. negative-prompt
                       embeddings); inputs with a "fill" value (DiT's null class) need none
-  --seed S            draw the noise N(0, 1) with std::mt19937_64(S) and
-                      std::normal_distribution<float>; this does NOT match Python's generators:
-                      for parity with Python pass the same noise with --noise
+  --seed S            draw the noise with rstr's seeded generator (Philox4x32-10 and Box-Muller,
+                      docs/seeding.md; S from 0 to 2^64 - 1): the same noise as `rstr-export run
+                      --seed S`, Pipeline(seed=S) and `rstr sample --seed S`
   --noise FILE        initial noise, float32 .npy of shape sample.shape (before init_noise_sigma)
   --backend B         cpu (ONNX Runtime, default), cuda (ONNX Runtime CUDA provider; needs a
                       build with -DRSTR_WITH_CUDA=ON), tensorrt (needs a build with TensorRT and
@@ -79,6 +78,18 @@ int64_t parse_int(const std::string& flag, const std::string& text) {
   }
 }
 
+uint64_t parse_seed(const std::string& text) {
+  try {
+    size_t used = 0;
+    if (text.empty() || text[0] == '-' || text[0] == '+') throw std::invalid_argument(text);
+    const unsigned long long v = std::stoull(text, &used);
+    if (used != text.size()) throw std::invalid_argument(text);
+    return v;
+  } catch (const std::exception&) {
+    throw UsageError("--seed expects an integer from 0 to 2^64 - 1, got '" + text + "'");
+  }
+}
+
 Args parse_args(int argc, char** argv) {
   Args a;
   std::vector<std::string> positional;
@@ -106,9 +117,7 @@ Args parse_args(int argc, char** argv) {
     } else if (arg == "--uncond") {
       a.uncond.push_back(value());
     } else if (arg == "--seed") {
-      const int64_t seed = parse_int(arg, value());
-      if (seed < 0) throw UsageError("--seed " + std::to_string(seed) + " must be an integer >= 0");
-      a.seed = static_cast<uint64_t>(seed);
+      a.seed = parse_seed(value());
     } else if (arg == "--noise") {
       a.noise = value();
     } else if (arg == "--backend") {
@@ -170,16 +179,6 @@ rstr::Conditioning class_conditioning(const std::vector<int64_t>& classes, const
   return {{m.conditioning[0].info.name, rstr::Tensor::int64({m.batch}, std::move(labels))}};
 }
 
-rstr::Tensor seeded_noise(uint64_t seed, const std::vector<int64_t>& shape) {
-  std::mt19937_64 gen(seed);
-  std::normal_distribution<float> normal(0.0f, 1.0f);
-  int64_t n = 1;
-  for (int64_t d : shape) n *= d;
-  std::vector<float> v(static_cast<size_t>(n));
-  for (float& x : v) x = normal(gen);
-  return rstr::Tensor::float32(shape, std::move(v));
-}
-
 void require_pixels(const rstr::Decoder& d) {
   if (d.kind != rstr::DecoderKind::Pixels)
     throw UsageError("--png needs a bundle whose decoder is \"pixels\"; this one returns latents only (decode them yourself)");
@@ -226,7 +225,7 @@ int run(const Args& a) {
   else if (!a.cond.empty()) cond = load_named("--cond", a.cond, m);
   else if (!m.conditioning.empty()) throw UsageError("this bundle needs conditioning: give --class or --cond");
 
-  rstr::Tensor noise = a.seed ? seeded_noise(*a.seed, m.sample.shape) : rstr::npy::read(a.noise);
+  rstr::Tensor noise = a.seed ? rstr::seeded_noise(*a.seed, m.sample.shape) : rstr::npy::read(a.noise);
 
   const auto start = std::chrono::steady_clock::now();
   rstr::Runner runner(bundle, a.backend, a.options);

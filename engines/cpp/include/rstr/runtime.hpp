@@ -91,6 +91,11 @@ class Tensor {
 /// "[2, 4, 8, 8]".
 std::string shape_string(const std::vector<int64_t>& shape);
 
+/// rstr's seeded noise (docs/seeding.md): float32 N(0, 1) of `shape` from `seed`, Philox4x32-10 bits
+/// and Box-Muller normals -- the same numbers as Python's `rstr.engines.noise.standard_normal`,
+/// `Pipeline(seed=)`, `rstr-export run --seed` and `rstr sample --seed`.
+Tensor seeded_noise(uint64_t seed, const std::vector<int64_t>& shape);
+
 /// Named conditioning tensors (manifest `conditioning.inputs`), each [B, ...].
 using Conditioning = std::map<std::string, Tensor>;
 
