@@ -10,6 +10,7 @@ arrays.  No torch, no transformers.
 from __future__ import annotations
 
 import numpy as np
+from rstr.engines.base import InputError
 from rstr.engines.bundle import Bundle, safe_member
 from rstr.engines.manifest import TextEncoderDesc
 
@@ -39,7 +40,7 @@ class PromptEncoder:
 
         text = bundle.manifest.text
         if text is None:
-            raise RstrError("this bundle takes no prompts (it has no text encoders); pass conditioning arrays")
+            raise InputError("this bundle takes no prompts (it has no text encoders); pass conditioning arrays")
         self.negative_prompt = text.negative_prompt
         self.encoders = [(d, _tokenizer(bundle, d), open_session(bundle, d.graph, device)) for d in text.encoders]
 

@@ -42,9 +42,9 @@ from rstr.export.verify import Verification, check_bundle, reference_run, rel
 
 from rstr._io import atomic_dir
 from rstr.errors import BackendUnavailable, BundleError, RstrError
-from rstr.families import load_model
+from rstr.families import load_model, model_sha256
 from rstr.families.base import Family
-from rstr.families.weights import torch_dtype, weight_bytes
+from rstr.families.weights import weight_bytes
 from rstr.schedule import GuidanceSchedule
 
 MERGE_TOLERANCE = 1e-5
@@ -69,6 +69,8 @@ class BuildOptions:
     seed: int = 0
     measure: bool = True
     require_better: bool = False
+    prompts: Path | None = None
+    device: str = "cpu"  # where the PyTorch stages and the quality measurement run
 
 
 @dataclass
@@ -108,8 +110,8 @@ def check_runs_in_dtype(family: Family, dtype: str) -> None:
     if dtype == "fp32":
         return
     cond, _ = family.example_conditioning(1)
-    x = torch.randn(family.sample_shape(1), generator=torch.Generator().manual_seed(0))
-    t = torch.full((1,), family.model_timestep(family.fresh_scheduler().config.num_train_timesteps // 2))
+    x = torch.randn(family.sample_shape(1), generator=torch.Generator().manual_seed(0)).to(family.device)
+    t = torch.full((1,), family.model_timestep(family.fresh_scheduler().config.num_train_timesteps // 2), device=family.device)
     try:
         with torch.no_grad():
             out = family.predict(x, t, family.check_conditioning(cond, 1))
@@ -132,11 +134,11 @@ def check_dtype_runs(dtype: str, check: Callable[[], Verification]) -> Verificat
         raise RstrError(f"--dtype {dtype}: {err}; use --dtype fp32 or fp16") from None
 
 
-def drop_weights(family: Family) -> None:
-    """Free the PyTorch weights (moved to the meta device) once only ONNX Runtime runs: memory for the graphs."""
+def move_weights(family: Family, device: str) -> None:
+    """The transformer, VAE and text encoders to ``device``; ``meta`` frees the weights once only ONNX Runtime runs."""
     for module in (family.transformer, family.vae, *(e.model for e in family.text_encoders)):
         if module is not None:
-            module.to("meta")
+            module.to(device)
 
 
 def build_engines_if_usable(root: Path, manifest: Manifest, opts: BuildOptions) -> list[Engine]:
@@ -161,7 +163,7 @@ def build(opts: BuildOptions) -> BuildResult:
         raise RstrError(f"output directory {opts.out} exists; pass --force to replace it or choose another --out")
     if opts.batch < 1:
         raise RstrError(f"--batch {opts.batch} must be at least 1")
-    family = load_model(opts.model, dtype=torch_dtype(opts.dtype))
+    family = load_model(opts.model, device=opts.device, dtype=opts.dtype, prompts=opts.prompts)
     check_runs_in_dtype(family, opts.dtype)
     if opts.schedule is not None:
         build_plan(family, GuidanceSchedule.load(opts.schedule), opts.batch)  # refuse a misfit before any work
@@ -184,6 +186,7 @@ def build(opts: BuildOptions) -> BuildResult:
             gates["adapter"] = adapter_gate.to_json()
             log.info(adapter_gate.decision)
         schedule.save(root / "schedule.json")
+        move_weights(family, "cpu")  # merge, export and verification against the CPU runtime run on the CPU
 
         adapter_hash = None
         if adapter is not None:
@@ -219,6 +222,7 @@ def build(opts: BuildOptions) -> BuildResult:
             text=None if text is None else Text.from_json(text),
             provenance=Provenance(
                 model=str(family.path),
+                model_sha256=None if family.path is None else model_sha256(family.path),
                 schedule_sha256=schedule.sha256(),
                 adapter="stages/adapter" if adapter is not None else None,
                 adapter_sha256=adapter_hash,
@@ -237,7 +241,9 @@ def build(opts: BuildOptions) -> BuildResult:
         }
         if opts.measure or opts.require_better:
             log.info(f"measuring quality against the stock model ({REPORT_GROUPS} x {REPORT_NUM} held-out seeds, paired)")
+            family.transformer.to(opts.device)
             quality = measure_quality(family, schedule)
+            family.transformer.to("cpu")  # the speed measurement compares PyTorch and ONNX Runtime on the CPU
             summary["quality"] = None if quality is None else quality.to_json()
             if opts.require_better and (quality is None or quality.verdict != "better"):
                 raise RstrError(
@@ -252,7 +258,7 @@ def build(opts: BuildOptions) -> BuildResult:
                     f"speed not measured: the model's weights pass {LARGE_MODEL_BYTES >> 20} MiB and timing would hold them "
                     f"twice (PyTorch and the bundle side by side); time it with tools/bench.py"
                 )
-            drop_weights(family)  # from here on only ONNX Runtime runs
+            move_weights(family, "meta")  # from here on only ONNX Runtime runs
         check = check_dtype_runs(opts.dtype, lambda: check_bundle(bundle, reference))
         summary["max_rel_error"] = check.max_rel_error
         manifest = replace(manifest, verification=VerificationRecord.from_json(check.to_json()))

@@ -21,16 +21,20 @@ beside it.  The TorchScript exporter writes external data by itself past 2 GB on
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import onnx
 import torch
 from torch import nn
 
+from rstr.families import torch_dtype
 from rstr.families.base import Family, TensorSpec
-from rstr.families.weights import torch_dtype
 
 OPSET = 18
 EXTERNAL_DATA_BYTES = 2**31 - (64 << 20)  # weights past this go to <graph>.onnx.data (protobuf caps a file at 2 GB)
@@ -96,12 +100,12 @@ def _export(
     dynamo: bool,
 ) -> None:
     """Export with dynamic axes named in ``batch_axes`` (input/output name -> axis symbol)."""
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _quiet_exporters():
         warnings.simplefilter("ignore")
         if dynamo:
             dims = {"batch": torch.export.Dim("batch", min=1, max=4096)}
             dims["batch2"] = 2 * dims["batch"]
-            dynamic_shapes = [({0: dims[batch_axes[n]]} if n in batch_axes else None) for n in input_names]
+            dynamic_shapes: list[Any] = [({0: dims[batch_axes[n]]} if n in batch_axes else None) for n in input_names]
             if isinstance(module, Denoiser):  # forward(sample, timestep, *cond): varargs form one tuple
                 dynamic_shapes = [*dynamic_shapes[:2], tuple(dynamic_shapes[2:])]
             program = torch.onnx.export(
@@ -114,6 +118,7 @@ def _export(
                 opset_version=OPSET,
                 verbose=False,
             )
+            assert program is not None  # the dynamo exporter returns its program
             program.save(str(path), external_data=True)  # streamed: see the module docstring
         else:
             axes = {n: {0: batch_axes[n]} for n in [*input_names, *output_names] if n in batch_axes}
@@ -165,7 +170,8 @@ def clean(src: Path, dst: Path | None = None) -> None:
         for v in [*model.graph.input, *model.graph.output]
     }
     if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
-        model = _clean_structure(model)
+        with _quiet_exporters():
+            model = _clean_structure(model)
         _restore_io_shapes(model, declared)
         _refuse_float64(model, dst)
         _gather_external_data(model, src.parent, dst)
@@ -173,7 +179,8 @@ def clean(src: Path, dst: Path | None = None) -> None:
         return
     import onnx_graphsurgeon as gs
 
-    model = fold_constants(model, allow_onnxruntime_shape_inference=False, error_ok=True)
+    with _quiet_exporters():
+        model = fold_constants(model, allow_onnxruntime_shape_inference=False, error_ok=True)
     graph = gs.import_onnx(model)
     graph.cleanup().toposort()
     model = gs.export_onnx(graph)
@@ -221,6 +228,25 @@ def _gather_external_data(model: onnx.ModelProto, src_dir: Path, dst: Path) -> N
             for key, value in (("location", location), ("offset", offset), ("length", out.tell() - offset)):
                 entry = tensor.external_data.add()
                 entry.key, entry.value = key, str(value)
+
+
+@contextlib.contextmanager
+def _quiet_exporters() -> Iterator[None]:
+    """The exporter's and polygraphy's own logs (torchvision notes, folding passes) only at rstr's debug level."""
+    if logging.getLogger("rstr").isEnabledFor(logging.DEBUG):
+        yield
+        return
+    from polygraphy.logger import G_LOGGER
+
+    torch_log, severity = logging.getLogger("torch"), G_LOGGER.module_severity
+    level = torch_log.level
+    torch_log.setLevel(logging.ERROR)
+    G_LOGGER.module_severity, G_LOGGER.colors = G_LOGGER.ERROR, False
+    try:
+        yield
+    finally:
+        torch_log.setLevel(level)
+        G_LOGGER.module_severity = severity
 
 
 def _restore_io_shapes(model: onnx.ModelProto, declared: dict[str, list]) -> None:

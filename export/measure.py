@@ -17,6 +17,7 @@ import time
 import numpy as np
 import torch
 from rstr.engines.bundle import Bundle
+from rstr.export.verify import as_arrays
 
 from rstr.compare import Comparison, compare
 from rstr.families import load_model
@@ -36,7 +37,7 @@ def measure_quality(family: Family, schedule: GuidanceSchedule) -> Comparison | 
     """The bundle (``family`` as merged, ``schedule``) against the freshly loaded stock model on held-out seeds."""
     if family.quality != "digits":
         return None
-    stock = load_model(family.path, device=family.device)
+    stock = load_model(family.path, device=family.device, prompts=family.prompts)
     return compare(
         (family, schedule, "rstr bundle"),
         (stock, stock_constant_cfg(stock, schedule), "stock constant CFG"),
@@ -55,14 +56,13 @@ def measure_speed(family: Family, bundle: Bundle, schedule: GuidanceSchedule, re
     b = bundle.batch
     cond, uncond = family.example_conditioning(b)
     noise = np.random.default_rng(0).standard_normal(bundle.sample.concrete(b), dtype=np.float32)
-    to_np = lambda c: None if c is None else {k: v.numpy() for k, v in c.items()}  # noqa: E731
     baseline = stock_constant_cfg(family, schedule)
     threads = torch.get_num_threads()
     times: dict[str, list[float]] = {"pytorch_constant_cfg": [], "bundle": []}
     with OnnxRuntimeRunner(bundle, threads=threads) as runner:
         runs = {
             "pytorch_constant_cfg": lambda: sample(family, baseline, cond, uncond=uncond, noise=torch.from_numpy(noise)),
-            "bundle": lambda: runner.infer(noise, to_np(cond), to_np(uncond)),
+            "bundle": lambda: runner.infer(noise, *as_arrays(cond, uncond)),
         }
         for run in runs.values():
             run()  # warm-up

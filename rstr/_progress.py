@@ -12,19 +12,28 @@ from collections.abc import Iterator
 from functools import lru_cache
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 
 @lru_cache(maxsize=1)
 def console() -> Console:
-    """The stderr console shared by log lines and progress bars."""
-    return Console(stderr=True)
+    """The stderr console shared by log lines and progress bars (lines unwrapped up to 160 columns in log files)."""
+    terminal = Console(stderr=True)
+    return terminal if terminal.is_terminal else Console(stderr=True, width=160)
 
 
 class Bar:
     """A handle on one bar: ``advance`` and ``note`` (text after the bar, e.g. the best score so far)."""
 
-    def __init__(self, progress: Progress | None, task: int | None) -> None:
+    def __init__(self, progress: Progress | None, task: TaskID | None) -> None:
         self._progress, self._task = progress, task
 
     def advance(self, n: int = 1) -> None:
@@ -46,7 +55,7 @@ def progress_bar(total: int, description: str, enabled: bool = True) -> Iterator
     A bar opened while another runs joins the same display, below it.
     """
     global _active
-    if not enabled:
+    if not enabled or not console().is_terminal:
         yield Bar(None, None)
         return
     if _active is not None:

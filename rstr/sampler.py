@@ -53,11 +53,19 @@ def sample(
     *,
     uncond: Conditioning | None = None,
     noise: torch.Tensor | None = None,
+    seed: int | None = None,
     generator: torch.Generator | None = None,
     callback: Callable[[StepInfo], None] | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
-    """Denoise from ``noise`` (or noise drawn with ``generator``) and return the final latents."""
+    """Denoise from ``noise`` and return the final latents.
+
+    Without ``noise``: ``seed`` draws rstr's seeded noise (:mod:`rstr.engines.noise`, the same
+    numbers as ``Pipeline(seed=)`` and ``rstr-run --seed``); ``generator`` draws it the way the stock
+    diffusers pipeline does with that torch generator (``family.noise``).
+    """
+    if sum(x is not None for x in (noise, seed, generator)) > 1:
+        raise RstrError("give at most one of noise=, seed= and generator=")
     schedule.check_fits(family.name, family.sampler)
     b = batch_size(cond)
     cond = family.check_conditioning(cond, b)
@@ -65,7 +73,11 @@ def sample(
         uncond = family.check_conditioning(uncond if uncond is not None else family.unconditional(cond), b, "unconditional")
         both = pair(cond, uncond)
 
-    if noise is None:
+    if seed is not None:
+        from rstr.engines.noise import standard_normal
+
+        noise = torch.from_numpy(standard_normal(seed, family.sample_shape(b)))
+    elif noise is None:
         noise = family.noise(b, generator)
     noise = torch.as_tensor(noise)
     if tuple(noise.shape) != family.sample_shape(b):
@@ -83,7 +95,7 @@ def sample(
             mt = family.model_timestep(t)
             if schedule.guided[i]:
                 out = family.predict(torch.cat([x_in, x_in]), expand_timestep(mt, 2 * b, x.device), both)
-                eps = family.combine(out[:b], out[b:], schedule.scales[i])
+                eps = family.combine(out[:b], out[b:], schedule.scale_at(i))
             else:
                 out = family.predict(x_in, expand_timestep(mt, b, x.device), cond)
                 eps = family.single(out)

@@ -115,3 +115,17 @@ def test_text_encoder_without_its_tokenizer_is_one_line(tmp_path):
         from rstr.families import load_model
 
         load_model(model)
+
+
+def test_run_writes_a_png_from_a_prompt(built, tmp_path):
+    from PIL import Image
+
+    family, _, bundle = built
+    out = tmp_path / "x.png"
+    argv = ["run", str(bundle), "--prompt", PROMPTS[0], "--negative-prompt", "blue sky", "--backend", "onnxruntime-cpu"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "rstr.export.cli", *argv, "--out", str(out)], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr
+    h, w, _ = family.image_shape()
+    assert Image.open(out).size == (B * w, h)

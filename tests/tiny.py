@@ -191,7 +191,7 @@ def tiny_t5(dim: int):
     return T5EncoderModel(config).eval()
 
 
-def tiny_clip(dim: int):
+def tiny_clip_text(dim: int):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(3)
@@ -216,8 +216,40 @@ def tiny_text_components(family) -> dict:
         return {"text_encoder": tiny_t5(dim), "tokenizer": tiny_tokenizer("t5", TEXT_LEN)}
     pooled = family.cond_specs()[1].shape[-1]
     return {
-        "text_encoder": tiny_clip(pooled),
+        "text_encoder": tiny_clip_text(pooled),
         "tokenizer": tiny_tokenizer("clip", 77),
         "text_encoder_2": tiny_t5(dim),
         "tokenizer_2": tiny_tokenizer("t5", TEXT_LEN),
     }
+
+
+def tiny_clip(path) -> None:
+    """Save a random 1-layer CLIP model and a processor (a character-level tokenizer built here) to ``path``."""
+    import json
+
+    import transformers
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in "abcdefghijklmnopqrstuvwxyz":
+        vocab.setdefault(c, len(vocab))
+        vocab.setdefault(c + "</w>", len(vocab))
+    (path / "vocab.json").write_text(json.dumps(vocab))
+    (path / "merges.txt").write_text("#version: 0.2\n")
+    tok = transformers.CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"))
+    images = transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    transformers.CLIPProcessor(image_processor=images, tokenizer=tok).save_pretrained(path)
+    text = dict(
+        vocab_size=len(vocab),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=32,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8)
+    torch.manual_seed(0)
+    config = transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)
+    transformers.CLIPModel(config).save_pretrained(path)

@@ -18,12 +18,17 @@ Families outside this package join with :func:`register_family`.
 
 from __future__ import annotations
 
-import json
+import contextlib
+import hashlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 
+from rstr._io import read_json
+from rstr.engines.schema import json_type
 from rstr.errors import ModelError
 from rstr.families.base import Conditioning, Family, ImageSpec, TensorSpec
 from rstr.families.class_embeddings import DIRECTORY as CLASS_EMBEDDINGS_DIR
@@ -36,20 +41,26 @@ from rstr.families.text import load_text_encoders
 from rstr.families.weights import load_streamed
 
 FAMILIES: dict[str, type[Family]] = {}
+# The transformer dtypes a command can load (--dtype), by the names rstr uses everywhere (the bundle's dtype too).
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 REFERENCE_MODELS = Path(__file__).resolve().parent.parent / "reference"
 REFERENCE_MODEL = REFERENCE_MODELS / "digits-dit"
 
 __all__ = [
+    "DTYPES",
     "FAMILIES",
     "REFERENCE_MODEL",
     "Conditioning",
     "Family",
     "ImageSpec",
     "TensorSpec",
+    "dtype_name",
     "family_for_transformer",
     "load_model",
+    "model_sha256",
     "register_family",
     "resolve_model_path",
+    "torch_dtype",
 ]
 
 
@@ -67,13 +78,22 @@ for _family in (DiTFamily, PixArtFamily, FluxFamily, QwenImageFamily):
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
-        raise ModelError(f"{path} is not a readable JSON file ({err})") from None
+    data = read_json(path, ModelError)
     if not isinstance(data, dict):
-        raise ModelError(f"{path} must hold a JSON object, not {type(data).__name__}")
+        raise ModelError(f"{path} must hold a JSON object, not {json_type(data)}")
     return data
+
+
+@contextlib.contextmanager
+def _diffusers_quiet() -> Iterator[None]:
+    from diffusers.utils import logging as diffusers_logging
+
+    previous = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(previous)
 
 
 def _load_scheduler(directory: Path, family: type[Family]):
@@ -88,7 +108,7 @@ def _load_scheduler(directory: Path, family: type[Family]):
     if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
         raise ModelError(f"{config_path}: {config.get('_class_name')!r} is not a diffusers scheduler class")
     try:
-        return cls.from_config(config)
+        return cast(Any, cls).from_config(config)  # a diffusers class: untyped here (pyproject.toml)
     except (TypeError, ValueError) as err:
         raise ModelError(f"{config_path}: cannot build the scheduler ({err})") from None
 
@@ -103,11 +123,31 @@ def _load_vae(directory: Path, family: type[Family], dtype: torch.dtype, variant
             f"{directory}/config.json: VAE class {config.get('_class_name')!r} is not the {family.name} family's "
             f"{family.vae_class}; give the pipeline's own vae/ (or remove it to build without a decoder)"
         )
+    return _load_weights(getattr(diffusers, family.vae_class), directory, dtype, variant, "VAE")
+
+
+def _load_weights(
+    cls: type[torch.nn.Module], directory: Path, dtype: torch.dtype, variant: str | None, what: str = "weights"
+) -> torch.nn.Module:
+    """A diffusers model of ``directory`` in ``dtype`` from safetensors weights only; any failure is one ModelError line."""
+    if not any(directory.glob("*.safetensors")) and any(directory.glob("*.bin")):
+        raise ModelError(
+            f"{directory} has pickled .bin weights only; rstr loads safetensors weights (unpickling can run code): "
+            "convert them with safetensors.torch.save_file"
+        )
     try:
-        return load_streamed(getattr(diffusers, family.vae_class), directory, dtype, variant)
+        with _diffusers_quiet():  # its notes on missing weights become the one error line below
+            model = load_streamed(cls, directory, dtype, variant)
     except (OSError, ValueError, RuntimeError, TypeError, KeyError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelError(f"{directory}: cannot load the VAE ({first})") from None
+        raise ModelError(f"{directory}: cannot load the {what} ({first})") from None
+    missing = [name for name, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise ModelError(
+            f"{directory}: the weights lack {len(missing)} tensor(s) its config.json asks for (e.g. {missing[0]}); "
+            "the config does not match the weights"
+        )
+    return model
 
 
 def family_for_transformer(transformer: torch.nn.Module) -> type[Family]:
@@ -118,6 +158,20 @@ def family_for_transformer(transformer: torch.nn.Module) -> type[Family]:
     raise ModelError(
         f"transformer class {name} is not supported; supported: {', '.join(sorted(f.transformer_class for f in FAMILIES.values()))}"
     )
+
+
+def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """The torch dtype for ``fp32`` / ``fp16`` / ``bf16`` (or one of those torch dtypes)."""
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if dtype not in DTYPES:
+        raise ModelError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``fp32`` / ``fp16`` / ``bf16`` for a torch dtype (the inverse of :func:`torch_dtype`)."""
+    return next(name for name, d in DTYPES.items() if d == dtype)
 
 
 def resolve_model_path(model: str | os.PathLike[str] | None, revision: str | None = None, variant: str | None = None) -> Path:
@@ -134,23 +188,56 @@ def resolve_model_path(model: str | os.PathLike[str] | None, revision: str | Non
     return path
 
 
+def _model_files(path: Path) -> list[Path]:
+    """The files :func:`load_model` reads from the model directory ``path`` (hidden files aside)."""
+    transformer = path / "transformer" if (path / "transformer").is_dir() else path
+    files = [f for f in (path / "rstr.json", path / "model_index.json") if f.is_file()]
+    files += [f for f in transformer.iterdir() if f.is_file()]
+    pipeline = [path / "vae", *path.glob("text_encoder*"), *path.glob("tokenizer*")]  # graphs and files of the bundle
+    for sub in (path / "scheduler", path / CLASS_EMBEDDINGS_DIR, *pipeline):
+        if sub.is_dir():
+            files += [f for f in sub.rglob("*") if f.is_file()]
+    return sorted({f for f in files if not f.name.startswith(".")})
+
+
+def model_sha256(path: str | os.PathLike[str]) -> str:
+    """Content hash of the files of the model directory ``path`` that :func:`load_model` reads (names, sizes, bytes).
+
+    ``rstr-export build`` records it as the bundle's ``provenance.model_sha256``; ``rstr-export verify``
+    loads the recorded model only when its files still hash to it.
+    """
+    path = Path(path)
+    h = hashlib.sha256()
+    for f in _model_files(path):
+        h.update(f"{f.relative_to(path).as_posix()}\0{f.stat().st_size}\0".encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
 def load_model(
     path: str | os.PathLike[str] | None = None,
     *,
     device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
+    dtype: str | torch.dtype = "fp32",
     revision: str | None = None,
     variant: str | None = None,
+    prompts: str | os.PathLike[str] | None = None,
     **family_kwargs,
 ) -> Family:
     """Load a family adapter from a local diffusers directory, a reference model name or a cached Hub id.
 
-    The default is the reference digits DiT; ``revision`` picks a Hub id's cached snapshot and
-    ``variant`` (e.g. ``fp16``) the weight files to load.  The weights are read in ``dtype``, one
-    tensor at a time (:mod:`rstr.families.weights`).
+    The default is the reference digits DiT; the transformer (and the pipeline's VAE and text
+    encoders, when the directory has them) is loaded in ``dtype`` (``fp32``, ``fp16`` or ``bf16``),
+    one tensor at a time (:mod:`rstr.families.weights`), and moved to ``device``; ``revision`` picks
+    a Hub id's cached snapshot and ``variant`` (e.g. ``fp16``) the weight files to load.  ``prompts``
+    (a prompt set file) replaces the model's class table as the conditioning drawn for evaluation,
+    search and calibration.
     """
     import diffusers
 
+    weights_dtype = torch_dtype(dtype)
     path = resolve_model_path(path, revision, variant)
     if not path.exists():
         names = ", ".join(sorted(p.name for p in REFERENCE_MODELS.iterdir() if p.is_dir()))
@@ -179,22 +266,21 @@ def load_model(
             f"{transformer_dir}: transformer {config.get('_class_name')!r} is not supported; "
             f"supported: {', '.join(sorted(f.transformer_class for f in FAMILIES.values()))}"
         )
-    try:
-        transformer = load_streamed(getattr(diffusers, family.transformer_class), transformer_dir, dtype, variant)
-    except (OSError, ValueError, RuntimeError, TypeError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelError(f"{transformer_dir}: cannot load the weights ({first})") from None
-    vae = _load_vae(path / "vae", family, dtype, variant) if (path / "vae").is_dir() else None
+    transformer = _load_weights(getattr(diffusers, family.transformer_class), transformer_dir, weights_dtype, variant)
+    vae = _load_vae(path / "vae", family, weights_dtype, variant) if (path / "vae").is_dir() else None
     scheduler = _load_scheduler(scheduler_dir if scheduler_dir.is_dir() else path, family)
     default_steps = meta.get("default_steps")
-    if default_steps is not None and (isinstance(default_steps, bool) or not isinstance(default_steps, int) or default_steps < 1):
-        raise ModelError(f"{path}/rstr.json: default_steps {default_steps!r} must be an integer >= 1")
+    if "default_steps" in meta and (isinstance(default_steps, bool) or not isinstance(default_steps, int) or default_steps < 1):
+        raise ModelError(f"{path}/rstr.json: default_steps {default_steps!r} must be an integer >= 1 (or leave it out)")
     adapter = family(transformer.to(device), scheduler, default_steps=default_steps, meta=meta, path=path, **family_kwargs)
     adapter.vae = None if vae is None else vae.to(device)
-    adapter.text_encoders = load_text_encoders(path, adapter.text_encoder_specs(), dtype)
+    adapter.text_encoders = load_text_encoders(path, adapter.text_encoder_specs(), weights_dtype)
     for encoder in adapter.text_encoders:
         encoder.model.to(device)
     table = path / CLASS_EMBEDDINGS_DIR
-    if table.is_dir():
-        adapter.class_embeddings = ClassEmbeddings.load(table, [s.name for s in adapter.cond_specs()])
+    if prompts is not None:
+        adapter.prompts = Path(prompts).resolve()
+        adapter.class_embeddings = ClassEmbeddings.load_prompts(adapter.prompts, adapter.cond_specs())
+    elif table.is_dir():
+        adapter.class_embeddings = ClassEmbeddings.load(table, adapter.cond_specs())
     return adapter

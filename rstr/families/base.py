@@ -31,7 +31,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -112,12 +112,14 @@ class Family(ABC):
         path: Path | None = None,
         class_embeddings: ClassEmbeddings | None = None,
     ):
-        self.transformer = transformer.eval()
+        # A diffusers model: its ``config`` and submodules are attributes nn.Module's types do not know.
+        self.transformer: Any = transformer.eval()
         self.scheduler = scheduler
         self.default_steps = default_steps or self.default_steps_fallback
         self.meta = dict(meta or {})
         self.path = path
         self.class_embeddings = class_embeddings
+        self.prompts: Path | None = None  # the prompt set file that class_embeddings came from, if any
         self.vae: nn.Module | None = None  # the pipeline's VAE and text encoders, when the directory has them (load_model)
         self.text_encoders: list[TextEncoder] = []
 

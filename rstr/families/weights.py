@@ -19,21 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rstr.errors import RstrError
-
 log = logging.getLogger("rstr")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    """``fp32`` / ``fp16`` / ``bf16`` as a torch dtype; anything else is one error line."""
-    if name not in DTYPES:
-        raise RstrError(f"--dtype {name} is not one of {', '.join(DTYPES)}")
-    return DTYPES[name]
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return {v: k for k, v in DTYPES.items()}[dtype]
 
 
 def weight_bytes(module: nn.Module) -> int:
@@ -71,7 +57,7 @@ def load_streamed(cls: type[nn.Module], directory: Path, dtype: torch.dtype, var
         model = cls.from_config(cls.load_config(directory))
     if files is None or set(files) != set(model.state_dict()):
         log.debug(f"{directory}: loaded by diffusers (not a safetensors checkpoint with the model's tensor names)")
-        return cls.from_pretrained(directory, torch_dtype=dtype, variant=variant).eval()
+        return cls.from_pretrained(directory, torch_dtype=dtype, variant=variant, use_safetensors=True).eval()
     keep = tuple(getattr(cls, "_keep_in_fp32_modules", None) or ())
     for name, path in files.items():
         with safe_open(path, "pt") as fh:  # reopened per tensor: the mapped pages leave the resident set on close
