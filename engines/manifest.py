@@ -317,8 +317,9 @@ class Provenance:
     created: str | None = None
     versions: Mapping[str, str] = field(default_factory=dict)
     model_sha256: str | None = None
+    size: Mapping[str, int] = field(default_factory=dict)  # the build's --height/--width/--max-text-len, when given
 
-    _FIELDS = ("model", "model_sha256", "schedule_sha256", "adapter", "adapter_sha256", "created")
+    _FIELDS = ("model", "model_sha256", "schedule_sha256", "adapter", "adapter_sha256", "created", "size")
 
     def to_json(self) -> dict[str, Any]:
         out = {
@@ -329,6 +330,8 @@ class Provenance:
             "adapter": self.adapter,
             "adapter_sha256": self.adapter_sha256,
         }
+        if self.size:
+            out["size"] = dict(self.size)
         return {**out, "created": self.created} if self.created is not None else out
 
     @classmethod
@@ -341,6 +344,7 @@ class Provenance:
             created=d.get("created"),
             versions={k: v for k, v in d.items() if k not in cls._FIELDS},
             model_sha256=d.get("model_sha256"),
+            size=d.get("size", {}),
         )
 
 

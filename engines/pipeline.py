@@ -22,6 +22,7 @@ import logging
 import os
 import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from rstr.engines.base import InputError, Runner
@@ -30,6 +31,9 @@ from rstr.engines.manifest import Decoder
 from rstr.engines.noise import standard_normal
 
 from rstr.errors import BackendUnavailable
+
+if TYPE_CHECKING:
+    from rstr.engines.text import PromptEncoder
 
 BACKENDS = ("auto", "tensorrt", "onnxruntime", "onnxruntime-cpu", "onnxruntime-cuda")
 log = logging.getLogger("rstr")
@@ -84,7 +88,7 @@ class ImageDecoder:
 
         self.decoder = bundle.decoder
         self.session = None
-        if self.decoder is not None and self.decoder.kind == "vae":
+        if self.decoder is not None and self.decoder.graph is not None:  # a vae decoder (the validator's rule)
             self.session = open_session(bundle, self.decoder.graph, "cuda" if cuda_available() else "cpu")
 
     def __call__(self, latents: np.ndarray) -> np.ndarray | None:
@@ -103,7 +107,7 @@ class Pipeline:
         self.bundle = bundle
         self.runner = runner
         self.decoder = ImageDecoder(bundle)
-        self._prompts = None  # the PromptEncoder, loaded on the first call with prompts
+        self._prompts: PromptEncoder | None = None  # loaded on the first call with prompts
         self._prompts_lock = threading.Lock()
 
     @classmethod

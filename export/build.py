@@ -71,6 +71,15 @@ class BuildOptions:
     require_better: bool = False
     prompts: Path | None = None
     device: str = "cpu"  # where the PyTorch stages and the quality measurement run
+    height: int | None = None  # output size and prompt tokens; None: the model's (rstr.families.size)
+    width: int | None = None
+    max_text_len: int | None = None
+
+    @property
+    def size(self) -> dict[str, int]:
+        """The size options given, as ``load_model`` takes them and the manifest records them."""
+        given = {"height": self.height, "width": self.width, "max_text_len": self.max_text_len}
+        return {k: v for k, v in given.items() if v is not None}
 
 
 @dataclass
@@ -163,7 +172,7 @@ def build(opts: BuildOptions) -> BuildResult:
         raise RstrError(f"output directory {opts.out} exists; pass --force to replace it or choose another --out")
     if opts.batch < 1:
         raise RstrError(f"--batch {opts.batch} must be at least 1")
-    family = load_model(opts.model, device=opts.device, dtype=opts.dtype, prompts=opts.prompts)
+    family = load_model(opts.model, device=opts.device, dtype=opts.dtype, prompts=opts.prompts, **opts.size)
     check_runs_in_dtype(family, opts.dtype)
     if opts.schedule is not None:
         build_plan(family, GuidanceSchedule.load(opts.schedule), opts.batch)  # refuse a misfit before any work
@@ -223,6 +232,7 @@ def build(opts: BuildOptions) -> BuildResult:
             provenance=Provenance(
                 model=str(family.path),
                 model_sha256=None if family.path is None else model_sha256(family.path),
+                size=opts.size,
                 schedule_sha256=schedule.sha256(),
                 adapter="stages/adapter" if adapter is not None else None,
                 adapter_sha256=adapter_hash,

@@ -58,6 +58,22 @@ def build(
         ),
     ] = "cpu",
     batch: Annotated[int, typer.Option(help="Images per call (B); guided steps run 2B rows, unguided B.")] = 1,
+    height: Annotated[
+        int | None,
+        typer.Option(
+            help="Image height in pixels, with --width (equal: square images). Default: the model's (FLUX and Qwen-Image: "
+            "rstr.json latent_size x 8). A multiple of the VAE factor times the latent patch (16 for FLUX and Qwen-Image); "
+            "DiT and PixArt-alpha transformers make their own size only."
+        ),
+    ] = None,
+    width: Annotated[int | None, typer.Option(help="Image width in pixels; see --height.")] = None,
+    max_text_len: Annotated[
+        int | None,
+        typer.Option(
+            help="Prompt tokens of text models (T5's sequence length; prompts are padded and truncated to it). "
+            "Default: the model's (rstr.json text_len, else PixArt-alpha 120, FLUX and Qwen-Image 16)."
+        ),
+    ] = None,
     preset: Annotated[
         str,
         typer.Option(
@@ -119,6 +135,9 @@ def build(
             measure,
             require_better,
             device=device,
+            height=height,
+            width=width,
+            max_text_len=max_text_len,
         )
     )
     s = result.summary
@@ -212,7 +231,7 @@ def verify(
     b = Bundle.open(bundle)
     schedule = GuidanceSchedule.load(b.member("schedule.json"))
     adapter = bundled_adapter(b)
-    family = load_model(recorded_model(b, model))
+    family = load_model(recorded_model(b, model), **b.manifest.provenance.size)
     if family.name != b.family:
         raise RstrError(
             f"--model is a {family.name} model but bundle {bundle} holds a {b.family} model; pass the model it was built from"

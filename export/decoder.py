@@ -41,9 +41,16 @@ def export_vae_decoder(family: Family, path: Path) -> None:
         )
 
 
+def _image_shape(family: Family) -> tuple[int, int, int]:
+    shape = family.image_shape()
+    if shape is None:
+        raise RuntimeError(f"the {family.name} model has no VAE to export")
+    return shape
+
+
 def decoder_graph(family: Family) -> dict:
     """The manifest's ``graphs.vae_decoder``: its file, input and output described once."""
-    h, w, c = family.image_shape()
+    h, w, c = _image_shape(family)
     latents = TensorSpec("latents", torch.float32, ("batch", *family.sample_shape(1)[1:]))
     images = TensorSpec("images", torch.float32, ("batch", h, w, c))
     return {"file": f"{GRAPH}.onnx", "inputs": [latents.to_json()], "outputs": [images.to_json()]}
@@ -52,7 +59,7 @@ def decoder_graph(family: Family) -> dict:
 def decoder_section(family: Family) -> dict | None:
     """The manifest's ``decoder``: the VAE graph when the model has a VAE, the pixel rule for pixel models, else None."""
     if family.vae is not None:
-        h, w, c = family.image_shape()
+        h, w, c = _image_shape(family)
         return {"kind": "vae", "graph": GRAPH, "channels": c, "size": h, "range": [0.0, 1.0]}
     image = family.image
     return None if image is None else {"kind": "pixels", **image.to_json()}

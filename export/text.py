@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from rstr.export.graphs import export_graph
 from torch import nn
@@ -64,7 +65,7 @@ def text_graphs(family: Family) -> dict[str, dict]:
     out = {}
     for encoder in family.text_encoders:
         spec = encoder.spec
-        ids = [TensorSpec(n, torch.int64, ("batch", spec.max_length)) for n in _inputs(encoder)]
+        ids = [TensorSpec(n, torch.int64, ("batch", encoder.max_length)) for n in _inputs(encoder)]
         embeddings = TensorSpec("embeddings", torch.float32, ("batch", *_output_dim(family, spec.cond)))
         out[spec.name] = {
             "file": f"{spec.name}.onnx",
@@ -90,7 +91,7 @@ def text_section(family: Family) -> dict | None:
         entry = {
             "graph": spec.name,
             "tokenizer": f"{TOKENIZERS}/{spec.name}.json",
-            "max_length": spec.max_length,
+            "max_length": encoder.max_length,
             "pad_id": int(tok.pad_token_id),
             "pad_token": str(tok.pad_token),
             "output": spec.cond,
@@ -102,7 +103,7 @@ def text_section(family: Family) -> dict | None:
     return {"encoders": encoders, "negative_prompt": ""}
 
 
-def text_reference(family: Family) -> dict[str, tuple[dict, torch.Tensor]]:
+def text_reference(family: Family) -> dict[str, tuple[dict[str, np.ndarray], np.ndarray]]:
     """Per encoder: the example prompts' token arrays and the PyTorch encoder's output on them."""
     out = {}
     for encoder in family.text_encoders:

@@ -146,25 +146,25 @@ def reference_run(family: Family, schedule: GuidanceSchedule, batch: int, *, see
     noise = standard_normal(seed, family.sample_shape(batch))  # rstr's seeded noise, as `rstr-export run --seed`
     cond, uncond = example_inputs(family, batch, seed)
     trace: list[np.ndarray] = []
-    to_t = lambda d: None if d is None else {k: torch.from_numpy(v) for k, v in d.items()}  # noqa: E731
+    to_t = lambda d: {k: torch.from_numpy(v) for k, v in d.items()}  # noqa: E731
     latents = sample(
         family,
         schedule,
         to_t(cond),
-        uncond=to_t(uncond),
+        uncond=None if uncond is None else to_t(uncond),
         noise=torch.from_numpy(noise),
         callback=lambda s: trace.append(s.next_sample.cpu().numpy()),
     )
-    latents = latents.cpu().numpy()
-    if not np.isfinite(latents).all():
+    final = latents.cpu().numpy()
+    if not np.isfinite(final).all():
         raise RstrError(
             f"the {family.name} model gives non-finite latents in {family.dtype} (overflow); build with --dtype fp32 or bf16"
         )
     images = None
     if family.vae is not None:
         with torch.no_grad():
-            images = family.decode(torch.from_numpy(latents)).cpu().numpy()
-    return Reference(noise, cond, uncond, latents, trace, images, text_reference(family))
+            images = family.decode(latents).cpu().numpy()
+    return Reference(noise, cond, uncond, final, trace, images, text_reference(family))
 
 
 def check_bundle(bundle: Bundle, ref: Reference, *, raise_on_failure: bool = True) -> Verification:
@@ -173,9 +173,9 @@ def check_bundle(bundle: Bundle, ref: Reference, *, raise_on_failure: bool = Tru
     with OnnxRuntimeRunner(bundle, device="cpu") as runner:
         got = runner.infer(ref.noise, ref.cond, ref.uncond, trace=trace)
     per_step = [rel(x, y) for x, y in zip(trace, ref.trace)]
-    graphs = {}
+    graphs: dict[str, float] = {}
     decoder = bundle.decoder
-    if decoder is not None and decoder.kind == "vae" and ref.images is not None:
+    if decoder is not None and decoder.graph is not None and ref.images is not None:
         graphs[decoder.graph] = rel(run_graph(bundle, decoder.graph, {"latents": ref.latents})[0], ref.images)
     for name, (tokens, expected) in ref.text.items():
         graphs[name] = rel(run_graph(bundle, name, tokens)[0], expected)

@@ -8,6 +8,7 @@ prompts, negative prompt and noise to the fp32 verification tolerance.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -20,7 +21,7 @@ from rstr.export.build import BuildOptions, build
 from tiny import TEXT_LEN, save_model, tiny_flux, tiny_pixart, tiny_text_components, tiny_vae
 
 from rstr._cli import TOOLCHAIN_MODULES
-from rstr.errors import ModelError
+from rstr.errors import BundleError, ModelError
 from rstr.schedule import GuidanceSchedule
 
 STEPS, SCALE, B = 3, 3.0, 2
@@ -129,3 +130,61 @@ def test_run_writes_a_png_from_a_prompt(built, tmp_path):
     assert proc.returncode == 0, proc.stderr
     h, w, _ = family.image_shape()
     assert Image.open(out).size == (B * w, h)
+
+
+def _edited(bundle, dest, edit=None):
+    import shutil
+
+    shutil.copytree(bundle, dest)
+    if edit is not None:
+        m = json.loads((dest / "manifest.json").read_text())
+        edit(m)
+        (dest / "manifest.json").write_text(json.dumps(m))
+    return dest
+
+
+@pytest.mark.parametrize(
+    ("case", "words"),
+    [
+        ("tampered", "file 'text_encoder.onnx' fails its checksum"),
+        ("missing", "file 'text_encoder.onnx' listed in manifest.json is missing"),
+        ("unnamed", "text.encoders[0].graph 'text_encoder' is not one of the graphs beside the plan's"),
+        ("tokenizer-unlisted", "text.encoders[0].tokenizer 'tokenizers/text_encoder.json' is not listed in files"),
+        ("stray-graph", "graphs.text_encoder is run by neither the decoder nor a text encoder"),
+    ],
+)
+def test_text_graph_missing_or_tampered_is_one_line_in_every_reader(built, tmp_path, case, words, request):
+    """Pipeline.load and rstr-export run refuse in one line; rstr-run (the C++ reader) in the same words."""
+    family, _, bundle = built
+    if family.name != "pixart":
+        pytest.skip("one family suffices")
+    edits = {
+        "unnamed": lambda m: m["graphs"].pop("text_encoder"),
+        "tokenizer-unlisted": lambda m: m["files"].pop("tokenizers/text_encoder.json"),
+        "stray-graph": lambda m: m.pop("text"),
+    }
+    copy = _edited(bundle, tmp_path / case, edits.get(case))
+    graph = copy / "text_encoder.onnx"
+    if case == "tampered":
+        data = bytearray(graph.read_bytes())
+        data[len(data) // 2] ^= 1
+        graph.write_bytes(bytes(data))
+    elif case == "missing":
+        graph.unlink()
+    with pytest.raises(BundleError, match=re.escape(words)):
+        Bundle.open(copy)
+    proc = subprocess.run(
+        [sys.executable, "-m", "rstr.export.cli", "run", str(copy), "--prompt", "a fox", "--out", str(tmp_path / "x.png")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1 and words in proc.stderr, proc.stderr
+    assert not (tmp_path / "x.png").exists()
+    rstr_run = request.getfixturevalue("rstr_run")  # skips where the C++ runtime cannot be built
+    noise = tmp_path / "noise.npy"
+    np.save(noise, np.zeros(Bundle.open(bundle).sample.concrete(B), np.float32))
+    proc = subprocess.run(
+        [str(rstr_run), str(copy), "--out", str(tmp_path / "x.npy"), "--noise", str(noise)], capture_output=True, text=True
+    )
+    assert proc.returncode == 1 and words in proc.stderr, proc.stderr

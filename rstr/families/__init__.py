@@ -37,6 +37,7 @@ from rstr.families.dit import DiTFamily
 from rstr.families.flux import FluxFamily
 from rstr.families.pixart import PixArtFamily
 from rstr.families.qwenimage import QwenImageFamily
+from rstr.families.size import set_size
 from rstr.families.text import load_text_encoders
 from rstr.families.weights import load_streamed
 
@@ -224,6 +225,9 @@ def load_model(
     revision: str | None = None,
     variant: str | None = None,
     prompts: str | os.PathLike[str] | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    max_text_len: int | None = None,
     **family_kwargs,
 ) -> Family:
     """Load a family adapter from a local diffusers directory, a reference model name or a cached Hub id.
@@ -233,7 +237,8 @@ def load_model(
     one tensor at a time (:mod:`rstr.families.weights`), and moved to ``device``; ``revision`` picks
     a Hub id's cached snapshot and ``variant`` (e.g. ``fp16``) the weight files to load.  ``prompts``
     (a prompt set file) replaces the model's class table as the conditioning drawn for evaluation,
-    search and calibration.
+    search and calibration.  ``height``, ``width`` and ``max_text_len`` override the model's output
+    size and prompt length where it allows (:mod:`rstr.families.size`).
     """
     import diffusers
 
@@ -274,6 +279,7 @@ def load_model(
         raise ModelError(f"{path}/rstr.json: default_steps {default_steps!r} must be an integer >= 1 (or leave it out)")
     adapter = family(transformer.to(device), scheduler, default_steps=default_steps, meta=meta, path=path, **family_kwargs)
     adapter.vae = None if vae is None else vae.to(device)
+    set_size(adapter, height, width, max_text_len)  # before the text encoders: their token length follows it
     adapter.text_encoders = load_text_encoders(path, adapter.text_encoder_specs(), weights_dtype)
     for encoder in adapter.text_encoders:
         encoder.model.to(device)

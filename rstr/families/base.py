@@ -102,6 +102,8 @@ class Family(ABC):
     default_scale_fallback: ClassVar[float]  # the stock pipeline's default guidance scale
     export_dynamo: ClassVar[bool] = True  # False: the TorchScript exporter (deployment.md)
     vae_class: ClassVar[str] = "AutoencoderKL"  # the diffusers class of a pipeline directory's vae/
+    latent_multiple: ClassVar[int] = 1  # a resizable latent side is a multiple of it (2x2 packing: 2)
+    text_len: int = 0  # prompt tokens of text models (rstr.json, --max-text-len); 0: the model takes no prompts
 
     def __init__(
         self,
@@ -120,7 +122,9 @@ class Family(ABC):
         self.path = path
         self.class_embeddings = class_embeddings
         self.prompts: Path | None = None  # the prompt set file that class_embeddings came from, if any
-        self.vae: nn.Module | None = None  # the pipeline's VAE and text encoders, when the directory has them (load_model)
+        self.vae: Any = (
+            None  # the pipeline's VAE (a diffusers model, untyped here) and text encoders, when the directory has them
+        )
         self.text_encoders: list[TextEncoder] = []
 
     # --------------------------------------------------------------------- identity
@@ -338,6 +342,10 @@ class Family(ABC):
     def to_images(self, latents: torch.Tensor) -> torch.Tensor:
         """Final latents as images ``[N, C, H, W]`` (identity for spatial latents; packed ones are unpacked)."""
         return latents
+
+    def resize(self, latent_side: int) -> bool:
+        """Generate ``latent_side`` x ``latent_side`` latents; False where the transformer fixes the size."""
+        return False
 
     def text_encoder_specs(self) -> list[TextEncoderSpec]:
         """The pipeline's text encoders as its stock pipeline uses them (:mod:`rstr.families.text`); [] for none."""

@@ -44,6 +44,7 @@ class FlowMatchFamily(Family):
     conditioning = "text-embeddings"
     text_len = 16
     latent_size = 16  # unpacked latent height = width
+    latent_multiple = 2  # 2x2 latent pixels per token
 
     def __init__(self, *args, latent_size: int | None = None, text_len: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -59,6 +60,10 @@ class FlowMatchFamily(Family):
     @property
     def latent_channels(self) -> int:
         return int(self.transformer.config.in_channels) // 4
+
+    def resize(self, latent_side: int) -> bool:
+        self.latent_size = latent_side
+        return True
 
     @property
     def seq_len(self) -> int:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -46,14 +46,21 @@ class TextEncoder:
 
     spec: TextEncoderSpec
     model: nn.Module
-    tokenizer: object
+    tokenizer: Any  # a transformers fast tokenizer (untyped here)
+
+    @property
+    def max_length(self) -> int:
+        """Tokens per prompt (the spec's, or the tokenizer's ``model_max_length`` filled in at load)."""
+        if self.spec.max_length is None:
+            raise RuntimeError(f"text encoder {self.spec.name} was built without load_text_encoders (no max_length)")
+        return self.spec.max_length
 
     def tokenize(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         """``input_ids`` (and ``attention_mask``) ``[N, max_length]`` int64, as the stock pipeline tokenizes."""
         out = self.tokenizer(
             [self.spec.prepare(p) for p in prompts],
             padding="max_length",
-            max_length=self.spec.max_length,
+            max_length=self.max_length,
             truncation=True,
             add_special_tokens=True,
             return_tensors="pt",
@@ -80,6 +87,10 @@ def load_text_encoders(path: Path, specs: list[TextEncoderSpec], dtype: torch.dt
 
 def _load(path: Path, spec: TextEncoderSpec, dtype: torch.dtype) -> TextEncoder:
     import transformers
+    from huggingface_hub import errors as hub_errors
+
+    # transformers 5's typed configs refuse a mistyped field with huggingface_hub's StrictDataclassError (hub >= 0.32)
+    strict_config_error = getattr(hub_errors, "StrictDataclassError", ValueError)
 
     directory = path / spec.name
     try:
@@ -88,9 +99,9 @@ def _load(path: Path, spec: TextEncoderSpec, dtype: torch.dtype) -> TextEncoder:
         cls = getattr(transformers, str(arch), None)
         if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
             raise ValueError(f"architectures names {arch!r}, not a transformers model class")
-        model = cls.from_pretrained(directory, torch_dtype=dtype).eval()
+        model = cls.from_pretrained(directory, torch_dtype=dtype, use_safetensors=True).eval()  # never unpickle
         tokenizer = transformers.AutoTokenizer.from_pretrained(path / spec.tokenizer, use_fast=True)
-    except (OSError, ValueError, TypeError, KeyError, AttributeError, json.JSONDecodeError, RuntimeError) as err:
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, RuntimeError, strict_config_error) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelError(f"{directory}: cannot load the text encoder or its tokenizer ({first})") from None
     if not getattr(tokenizer, "is_fast", False):

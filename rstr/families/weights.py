@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -46,8 +47,9 @@ def weight_files(directory: Path, stem: str, variant: str | None = None) -> dict
         return {k: single for k in fh.keys()}
 
 
-def load_streamed(cls: type[nn.Module], directory: Path, dtype: torch.dtype, variant: str | None = None) -> nn.Module:
-    """``cls.from_pretrained(directory, torch_dtype=dtype)`` with a peak of the model plus one tensor."""
+def load_streamed(cls: Any, directory: Path, dtype: torch.dtype, variant: str | None = None) -> nn.Module:
+    """``cls.from_pretrained(directory, torch_dtype=dtype)`` (``cls`` a diffusers model class) with a peak of the model
+    plus one tensor."""
     from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
     from safetensors import safe_open
