@@ -322,7 +322,7 @@ class Provenance:
     _FIELDS = ("model", "model_sha256", "schedule_sha256", "adapter", "adapter_sha256", "created", "size")
 
     def to_json(self) -> dict[str, Any]:
-        out = {
+        out: dict[str, Any] = {
             **self.versions,
             "model": self.model,
             "model_sha256": self.model_sha256,

@@ -77,7 +77,7 @@ class BuildOptions:
 
     @property
     def size(self) -> dict[str, int]:
-        """The size options given, as ``load_model`` takes them and the manifest records them."""
+        """The size options given, as the manifest records them (``provenance.size``)."""
         given = {"height": self.height, "width": self.width, "max_text_len": self.max_text_len}
         return {k: v for k, v in given.items() if v is not None}
 
@@ -172,7 +172,15 @@ def build(opts: BuildOptions) -> BuildResult:
         raise RstrError(f"output directory {opts.out} exists; pass --force to replace it or choose another --out")
     if opts.batch < 1:
         raise RstrError(f"--batch {opts.batch} must be at least 1")
-    family = load_model(opts.model, device=opts.device, dtype=opts.dtype, prompts=opts.prompts, **opts.size)
+    family = load_model(
+        opts.model,
+        device=opts.device,
+        dtype=opts.dtype,
+        prompts=opts.prompts,
+        height=opts.height,
+        width=opts.width,
+        max_text_len=opts.max_text_len,
+    )
     check_runs_in_dtype(family, opts.dtype)
     if opts.schedule is not None:
         build_plan(family, GuidanceSchedule.load(opts.schedule), opts.batch)  # refuse a misfit before any work

@@ -231,7 +231,10 @@ def verify(
     b = Bundle.open(bundle)
     schedule = GuidanceSchedule.load(b.member("schedule.json"))
     adapter = bundled_adapter(b)
-    family = load_model(recorded_model(b, model), **b.manifest.provenance.size)
+    size = b.manifest.provenance.size  # the build's --height/--width/--max-text-len
+    family = load_model(
+        recorded_model(b, model), height=size.get("height"), width=size.get("width"), max_text_len=size.get("max_text_len")
+    )
     if family.name != b.family:
         raise RstrError(
             f"--model is a {family.name} model but bundle {bundle} holds a {b.family} model; pass the model it was built from"
