@@ -49,6 +49,15 @@ def build(
         str, typer.Option(help="auto (TensorRT when usable, else ONNX Runtime) | tensorrt | onnxruntime.")
     ] = "auto",
     dtype: Annotated[str, typer.Option(help="Precision inside the denoiser graph: fp32 | fp16 | bf16.")] = "fp32",
+    precision: Annotated[
+        str,
+        typer.Option(
+            help="The denoiser's transformer-block layers after export: auto (try int8-dynamic on ONNX Runtime CPU, bf16 "
+            "where TensorRT engines are built; keep it only if the precision gate finds it no worse and faster) | fp32 | "
+            "bf16 (GPU backends) | int8 (static, calibrated; ONNX Runtime CPU and TensorRT) | int8-dynamic (ONNX Runtime). "
+            "An explicit value ships whatever the gate finds, and the report says what it cost."
+        ),
+    ] = "auto",
     batch: Annotated[int, typer.Option(help="Images per call (B); guided steps run 2B rows, unguided B.")] = 1,
     preset: Annotated[
         str,
@@ -79,8 +88,8 @@ def build(
 
     Stage-1 searches a schedule within --budget; a schedule gate checks it against the stock model's
     constant CFG on gate seeds (falling back to the search's best baselines if it loses); Stage-2
-    calibrates a LoRA only where that can help (adapter gate); then export, verification against
-    PyTorch, and a report comparing the bundle with the stock model on held-out seeds (paired per
+    calibrates a LoRA only where that can help (adapter gate); then export, reduced precision where
+    the precision gate keeps it (--precision), verification against PyTorch, and a report comparing the bundle with the stock model on held-out seeds (paired per
     group) and its speed.  Examples: `rstr-export build` | `rstr-export build --schedule s.json
     --adapter calib/ --out b/` | `rstr-export build --require-better --quiet`
     """
@@ -96,7 +105,9 @@ def build(
 
     set_threads(threads)
     result = run_build(
-        BuildOptions(model, schedule, adapter, out, backend, dtype, batch, force, preset, budget, seed, measure, require_better)
+        BuildOptions(
+            model, schedule, adapter, out, backend, dtype, batch, force, preset, budget, seed, measure, require_better, precision
+        )
     )
     s = result.summary
     if json_out:
@@ -108,6 +119,7 @@ def build(
     table.add_row("schedule", s["schedule"])
     table.add_row("compute saved vs constant CFG", f"{s['compute_saved']:.0%}")
     table.add_row("bundle vs PyTorch (max rel. error)", f"{s['max_rel_error']:.1e}")
+    table.add_row("precision", result.manifest.precision)
     for gate in s["gates"].values():
         table.add_row(f"{gate['name']} gate", gate["decision"])
     q = s.get("quality")
