@@ -189,7 +189,7 @@ def build(opts: BuildOptions) -> BuildResult:
         check = verify(bundle, family, schedule)
         if opts.dtype == "fp32":
             candidate = candidate_for(opts.backend, tensorrt_targeted(opts.backend))
-            record = choose_precision(family, schedule, bundle, opts.precision, candidate, stages)
+            record = choose_precision(family, schedule, bundle, opts.precision, candidate, stages, opts.measure)
             gates["precision"] = record.to_json()
             if record.shipped != "fp32":
                 manifest = write_manifest(root, replace(manifest, precision=record.shipped))

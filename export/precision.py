@@ -119,10 +119,11 @@ def weighted_nodes(model: onnx.ModelProto, family: Family) -> dict[str, str]:
     return out
 
 
-def select_nodes(model: onnx.ModelProto, family: Family) -> list[str]:
-    """Names of the nodes to compute in reduced precision (see the module docstring)."""
+def select_nodes(model: onnx.ModelProto, family: Family, owners: dict[str, str] | None = None) -> list[str]:
+    """Names of the nodes to compute in reduced precision (see the module docstring); ``owners`` from :func:`weighted_nodes`."""
     chosen = reduced_linears(family)
-    nodes = [n for n, owner in weighted_nodes(model, family).items() if owner in chosen]
+    owners = weighted_nodes(model, family) if owners is None else owners
+    nodes = [n for n, owner in owners.items() if owner in chosen]
     if not nodes:
         raise RuntimeError(
             f"no MatMul/Gemm of the exported denoiser matches the {len(chosen)} block Linear layers by weight; "
@@ -138,8 +139,8 @@ def convert(
     """Write ``src`` (fp32 denoiser) at ``precision`` to ``dst``; return what was done (for the manifest summary)."""
     check_precision(precision)
     model = onnx.load(str(src))
-    nodes = select_nodes(model, family)
-    total = sum(1 for n in model.graph.node if n.op_type in WEIGHTED_OPS and len(n.input) > 1)
+    owners = weighted_nodes(model, family)
+    nodes = select_nodes(model, family, owners)
     if precision == "fp32":
         onnx.save_model(model, str(dst))
     elif precision == "bf16":
@@ -182,7 +183,7 @@ def convert(
     return {
         "precision": precision,
         "reduced_layers": len(nodes) if precision != "fp32" else 0,
-        "weighted_layers": total,
+        "linear_layers": len(owners),
         "kept_fp32": "norms, embeddings (patch, timestep, class/caption), adaLN modulation, the final layer, attention scores",
         "calibration": None
         if precision != "int8"

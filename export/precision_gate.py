@@ -79,9 +79,19 @@ def candidate_for(backend: str, tensorrt_engines: bool) -> str:
 
 
 def choose_precision(
-    family: Family, schedule: GuidanceSchedule, bundle: Bundle, requested: str, candidate: str, workdir: Path
+    family: Family,
+    schedule: GuidanceSchedule,
+    bundle: Bundle,
+    requested: str,
+    candidate: str,
+    workdir: Path,
+    measure: bool = True,
 ) -> PrecisionRecord:
-    """Decide the denoiser's precision; when a reduced one ships, ``bundle``'s ``denoiser.onnx`` is replaced by it."""
+    """Decide the denoiser's precision; when a reduced one ships, ``bundle``'s ``denoiser.onnx`` is replaced by it.
+
+    ``measure`` False (``--no-measure``) skips the cost measurements of an explicit precision;
+    ``auto`` always measures, since it decides by them.
+    """
     if requested != "auto":
         check_precision(requested)
     if requested == "fp32":
@@ -115,10 +125,12 @@ def choose_precision(
         conversion = convert(src, reduced, family, tried, feeds)
         view = bundle_with_denoiser(bundle, reduced, tmp_dir / "candidate", tried)
         record = PrecisionRecord(requested, tried, Gate("precision", ""), candidate=tried, conversion=conversion)
-        if family.quality == "digits":
+        measured = measure or not explicit
+        if measured and family.quality == "digits":
             _gate_quality(record, family, schedule, bundle, view, tmp_dir)
-        if "onnxruntime-cpu" in BACKENDS[tried]:
+        if measured and "onnxruntime-cpu" in BACKENDS[tried]:
             record.speed = denoiser_speed(bundle, view, tried)
+        record.extra["measured"] = measured
         ship, why = _decide(record, explicit)
         record.gate.decision = why
         record.shipped = tried if ship else "fp32"
@@ -148,7 +160,7 @@ def _decide(record: PrecisionRecord, explicit: bool) -> tuple[bool, str]:
     p = record.candidate
     c = record.gate.shipped
     quality = (
-        "no quality measure here"
+        ("no quality measure here" if record.extra.get("measured", True) else "cost not measured (--no-measure)")
         if c is None
         else f"FD {c.verdict} against the fp32 bundle ({' / '.join(f'{d:+.3f}' for d in c.differences)} per gate group"
         f", accuracy {c.candidate.accuracy_mean:.3f} vs {c.baseline.accuracy_mean:.3f})"
@@ -156,7 +168,8 @@ def _decide(record: PrecisionRecord, explicit: bool) -> tuple[bool, str]:
     speed = record.speed
     faster = speed is None or speed[f"{p}_ms"] < speed["fp32_ms"]
     timing = (
-        "speed not measured here (no CPU kernels for it in ONNX Runtime)"
+        "speed not measured"
+        + (" here (no CPU kernels for it in ONNX Runtime)" if record.extra.get("measured", True) else "")
         if speed is None
         else f"denoiser over the plan {speed[f'{p}_ms']:.1f} ms vs {speed['fp32_ms']:.1f} ms fp32 (fastest of {speed['reps']})"
     )

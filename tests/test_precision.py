@@ -190,3 +190,33 @@ def test_precision_needs_an_fp32_export(tiny_dit_model, tmp_path):
     with pytest.raises(RstrError, match="--dtype bf16"):
         build(BuildOptions(model=model, schedule=schedule, out=tmp_path / "b", dtype="bf16", precision="int8"))
     assert not (tmp_path / "b").exists()
+
+
+def test_tensorrt_takes_precision_from_the_onnx_and_refuses_dynamic_int8():
+    from rstr.engines.tensorrt.build import _precision_kwargs
+
+    assert _precision_kwargs("bf16", strongly_typed=True) == {} and _precision_kwargs("int8", strongly_typed=True) == {}
+    assert _precision_kwargs("bf16", strongly_typed=False) == {"bf16": True}
+    assert _precision_kwargs("int8", strongly_typed=False) == {"int8": True}
+    assert _precision_kwargs("fp32", strongly_typed=False) == {}
+    with pytest.raises(BackendUnavailable, match="--precision int8"):
+        _precision_kwargs("int8-dynamic", strongly_typed=True)
+
+
+@pytest.mark.tensorrt
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_tensorrt_runs_reduced_precision_bundles(tiny_dit_model, tmp_path, precision):
+    """TensorRT engines of a bf16 / int8 bundle agree with the CPU check of the same graph (emulated for bf16)."""
+    from rstr.engines.tensorrt import TensorRTRunner
+    from rstr.export.precision import cpu_checkable
+
+    model, schedule = tiny_dit_model
+    build(BuildOptions(model=model, schedule=schedule, out=tmp_path / "b", measure=False, precision=precision, backend="tensorrt"))
+    bundle = Bundle.open(tmp_path / "b")
+    assert bundle.manifest.precision == precision and bundle.engines_for("tensorrt")
+    noise = np.random.default_rng(0).standard_normal(bundle.sample.concrete(1), dtype=np.float32)
+    cond = {"class_labels": np.array([3])}
+    with OnnxRuntimeRunner(cpu_checkable(bundle, tmp_path / "cpu")) as ort, TensorRTRunner(bundle) as trt:
+        want, got = ort.infer(noise, cond), trt.infer(noise, cond)
+    assert np.abs(got - want).max() / np.abs(want).max() <= PRECISION_TOLERANCE[precision]

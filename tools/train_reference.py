@@ -183,10 +183,10 @@ def train_dit(args: argparse.Namespace) -> tuple[nn.Module, dict]:
 def choose_scale(out: Path, scales: list[float], steps: int, num: int) -> tuple[float, dict]:
     """Pick the constant CFG scale with the lowest Frechet distance on calibration seeds."""
     from rstr.evaluate import evaluate
-    from rstr.seeds import CALIBRATION_SEEDS
     from rstr.families import load_model
     from rstr.metrics import load_classifier
     from rstr.schedule import GuidanceSchedule
+    from rstr.seeds import CALIBRATION_SEEDS
 
     family = load_model(out)
     classifier = load_classifier(out / "classifier.safetensors")
