@@ -37,9 +37,9 @@ reference model full-range int8 weights gave 19% error on one denoiser call, 7-b
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
@@ -141,6 +141,34 @@ def convert(
     model = onnx.load(str(src))
     owners = weighted_nodes(model, family)
     nodes = select_nodes(model, family, owners)
+    with _quiet_quantizer():
+        _write(model, src, dst, nodes, precision, calibration)
+    return {
+        "precision": precision,
+        "reduced_layers": len(nodes) if precision != "fp32" else 0,
+        "linear_layers": len(owners),
+        "kept_fp32": "norms, embeddings (patch, timestep, class/caption), adaLN modulation, the final layer, attention scores",
+        "calibration": None if precision != "int8" else {"inputs": len(calibration or ()), "seeds_from": CALIBRATION_SEEDS.start},
+    }
+
+
+@contextlib.contextmanager
+def _quiet_quantizer() -> Iterator[None]:
+    """ONNX Runtime's quantizer warns on the root logger ("consider pre-processing"): shown only at rstr's debug level."""
+    root = logging.getLogger()
+    level = root.level
+    if not log.isEnabledFor(logging.DEBUG):
+        root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def _write(
+    model: onnx.ModelProto, src: Path, dst: Path, nodes: list[str], precision: str, calibration: list[dict] | None
+) -> None:
+    """Write ``model`` (loaded from ``src``) to ``dst`` with ``nodes`` at ``precision``."""
     if precision == "fp32":
         onnx.save_model(model, str(dst))
     elif precision == "bf16":
@@ -162,41 +190,21 @@ def convert(
             raise RuntimeError("static int8 needs calibration inputs")
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-        with tempfile.TemporaryDirectory(prefix="rstr-quant-") as tmp:
-            quantize_static(
-                src,
-                dst,
-                _Reader(calibration),
-                quant_format=QuantFormat.QDQ,
-                activation_type=QuantType.QInt8,
-                weight_type=QuantType.QInt8,
-                per_channel=True,
-                reduce_range=True,
-                nodes_to_quantize=nodes,
-                op_types_to_quantize=list(WEIGHTED_OPS),
-                calibrate_method=CalibrationMethod.MinMax,
-                extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
-                calibration_providers=["CPUExecutionProvider"],
-                use_external_data_format=False,
-                **({"temp_dir": tmp} if _accepts_temp_dir() else {}),
-            )
-    return {
-        "precision": precision,
-        "reduced_layers": len(nodes) if precision != "fp32" else 0,
-        "linear_layers": len(owners),
-        "kept_fp32": "norms, embeddings (patch, timestep, class/caption), adaLN modulation, the final layer, attention scores",
-        "calibration": None
-        if precision != "int8"
-        else {"inputs": len(calibration or ()), "images": CALIBRATION_IMAGES, "seeds_from": CALIBRATION_SEEDS.start},
-    }
-
-
-def _accepts_temp_dir() -> bool:
-    import inspect
-
-    from onnxruntime.quantization import quantize_static
-
-    return "temp_dir" in inspect.signature(quantize_static).parameters
+        quantize_static(
+            src,
+            dst,
+            _Reader(calibration),
+            quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+            reduce_range=True,
+            nodes_to_quantize=nodes,
+            op_types_to_quantize=list(WEIGHTED_OPS),
+            calibrate_method=CalibrationMethod.MinMax,
+            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+            calibration_providers=["CPUExecutionProvider"],
+        )
 
 
 class _Reader:

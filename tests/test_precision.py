@@ -105,7 +105,7 @@ def test_int8_static_bundle_has_symmetric_qdq_and_verifies(tiny_dit_model, tmp_p
     zero_points = [inits[n.input[2]] for n in q if len(n.input) > 2 and n.input[2] in inits]
     assert zero_points and all(np.all(z == 0) and z.dtype == np.int8 for z in zero_points)  # TensorRT's form
     assert int8.manifest.verification.max_rel_error <= PRECISION_TOLERANCE["int8"]
-    assert int8.manifest.summary["gates"]["precision"]["conversion"]["calibration"]["images"] > 0
+    assert int8.manifest.summary["gates"]["precision"]["conversion"]["calibration"]["inputs"] == len(int8.steps)
 
 
 def test_bf16_graph_keeps_fp32_io_cpu_refuses_it_and_emulation_verifies(tiny_dit_model, tmp_path):
