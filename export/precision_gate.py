@@ -176,7 +176,7 @@ def _decide(record: PrecisionRecord, explicit: bool) -> tuple[bool, str]:
     if explicit:
         return True, f"{p} ships (--precision {p}): {quality}; {timing}"
     if c is not None and (c.verdict == "worse" or not c.keeps_accuracy):
-        return False, f"fp32 ships: the {p} bundle is worse ({quality})"
+        return False, f"fp32 ships: the {p} bundle is worse ({quality}); {timing}"
     if not faster:
         return False, f"fp32 ships: the {p} bundle is no faster on ONNX Runtime CPU ({timing}); {quality}"
     return True, f"{p} ships: {quality}; {timing}"

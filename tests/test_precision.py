@@ -81,6 +81,20 @@ def test_int8_dynamic_bundle_verifies_and_differs_from_fp32(tiny_dit_model, tmp_
         assert not np.allclose(a.infer(noise, cond), b.infer(noise, cond), atol=1e-6)
 
 
+def test_a_wrong_int8_graph_fails_verification(tiny_dit_model, tmp_path):
+    """The int8 tolerance still catches a broken graph: one quantized layer's weight scales (the last block's
+    MLP output, by initializer order) off by 3x."""
+    int8 = _build(tiny_dit_model, tmp_path, "int8-dynamic")
+    path = int8.graph_path("denoiser")
+    model = onnx.load(str(path))
+    scale = [i for i in model.graph.initializer if i.name.endswith("_scale")][-1]
+    scale.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(scale) * 3, scale.name))
+    onnx.save_model(model, str(path))
+    family = load_model(tiny_dit_model[0])
+    result = verify(Bundle(int8.root, int8.manifest), family, GuidanceSchedule.load(tiny_dit_model[1]), raise_on_failure=False)
+    assert result.max_rel_error > PRECISION_TOLERANCE["int8-dynamic"]
+
+
 def test_calibration_feeds_are_the_plans_denoiser_inputs(tiny_dit_model, tmp_path):
     bundle = _build(tiny_dit_model, tmp_path, "fp32")
     family = load_model(tiny_dit_model[0])
