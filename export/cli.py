@@ -126,7 +126,7 @@ def build(
     if q:
         fmt = lambda xs: " / ".join(f"{x:.3f}" for x in xs)  # noqa: E731
         table.add_row(
-            "held-out FD per group: rstr / stock constant CFG", f"{fmt(q['candidate']['fd'])} / {fmt(q['baseline']['fd'])}"
+            "held-out FD per group: rstr vs stock constant CFG", f"{fmt(q['candidate']['fd'])} vs {fmt(q['baseline']['fd'])}"
         )
         table.add_row("paired difference per group", f"{fmt(q['differences'])}: [bold]{q['verdict']}[/bold]")
         table.add_row(

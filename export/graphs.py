@@ -14,7 +14,10 @@ and polygraphy, and saved with external data when they exceed 2 GB.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
@@ -90,7 +93,7 @@ def _export(
     dynamo: bool,
 ) -> None:
     """Export with dynamic axes named in ``batch_axes`` (input/output name -> axis symbol)."""
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _quiet_exporters():
         warnings.simplefilter("ignore")
         if dynamo:
             dims = {"batch": torch.export.Dim("batch", min=1, max=4096)}
@@ -134,7 +137,8 @@ def clean(path: Path) -> None:
         v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
         for v in [*model.graph.input, *model.graph.output]
     }
-    model = fold_constants(model, allow_onnxruntime_shape_inference=False, error_ok=True)
+    with _quiet_exporters():
+        model = fold_constants(model, allow_onnxruntime_shape_inference=False, error_ok=True)
     graph = gs.import_onnx(model)
     graph.cleanup().toposort()
     model = gs.export_onnx(graph)
@@ -145,6 +149,25 @@ def clean(path: Path) -> None:
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=path.name + ".data")
     else:
         onnx.save_model(model, str(path))
+
+
+@contextlib.contextmanager
+def _quiet_exporters() -> Iterator[None]:
+    """The exporter's and polygraphy's own logs (torchvision notes, folding passes) only at rstr's debug level."""
+    if logging.getLogger("rstr").isEnabledFor(logging.DEBUG):
+        yield
+        return
+    from polygraphy.logger import G_LOGGER
+
+    torch_log, severity = logging.getLogger("torch"), G_LOGGER.module_severity
+    level = torch_log.level
+    torch_log.setLevel(logging.ERROR)
+    G_LOGGER.module_severity, G_LOGGER.colors = G_LOGGER.ERROR, False
+    try:
+        yield
+    finally:
+        torch_log.setLevel(level)
+        G_LOGGER.module_severity = severity
 
 
 def _restore_io_shapes(model: onnx.ModelProto, declared: dict[str, list]) -> None:

@@ -17,8 +17,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 @lru_cache(maxsize=1)
 def console() -> Console:
-    """The stderr console shared by log lines and progress bars."""
-    return Console(stderr=True)
+    """The stderr console shared by log lines and progress bars (lines unwrapped up to 160 columns in log files)."""
+    terminal = Console(stderr=True)
+    return terminal if terminal.is_terminal else Console(stderr=True, width=160)
 
 
 class Bar:
@@ -46,7 +47,7 @@ def progress_bar(total: int, description: str, enabled: bool = True) -> Iterator
     A bar opened while another runs joins the same display, below it.
     """
     global _active
-    if not enabled:
+    if not enabled or not console().is_terminal:
         yield Bar(None, None)
         return
     if _active is not None:

@@ -272,8 +272,16 @@ def calibrate(
         bool, typer.Option("--resume", help="Continue from the checkpoint an interrupted run left beside --out.")
     ] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
+    teacher: Annotated[
+        Path | None,
+        typer.Option(
+            "--teacher",
+            help="Schedule JSON the student must match (default: constant CFG at the model's scale and full steps). "
+            "Where --schedule already beats constant CFG, give a better one, e.g. `rstr search --budget 1` output.",
+        ),
+    ] = None,
 ) -> None:
-    """Stage-2: train a per-module-rank LoRA so the model under a sparse schedule matches full CFG.
+    """Stage-2: train a per-module-rank LoRA so the model under a sparse schedule matches its teacher.
 
     Sensitivity of every linear layer in every block decides its rank under the budget; the
     adapter merges into the weights at export.  Example: `rstr calibrate --schedule s.json --out adapter`.
@@ -301,6 +309,7 @@ def calibrate(
         seed=seed,
         resume=resume,
         force=force,
+        teacher=None if teacher is None else GuidanceSchedule.load(teacher),
     )
     console.print(
         f"[green]wrote[/green] {out}: {result.params:,} LoRA parameters, loss to the teacher "

@@ -56,11 +56,20 @@ def label(method: str, budget: float) -> str:
     return f"{method} {budget:.2%}"
 
 
-def calibrated_run(args: argparse.Namespace, schedule: GuidanceSchedule, method: str, budget: float, seed: int) -> dict:
-    """Calibrate (or reuse a finished adapter with the same settings), merge it and score it."""
+def calibrated_run(
+    args: argparse.Namespace, schedule: GuidanceSchedule, teacher: GuidanceSchedule, method: str, budget: float, seed: int
+) -> dict:
+    """Calibrate toward ``teacher`` (or reuse a finished adapter with the same settings), merge it and score it."""
     adapter = args.work / f"{method}-{budget:g}-seed{seed}"
     record_path = adapter / "calibration.json"
-    wanted = {"schedule_sha256": schedule.sha256(), "preset": args.preset, "budget": budget, "allocation": method, "seed": seed}
+    wanted = {
+        "schedule_sha256": schedule.sha256(),
+        "preset": args.preset,
+        "budget": budget,
+        "allocation": method,
+        "seed": seed,
+        "teacher": teacher.to_dict(),
+    }
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
     if any(record.get(k) != v for k, v in wanted.items()):
         stage2.calibrate(
@@ -74,6 +83,7 @@ def calibrated_run(args: argparse.Namespace, schedule: GuidanceSchedule, method:
             resume=True,
             force=True,
             progress=False,
+            teacher=teacher,
         )
         record = json.loads(record_path.read_text())
     family = load_model(args.model, device=args.device)
@@ -98,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, default=REFERENCE_MODEL)
     p.add_argument("--schedule", type=Path, help="Stage-1 schedule JSON (default: rstr.calibrate.default_schedule)")
+    p.add_argument("--teacher", type=Path, help="teacher schedule JSON (default: constant CFG at the model's scale, full steps)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="calibration seeds")
     p.add_argument("--preset", default="full")
     p.add_argument("--budgets", type=float, nargs="+", default=[0.01, 0.0025], help="LoRA budgets (fractions of the transformer)")
@@ -122,7 +133,7 @@ def run(args: argparse.Namespace, command: str) -> int:
     t0 = time.perf_counter()
     base = load_model(args.model, device=args.device)
     schedule = load_schedule(args, base)
-    teacher = stage2.teacher_schedule(base)
+    teacher = GuidanceSchedule.load(args.teacher) if args.teacher else stage2.teacher_schedule(base)
     print(f"schedule: {schedule.describe()}\nteacher: {teacher.describe()}", flush=True)
     results = {"teacher": score(base, teacher, args).to_dict(), "uncalibrated": score(base, schedule, args).to_dict()}
     print(f"teacher       FD {results['teacher']['fd']}\nuncalibrated  FD {results['uncalibrated']['fd']}", flush=True)
@@ -130,7 +141,9 @@ def run(args: argparse.Namespace, command: str) -> int:
     for budget in args.budgets:
         for seed in args.seeds:
             for method in METHODS:
-                r = runs.setdefault(label(method, budget), {})[seed] = calibrated_run(args, schedule, method, budget, seed)
+                r = runs.setdefault(label(method, budget), {})[seed] = calibrated_run(
+                    args, schedule, teacher, method, budget, seed
+                )
                 print(
                     f"{label(method, budget)} seed {seed}: FD {[round(x, 3) for x in r['eval']['fd']]}, "
                     f"loss {r['validation_loss']['calibrated']:.3g}, {r['seconds']:.0f} s",
@@ -168,7 +181,7 @@ def report(data: dict, schedule: GuidanceSchedule, teacher: GuidanceSchedule, pn
         "# Stage-2 ablation: calibration under a sparse schedule, adaptive vs uniform ranks",
         "",
         f"- student schedule: {schedule.describe()}",
-        f"- teacher: {teacher.describe()}, scale {teacher.scales[0]}",
+        f"- teacher: {teacher.describe()}",
         f"- LoRA budgets {', '.join(f'{b:.2%}' for b in data['budgets'])} of the transformer; preset `{data['preset']}` "
         f"({p['iterations']} iterations of {p['batch_size']} images from a pool of {p['pool']}, lr {p['lr']}); "
         f"calibration seeds {', '.join(map(str, seeds))}",
@@ -178,9 +191,9 @@ def report(data: dict, schedule: GuidanceSchedule, teacher: GuidanceSchedule, pn
         "",
         f"![FD per held-out group, loss and allocation]({png})",
         "",
-        "How it works (details in `rstr/calibrate.py`): the loss is the mean squared difference between the "
-        "student's final samples (LoRA model, sparse schedule) and the teacher's (uncalibrated model, constant CFG at "
-        "full steps) from the same noise and class, back-propagated through the whole student sampling loop. A layer's "
+        "How it works (details in `rstr/calibrate/`): the loss is the mean squared difference between the "
+        "student's final samples (LoRA model, sparse schedule) and the teacher's (uncalibrated model under the "
+        "teacher schedule) from the same noise and class, back-propagated through the whole student sampling loop. A layer's "
         "sensitivity is the loss its adapter removes: a rank-1 LoRA on every layer is trained briefly (the probe) and "
         "each layer's adapter switched off in turn; the rise in loss is its rank-1 gain, spread over higher ranks like "
         "the eigenvalues of the layer's empirical Fisher (per-image-group gradients); `adaptive` greedily buys the rank step "
@@ -191,7 +204,7 @@ def report(data: dict, schedule: GuidanceSchedule, teacher: GuidanceSchedule, pn
         "",
         "| model | " + " | ".join(f"group {g}" for g in range(groups)) + " | mean |",
         "|---|" + "---|" * (groups + 1),
-        _row("teacher (constant CFG, full steps)", data["results"]["teacher"]["fd"]),
+        _row(f"teacher ({teacher.describe()})", data["results"]["teacher"]["fd"]),
         _row("uncalibrated, sparse schedule", uncal),
     ]
     for name, runs in data["runs"].items():

@@ -10,7 +10,6 @@ from rstr._io import atomic_dir, write_json
 from rstr.calibrate.adapter import adapter_sha256
 from rstr.calibrate.allocation import RANKS, TargetModule, gain
 from rstr.calibrate.modules import transformer_params
-from rstr.calibrate.train import teacher_schedule
 from rstr.families.base import Family
 from rstr.schedule import GuidanceSchedule
 
@@ -124,7 +123,7 @@ def write_report(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    teacher, ranks = teacher_schedule(family), result.ranks
+    teacher, ranks = GuidanceSchedule.from_dict(settings["teacher"], "teacher"), result.ranks
     blocks = list(dict.fromkeys(m.block for m in modules))
     kinds = list(dict.fromkeys(m.kind for m in modules))
     params = {(b, k): 0 for b in blocks for k in kinds}
@@ -160,7 +159,7 @@ def write_report(
         "",
         f"- model: `{settings['model']}` ({family.name}, {total:,} parameters)",
         f"- student schedule: {schedule.describe()}",
-        f"- teacher: {teacher.describe()}, scale {teacher.scales[0]}",
+        f"- teacher: {teacher.describe()}, scales {', '.join(f'{w:g}' for w in sorted({w for w in teacher.scales if w is not None}))}",
         f"- allocation: {settings['allocation']}, budget {settings['budget']:.2%} = {settings['budget_params']:,} parameters, "
         f"used {result.params:,} ({result.params / total:.2%})",
         f"- preset {settings['preset']}, {settings['iterations']} iterations, seed {settings['seed']}, "

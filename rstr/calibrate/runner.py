@@ -58,8 +58,13 @@ def calibrate(
     resume: bool = False,
     force: bool = False,
     progress: bool = True,
+    teacher: GuidanceSchedule | None = None,
 ) -> CalibrationResult:
     """Allocate ranks by sensitivity, train the LoRA against the teacher and write ``out``.
+
+    The teacher is the uncalibrated model under ``teacher`` (default: constant CFG at the model's scale
+    and full steps).  It must be better than the student for calibration to help: where the sparse
+    schedule already beats constant CFG, pass a better schedule (e.g. a Stage-1 result at full compute).
 
     Calibration seed ``seed`` uses the images ``CALIBRATION_SEEDS.start + seed * (pool + validation)``
     onward.  ``family`` is left untouched (the student is a copy).  A checkpoint beside ``out`` is
@@ -72,7 +77,9 @@ def calibrate(
     if p is None:
         raise RstrError(f"preset {preset!r} is unknown; use one of {', '.join(PRESETS)}")
     iterations = p.iterations if iterations is None else iterations
-    settings, modules = _check_inputs(family, schedule, out, p, budget, allocation, iterations, seed, force)
+    settings, modules = _check_inputs(
+        family, schedule, teacher or teacher_schedule(family), out, p, budget, allocation, iterations, seed, force
+    )
     settings["preset"] = preset if isinstance(preset, str) else "custom"
     ckpt = checkpoint_path(out)
     names = [m.name for m in modules]
@@ -136,6 +143,7 @@ def calibrate(
 def _check_inputs(
     family: Family,
     schedule: GuidanceSchedule,
+    teacher: GuidanceSchedule,
     out: Path,
     p: Preset,
     budget: float,
@@ -156,7 +164,7 @@ def _check_inputs(
     if out.exists() and any(out.iterdir()) and not force:
         raise RstrError(f"{out} already exists; choose another --out or pass --force to replace it")
     schedule.check_fits(family.name, family.sampler)
-    teacher = teacher_schedule(family)
+    teacher.check_fits(family.name, family.sampler)
     if schedule == teacher:
         raise RstrError(f"the schedule is the teacher itself ({teacher.describe()}); there is nothing to calibrate")
     modules = target_modules(family)
@@ -201,7 +209,7 @@ def _initial_state(
     """Teacher samples, sensitivity, ranks and the uncalibrated validation loss: everything before training."""
     start, stop = settings["calibration_seeds"]
     noise, cond = seed_conditioning(family, range(start, stop))
-    data = teacher_data(family, teacher_schedule(family), noise, cond)
+    data = teacher_data(family, GuidanceSchedule.from_dict(settings["teacher"], "teacher"), noise, cond)
     pool, val = data.take(slice(0, p.pool)), data.take(slice(p.pool, None))
     spectra = measure_sensitivity(family, schedule, pool.take(slice(0, p.probe)), modules, p, settings["seed"])
     if isinstance(allocation, Path):
