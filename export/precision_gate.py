@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 from rstr.engines.bundle import Bundle
+from rstr.export import stages
 from rstr.export.precision import (
     BACKENDS,
     bundle_with_denoiser,
@@ -36,7 +37,7 @@ from rstr.export.precision import (
     convert,
     cpu_checkable,
 )
-from rstr.export.stages import GATE_GROUPS, GATE_NUM, Gate
+from rstr.export.stages import Gate
 
 from rstr.compare import Comparison, score_bundle
 from rstr.errors import RstrError
@@ -144,13 +145,14 @@ def _gate_quality(
     record: PrecisionRecord, family: Family, schedule: GuidanceSchedule, fp32: Bundle, reduced: Bundle, tmp: Path
 ) -> None:
     """The reduced bundle against the fp32 bundle on the gate seeds, both through ONNX Runtime CPU, paired."""
-    kw = dict(seed_start=GATE_SEEDS.start, num=GATE_NUM, groups=GATE_GROUPS)
-    log.info(f"precision gate: {record.candidate} bundle against the fp32 bundle, {GATE_GROUPS} x {GATE_NUM} gate seeds, paired")
+    num, groups = stages.GATE_NUM, stages.GATE_GROUPS  # the schedule and adapter gates' seeds
+    kw = dict(seed_start=GATE_SEEDS.start, num=num, groups=groups)
+    log.info(f"precision gate: {record.candidate} bundle against the fp32 bundle, {groups} x {num} gate seeds, paired")
     checked = cpu_checkable(reduced, tmp / "emulated")
     how = " (bf16 emulated on CPU)" if checked is not reduced else ""
     base = score_bundle(fp32, family, schedule, "fp32 bundle", **kw)
     side = score_bundle(checked, family, schedule, f"{record.candidate} bundle{how}", **kw)
-    record.gate.comparisons.append(Comparison(side, base, GATE_SEEDS.start, GATE_NUM, GATE_GROUPS))
+    record.gate.comparisons.append(Comparison(side, base, GATE_SEEDS.start, num, groups))
     record.gate.chosen = 0
     log.info(f"  {record.gate.comparisons[0].describe()}")
 
@@ -168,8 +170,7 @@ def _decide(record: PrecisionRecord, explicit: bool) -> tuple[bool, str]:
     speed = record.speed
     faster = speed is None or speed[f"{p}_ms"] < speed["fp32_ms"]
     timing = (
-        "speed not measured"
-        + (" here (no CPU kernels for it in ONNX Runtime)" if record.extra.get("measured", True) else "")
+        "speed not measured" + (" here (no CPU kernels for it in ONNX Runtime)" if record.extra.get("measured", True) else "")
         if speed is None
         else f"denoiser over the plan {speed[f'{p}_ms']:.1f} ms vs {speed['fp32_ms']:.1f} ms fp32 (fastest of {speed['reps']})"
     )

@@ -124,10 +124,11 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 def test_quiet_and_json_output(tmp_path):
     """--quiet prints the final table and nothing on stderr; --json one JSON object; no third-party noise either way."""
-    quiet = run_cli("build", "--schedule", str(SEARCHED_50), "--out", "q", "--no-measure", "--quiet", cwd=tmp_path)
+    fp32 = ("--precision", "fp32")  # the loud build below runs the default precision gate too
+    quiet = run_cli("build", "--schedule", str(SEARCHED_50), "--out", "q", "--no-measure", "--quiet", *fp32, cwd=tmp_path)
     assert quiet.returncode == 0, quiet.stderr
     assert quiet.stderr == "" and "compute saved vs constant CFG" in quiet.stdout
-    js = run_cli("build", "--schedule", str(SEARCHED_50), "--out", "j", "--no-measure", "--json", cwd=tmp_path)
+    js = run_cli("build", "--schedule", str(SEARCHED_50), "--out", "j", "--no-measure", "--json", *fp32, cwd=tmp_path)
     assert js.returncode == 0 and js.stderr == ""
     summary = json.loads(js.stdout)
     assert summary["compute_saved"] == pytest.approx(0.5) and summary["out"] == "j"

@@ -11,11 +11,10 @@ import onnx
 import pytest
 from rstr.engines.bundle import Bundle
 from rstr.engines.onnxruntime import OnnxRuntimeRunner
-from rstr.export import precision_gate
+from rstr.export import stages
 from rstr.export.build import BuildOptions, build
 from rstr.export.precision import calibration_feeds, emulate_bf16, reduced_linears, select_nodes, weighted_nodes
 from rstr.export.precision_gate import PrecisionRecord, _decide
-from rstr.export.stages import Gate
 from rstr.export.verify import PRECISION_TOLERANCE, verify
 from test_export import MAKERS, save_model, sparse_schedule
 
@@ -150,7 +149,7 @@ def test_auto_keeps_fp32_without_a_quality_measure(tiny_dit_model, tmp_path):
 def _record(differences: list[float], fp32_ms: float, int8_ms: float, accuracy: float = 1.0) -> PrecisionRecord:
     base = Side("fp32", "s", 10, 0.5, [3.0, 3.0], [1.0, 1.0])
     cand = Side("int8", "s", 10, 0.5, [3.0 + d for d in differences], [accuracy, accuracy])
-    gate = Gate("precision", "", [Comparison(cand, base, 0, 500, 2)], 0)
+    gate = stages.Gate("precision", "", [Comparison(cand, base, 0, 500, 2)], 0)
     return PrecisionRecord("auto", "", gate, "int8-dynamic", speed={"fp32_ms": fp32_ms, "int8-dynamic_ms": int8_ms, "reps": 3})
 
 
@@ -175,7 +174,7 @@ def test_gate_ships_only_a_reduced_bundle_that_is_no_worse_and_faster(difference
 @pytest.mark.skipif(not (REFERENCE_MODEL / "transformer").is_dir(), reason="the reference model is not trained yet")
 def test_gate_on_the_reference_model_compares_bundles_on_gate_seeds(tmp_path, monkeypatch):
     """The real gate path, on fewer gate images: both bundles scored through ONNX Runtime, paired, recorded."""
-    monkeypatch.setattr(precision_gate, "GATE_NUM", 40)
+    monkeypatch.setattr(stages, "GATE_NUM", 40)
     schedule = GuidanceSchedule.load(Path(__file__).resolve().parent.parent / "docs" / "search" / "budget-30" / "schedule.json")
     schedule.save(tmp_path / "s.json")
     build(BuildOptions(schedule=tmp_path / "s.json", out=tmp_path / "b", measure=False, precision="auto"))
@@ -226,7 +225,9 @@ def test_tensorrt_runs_reduced_precision_bundles(tiny_dit_model, tmp_path, preci
     from rstr.export.precision import cpu_checkable
 
     model, schedule = tiny_dit_model
-    build(BuildOptions(model=model, schedule=schedule, out=tmp_path / "b", measure=False, precision=precision, backend="tensorrt"))
+    build(
+        BuildOptions(model=model, schedule=schedule, out=tmp_path / "b", measure=False, precision=precision, backend="tensorrt")
+    )
     bundle = Bundle.open(tmp_path / "b")
     assert bundle.manifest.precision == precision and bundle.engines_for("tensorrt")
     noise = np.random.default_rng(0).standard_normal(bundle.sample.concrete(1), dtype=np.float32)
