@@ -40,7 +40,9 @@ def test_report_baseline_is_the_stock_model_even_with_an_adapter(tmp_path, small
     schedule = GuidanceSchedule.load(SEARCHED_50)
     tiny = Preset(pool=16, probe=8, probe_iterations=2, validation=8, batch_size=8, iterations=6, lr=3e-3, checkpoint_every=6)
     calibrate(ref, schedule, tmp_path / "adapter", preset=tiny, budget=0.01, progress=False)
-    result = build(BuildOptions(schedule=SEARCHED_50, adapter=tmp_path / "adapter", out=tmp_path / "b", measure=True))
+    # fp32: the bundle side is then the PyTorch model's arithmetic, which `rstr evaluate --adapter` reproduces
+    opts = BuildOptions(schedule=SEARCHED_50, adapter=tmp_path / "adapter", out=tmp_path / "b", measure=True, precision="fp32")
+    result = build(opts)
     q = result.summary["quality"]
     cmd = [
         sys.executable,
