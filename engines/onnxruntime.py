@@ -12,6 +12,7 @@ work per step beyond the two calls.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import numpy as np
 from rstr.engines.base import Runner
@@ -58,7 +59,7 @@ class OnnxRuntimeRunner(Runner):
         self.backend = f"onnxruntime-{device}"
         self.threads = threads or os.cpu_count() or 1
         self.optimization = optimization
-        self.sessions: dict[str, object] = {}
+        self.sessions: dict[str, Any] = {}  # onnxruntime ships no types
 
     def _session_options(self):
         ort = _ort()
@@ -78,7 +79,7 @@ class OnnxRuntimeRunner(Runner):
     def _value(self, array: np.ndarray):
         return _ort().OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, 0)
 
-    def _buffer(self, shape: tuple[int, ...], dtype) -> object:
+    def _buffer(self, shape: tuple[int, ...], dtype) -> Any:
         return _ort().OrtValue.ortvalue_from_shape_and_type(shape, dtype, self.device, 0)
 
     def _activate(self) -> None:

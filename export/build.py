@@ -30,7 +30,7 @@ from rstr.export.verify import Verification, rel, verify
 
 from rstr._io import atomic_dir
 from rstr.errors import BackendUnavailable, RstrError
-from rstr.families import load_model
+from rstr.families import load_model, model_sha256
 from rstr.families.base import Family
 from rstr.schedule import GuidanceSchedule
 
@@ -55,6 +55,7 @@ class BuildOptions:
     require_better: bool = False
     precision: str = "auto"  # auto | fp32 | bf16 | int8 | int8-dynamic (rstr.export.precision)
     prompts: Path | None = None
+    device: str = "cpu"  # where the PyTorch stages and the quality measurement run
 
 
 @dataclass
@@ -125,7 +126,7 @@ def build(opts: BuildOptions) -> BuildResult:
         raise RstrError(f"output directory {opts.out} exists; pass --force to replace it or choose another --out")
     if opts.batch < 1:
         raise RstrError(f"--batch {opts.batch} must be at least 1")
-    family = load_model(opts.model, prompts=opts.prompts)
+    family = load_model(opts.model, device=opts.device, prompts=opts.prompts)
     if opts.schedule is not None:
         build_plan(family, GuidanceSchedule.load(opts.schedule), opts.batch)  # refuse a misfit before any work
     if opts.require_better and family.quality != "digits":
@@ -153,6 +154,7 @@ def build(opts: BuildOptions) -> BuildResult:
             gates["adapter"] = adapter_gate.to_json()
             log.info(adapter_gate.decision)
         schedule.save(root / "schedule.json")
+        family.transformer.to("cpu")  # merge, export and verification against the CPU runtime run on the CPU
 
         adapter_hash = None
         if adapter is not None:
@@ -177,6 +179,7 @@ def build(opts: BuildOptions) -> BuildResult:
             decoder=None if decoder is None else Decoder.from_json(decoder),
             provenance=Provenance(
                 model=str(family.path),
+                model_sha256=None if family.path is None else model_sha256(family.path),
                 schedule_sha256=schedule.sha256(),
                 adapter="stages/adapter" if adapter is not None else None,
                 adapter_sha256=adapter_hash,
@@ -208,7 +211,9 @@ def build(opts: BuildOptions) -> BuildResult:
         }
         if opts.measure or opts.require_better:
             log.info(f"measuring quality against the stock model ({REPORT_GROUPS} x {REPORT_NUM} held-out seeds, paired)")
+            family.transformer.to(opts.device)
             quality = measure_quality(family, schedule, bundle if manifest.precision != "fp32" else None)
+            family.transformer.to("cpu")  # the speed measurement compares PyTorch and ONNX Runtime on the CPU
             summary["quality"] = None if quality is None else quality.to_json()
             if opts.require_better and (quality is None or quality.verdict != "better"):
                 raise RstrError(

@@ -8,6 +8,7 @@ engines for the best backend present, verification and a report.
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 from typing import Annotated
 
@@ -17,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from rstr._cli import run_app
+from rstr._options import JsonOpt
 from rstr.errors import RstrError
 
 app = typer.Typer(
@@ -58,6 +60,12 @@ def build(
             "An explicit value ships whatever the gate finds, and the report says what it cost."
         ),
     ] = "auto",
+    device: Annotated[
+        str,
+        typer.Option(
+            help="cpu | cuda | cuda:N: where the PyTorch stages run (search, calibration, gates, quality); merge, export and verification run on the CPU."
+        ),
+    ] = "cpu",
     batch: Annotated[int, typer.Option(help="Images per call (B); guided steps run 2B rows, unguided B.")] = 1,
     preset: Annotated[
         str,
@@ -80,9 +88,7 @@ def build(
     threads: Annotated[int | None, typer.Option(help="Torch threads (default: the cores not busy with other work).")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", help="Show every step's detail and third-party messages.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="Print only the final table.")] = False,
-    json_out: Annotated[
-        bool, typer.Option("--json", help="Print the summary as one JSON object (nothing else on stdout).")
-    ] = False,
+    json_out: JsonOpt = False,
 ) -> None:
     """Build a verified bundle. With no arguments: the whole job on the reference model.
 
@@ -94,8 +100,10 @@ def build(
     --adapter calib/ --out b/` | `rstr-export build --require-better --quiet`
     """
     from rstr._cli import set_threads, setup_output
+    from rstr._options import check_device
 
     setup_output(verbose=verbose, quiet=quiet or json_out)
+    check_device(device)
     if backend not in ("auto", "tensorrt", "onnxruntime"):
         raise RstrError(f"--backend {backend!r} is not one of auto, tensorrt, onnxruntime")
     if preset not in ("fast", "full"):
@@ -106,7 +114,21 @@ def build(
     set_threads(threads)
     result = run_build(
         BuildOptions(
-            model, schedule, adapter, out, backend, dtype, batch, force, preset, budget, seed, measure, require_better, precision
+            model,
+            schedule,
+            adapter,
+            out,
+            backend,
+            dtype,
+            batch,
+            force,
+            preset,
+            budget,
+            seed,
+            measure,
+            require_better,
+            precision=precision,
+            device=device,
         )
     )
     s = result.summary
@@ -173,25 +195,47 @@ def inspect(bundle: BundleArg, json_out: Annotated[bool, typer.Option("--json", 
 
 
 @app.command()
-def verify(bundle: BundleArg, seed: Annotated[int, typer.Option(help="Seed of the noise.")] = 0) -> None:
+def verify(
+    bundle: BundleArg,
+    seed: Annotated[int, typer.Option(help="Seed of the noise (rstr's seeded generator, as `rstr-export run --seed`).")] = 0,
+    model: Annotated[
+        Path | None,
+        typer.Option(
+            help="The model the bundle was built from. Default: the path the bundle records, used only when it exists "
+            "and its files still hash to the recorded model_sha256."
+        ),
+    ] = None,
+    json_out: JsonOpt = False,
+) -> None:
     """Run the bundle (ONNX Runtime, CPU) and the PyTorch sampler from the same noise and compare.
 
-    The model, schedule and adapter are the ones recorded in the bundle.
+    The schedule and the merged adapter are the bundle's own copies (listed and hashed in its
+    manifest; the adapter is checked against provenance.adapter_sha256); the model is --model or
+    the recorded one when it still matches its recorded hash.
     """
     from rstr.engines.bundle import Bundle
+    from rstr.export.verify import bundled_adapter, recorded_model
     from rstr.export.verify import verify as run_verify
 
     from rstr.families import load_model
     from rstr.schedule import GuidanceSchedule
 
     b = Bundle.open(bundle)
-    prov = b.manifest.provenance
-    family = load_model(Path(prov.model))
-    if prov.adapter:
+    schedule = GuidanceSchedule.load(b.member("schedule.json"))
+    adapter = bundled_adapter(b)
+    family = load_model(recorded_model(b, model))
+    if family.name != b.family:
+        raise RstrError(
+            f"--model is a {family.name} model but bundle {bundle} holds a {b.family} model; pass the model it was built from"
+        )
+    if adapter is not None:
         from rstr.calibrate import apply_adapter
 
-        apply_adapter(family, b.root / prov.adapter)
-    result = run_verify(b, family, GuidanceSchedule.load(b.root / "schedule.json"), seed=seed)
+        apply_adapter(family, adapter)
+    result = run_verify(b, family, schedule, seed=seed)
+    if json_out:
+        print(json.dumps({"bundle": str(bundle), "seed": seed, "passed": result.passed, **result.to_json()}))
+        return
     console.print(
         f"[green]verified[/green]: max relative error {result.max_rel_error:.2e} <= {result.tolerance:.0e} "
         f"over {len(result.per_step)} steps ({result.backend})"
@@ -203,37 +247,77 @@ def run(
     bundle: BundleArg,
     classes: Annotated[str, typer.Option("--class", help="Class label(s), comma-separated, one per batch row.")] = "0",
     cond: Annotated[Path | None, typer.Option(help=".npz of conditioning arrays (and uncond_<name> for negatives).")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the noise (numpy PCG64); ignored with --noise.")] = 0,
+    seed: Annotated[
+        int,
+        typer.Option(
+            help="Seed of the noise: rstr's seeded generator, as rstr-run and `rstr sample` (docs/seeding.md); ignored with --noise."
+        ),
+    ] = 0,
     noise: Annotated[Path | None, typer.Option(help=".npy noise of the bundle's sample shape.")] = None,
     backend: Annotated[str, typer.Option(help="auto | tensorrt | onnxruntime | onnxruntime-cpu | onnxruntime-cuda.")] = "auto",
     out: Annotated[Path, typer.Option(help=".png (bundles with a pixel decoder) or .npy latents.")] = Path("out.png"),
+    trust_engine_host_code: Annotated[
+        bool,
+        typer.Option(
+            "--trust-engine-host-code",
+            help="Let version-compatible TensorRT engines run the host code they embed (TensorRT's lean runtime) when "
+            "they load. Only for bundles whose author you trust as you would trust a program from them.",
+        ),
+    ] = False,
+    json_out: JsonOpt = False,
 ) -> None:
     """Generate with a bundle and save the image grid or the latents."""
     from rstr.engines.pipeline import Pipeline
 
     from rstr._io import atomic_path
 
-    with Pipeline.load(bundle, backend=backend) as pipe:
+    if out.suffix not in (".png", ".npy"):
+        raise RstrError(f"--out {out}: use a .npy (latents) or .png (image) file name")
+    with Pipeline.load(bundle, backend=backend, trust_engine_host_code=trust_engine_host_code) as pipe:
+        decoder = pipe.bundle.decoder
+        if out.suffix == ".png" and (decoder is None or decoder.kind != "pixels"):
+            raise RstrError(f"--out {out}: this bundle returns latents, not images; use a .npy file name")
         if cond is not None:
-            arrays = dict(np.load(cond))
+            arrays = _load_arrays(cond, "--cond")
             conditioning = {k: v for k, v in arrays.items() if not k.startswith("uncond_")}
             uncond = {k.removeprefix("uncond_"): v for k, v in arrays.items() if k.startswith("uncond_")} or None
         else:
             try:
                 conditioning, uncond = {"class_labels": np.array([int(c) for c in classes.split(",")], np.int64)}, None
-            except ValueError:
+            except (ValueError, OverflowError):
                 raise RstrError(f"--class {classes!r} must be comma-separated integers") from None
-        noise_arr = None if noise is None else np.load(noise)
+        noise_arr = None if noise is None else _load_arrays(noise, "--noise")
         result = pipe(conditioning, uncond=uncond, seed=None if noise_arr is not None else seed, noise=noise_arr)
         with atomic_path(out) as tmp:
             if out.suffix == ".npy":
                 with open(tmp, "wb") as fh:
                     np.save(fh, result.latents)
-            elif out.suffix == ".png" and result.images is not None:
-                _write_png(tmp, result.images)
             else:
-                raise RstrError(f"--out {out}: use .npy (latents){' or .png' if result.images is not None else ''}")
+                assert result.images is not None  # a pixels decoder was checked above
+                _write_png(tmp, result.images)
+    if json_out:
+        noise_from = {"seed": seed} if noise is None else {"noise": str(noise)}
+        print(json.dumps({"out": str(out), "backend": pipe.backend, "shape": list(result.latents.shape), **noise_from}))
+        return
     console.print(f"wrote {out} ({pipe.backend})")
+
+
+def _load_arrays(path: Path, flag: str):
+    """``--noise`` (a .npy array) or ``--cond`` (a .npz of named arrays), read without pickle; one error line otherwise."""
+    want = ".npz archive of named arrays" if flag == "--cond" else ".npy array"
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.lib.npyio.NpzFile):
+            with loaded:
+                loaded = {k: loaded[k] for k in loaded.files}
+    except OSError as err:
+        raise RstrError(f"{flag} {path}: cannot read it ({err.strerror or err})") from None
+    except (ValueError, EOFError, zipfile.BadZipFile) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RstrError(f"{flag} {path} is not a {want} numpy can read without pickle ({first}); save it with numpy") from None
+    if isinstance(loaded, dict) != (flag == "--cond"):
+        raise RstrError(f"{flag} {path}: give a {want}")
+    return loaded
 
 
 def _write_png(path: Path, images: np.ndarray) -> None:

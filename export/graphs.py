@@ -19,6 +19,7 @@ import logging
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import onnx
 import torch
@@ -98,7 +99,7 @@ def _export(
         if dynamo:
             dims = {"batch": torch.export.Dim("batch", min=1, max=4096)}
             dims["batch2"] = 2 * dims["batch"]
-            dynamic_shapes = [({0: dims[batch_axes[n]]} if n in batch_axes else None) for n in input_names]
+            dynamic_shapes: list[Any] = [({0: dims[batch_axes[n]]} if n in batch_axes else None) for n in input_names]
             if isinstance(module, Denoiser):  # forward(sample, timestep, *cond): varargs form one tuple
                 dynamic_shapes = [*dynamic_shapes[:2], tuple(dynamic_shapes[2:])]
             program = torch.onnx.export(
@@ -111,6 +112,7 @@ def _export(
                 opset_version=OPSET,
                 verbose=False,
             )
+            assert program is not None  # the dynamo exporter returns its program
             program.save(str(path))  # external data when past 2 GB
         else:
             axes = {n: {0: batch_axes[n]} for n in [*input_names, *output_names] if n in batch_axes}

@@ -17,6 +17,7 @@ import time
 import numpy as np
 import torch
 from rstr.engines.bundle import Bundle
+from rstr.export.verify import as_arrays
 
 from rstr.compare import Comparison, compare, score, score_bundle
 from rstr.families import load_model
@@ -67,14 +68,13 @@ def measure_speed(family: Family, bundle: Bundle, schedule: GuidanceSchedule, re
     b = bundle.batch
     cond, uncond = family.example_conditioning(b)
     noise = np.random.default_rng(0).standard_normal(bundle.sample.concrete(b), dtype=np.float32)
-    to_np = lambda c: None if c is None else {k: v.numpy() for k, v in c.items()}  # noqa: E731
     baseline = stock_constant_cfg(family, schedule)
     threads = torch.get_num_threads()
     times: dict[str, list[float]] = {"pytorch_constant_cfg": [], "bundle": []}
     with OnnxRuntimeRunner(bundle, threads=threads) as runner:
         runs = {
             "pytorch_constant_cfg": lambda: sample(family, baseline, cond, uncond=uncond, noise=torch.from_numpy(noise)),
-            "bundle": lambda: runner.infer(noise, to_np(cond), to_np(uncond)),
+            "bundle": lambda: runner.infer(noise, *as_arrays(cond, uncond)),
         }
         for run in runs.values():
             run()  # warm-up

@@ -353,12 +353,15 @@ def bundle_with_denoiser(bundle: Bundle, denoiser: Path, workdir: Path, precisio
     import shutil
     from dataclasses import replace
 
+    from rstr.export.bundle import bundle_files, file_table
+
     workdir.mkdir(parents=True, exist_ok=True)
     for name in ("step_guided", "step_single"):
         shutil.copyfile(bundle.graph_path(name), workdir / Path(bundle.manifest.graphs[name].file).name)
     shutil.copyfile(denoiser, workdir / "denoiser.onnx")
     graphs = {n: replace(g, file=Path(g.file).name) for n, g in bundle.manifest.graphs.items()}
-    return Bundle(workdir, replace(bundle.manifest, graphs=graphs, precision=precision, files={}))
+    files = file_table(workdir, bundle_files(workdir))  # a runner opens only listed graphs
+    return Bundle(workdir, replace(bundle.manifest, graphs=graphs, precision=precision, files=files))
 
 
 def cpu_checkable(bundle: Bundle, workdir: Path) -> Bundle:

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from rstr.engines.bundle import Bundle
 from rstr.engines.onnxruntime import OnnxRuntimeRunner
+from rstr.export.verify import as_arrays
 
 from rstr.compare import Comparison
 from rstr.families.base import Family
@@ -23,14 +24,13 @@ def write_samples(root: Path, family: Family, per_class: int = 8) -> str | None:
     bundle = Bundle.open(root, verify_checksums=False)
     b = bundle.batch
     labels = np.repeat(np.arange(family.num_classes), per_class)
-    to_np = lambda c: None if c is None else {k: v.cpu().numpy() for k, v in c.items()}  # noqa: E731
     latents = []
     with OnnxRuntimeRunner(bundle) as runner:
         for lo in range(0, len(labels), b):
             chunk = torch.from_numpy(np.resize(labels[lo : lo + b], b))
             cond, uncond = family.conditioning_for(chunk)
             noise = np.random.default_rng(10_000 + lo).standard_normal(bundle.sample.concrete(b), dtype=np.float32)
-            latents.append(runner.infer(noise, to_np(cond), to_np(uncond))[: len(labels[lo : lo + b])])
+            latents.append(runner.infer(noise, *as_arrays(cond, uncond))[: len(labels[lo : lo + b])])
     images = family.to_images(torch.from_numpy(np.concatenate(latents)))
     sample_grid(images, torch.from_numpy(labels), root / "samples.png", per_class=per_class)
     return "samples.png"

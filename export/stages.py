@@ -33,7 +33,7 @@ from rstr.seeds import GATE_SEEDS
 
 log = logging.getLogger("rstr")
 GATE_NUM, GATE_GROUPS = 500, 2
-MAX_CANDIDATES = 3  # schedules the gate tries before it gives up
+MAX_CANDIDATES = 4  # schedules the gate tries before it gives up
 
 
 @dataclass

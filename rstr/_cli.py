@@ -7,8 +7,9 @@
 * Library code logs to ``logging.getLogger("rstr")``; :func:`setup_output` shows those lines
   (``--quiet``: warnings only) and keeps third-party chatter (deprecation notes, exporter and
   polygraphy logs) off the terminal unless ``--verbose``.
-* :func:`set_threads` gives torch the cores that are free: on a shared two-core machine
-  torch's default (every core) ran 5-10x slower when another process held a core.
+* :func:`set_threads` gives torch the cores that are free: torch's default (every core)
+  oversubscribes a machine whose other cores are busy, and its threads spin
+  (docs/search/README.md, "Time").
 """
 
 from __future__ import annotations

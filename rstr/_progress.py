@@ -12,7 +12,15 @@ from collections.abc import Iterator
 from functools import lru_cache
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 
 @lru_cache(maxsize=1)
@@ -25,7 +33,7 @@ def console() -> Console:
 class Bar:
     """A handle on one bar: ``advance`` and ``note`` (text after the bar, e.g. the best score so far)."""
 
-    def __init__(self, progress: Progress | None, task: int | None) -> None:
+    def __init__(self, progress: Progress | None, task: TaskID | None) -> None:
         self._progress, self._task = progress, task
 
     def advance(self, n: int = 1) -> None:

@@ -9,13 +9,27 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal, cast
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from rstr._cli import run_app
+from rstr._options import (
+    AdapterOpt,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    ModelOpt,
+    PromptsOpt,
+    ScaleOpt,
+    ScheduleOpt,
+    StepsOpt,
+    load_family,
+    load_schedule_for,
+    notes,
+)
 from rstr.errors import RstrError
 
 app = typer.Typer(
@@ -26,62 +40,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console()
-
-ModelOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--model",
-        help="Local diffusers directory (pipeline or transformer), a reference model name (digits-dit, digits-pixart, digits-flux, digits-qwenimage) or a Hub id in the local cache. Default: the reference digits DiT.",
-    ),
-]
-ScheduleOpt = Annotated[Path | None, typer.Option("--schedule", help="Schedule JSON (rstr.schedule/1) from `rstr search`.")]
-ScaleOpt = Annotated[float | None, typer.Option("--scale", help="Constant CFG scale, instead of --schedule.")]
-StepsOpt = Annotated[int | None, typer.Option("--steps", help="Sampling steps for --scale (default: the model's default).")]
-AdapterOpt = Annotated[Path | None, typer.Option("--adapter", help="Stage-2 adapter directory from `rstr calibrate`.")]
-PromptsOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--prompts",
-        help="Prompt set (safetensors from tools/make_prompts.py): the conditioning drawn per image for models without classes (image i takes prompt i mod N).",
-    ),
-]
-
-
-def load_schedule_for(family, schedule: Path | None, scale: float | None, steps: int | None):
-    """The schedule a command runs: a file, a constant scale, or the model's default constant CFG."""
-    from rstr.schedule import GuidanceSchedule
-
-    if schedule is not None and scale is not None:
-        raise RstrError("give either --schedule or --scale, not both")
-    if schedule is not None:
-        s = GuidanceSchedule.load(schedule)
-        s.check_fits(family.name, family.sampler)
-        if steps is not None and steps != s.num_steps:
-            raise RstrError(f"--steps {steps} differs from the schedule's {s.num_steps} steps; drop --steps")
-        return s
-    if steps is not None and steps < 1:
-        raise RstrError(f"--steps {steps} must be at least 1")
-    return family.constant_cfg(scale, steps)
-
-
-def load_family(model: Path | None, adapter: Path | None = None, device: str = "cpu", prompts: Path | None = None):
-    """Load the model onto ``device`` (and merge a Stage-2 adapter into it when given)."""
-    from rstr.families import load_model
-
-    if device != "cpu":
-        import torch
-
-        if not device.startswith("cuda") or not torch.cuda.is_available():
-            raise RstrError(
-                f"--device {device}: torch sees no such device here; use --device cpu"
-                + ("" if device.startswith("cuda") else " or cuda")
-            )
-    family = load_model(model, device=device, prompts=prompts)
-    if adapter is not None:
-        from rstr.calibrate import apply_adapter
-
-        apply_adapter(family, adapter)
-    return family
 
 
 @app.command()
@@ -124,10 +82,24 @@ def sample(
             "--classes", help="Comma-separated class labels (models with classes: class labels, or a class table of prompts)."
         ),
     ] = "0,1,2,3,4,5,6,7,8,9",
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the initial noise.")] = 0,
+    seed: Annotated[
+        int,
+        typer.Option(
+            "--seed",
+            help="Seed of the initial noise: rstr's seeded generator, the same noise as `rstr-export run --seed`, Pipeline(seed=) and rstr-run (docs/seeding.md).",
+        ),
+    ] = 0,
+    noise: Annotated[
+        Path | None,
+        typer.Option(
+            "--noise", help="Initial noise, float32 .npy of the model's sample shape for the --classes given; replaces --seed."
+        ),
+    ] = None,
     out: Annotated[Path, typer.Option("--out", help="Output: .png grid (reference model) or .npy latents.")] = Path(
         "samples.png"
     ),
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "fp32",
 ) -> None:
     """Generate samples with a schedule (or constant CFG) and save a PNG grid or the latents.
 
@@ -137,9 +109,11 @@ def sample(
     import torch
 
     from rstr._io import atomic_path
+    from rstr.engines.noise import check_seed, load_noise
     from rstr.sampler import sample as run_sampler
 
-    family = load_family(model, adapter, prompts=prompts)
+    check_seed(seed)
+    family = load_family(model, adapter, device=device, prompts=prompts, dtype=dtype)
     sched = load_schedule_for(family, schedule, scale, steps)
     if out.suffix not in (".png", ".npy"):
         raise RstrError(f"--out {out}: use a .png or .npy file name")
@@ -150,7 +124,8 @@ def sample(
     except ValueError:
         raise RstrError(f"--classes {classes!r} must be comma-separated integers, e.g. 0,1,2") from None
     cond, uncond = family.conditioning_for(torch.tensor(labels, dtype=torch.int64))
-    latents = run_sampler(family, sched, cond, uncond=uncond, generator=torch.Generator().manual_seed(seed), progress=True)
+    start = {"seed": seed} if noise is None else {"noise": torch.from_numpy(load_noise(noise, family.sample_shape(len(labels))))}
+    latents = run_sampler(family, sched, cond, uncond=uncond, progress=True, **start)
     if out.suffix == ".npy":
         with atomic_path(out) as tmp:
             with open(tmp, "wb") as fh:
@@ -182,6 +157,8 @@ def evaluate(
         ),
     ] = False,
     grid: Annotated[Path | None, typer.Option("--grid", help="Also write a PNG grid of samples, one row per class.")] = None,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "fp32",
 ) -> None:
     """Score a schedule (or constant CFG) on the reference model: FD, accuracy, compute, time.
 
@@ -192,7 +169,7 @@ def evaluate(
     from rstr.evaluate import sample_grid
     from rstr.seeds import HELD_OUT_SEEDS
 
-    family = load_family(model, adapter, prompts=prompts)
+    family = load_family(model, adapter, device=device, prompts=prompts, dtype=dtype)
     sched = load_schedule_for(family, schedule, scale, steps)
     start = HELD_OUT_SEEDS.start if seed_start is None else seed_start
     result = run_evaluate(
@@ -213,6 +190,7 @@ def evaluate(
         "seeds": list(result.seeds),
     }
     if grid is not None:
+        assert result.images is not None and result.labels is not None  # kept for the grid
         sample_grid(result.images, result.labels, grid)
     if json_out:
         print(json.dumps(record))
@@ -280,6 +258,9 @@ def calibrate(
             "Where --schedule already beats constant CFG, give a better one, e.g. `rstr search --budget 1` output.",
         ),
     ] = None,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "fp32",
+    json_out: JsonOpt = False,
 ) -> None:
     """Stage-2: train a per-module-rank LoRA so the model under a sparse schedule matches its teacher.
 
@@ -289,15 +270,15 @@ def calibrate(
     from rstr import calibrate as stage2
     from rstr.schedule import GuidanceSchedule
 
-    family = load_family(model, prompts=prompts)
+    family = load_family(model, device=device, prompts=prompts, dtype=dtype)
     if schedule is None:
         sched = stage2.default_schedule(family)
     else:
         sched = GuidanceSchedule.load(schedule)
-    method = allocation if allocation in ("adaptive", "uniform") else Path(allocation)
+    method = cast(Literal["adaptive", "uniform"], allocation) if allocation in ("adaptive", "uniform") else Path(allocation)
     if isinstance(method, Path) and not method.is_file():
         raise RstrError(f"--allocation {allocation}: use adaptive, uniform or an existing allocation.json")
-    console.print(f"calibrating for: {sched.describe()}")
+    notes(json_out).print(f"calibrating for: {sched.describe()}")
     result = stage2.calibrate(
         family,
         sched,
@@ -311,6 +292,10 @@ def calibrate(
         force=force,
         teacher=None if teacher is None else GuidanceSchedule.load(teacher),
     )
+    if json_out:
+        keys = ("params", "ranks", "validation_before", "validation_after", "seconds")
+        print(json.dumps({"out": str(result.out), "schedule": sched.to_dict(), **{k: getattr(result, k) for k in keys}}))
+        return
     console.print(
         f"[green]wrote[/green] {out}: {result.params:,} LoRA parameters, loss to the teacher "
         f"{result.validation_before:.4g} -> {result.validation_after:.4g} on validation images, {result.seconds:.0f} s"
@@ -366,7 +351,8 @@ def search(
     device: Annotated[
         str,
         typer.Option(
-            "--device", help="cpu or cuda: where local workers run the model (Ray actors take a GPU when the cluster has one)."
+            "--device",
+            help="cpu, cuda or cuda:N: where the model and local workers run (Ray actors take a GPU when the cluster has one).",
         ),
     ] = "cpu",
     images: Annotated[
@@ -396,6 +382,8 @@ def search(
             help="Checkpoint directory to continue (a search checkpoints into <out stem>.search/ beside --out). Options left out are taken from it; options given must match it.",
         ),
     ] = None,
+    dtype: DtypeOpt = "fp32",
+    json_out: JsonOpt = False,
 ) -> None:
     """Stage-1: search a sparse, variable-scale guidance schedule under a compute budget.
 
@@ -416,7 +404,7 @@ def search(
         raise RstrError(
             f"--device {device} applies to local workers; Ray actors take a GPU when the cluster has one: drop --device"
         )
-    family = load_family(model, device=device, prompts=prompts)
+    family = load_family(model, device=device, prompts=prompts, dtype=dtype)
     preset = preset if preset is not None else config_saved.get("preset", "full")
     if images is None and config_saved and config_saved.get("search_num") != stage1.PRESETS.get(preset, {}).get("search_num"):
         images = config_saved["search_num"]  # the resumed search ran with --images
@@ -432,7 +420,7 @@ def search(
     if out.suffix != ".json":
         raise RstrError(f"--out {out}: give a .json file name for the schedule, e.g. schedule.json")
     directory = resume if resume is not None else out.with_name(out.stem + ".search")
-    console.print(
+    notes(json_out).print(
         f"{'resuming' if resume else 'searching'}: preset {config.preset}, budget {config.budget:.0%} of constant CFG at "
         f"{config.steps} steps, seed {config.seed}; checkpoints in {directory}"
     )
@@ -446,6 +434,17 @@ def search(
     paths = stage1.write_outputs(result, out)
     r, metric = result.report, result.report["objective"]["metric"]
     held = r["result"]["held_out"]["groups"][metric]
+    if json_out:
+        beats = r["beats_every_in_budget_baseline"]
+        search_mean = r["result"]["search"]["mean"][metric]
+        files = [str(p) for p in paths]
+        print(
+            json.dumps(
+                {"out": str(out), "files": files, "schedule": result.schedule.to_dict(), "metric": metric}
+                | {"search": search_mean, "held_out_groups": held, "beats_every_in_budget_baseline": beats}
+            )
+        )
+        return
     console.print(f"result: {result.schedule.describe()}")
     console.print(
         f"  {metric}: search seeds {r['result']['search']['mean'][metric]:.4f}, held-out "

@@ -16,6 +16,7 @@ stock model use it.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -151,6 +152,6 @@ def compare(
     groups: int,
 ) -> Comparison:
     """Score both sides on the same seeds (a baseline already scored there may be passed as a :class:`Side`)."""
-    kw = dict(seed_start=seed_start, num=num, groups=groups)
-    base = baseline if isinstance(baseline, Side) else score(*baseline, **kw)
-    return Comparison(score(*candidate, **kw), base, seed_start, num, groups)
+    scored = functools.partial(score, seed_start=seed_start, num=num, groups=groups)
+    base = baseline if isinstance(baseline, Side) else scored(*baseline)
+    return Comparison(scored(*candidate), base, seed_start, num, groups)

@@ -6,13 +6,15 @@ Every metric here looks at images as ``Tensor[N, C, H, W]`` in ``[-1, 1]`` and g
 * :class:`DigitsClassifier` -- a tiny CNN trained on scikit-learn's real 8x8 digits, shipped
   with the reference model (``classifier.safetensors``).  Its penultimate 64-d activations are
   the features of the digits Frechet distance, and its logits give :func:`class_accuracy`.
-* :class:`InceptionExtractor` -- InceptionV3 pool features (FID) for real models, from a LOCAL
-  weights file (nothing is ever downloaded); ``torch-fidelity`` is imported only when used.
-* :func:`clip_score` -- CLIP image-text agreement from a local CLIP directory (``transformers``).
+* :class:`InceptionExtractor` -- InceptionV3 pool features for real models: torchmetrics' FID
+  network (``NoTrainInceptionV3``) from a LOCAL weights file (nothing is ever downloaded).
+* :func:`clip_score` -- torchmetrics' ``CLIPScore`` with a CLIP model from a local directory.
 
 :func:`frechet_distance` is the usual Frechet distance between Gaussians fitted to two feature
 sets, computed through symmetric eigendecompositions so that it is real and stable even for
-rank-deficient covariances.
+rank-deficient covariances; tests/test_metrics_parity.py checks it against torchmetrics'
+``FrechetInceptionDistance`` on the same features.  torchmetrics and transformers (the
+``metrics`` extra) are imported only by the real-model metrics.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import os
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, cast, runtime_checkable
 
 import numpy as np
 import torch
@@ -332,11 +334,11 @@ def _to_uint8_rgb(images: torch.Tensor) -> torch.Tensor:
 
 
 class InceptionExtractor:
-    """InceptionV3 pool features (the FID network) from a LOCAL weights file.
+    """InceptionV3 pool features (the FID network of torchmetrics and torch-fidelity) from a LOCAL weights file.
 
-    ``weights`` is the FID Inception state dict (``weights-inception-2015-12-05-6726825d.pth``
-    as torch-fidelity and torchmetrics use it); it is never downloaded.  Needs ``torch-fidelity``
-    (``pip install 'rstr[metrics]'``), imported only here.
+    ``weights`` is the FID Inception state dict (``weights-inception-2015-12-05-6726825d.pth``);
+    it is never downloaded.  The network is torchmetrics' ``NoTrainInceptionV3``, so the features
+    are those of torchmetrics' ``FrechetInceptionDistance``.  Needs ``pip install 'rstr[metrics]'``.
     """
 
     name = "inception-v3"
@@ -349,30 +351,35 @@ class InceptionExtractor:
                 "(weights-inception-2015-12-05-6726825d.pth) on a machine with internet and pass their local path"
             )
         try:
-            from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-        except ImportError:
-            raise RstrError("FID needs torch-fidelity; install it with `pip install 'rstr[metrics]'`") from None
+            from torchmetrics.image.fid import NoTrainInceptionV3
+        except ImportError as err:
+            raise RstrError(f"FID needs torchmetrics[image] ({err}); install it with `pip install 'rstr[metrics]'`") from None
         try:
-            self.net = FeatureExtractorInceptionV3("inception-v3-compat", [feature], feature_extractor_weights_path=str(path))
+            net = NoTrainInceptionV3("inception-v3-compat", [feature], feature_extractor_weights_path=str(path))
+        except ModuleNotFoundError as err:
+            raise RstrError(f"FID needs torchmetrics[image] ({err}); install it with `pip install 'rstr[metrics]'`") from None
         except Exception as err:  # noqa: BLE001 -- any load failure is a bad weights file
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise RstrError(
                 f"Inception weights {path} could not be loaded ({first}); give the FID Inception state dict"
             ) from None
-        self.net = self.net.to(device).eval()
+        self.net = net.to(device)
         self.device = torch.device(device)
 
     @torch.inference_mode()
     def features(self, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
         x = _to_uint8_rgb(images)
-        out = [self.net(b.to(self.device))[0].reshape(len(b), -1).float().cpu() for b in x.split(batch_size)]
-        return torch.cat(out)
+        return torch.cat([self.net(b.to(self.device)).reshape(len(b), -1).float().cpu() for b in x.split(batch_size)])
 
 
 def clip_score(
     images: torch.Tensor, prompts: list[str], clip_dir: str | os.PathLike[str], device: str | torch.device = "cpu"
 ) -> float:
-    """Mean CLIP score ``100 * max(cos(image, text), 0)`` with a CLIP model from a LOCAL directory."""
+    """torchmetrics' CLIP score, ``max(100 * mean cos(image, text), 0)``, with a CLIP model from a LOCAL directory.
+
+    ``clip_dir`` holds ``CLIPModel.save_pretrained`` and ``CLIPProcessor.save_pretrained`` output;
+    nothing is downloaded.
+    """
     path = Path(clip_dir)
     if len(prompts) != len(images):
         raise RstrError(f"{len(images)} images but {len(prompts)} prompts; give one prompt per image")
@@ -381,21 +388,45 @@ def clip_score(
             f"CLIP directory {path} has no config.json; save a CLIP model there with `CLIPModel.save_pretrained` and `CLIPProcessor.save_pretrained`"
         )
     try:
+        from torchmetrics.multimodal.clip_score import CLIPScore
         from transformers import CLIPModel, CLIPProcessor
-    except ImportError:
-        raise RstrError("CLIP score needs transformers; install it with `pip install 'rstr[metrics]'`") from None
+    except ImportError as err:
+        raise RstrError(
+            f"CLIP score needs torchmetrics and transformers ({err}); install them with `pip install 'rstr[metrics]'`"
+        ) from None
     try:
-        model = CLIPModel.from_pretrained(str(path), local_files_only=True).to(device).eval()
+        model = CLIPModel.from_pretrained(str(path), local_files_only=True)
         processor = CLIPProcessor.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as err:
         raise RstrError(f"CLIP directory {path} could not be loaded ({str(err).strip().splitlines()[0]})") from None
-    pixels = [im.permute(1, 2, 0).numpy() for im in _to_uint8_rgb(images)]
+
+    def load() -> tuple[CLIPModel, CLIPProcessor]:
+        # Duck-typed: CLIPScore uses only the model's config, get_*_features and .to.
+        return cast(CLIPModel, _ProjectedCLIP(model)), processor
+
+    metric = CLIPScore(model_name_or_path=load).to(device)
     with torch.inference_mode():
-        inputs = processor(text=list(prompts), images=pixels, return_tensors="pt", padding=True, truncation=True).to(device)
-        img = _pooled(model.get_image_features(pixel_values=inputs["pixel_values"]))
-        txt = _pooled(model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]))
-        cos = nn.functional.cosine_similarity(img.float(), txt.float(), dim=-1)
-    return float((100.0 * cos.clamp(min=0)).mean())
+        metric.update(_to_uint8_rgb(images).to(device), list(prompts))
+        return float(metric.compute())
+
+
+class _ProjectedCLIP(nn.Module):
+    """A CLIPModel whose ``get_*_features`` return the projected embeddings as tensors, as torchmetrics expects.
+
+    transformers 5 returns a model output there (the embeddings in ``.pooler_output``), which
+    torchmetrics' ``CLIPScore`` (1.9) cannot normalise.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model: Any = model
+        self.config = model.config
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return _pooled(self.model.get_image_features(pixel_values=pixel_values))
+
+    def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return _pooled(self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask))
 
 
 def _pooled(out) -> torch.Tensor:

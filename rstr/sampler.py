@@ -38,6 +38,11 @@ def pair(cond: Conditioning, uncond: Conditioning) -> Conditioning:
     return {k: torch.cat([cond[k], uncond[k]]) for k in cond}
 
 
+def in_dtype(cond: Conditioning, dtype: torch.dtype) -> Conditioning:
+    """``cond`` with its floating tensors (embeddings) in the transformer's ``dtype``; labels and masks as they are."""
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in cond.items()}
+
+
 def batch_size(cond: Conditioning) -> int:
     sizes = {int(v.shape[0]) for v in cond.values()}
     if len(sizes) != 1:
@@ -53,11 +58,19 @@ def sample(
     *,
     uncond: Conditioning | None = None,
     noise: torch.Tensor | None = None,
+    seed: int | None = None,
     generator: torch.Generator | None = None,
     callback: Callable[[StepInfo], None] | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
-    """Denoise from ``noise`` (or noise drawn with ``generator``) and return the final latents."""
+    """Denoise from ``noise`` and return the final latents.
+
+    Without ``noise``: ``seed`` draws rstr's seeded noise (:mod:`rstr.engines.noise`, the same
+    numbers as ``Pipeline(seed=)`` and ``rstr-run --seed``); ``generator`` draws it the way the stock
+    diffusers pipeline does with that torch generator (``family.noise``).
+    """
+    if sum(x is not None for x in (noise, seed, generator)) > 1:
+        raise RstrError("give at most one of noise=, seed= and generator=")
     schedule.check_fits(family.name, family.sampler)
     b = batch_size(cond)
     cond = family.check_conditioning(cond, b)
@@ -65,7 +78,11 @@ def sample(
         uncond = family.check_conditioning(uncond if uncond is not None else family.unconditional(cond), b, "unconditional")
         both = pair(cond, uncond)
 
-    if noise is None:
+    if seed is not None:
+        from rstr.engines.noise import standard_normal
+
+        noise = torch.from_numpy(standard_normal(seed, family.sample_shape(b)))
+    elif noise is None:
         noise = family.noise(b, generator)
     noise = torch.as_tensor(noise)
     if tuple(noise.shape) != family.sample_shape(b):
@@ -77,6 +94,9 @@ def sample(
         raise RstrError(f"scheduler produced {len(timesteps)} timesteps for a {schedule.num_steps}-step schedule")
 
     dtype = family.dtype
+    cond = in_dtype(cond, dtype)
+    if schedule.num_guided:
+        both = in_dtype(both, dtype)
     x = noise.to(family.device, torch.float32) * getattr(scheduler, "init_noise_sigma", 1.0)
     with progress_bar(len(timesteps), "sampling", enabled=progress) as bar:
         for i, t in enumerate(timesteps):
@@ -85,7 +105,7 @@ def sample(
             if schedule.guided[i]:
                 x2 = torch.cat([x_in, x_in]).to(dtype)
                 out = family.denoise(x2, expand_timestep(mt, 2 * b, x.device).to(dtype), both).float()
-                eps = family.combine(out[:b], out[b:], schedule.scales[i])
+                eps = family.combine(out[:b], out[b:], schedule.scale_at(i))
             else:
                 out = family.denoise(x_in.to(dtype), expand_timestep(mt, b, x.device).to(dtype), cond).float()
                 eps = family.single(out)

@@ -9,42 +9,22 @@ batch 2, a sparse schedule of 2 guided and 2 unguided DDIM steps.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from cpp_build import BUILD, INSTALL, ROOT
 
 pytestmark = pytest.mark.cpp
 
-ROOT = Path(__file__).resolve().parent.parent
-BUILD = ROOT / "engines" / "cpp" / "build"
-INSTALL = BUILD / "install"
-RSTR_RUN = INSTALL / "bin" / "rstr-run"
 BATCH = 2
 NUM_CLASSES = 10
 
 
 # ------------------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="module")
-def rstr_run() -> Path:
-    """Build and install the C++ project once (incremental when engines/cpp/build exists)."""
-    missing = [tool for tool in ("cmake", "c++") if shutil.which(tool) is None]
-    if missing:
-        pytest.skip(f"cannot build the C++ runtime: {', '.join(missing)} not found (apt-get install cmake g++)")
-    have_headers = (ROOT / "third_party" / "onnxruntime" / "include" / "onnxruntime_cxx_api.h").is_file()
-    if shutil.which("apt-get") is None and not have_headers:
-        pytest.skip("cannot fetch the ONNX Runtime headers without apt-get (Debian); see engines/cpp/README.md")
-    env = {**os.environ, "PYTHON": sys.executable}  # link the onnxruntime that this Python runs
-    proc = subprocess.run(["bash", str(ROOT / "tools" / "build_cpp.sh")], capture_output=True, text=True, timeout=900, env=env)
-    assert proc.returncode == 0, f"tools/build_cpp.sh failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    assert RSTR_RUN.is_file()
-    return RSTR_RUN
-
-
+# rstr_run (the built C++ command line) comes from tests/conftest.py.
 @pytest.fixture(scope="module")
 def bundle(pixel_dit_bundle) -> Path:
     """The shared pixel-space tiny DiT bundle (tests/conftest.py), batch 2, 10 classes."""
@@ -113,6 +93,30 @@ def test_seed_is_reproducible(rstr_run, bundle, tmp_path):
     first, again, other = (np.load(p) for p in outs)
     np.testing.assert_array_equal(first, again)
     assert not np.array_equal(first, other)
+
+
+def test_seed_draws_the_same_noise_as_python(rstr_run, bundle, tmp_path):
+    """rstr-run --seed S draws rstr.engines.noise.standard_normal(S) exactly: the latents equal those from
+    that noise given with --noise, and match the Python runtime's Pipeline(seed=S)."""
+    from rstr.engines import Pipeline
+    from rstr.engines.noise import standard_normal
+
+    seeded, given = tmp_path / "seeded.npy", tmp_path / "given.npy"
+    np.save(tmp_path / "noise.npy", standard_normal(2**40 + 5, (BATCH, 1, 8, 8)))
+    assert run(rstr_run, bundle, "--out", seeded, "--class", "3,7", "--seed", 2**40 + 5).returncode == 0
+    assert run(rstr_run, bundle, "--out", given, "--class", "3,7", "--noise", tmp_path / "noise.npy").returncode == 0
+    np.testing.assert_array_equal(np.load(seeded), np.load(given))
+    with Pipeline.load(bundle, backend="onnxruntime") as pipe:
+        python = pipe({"class_labels": [3, 7]}, seed=2**40 + 5).latents
+    assert rel(np.load(seeded), python) <= 1e-6
+
+
+@pytest.mark.parametrize("seed", ["-1", "18446744073709551616", "1e3"])
+def test_bad_seed(rstr_run, bundle, tmp_path, seed):
+    assert_error(
+        run(rstr_run, bundle, "--out", tmp_path / "x.npy", "--class", "3", "--seed", seed),
+        f"--seed expects an integer from 0 to 2^64 - 1, got '{seed}'",
+    )
 
 
 def test_installed_package_config(rstr_run, bundle, tmp_path):

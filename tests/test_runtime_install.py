@@ -133,13 +133,16 @@ def test_toolchain_modules_match_the_toolchain_extra():
 
 
 def test_ci_runs_the_readme_commands_extras():
-    """.ci/run runs the README's test command verbatim, and both README commands install extras that exist."""
+    """.ci/run runs lint, format and type checks, then the README's test command verbatim; both README
+    commands install extras that exist."""
     tomllib = pytest.importorskip("tomllib")
     extras = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"])
     readme = (ROOT / "README.md").read_text()
     commands = [line for line in readme.splitlines() if line.startswith("python3 -m venv .venv && ")]
     assert len(commands) == 2 and commands[1].endswith("&& pytest -q")
-    assert commands[1] in (ROOT / ".ci" / "run").read_text().splitlines()
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert commands[1] in ci
+    assert {"ruff check .", "ruff format --check .", "mypy build/typed/rstr"} <= set(ci[: ci.index(commands[1])])
     for command in commands:
         named = set(re.search(r"pip install -e '\.\[([a-z,]+)\]'", command).group(1).split(","))
         assert "toolchain" in named and named <= extras

@@ -107,3 +107,35 @@ def text_conditioning(family, batch: int, seed: int) -> dict[str, torch.Tensor]:
         else:
             out[spec.name] = torch.randn(shape, generator=g)
     return out
+
+
+def tiny_clip(path) -> None:
+    """Save a random 1-layer CLIP model and a processor (a character-level tokenizer built here) to ``path``."""
+    import json
+
+    import transformers
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in "abcdefghijklmnopqrstuvwxyz":
+        vocab.setdefault(c, len(vocab))
+        vocab.setdefault(c + "</w>", len(vocab))
+    (path / "vocab.json").write_text(json.dumps(vocab))
+    (path / "merges.txt").write_text("#version: 0.2\n")
+    tok = transformers.CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"))
+    images = transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    transformers.CLIPProcessor(image_processor=images, tokenizer=tok).save_pretrained(path)
+    text = dict(
+        vocab_size=len(vocab),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=32,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8)
+    torch.manual_seed(0)
+    config = transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)
+    transformers.CLIPModel(config).save_pretrained(path)

@@ -615,6 +615,7 @@ def build_bundle(
     sched_path = out.parent / f"{out.name}.schedule.json"
     schedule.save(sched_path)
     log(f"  exporting bundle {out.name} ({schedule.describe()}, {precision})")
+    # The build logs to logging.getLogger("rstr"), which the benchmark leaves unconfigured: warnings only.
     build(
         BuildOptions(
             model=model, schedule=sched_path, out=out, measure=False, batch=1, force=True, backend=backend, precision=precision

@@ -1,44 +1,89 @@
-"""Train rstr's reference model: a tiny class-conditional DiT on scikit-learn's 8x8 digits.
+"""Train rstr's reference models: tiny guided diffusion transformers on scikit-learn's 8x8 digits.
 
-The reference model is the default model of every rstr command (``rstr.families.load_model()``
-with no argument): small enough to train, search and test on two CPU cores, real enough that
+One recipe, four families (``--family``), each a real instance of its diffusers class, so that
+the family's own code path is what gets searched, calibrated and exported:
+
+* ``dit`` -> ``digits-dit``: ``DiTTransformer2DModel``, class labels, epsilon, DDIM.  The default
+  model of every rstr command (``rstr.families.load_model()`` with no argument).
+* ``pixart`` -> ``digits-pixart``: ``PixArtTransformer2DModel``, prompt embeddings + mask,
+  epsilon, DDIM.
+* ``flux`` -> ``digits-flux``: ``FluxTransformer2DModel``, packed latents, prompt + pooled
+  embeddings, flow matching, Euler, true CFG (``FluxPipeline``'s ``true_cfg_scale``).
+* ``qwenimage`` -> ``digits-qwenimage``: ``QwenImageTransformer2DModel``, packed latents, prompt
+  embeddings + mask, flow matching, Euler, true CFG with Qwen-Image's norm rescale.
+
+Each is small enough to train, search and test on two CPU cores, and real enough that
 classifier-free guidance matters (guidance helps at moderate scales and hurts when overdone).
+All have hidden size 128 (4 heads x 32) on 16 image tokens (2x2 patches of the 8x8 image):
 
-Recipe (``--seed 0`` reproduces the shipped model on the same machine and torch build)
--------------------------------------------------------------------------------------
+* DiT: 4 blocks, ``ada_norm_zero``, ``num_embeds_ada_norm`` 10, no learned sigma (1.4 M parameters).
+* PixArt-alpha: 4 blocks, ``ada_norm_single``, cross-attention to the prompt, ``caption_channels``
+  64, no learned sigma, no resolution conditioning (1.2 M).
+* FLUX: 1 double-stream + 2 single-stream blocks, ``joint_attention_dim`` 64,
+  ``pooled_projection_dim`` 32, rotary axes (8, 12, 12), no guidance embedding (1.2 M).
+* Qwen-Image: 3 double-stream blocks, ``joint_attention_dim`` 64, rotary axes (8, 12, 12) (1.9 M).
+
+The text families' sizes, batch (64), learning rate (2e-3) and steps (3,000) were chosen in a sweep
+(GPU, same recipe) for the best calibration Frechet distance per CPU second: FLUX with 2 + 2
+blocks scored slightly better at 1.4x the time, Qwen-Image with 2 blocks clearly worse; batch
+64 x 3,000 steps scored about as well as batch 128 x 2,000 steps at three quarters of the compute
+(at lr 2e-3, best FD within 0.05 for PixArt and FLUX, 0.6 higher for Qwen-Image).
+
+Recipe (``--seed 0`` reproduces a shipped model on the same machine and torch build)
+------------------------------------------------------------------------------------
 * Data: ``sklearn.datasets.load_digits`` -- all 1,797 real 8x8 grayscale digits, 10 classes,
-  pixel values 0..16 scaled to ``[-1, 1]``; no augmentation.
-* Model: ``diffusers.DiTTransformer2DModel``, 1 channel, ``sample_size`` 8, ``patch_size`` 2
-  (16 tokens), 4 blocks, 4 heads x 32 = hidden 128, ``ada_norm_zero``, ``out_channels`` 1 (no
-  learned sigma), ``num_embeds_ada_norm`` 10.  diffusers gives each label table an extra row
-  (11 rows) because its class-dropout probability is > 0; row 10 = ``num_classes`` is the null
-  class, which is what ``DiTFamily.unconditional`` feeds.  diffusers would drop labels itself
-  in train mode, but independently in every block (and again for the output layer); we switch
-  that off and drop labels once per sample instead, so the null embedding is learned
-  consistently: label -> 10 with probability ``--label-dropout`` (0.1).
-* Diffusion: epsilon prediction, cosine (``squaredcos_cap_v2``) betas, 1,000 train timesteps,
-  timesteps drawn uniformly, MSE loss.
-* Optimisation: AdamW (lr ``--lr``, betas (0.9, 0.999), weight decay 0.01), batch 128, linear
-  warm-up over 200 steps then cosine decay to 10%, gradient norm clipped at 1, ``--steps``
-  steps; an EMA of the weights (decay 0.999, warmed up as ``min(decay, (1+n)/(10+n))``) is what
-  gets saved.  ``torch.set_num_threads(2)``, deterministic algorithms, all randomness from
-  explicit generators seeded by ``--seed``.
-* Sampler: ``DDIMScheduler`` with the same betas, ``clip_sample=False``,
+  pixel values 0..16 scaled to ``[-1, 1]``; no augmentation.  FLUX and Qwen-Image see them
+  packed as their pipelines pack latents (2x2 patches -> 16 tokens of 4 channels,
+  :func:`rstr.families.flux.pack_latents`).
+* Conditioning: row ``k`` of a table is class ``k``; row 10 (``num_classes``) is the
+  unconditional input.  DiT's table is its own label embedding: diffusers gives each label table
+  an extra row (11 rows) because its class-dropout probability is > 0, and row 10 is the null
+  class ``DiTFamily.unconditional`` feeds.  diffusers would drop labels itself in train mode, but
+  independently in every block (and again for the output layer); we switch that off.  The text
+  families get a frozen random "text encoder" instead (:func:`make_class_table`, seeded by
+  ``--seed``): class ``k`` is a prompt of ``TEXT_LEN`` token embeddings, ``2 + k % 7`` of them
+  real (the last one a shared end-of-prompt token, as T5 appends ``</s>``) and the rest padding
+  (zero vectors, masked where the family takes a mask); row 10, the negative prompt, is the
+  empty prompt (the end-of-prompt token alone).  FLUX's pooled projection per row is part of
+  the table.  For every family the conditioning row is dropped once per sample: row -> 10 with
+  probability ``--label-dropout`` (0.1), so the unconditional input is learned consistently.
+* Diffusion: DiT and PixArt predict epsilon under cosine (``squaredcos_cap_v2``) betas, 1,000
+  train timesteps drawn uniformly.  FLUX and Qwen-Image learn flow matching: ``sigma ~ U(0, 1)``,
+  ``x_t = (1 - sigma) x0 + sigma noise``, target ``noise - x0``, timestep input ``sigma``
+  (the transformers scale it by 1,000 themselves).  MSE loss.
+* Optimisation: AdamW (lr ``--lr``: DiT 1e-3, others 2e-3; betas (0.9, 0.999), weight decay
+  0.01), batch ``--batch-size`` (DiT 128, others 64), linear warm-up over 200 steps then cosine
+  decay to 10%, gradient norm clipped at 1, ``--steps`` steps (DiT 4,000, others 3,000); an EMA of the weights (decay 0.999, warmed up as
+  ``min(decay, (1+n)/(10+n))``) is what gets saved.  ``torch.set_num_threads(2)``,
+  deterministic algorithms, all randomness from explicit generators seeded by ``--seed``.
+* Sampler: DiT and PixArt ship a ``DDIMScheduler`` with the training betas, ``clip_sample=False``,
   ``set_alpha_to_one=False``, ``timestep_spacing="leading"`` (25 steps: t = 960, 920, ..., 0).
   "trailing" (and "linspace") start at t = 999, where the cosine schedule's alpha_bar is
   2.4e-9: DDIM's x0 = (x - sqrt(1 - a) eps) / sqrt(a) then divides the model's eps error by
-  5e-5 and every sample is ruined (measured: Frechet distance ~500 instead of ~4, accuracy
-  0.5, at any step count).  "leading" starts at t = 960 (alpha_bar 3.7e-3) and samples well.
+  5e-5 and every sample is ruined (measured on digits-dit: Frechet distance ~500 instead of ~4,
+  accuracy 0.5, at any step count).  "leading" starts at t = 960 (alpha_bar 3.7e-3) and samples
+  well.  FLUX and Qwen-Image ship ``FlowMatchEulerDiscreteScheduler`` configured as FLUX.1-dev's
+  and Qwen-Image's (dynamic shifting; for 16 tokens mu ~ 0.46-0.5, i.e. a shift of ~1.6).
 * ``default_scale``: the constant CFG scale with the lowest digits Frechet distance on
-  calibration seeds (never the held-out seeds), among ``--scales``.
+  calibration seeds (never the held-out seeds), among ``--scales``; conditional-only is scored
+  beside them for reference.
 * Classifier: :class:`rstr.metrics.DigitsClassifier`, trained on the train split of the real
-  digits (see :func:`rstr.metrics.train_classifier`); it ships beside the model.
+  digits (see :func:`rstr.metrics.train_classifier`) with ``--family dit``; the other families
+  ship a copy of digits-dit's, so every model directory is self-contained.
 
 Outputs go to a temporary sibling of ``--out`` and are renamed into place when complete.
+``rstr.json`` records the run (``recipe``: train and calibration seconds, CPU seconds, the mean
+1-minute load average while training, torch version, device).  On a shared machine run with
+``OMP_WAIT_POLICY=PASSIVE``: it changes no arithmetic, but OpenMP threads that spin while waiting
+for a core made training up to 5x slower in wall-clock time under a load average of 7.  The
+shipped text models took, on the 2-core machine under a load average of 7-8 from other jobs,
+PixArt 2,491 s in all (training 2,033 s, 698 CPU-seconds), FLUX 1,440 s (1,013 s, 828) and
+Qwen-Image 1,104 s (864 s, 937); calibration (6 x 1,000 images) took 235-447 s of that.
 
 Usage::
 
-    python tools/train_reference.py --out rstr/reference/digits-dit --seed 0
+    python tools/train_reference.py --family dit --seed 0      # -> rstr/reference/digits-dit
+    OMP_WAIT_POLICY=PASSIVE python tools/train_reference.py --family flux --seed 0   # -> digits-flux
     python tools/train_reference.py --out rstr/reference/digits-dit --classifier-only
 """
 
@@ -48,9 +93,12 @@ import argparse
 import copy
 import json
 import math
+import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -62,28 +110,81 @@ from rstr.errors import RstrError
 from rstr.families import REFERENCE_MODEL
 
 NUM_CLASSES = 10
-NULL_CLASS = NUM_CLASSES  # = num_embeds_ada_norm: the row diffusers adds for class dropout
+NULL_CLASS = NUM_CLASSES  # DiT: = num_embeds_ada_norm, the row diffusers adds; text families: the negative row
+IMAGE_SIZE = 8
+TEXT_LEN = 8  # tokens per prompt
+TEXT_DIM = 64  # width of a token embedding (the "text encoder" output)
+POOLED_DIM = 32  # FLUX's pooled prompt embedding
+TABLE_FORMAT = "rstr.class-embeddings/1"
+SAMPLE_STEPS = 25
+REFERENCE_DIR = REFERENCE_MODEL.parent
 
 
-def make_transformer():
-    """The reference DiT architecture, freshly initialised."""
+# ------------------------------------------------------------------------- architectures
+# DiT and PixArt: 16 patches of 2x2 pixels, 4 blocks of 4 heads x 32, eps only (no learned sigma).
+_SPATIAL = dict(
+    num_attention_heads=4,
+    attention_head_dim=32,
+    in_channels=1,
+    out_channels=1,
+    num_layers=4,
+    sample_size=IMAGE_SIZE,
+    patch_size=2,
+)
+
+
+def _dit() -> nn.Module:
     from diffusers import DiTTransformer2DModel
 
-    return DiTTransformer2DModel(
-        num_attention_heads=4,
-        attention_head_dim=32,
-        in_channels=1,
-        out_channels=1,
-        num_layers=4,
-        sample_size=8,
-        patch_size=2,
-        num_embeds_ada_norm=NUM_CLASSES,
-        norm_type="ada_norm_zero",
+    return DiTTransformer2DModel(**_SPATIAL, num_embeds_ada_norm=NUM_CLASSES, norm_type="ada_norm_zero")
+
+
+def _pixart() -> nn.Module:
+    from diffusers import PixArtTransformer2DModel
+
+    return PixArtTransformer2DModel(
+        **_SPATIAL,
+        cross_attention_dim=128,
+        caption_channels=TEXT_DIM,
+        norm_type="ada_norm_single",
+        use_additional_conditions=False,
     )
 
 
-def make_scheduler(spacing: str):
-    """The DDIM sampler shipped with the model (same betas as training)."""
+def _flux() -> nn.Module:
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4,
+        num_layers=1,
+        num_single_layers=2,
+        attention_head_dim=32,
+        num_attention_heads=4,
+        joint_attention_dim=TEXT_DIM,
+        pooled_projection_dim=POOLED_DIM,
+        guidance_embeds=False,
+        axes_dims_rope=(8, 12, 12),
+    )
+
+
+def _qwenimage() -> nn.Module:
+    from diffusers import QwenImageTransformer2DModel
+
+    return QwenImageTransformer2DModel(
+        patch_size=2,
+        in_channels=4,
+        out_channels=1,
+        num_layers=3,
+        attention_head_dim=32,
+        num_attention_heads=4,
+        joint_attention_dim=TEXT_DIM,
+        axes_dims_rope=(8, 12, 12),
+    )
+
+
+def _ddim(spacing: str):
+    """The DDIM sampler shipped with DiT and PixArt (same betas as training)."""
     from diffusers import DDIMScheduler
 
     return DDIMScheduler(
@@ -96,6 +197,138 @@ def make_scheduler(spacing: str):
     )
 
 
+def _flow_euler(max_shift: float, max_image_seq_len: int, **extra) -> Callable[[str], object]:
+    """The Euler flow-matching sampler with dynamic shifting as FLUX.1-dev and Qwen-Image configure it.
+
+    The factory takes ``spacing`` like :func:`_ddim`, a DDIM option unused here.
+    """
+
+    def make(spacing: str):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=1000,
+            shift=1.0,
+            use_dynamic_shifting=True,
+            base_shift=0.5,
+            max_shift=max_shift,
+            base_image_seq_len=256,
+            max_image_seq_len=max_image_seq_len,
+            **extra,
+        )
+
+    return make
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What differs between families; everything else in this script is shared."""
+
+    family: str  # rstr family name
+    make_transformer: Callable[[], nn.Module]
+    make_scheduler: Callable[[str], object]
+    objective: str  # "epsilon" (DDPM, cosine betas) or "flow" (rectified flow)
+    packed: bool  # latents packed 2x2 as FLUX / Qwen-Image pipelines do
+    table: tuple[str, ...]  # conditioning inputs of the class table, in cond_specs order (empty: class labels)
+    steps: int
+    batch_size: int
+    lr: float
+    scales: tuple[float, ...]  # constant CFG scales scored for default_scale
+
+    @property
+    def name(self) -> str:
+        return f"digits-{self.family}"
+
+
+_TEXT = dict(steps=3000, batch_size=64, lr=2e-3, scales=(1.1, 1.2, 1.3, 1.5, 2.0))
+SPECS = {
+    s.family: s
+    for s in (
+        Spec(
+            "dit",
+            _dit,
+            _ddim,
+            "epsilon",
+            packed=False,
+            table=(),
+            steps=4000,
+            batch_size=128,
+            lr=1e-3,
+            scales=(1.0, 1.25, 1.5, 2.0, 3.0),
+        ),
+        Spec(
+            "pixart", _pixart, _ddim, "epsilon", packed=False, table=("encoder_hidden_states", "encoder_attention_mask"), **_TEXT
+        ),
+        Spec(
+            "flux",
+            _flux,
+            _flow_euler(1.15, 4096),
+            "flow",
+            packed=True,
+            table=("encoder_hidden_states", "pooled_projections"),
+            **_TEXT,
+        ),
+        Spec(
+            "qwenimage",
+            _qwenimage,
+            _flow_euler(0.9, 8192, shift_terminal=0.02, time_shift_type="exponential"),
+            "flow",
+            packed=True,
+            table=("encoder_hidden_states", "encoder_hidden_states_mask"),
+            **_TEXT,
+        ),
+    )
+}
+
+
+# ------------------------------------------------------------------------- class tables
+def make_class_table(spec: Spec, seed: int) -> dict[str, torch.Tensor]:
+    """The frozen random "text encoder" of a text family: one tensor per conditioning input.
+
+    Each tensor is ``[NUM_CLASSES + 1, *row]``: row ``k`` is the prompt of class ``k`` (``2 + k % 7``
+    real tokens, the last the shared end-of-prompt token, then zero padding), row ``NULL_CLASS``
+    the empty prompt (the end-of-prompt token alone).  Masks are 1 on real tokens.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    rows = NUM_CLASSES + 1
+    words = torch.randn((NUM_CLASSES, TEXT_LEN, TEXT_DIM), generator=gen)
+    end = torch.randn((TEXT_DIM,), generator=gen)
+    real = [2 + k % (TEXT_LEN - 1) for k in range(NUM_CLASSES)] + [1]
+    hidden = torch.zeros((rows, TEXT_LEN, TEXT_DIM))
+    mask = torch.zeros((rows, TEXT_LEN))
+    for k, n in enumerate(real):
+        if k < NUM_CLASSES:
+            hidden[k, : n - 1] = words[k, : n - 1]
+        hidden[k, n - 1] = end
+        mask[k, :n] = 1.0
+    table = {"encoder_hidden_states": hidden}
+    for name in spec.table[1:]:
+        table[name] = torch.randn((rows, POOLED_DIM), generator=gen) if name == "pooled_projections" else mask
+    return table
+
+
+def save_class_table(directory: Path, spec: Spec, table: dict[str, torch.Tensor]) -> None:
+    """Write ``class_embeddings/`` (``config.json`` + ``embeddings.safetensors``) in :data:`TABLE_FORMAT`."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True)
+    config = {"format": TABLE_FORMAT, "num_classes": NUM_CLASSES, "negative_row": NULL_CLASS, "inputs": list(spec.table)}
+    write_json(directory / "config.json", config)
+    save_file(
+        {k: table[k].float().contiguous() for k in spec.table},
+        str(directory / "embeddings.safetensors"),
+        metadata={"format": TABLE_FORMAT},
+    )
+
+
+def conditioning(spec: Spec, table: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Conditioning tensors for table rows (class indices; ``NULL_CLASS`` = unconditional)."""
+    if not spec.table:
+        return {"class_labels": rows}
+    return {name: table[name][rows] for name in spec.table}
+
+
+# ----------------------------------------------------------------------------- training
 def _disable_internal_label_dropout(model: nn.Module) -> int:
     """Turn off diffusers' per-block label dropout (the table keeps its null row); return the count."""
     from diffusers.models.embeddings import LabelEmbedding
@@ -110,26 +343,35 @@ def _disable_internal_label_dropout(model: nn.Module) -> int:
     return n
 
 
-def train_dit(args: argparse.Namespace) -> tuple[nn.Module, dict]:
-    """Train the DiT and return its EMA copy (on the CPU) and a record of the run.
+def make_family(spec: Spec, transformer: nn.Module, scheduler, meta: dict):
+    """The rstr family adapter around ``transformer`` (its ``denoise`` is the call we train and sample)."""
+    from rstr.families import FAMILIES
+
+    return FAMILIES[spec.family](transformer, scheduler, default_steps=SAMPLE_STEPS, meta=meta)
+
+
+def train(spec: Spec, args: argparse.Namespace, table: dict[str, torch.Tensor], meta: dict) -> tuple[nn.Module, dict]:
+    """Train ``spec``'s transformer and return its EMA copy (on the CPU) and a record of the run.
 
     Every random draw comes from one CPU generator, so ``--device`` changes only the arithmetic.
     """
     from diffusers import DDPMScheduler
 
+    from rstr.families.flux import pack_latents
     from rstr.metrics import real_digits
 
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     dev = torch.device(args.device)
     images, labels = real_digits("all")
-    images = images.to(dev)
-    model = make_transformer().to(dev)
+    images = (pack_latents(images) if spec.packed else images).to(dev)
+    model = spec.make_transformer().to(dev)
     _disable_internal_label_dropout(model)
+    family = make_family(spec, model, spec.make_scheduler(args.spacing), meta)
     model.train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    noise_sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
-    acp = noise_sched.alphas_cumprod.float().to(dev)
+    acp = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2").alphas_cumprod.float().to(dev)
+    table = {k: v.to(dev) for k, v in table.items()}
 
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=0.01)
     warmup = 200
@@ -143,8 +385,9 @@ def train_dit(args: argparse.Namespace) -> tuple[nn.Module, dict]:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     perm, pos = torch.randperm(len(labels), generator=gen), 0
     losses: list = []  # loss tensors, turned into floats every 50 steps (no sync per step on a GPU)
-    t0 = time.time()
-    bar = tqdm(range(args.steps), desc="train dit", mininterval=2.0)
+    loads: list[float] = []  # 1-minute load average, sampled every 50 steps
+    t0, cpu0 = time.time(), time.process_time()
+    bar = tqdm(range(args.steps), desc=f"train {spec.family}", mininterval=2.0)
     for step in bar:
         if pos + args.batch_size > len(perm):
             perm, pos = torch.randperm(len(labels), generator=gen), 0
@@ -152,13 +395,21 @@ def train_dit(args: argparse.Namespace) -> tuple[nn.Module, dict]:
         pos += args.batch_size
         y = labels[idx].clone()
         y[torch.rand(len(y), generator=gen) < args.label_dropout] = NULL_CLASS
-        t = torch.randint(0, 1000, (len(y),), generator=gen)
-        eps = torch.randn((len(y), *images.shape[1:]), generator=gen)
-        x0, y, t, eps = images[idx.to(dev)], y.to(dev), t.to(dev), eps.to(dev)
-        a = acp[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
-        pred = model(xt, timestep=t, class_labels=y, return_dict=False)[0]
-        loss = nn.functional.mse_loss(pred, eps)
+        x0 = images[idx.to(dev)]
+        if spec.objective == "epsilon":
+            t = torch.randint(0, 1000, (len(y),), generator=gen)
+            noise = torch.randn((len(y), *images.shape[1:]), generator=gen)
+            y, t, noise = y.to(dev), t.to(dev), noise.to(dev)
+            a = acp[t].view(-1, *[1] * (x0.ndim - 1))
+            xt, timestep, target = a.sqrt() * x0 + (1 - a).sqrt() * noise, t, noise
+        else:
+            sigma = torch.rand(len(y), generator=gen)
+            noise = torch.randn((len(y), 1, IMAGE_SIZE, IMAGE_SIZE), generator=gen)
+            y, sigma, noise = y.to(dev), sigma.to(dev), pack_latents(noise).to(dev)
+            s = sigma.view(-1, 1, 1)
+            xt, timestep, target = (1 - s) * x0 + s * noise, sigma, noise - x0
+        pred = family.denoise(xt, timestep, conditioning(spec, table, y))
+        loss = nn.functional.mse_loss(pred, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -171,62 +422,122 @@ def train_dit(args: argparse.Namespace) -> tuple[nn.Module, dict]:
         losses.append(loss.detach())
         if step % 50 == 0:
             losses = [float(v) for v in losses]
+            loads.append(os.getloadavg()[0])
             bar.set_postfix(loss=f"{sum(losses[-200:]) / len(losses[-200:]):.4f}")
     losses = [float(v) for v in losses]
     record = {
         "train_seconds": round(time.time() - t0, 1),
+        "train_cpu_seconds": round(time.process_time() - cpu0, 1),
+        "load_average": round(sum(loads) / len(loads), 2),
         "final_loss_avg200": round(sum(losses[-200:]) / len(losses[-200:]), 5),
     }
     return ema.cpu(), record
 
 
-def choose_scale(out: Path, scales: list[float], steps: int, num: int) -> tuple[float, dict]:
-    """Pick the constant CFG scale with the lowest Frechet distance on calibration seeds."""
+# -------------------------------------------------------------------------- calibration
+def choose_scale(
+    out: Path, spec: Spec, scales: list[float], steps: int, num: int, device: str = "cpu"
+) -> tuple[float, dict, dict]:
+    """Score conditional-only and constant CFG at ``scales`` on calibration seeds; pick the lowest Frechet distance.
+
+    The model is loaded from ``out`` by :func:`rstr.families.load_model` (its class table too) and
+    scored by :func:`rstr.evaluate.evaluate`, the code path of every rstr command.
+    """
     from rstr.evaluate import evaluate
     from rstr.families import load_model
     from rstr.metrics import load_classifier
     from rstr.schedule import GuidanceSchedule
     from rstr.seeds import CALIBRATION_SEEDS
 
-    family = load_model(out)
+    family = load_model(out, device=device)
     classifier = load_classifier(out / "classifier.safetensors")
-    table = {}
-    for w in scales:
-        s = GuidanceSchedule.constant(w, steps, family="dit", sampler="ddim", default_steps=steps)
-        r = evaluate(family, s, num=num, groups=1, seed_start=CALIBRATION_SEEDS.start, classifier=classifier, progress=False)
-        table[str(w)] = {"fd": round(r.fd_mean, 4), "accuracy": round(r.accuracy, 4)}
-        print(f"  calibration: constant w={w}: FD {r.fd_mean:.3f}  accuracy {r.accuracy:.3f}", flush=True)
+    kw = dict(family=spec.family, sampler=family.sampler, default_steps=steps)
+
+    def run(schedule, what: str) -> dict[str, float]:
+        r = evaluate(
+            family, schedule, num=num, groups=1, seed_start=CALIBRATION_SEEDS.start, classifier=classifier, progress=False
+        )
+        print(f"  calibration: {what}: FD {r.fd_mean:.3f}  accuracy {r.accuracy:.3f}", flush=True)
+        return {"fd": round(r.fd_mean, 4), "accuracy": round(r.accuracy, 4)}
+
+    table = {str(w): run(GuidanceSchedule.constant(w, steps, **kw), f"constant w={w}") for w in scales}
+    cond_only = run(GuidanceSchedule.conditional_only(steps, **kw), "conditional-only")
     best = min(scales, key=lambda w: table[str(w)]["fd"])
-    return best, table
+    return best, table, cond_only
 
 
+# ---------------------------------------------------------------------------------- CLI
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=REFERENCE_MODEL, help="model directory to write (default: %(default)s)")
+    p.add_argument("--family", choices=sorted(SPECS), default="dit", help="model family to train (default: %(default)s)")
+    p.add_argument("--out", type=Path, help="model directory to write (default: rstr/reference/digits-<family>)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random draw (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=4000, help="optimiser steps (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (default: %(default)s)")
-    p.add_argument("--label-dropout", type=float, default=0.1, help="probability a label becomes the null class (default: %(default)s)")
+    p.add_argument("--steps", type=int, help="optimiser steps (default: the family's: dit 4000, others 3000)")
+    p.add_argument("--batch-size", type=int, help="(default: the family's: dit 128, others 64)")
+    p.add_argument("--lr", type=float, help="peak AdamW learning rate (default: the family's: dit 1e-3, others 2e-3)")
+    p.add_argument(
+        "--label-dropout",
+        type=float,
+        default=0.1,
+        help="probability a sample's class becomes the unconditional row (default: %(default)s)",
+    )
     p.add_argument("--ema-decay", type=float, default=0.999)
-    p.add_argument("--spacing", choices=["leading", "trailing", "linspace"], default="leading", help="DDIM timestep spacing (default: %(default)s; see the module docstring)")
-    p.add_argument("--scales", type=float, nargs="+", default=[1.0, 1.25, 1.5, 2.0, 3.0], help="constant scales tried for default_scale (default: %(default)s)")
+    p.add_argument(
+        "--spacing",
+        choices=["leading", "trailing", "linspace"],
+        default="leading",
+        help="DDIM timestep spacing of dit and pixart (default: %(default)s; see the module docstring)",
+    )
+    p.add_argument("--scales", type=float, nargs="+", help="constant scales tried for default_scale (default: the family's)")
     p.add_argument("--calibration-num", type=int, default=1000, help="images per scale when choosing default_scale")
-    p.add_argument("--device", default="cpu", help="training device; the shipped model is trained on the CPU (default: %(default)s)")
+    p.add_argument(
+        "--device", default="cpu", help="training device; the shipped models are trained on the CPU (default: %(default)s)"
+    )
     p.add_argument("--classifier-only", action="store_true", help="retrain only the classifier of an existing --out")
     p.add_argument("--force", action="store_true", help="replace --out even if it is not an rstr model directory")
     args = p.parse_args(argv)
+    spec = SPECS[args.family]
+    args.out = args.out or REFERENCE_DIR / spec.name
+    args.steps = args.steps or spec.steps
+    args.batch_size = args.batch_size or spec.batch_size
+    args.lr = args.lr or spec.lr
+    args.scales = args.scales or list(spec.scales)
 
     torch.set_num_threads(2)
     torch.use_deterministic_algorithms(True, warn_only=args.device != "cpu")
     try:
-        return _run(args)
+        return _run(spec, args)
     except RstrError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
 
 
-def _run(args: argparse.Namespace) -> int:
+def _classifier(spec: Spec, args: argparse.Namespace, tmp: Path) -> float:
+    """Write ``classifier.safetensors`` into ``tmp`` and return its test accuracy.
+
+    ``dit`` trains the shared digits classifier; the other families copy digits-dit's.
+    """
+    from safetensors import safe_open
+
+    from rstr.metrics import save_classifier, train_classifier
+
+    if spec.family == "dit":
+        t0 = time.time()
+        clf, acc = train_classifier(seed=args.seed)
+        save_classifier(clf, tmp / "classifier.safetensors", {"test_accuracy": acc, "seed": args.seed})
+        print(f"classifier: test accuracy {acc:.4f} ({time.time() - t0:.0f} s)", flush=True)
+        return acc
+    shared = REFERENCE_MODEL / "classifier.safetensors"
+    if not shared.is_file():
+        raise RstrError(
+            f"{shared} does not exist; train digits-dit first (`--family dit`) or its classifier (`--classifier-only`)"
+        )
+    shutil.copyfile(shared, tmp / "classifier.safetensors")
+    with safe_open(str(shared), framework="pt") as f:
+        return float(json.loads((f.metadata() or {}).get("info", "{}")).get("test_accuracy", float("nan")))
+
+
+def _run(spec: Spec, args: argparse.Namespace) -> int:
     from rstr.metrics import save_classifier, train_classifier
 
     out: Path = args.out
@@ -245,48 +556,71 @@ def _run(args: argparse.Namespace) -> int:
         raise RstrError(f"{out} exists and is not an rstr model directory; pass --force to replace it")
 
     t0 = time.time()
-    clf, clf_acc = train_classifier(seed=args.seed)
-    print(f"classifier: test accuracy {clf_acc:.4f} ({time.time() - t0:.0f} s)", flush=True)
-    ema, record = train_dit(args)
-
-    recipe = {
-        "data": "sklearn.datasets.load_digits, all 1797 images, [0,16] -> [-1,1]",
-        "prediction": "epsilon",
-        "beta_schedule": "squaredcos_cap_v2",
-        "num_train_timesteps": 1000,
-        "steps": args.steps,
-        "batch_size": args.batch_size,
-        "optimizer": "AdamW(betas=(0.9,0.999), weight_decay=0.01), warmup 200, cosine to 10%, clip 1.0",
-        "lr": args.lr,
-        "label_dropout": args.label_dropout,
-        "null_class": NULL_CLASS,
-        "ema_decay": args.ema_decay,
-        "timestep_spacing": args.spacing,
-        "classifier_test_accuracy": round(clf_acc, 4),
-        "torch": torch.__version__,
-        "device": args.device,
-        **record,
-    }
     with atomic_dir(out, force=True) as tmp:
-        ema.save_pretrained(tmp / "transformer", safe_serialization=True)
-        make_scheduler(args.spacing).save_pretrained(tmp / "scheduler")
-        save_classifier(clf, tmp / "classifier.safetensors", {"test_accuracy": clf_acc, "seed": args.seed})
+        clf_acc = _classifier(spec, args, tmp)
+        table = make_class_table(spec, args.seed) if spec.table else {}
         meta = {
-            "name": "digits-dit",
-            "family": "dit",
-            "default_steps": 25,
+            "name": spec.name,
+            "family": spec.family,
+            "default_steps": SAMPLE_STEPS,
             "default_scale": None,
             "num_classes": NUM_CLASSES,
-            "image": {"channels": 1, "size": 8, "range": [-1, 1]},
+            "image": {"channels": 1, "size": IMAGE_SIZE, "range": [-1, 1]},
             "classifier": "classifier.safetensors",
             "classifier_config": {"class": "rstr.metrics.DigitsClassifier", "features": 64, "test_accuracy": round(clf_acc, 4)},
-            "seed": args.seed,
-            "recipe": recipe,
         }
+        if spec.table:
+            meta["text_len"] = TEXT_LEN
+        if spec.packed:
+            meta["latent_size"] = IMAGE_SIZE
+        meta["seed"] = args.seed
+        ema, record = train(spec, args, table, meta)
+        if spec.objective == "epsilon":
+            diffusion = {"prediction": "epsilon", "beta_schedule": "squaredcos_cap_v2", "num_train_timesteps": 1000}
+        else:
+            diffusion = {"prediction": "flow (x_t = (1 - s) x0 + s noise, target noise - x0)", "sigma_sampling": "uniform"}
+        if spec.table:
+            conditioning_info = {
+                "prompt_dropout": args.label_dropout,
+                "negative_row": NULL_CLASS,
+                "text_dim": TEXT_DIM,
+                "real_tokens": "2 + k % 7 for class k, 1 for the negative row",
+            }
+        else:
+            conditioning_info = {"label_dropout": args.label_dropout, "null_class": NULL_CLASS}
+        meta["recipe"] = {
+            "data": "sklearn.datasets.load_digits, all 1797 images, [0,16] -> [-1,1]",
+            **diffusion,
+            "steps": args.steps,
+            "batch_size": args.batch_size,
+            "optimizer": "AdamW(betas=(0.9,0.999), weight_decay=0.01), warmup 200, cosine to 10%, clip 1.0",
+            "lr": args.lr,
+            **conditioning_info,
+            "ema_decay": args.ema_decay,
+            **({"timestep_spacing": args.spacing} if spec.objective == "epsilon" else {}),
+            "classifier_test_accuracy": round(clf_acc, 4),
+            "torch": torch.__version__,
+            "device": args.device,
+            "threads": torch.get_num_threads(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
+            **record,
+        }
+        ema.save_pretrained(tmp / "transformer", safe_serialization=True)
+        spec.make_scheduler(args.spacing).save_pretrained(tmp / "scheduler")
+        if spec.table:
+            save_class_table(tmp / "class_embeddings", spec, table)
         write_json(tmp / "rstr.json", meta)
-        best, table = choose_scale(tmp, args.scales, 25, args.calibration_num)
+        t_cal = time.time()
+        best, fd_by_scale, cond_only = choose_scale(tmp, spec, args.scales, SAMPLE_STEPS, args.calibration_num, args.device)
         meta["default_scale"] = best
-        meta["recipe"]["scale_calibration"] = {"steps": 25, "num": args.calibration_num, "fd_by_scale": table}
+        meta["recipe"]["scale_calibration"] = {
+            "steps": SAMPLE_STEPS,
+            "num": args.calibration_num,
+            "fd_by_scale": fd_by_scale,
+            "conditional_only": cond_only,
+            "seconds": round(time.time() - t_cal, 1),
+        }
+        meta["recipe"]["total_seconds"] = round(time.time() - t0, 1)
         write_json(tmp / "rstr.json", meta)
         for junk in tmp.rglob("__pycache__"):
             shutil.rmtree(junk, ignore_errors=True)

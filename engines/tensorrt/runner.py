@@ -42,12 +42,13 @@ from typing import Any
 
 import numpy as np
 from rstr.engines.base import Runner
-from rstr.engines.bundle import Bundle, safe_member
+from rstr.engines.bundle import Bundle
 from rstr.engines.tensorrt.cuda import CudaError, gpu, load_tensorrt, trt_logger
 from rstr.engines.tensorrt.plan import (
     REBUILD,
     PathBinding,
     buffer_specs,
+    host_code_allowed,
     plan_bindings,
     record_layout,
     select_engines,
@@ -84,19 +85,22 @@ class TensorRTRunner(Runner):
     """Walks the plan on TensorRT engines, device-resident, with one CUDA graph per step kind.
 
     ``__init__`` raises :class:`~rstr.errors.BackendUnavailable` (one line) when TensorRT or
-    cuda-python is missing, no GPU is visible, the bundle has no engines for its plan, or an
-    engine was built for another TensorRT or GPU.  The module docstring describes the design.
+    cuda-python is missing, no GPU is visible, the bundle has no engines for its plan, an
+    engine was built for another TensorRT or GPU, or an engine is version-compatible (it
+    embeds host code that runs on load) and ``trust_engine_host_code`` is False: pass True
+    only for bundles whose author you trust as you would trust a program from them.  The module docstring describes the design.
     Not executed where it was written (no TensorRT there).
     """
 
     backend = "tensorrt"
 
-    def __init__(self, bundle: Bundle, *, cuda_graphs: bool = True, device: int = 0):
+    def __init__(self, bundle: Bundle, *, cuda_graphs: bool = True, device: int = 0, trust_engine_host_code: bool = False):
         super().__init__(bundle)
         self.trt = load_tensorrt()
         self.cuda, self.device_name, self.compute_capability = gpu(device)
         self.device = device
         self.entries = select_engines(bundle, self.trt.__version__, self.compute_capability)
+        self.host_code = host_code_allowed(self.entries.values(), trust_engine_host_code)
         self.bindings = plan_bindings(bundle, self.entries)
         self.layout = record_layout(bundle)
         self.specs = buffer_specs(bundle)
@@ -122,10 +126,9 @@ class TensorRTRunner(Runner):
         s.stream = cuda.stream()
         self._stream_handle = int(s.stream)
         s.runtime = trt.Runtime(trt_logger(trt))
+        s.runtime.engine_host_code_allowed = self.host_code  # False unless trusted: see host_code_allowed
         for graph, entry in self.entries.items():
-            data = safe_member(self.bundle.root, entry.file).read_bytes()
-            if entry.version_compatible:
-                s.runtime.engine_host_code_allowed = True  # version-compatible plans embed the lean runtime
+            data = self.bundle.member(entry.file).read_bytes()
             engine = s.runtime.deserialize_cuda_engine(data)
             if engine is None:
                 raise BackendUnavailable(f"TensorRT could not load engine {entry.file} (see the TensorRT log); {REBUILD}")
@@ -143,7 +146,7 @@ class TensorRTRunner(Runner):
         cuda.h2d(s.table, table, s.stream)
 
         # Contexts: (graph, profile) per path, sharing one scratch buffer where TensorRT allows.
-        kinds = {}
+        kinds: dict[str, PathBinding] = {}
         for sb in self.bindings:
             kinds.setdefault(sb.path.kind, sb.path)
         wanted = [("denoiser", p.denoiser_profile) for p in kinds.values()] + [(p.step_graph, 0) for p in kinds.values()]
@@ -246,6 +249,7 @@ class TensorRTRunner(Runner):
 
     def _address(self, buffer: str) -> int:
         if buffer.startswith("record/"):
+            assert self._s.record is not None  # allocated at activation
             return self._s.record + self.layout.offsets[buffer.removeprefix("record/")]
         return self._s.buffers[buffer]
 
@@ -327,6 +331,7 @@ class TensorRTRunner(Runner):
     def _infer(self, noise, cond, uncond, trace):
         cuda, s = self.cuda, self._s
         stream = s.stream
+        assert s.record is not None and s.table is not None  # allocated at activation
         guided_any = any(sb.path.kind == "guided" for sb in self.bindings)
         x0 = np.ascontiguousarray(noise * np.float32(self.bundle.plan.init_noise_sigma), dtype=self.specs["x"].dtype)
         hosts = {"x": x0, "x2": np.concatenate([x0, x0])}

@@ -8,10 +8,8 @@ sampling trajectory (:mod:`rstr.calibrate.train`).
 
 Sensitivity (:mod:`rstr.calibrate.sensitivity`): how much of that loss each ``nn.Linear`` inside
 a transformer block (:mod:`rstr.calibrate.modules`) can remove, per rank: a short rank-1 probe's
-leave-one-out drop, spread over ranks by the module's Fisher eigenvalues.  On the reference model
-(docs/stage2/ablation.md, 3 seeds) adaptive then beats uniform by 0.22 FD at a 0.25% budget and
-on every seed at 1% (by 0.04 on the mean, inside the seed spread); the mean-gradient measure it
-replaces tied with uniform at 1%.
+leave-one-out drop, spread over ranks by the module's Fisher eigenvalues (the ablation against
+uniform allocation and against a mean-gradient measure: docs/stage2.md).
 
 Allocation (:mod:`rstr.calibrate.allocation`): ``adaptive`` spends the parameter budget on the
 rank steps with the largest gain per parameter, ``uniform`` (the ablation) evenly.
@@ -25,6 +23,7 @@ adapter (``adapter_config.json``, ``adapter_model.safetensors``), ``allocation.j
 """
 
 from rstr.calibrate.adapter import (
+    ADAPTER_FILES,
     adapter_sha256,
     apply_adapter,
     check_adapter,
@@ -35,6 +34,7 @@ from rstr.calibrate.runner import CalibrationResult, calibrate
 from rstr.calibrate.train import PRESETS, Preset, default_schedule, teacher_schedule
 
 __all__ = [
+    "ADAPTER_FILES",
     "PRESETS",
     "CalibrationResult",
     "Preset",

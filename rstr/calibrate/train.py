@@ -10,6 +10,7 @@ per-scheduler algebra.  Teacher samples are computed once per calibration image.
 from __future__ import annotations
 
 import copy
+import inspect
 import re
 from dataclasses import dataclass
 
@@ -111,10 +112,10 @@ def teacher_data(
 def endpoint_loss(family: Family, schedule: GuidanceSchedule, data: CalibrationData) -> torch.Tensor:
     """MSE between the student's final samples under ``schedule`` and the teacher's, with gradients.
 
-    Runs the real sampler loop; ``sample.__wrapped__`` is :func:`rstr.sampler.sample` without its
+    Runs the real sampler loop; ``inspect.unwrap(sample)`` is :func:`rstr.sampler.sample` without its
     ``torch.no_grad`` decorator, so gradients flow through every step.
     """
-    final = sample.__wrapped__(family, schedule, data.cond, noise=data.noise)
+    final = inspect.unwrap(sample)(family, schedule, data.cond, noise=data.noise)
     return nn.functional.mse_loss(final, data.target)
 
 

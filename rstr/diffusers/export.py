@@ -83,7 +83,7 @@ def write_lora(adapter: str | os.PathLike[str], directory: str | os.PathLike[str
     from diffusers.loaders.lora_base import LoraBaseMixin
     from safetensors.torch import load_file
 
-    from rstr.calibrate import ADAPTER_FILES
+    from rstr.calibrate.adapter import ADAPTER_FILES
 
     adapter = Path(adapter)
     config_file, weights_file = (adapter / name for name in ADAPTER_FILES)

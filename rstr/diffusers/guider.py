@@ -110,5 +110,11 @@ class ScheduledGuidance(BaseGuidance):
         ]
 
     def forward(self, pred_cond: torch.Tensor, pred_uncond: torch.Tensor | None = None) -> GuiderOutput:
-        pred = pred_cond if not self._guided() else pred_uncond + self.scale * (pred_cond - pred_uncond)
+        scale = self.scale
+        if scale is None:
+            pred = pred_cond
+        elif pred_uncond is None:
+            raise RuntimeError("a guided step needs the unconditional prediction: the pipeline ran one batch of two")
+        else:
+            pred = pred_uncond + scale * (pred_cond - pred_uncond)
         return GuiderOutput(pred=pred, pred_cond=pred_cond, pred_uncond=pred_uncond)

@@ -75,8 +75,9 @@ class PinnedTimesteps(DDIMAtTimesteps):
     pinned: tuple[int, ...] = ()
 
     def set_timesteps(
-        self, num_inference_steps: int | None = None, device: str | torch.device | None = None, timesteps: list[int] | None = None
+        self, num_inference_steps: int | None = None, device: str | torch.device | None = None, timesteps: object = None
     ) -> None:
+        """The pinned timesteps, whatever step count or timesteps the pipeline passes."""
         super().set_timesteps(device=device, timesteps=self.pinned)
 
 
@@ -138,7 +139,7 @@ class ScheduleHook(ModelHook):
 
     def _mixed_uncond(self, c: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """``u'`` such that the pipeline's ``u' + W (c - u')`` is ``u + w (c - u)`` for this step's ``w``."""
-        k = (self.schedule.scales[self.step] - 1.0) / (PIPELINE_SCALE - 1.0)
+        k = (self.schedule.scale_at(self.step) - 1.0) / (PIPELINE_SCALE - 1.0)
         return (c.float() + k * (u.float() - c.float())).to(c.dtype)
 
     def _paired_call(self, args: tuple, kwargs: dict) -> Any:
@@ -315,7 +316,7 @@ def apply(pipe: Any, schedule: GuidanceSchedule | ScheduledGuidance, adapter: st
         applied.scheduler, pipe.scheduler = pipe.scheduler, pinned
     HookRegistry.check_if_exists_or_initialize(pipe.transformer).register_hook(applied.hook, HOOK_NAME)
     pipe.__dict__["_rstr_applied"] = applied
-    pipe.__class__ = _scheduled_class(type(pipe))
+    pipe.__class__ = _scheduled_class(type(pipe))  # type: ignore[arg-type]  # mypy: classes are Hashable
     return applied
 
 

@@ -18,12 +18,17 @@ Families outside this package join with :func:`register_family`.
 
 from __future__ import annotations
 
-import json
+import contextlib
+import hashlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 
+from rstr._io import read_json
+from rstr.engines.schema import json_type
 from rstr.errors import ModelError
 from rstr.families.base import Conditioning, Family, ImageSpec, TensorSpec
 from rstr.families.class_embeddings import DIRECTORY as CLASS_EMBEDDINGS_DIR
@@ -34,20 +39,26 @@ from rstr.families.pixart import PixArtFamily
 from rstr.families.qwenimage import QwenImageFamily
 
 FAMILIES: dict[str, type[Family]] = {}
+# The transformer dtypes a command can load (--dtype), by the names rstr uses everywhere (the bundle's dtype too).
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 REFERENCE_MODELS = Path(__file__).resolve().parent.parent / "reference"
 REFERENCE_MODEL = REFERENCE_MODELS / "digits-dit"
 
 __all__ = [
+    "DTYPES",
     "FAMILIES",
     "REFERENCE_MODEL",
     "Conditioning",
     "Family",
     "ImageSpec",
     "TensorSpec",
+    "dtype_name",
     "family_for_transformer",
     "load_model",
+    "model_sha256",
     "register_family",
     "resolve_model_path",
+    "torch_dtype",
 ]
 
 
@@ -65,13 +76,22 @@ for _family in (DiTFamily, PixArtFamily, FluxFamily, QwenImageFamily):
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
-        raise ModelError(f"{path} is not a readable JSON file ({err})") from None
+    data = read_json(path, ModelError)
     if not isinstance(data, dict):
-        raise ModelError(f"{path} must hold a JSON object, not {type(data).__name__}")
+        raise ModelError(f"{path} must hold a JSON object, not {json_type(data)}")
     return data
+
+
+@contextlib.contextmanager
+def _diffusers_quiet() -> Iterator[None]:
+    from diffusers.utils import logging as diffusers_logging
+
+    previous = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(previous)
 
 
 def _load_scheduler(directory: Path, family: type[Family]):
@@ -86,7 +106,7 @@ def _load_scheduler(directory: Path, family: type[Family]):
     if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
         raise ModelError(f"{config_path}: {config.get('_class_name')!r} is not a diffusers scheduler class")
     try:
-        return cls.from_config(config)
+        return cast(Any, cls).from_config(config)  # a diffusers class: untyped here (pyproject.toml)
     except (TypeError, ValueError) as err:
         raise ModelError(f"{config_path}: cannot build the scheduler ({err})") from None
 
@@ -99,6 +119,20 @@ def family_for_transformer(transformer: torch.nn.Module) -> type[Family]:
     raise ModelError(
         f"transformer class {name} is not supported; supported: {', '.join(sorted(f.transformer_class for f in FAMILIES.values()))}"
     )
+
+
+def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """The torch dtype for ``fp32`` / ``fp16`` / ``bf16`` (or one of those torch dtypes)."""
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if dtype not in DTYPES:
+        raise ModelError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``fp32`` / ``fp16`` / ``bf16`` for a torch dtype (the inverse of :func:`torch_dtype`)."""
+    return next(name for name, d in DTYPES.items() if d == dtype)
 
 
 def resolve_model_path(model: str | os.PathLike[str] | None, revision: str | None = None, variant: str | None = None) -> Path:
@@ -115,10 +149,38 @@ def resolve_model_path(model: str | os.PathLike[str] | None, revision: str | Non
     return path
 
 
+def _model_files(path: Path) -> list[Path]:
+    """The files :func:`load_model` reads from the model directory ``path`` (hidden files aside)."""
+    transformer = path / "transformer" if (path / "transformer").is_dir() else path
+    files = [f for f in (path / "rstr.json", path / "model_index.json") if f.is_file()]
+    files += [f for f in transformer.iterdir() if f.is_file()]
+    for sub in (path / "scheduler", path / CLASS_EMBEDDINGS_DIR):
+        if sub.is_dir():
+            files += [f for f in sub.rglob("*") if f.is_file()]
+    return sorted({f for f in files if not f.name.startswith(".")})
+
+
+def model_sha256(path: str | os.PathLike[str]) -> str:
+    """Content hash of the files of the model directory ``path`` that :func:`load_model` reads (names, sizes, bytes).
+
+    ``rstr-export build`` records it as the bundle's ``provenance.model_sha256``; ``rstr-export verify``
+    loads the recorded model only when its files still hash to it.
+    """
+    path = Path(path)
+    h = hashlib.sha256()
+    for f in _model_files(path):
+        h.update(f"{f.relative_to(path).as_posix()}\0{f.stat().st_size}\0".encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
 def load_model(
     path: str | os.PathLike[str] | None = None,
     *,
     device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = "fp32",
     revision: str | None = None,
     variant: str | None = None,
     prompts: str | os.PathLike[str] | None = None,
@@ -126,12 +188,14 @@ def load_model(
 ) -> Family:
     """Load a family adapter from a local diffusers directory, a reference model name or a cached Hub id.
 
-    The default is the reference digits DiT; ``revision`` picks a Hub id's cached snapshot and
+    The default is the reference digits DiT; the transformer is loaded in ``dtype`` (``fp32``,
+    ``fp16`` or ``bf16``) and moved to ``device``; ``revision`` picks a Hub id's cached snapshot and
     ``variant`` (e.g. ``fp16``) the weight files to load.  ``prompts`` (a prompt set file) replaces the
     model's class table as the conditioning drawn for evaluation, search and calibration.
     """
     import diffusers
 
+    weights_dtype = torch_dtype(dtype)
     path = resolve_model_path(path, revision, variant)
     if not path.exists():
         names = ", ".join(sorted(p.name for p in REFERENCE_MODELS.iterdir() if p.is_dir()))
@@ -160,17 +224,32 @@ def load_model(
             f"{transformer_dir}: transformer {config.get('_class_name')!r} is not supported; "
             f"supported: {', '.join(sorted(f.transformer_class for f in FAMILIES.values()))}"
         )
-    try:
-        transformer = getattr(diffusers, family.transformer_class).from_pretrained(
-            transformer_dir, torch_dtype=torch.float32, variant=variant
+    if not any(transformer_dir.glob("*.safetensors")) and any(transformer_dir.glob("*.bin")):
+        raise ModelError(
+            f"{transformer_dir} has pickled .bin weights only; rstr loads safetensors weights (unpickling can run code): "
+            "convert them with safetensors.torch.save_file"
         )
+    try:
+        with _diffusers_quiet():  # its notes on missing weights become the one error line below
+            transformer = getattr(diffusers, family.transformer_class).from_pretrained(
+                transformer_dir,
+                torch_dtype=weights_dtype,
+                variant=variant,
+                use_safetensors=True,  # never unpickle weights
+            )
     except (OSError, ValueError, RuntimeError, TypeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelError(f"{transformer_dir}: cannot load the weights ({first})") from None
+    missing = [name for name, p in transformer.named_parameters() if p.is_meta]
+    if missing:
+        raise ModelError(
+            f"{transformer_dir}: the weights lack {len(missing)} tensor(s) its config.json asks for (e.g. {missing[0]}); "
+            "the config does not match the weights"
+        )
     scheduler = _load_scheduler(scheduler_dir if scheduler_dir.is_dir() else path, family)
     default_steps = meta.get("default_steps")
-    if default_steps is not None and (isinstance(default_steps, bool) or not isinstance(default_steps, int) or default_steps < 1):
-        raise ModelError(f"{path}/rstr.json: default_steps {default_steps!r} must be an integer >= 1")
+    if "default_steps" in meta and (isinstance(default_steps, bool) or not isinstance(default_steps, int) or default_steps < 1):
+        raise ModelError(f"{path}/rstr.json: default_steps {default_steps!r} must be an integer >= 1 (or leave it out)")
     adapter = family(transformer.to(device), scheduler, default_steps=default_steps, meta=meta, path=path, **family_kwargs)
     table = path / CLASS_EMBEDDINGS_DIR
     if prompts is not None:

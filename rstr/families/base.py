@@ -31,7 +31,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -110,7 +110,8 @@ class Family(ABC):
         path: Path | None = None,
         class_embeddings: ClassEmbeddings | None = None,
     ):
-        self.transformer = transformer.eval()
+        # A diffusers model: its ``config`` and submodules are attributes nn.Module's types do not know.
+        self.transformer: Any = transformer.eval()
         self.scheduler = scheduler
         self.default_steps = default_steps or self.default_steps_fallback
         self.meta = dict(meta or {})

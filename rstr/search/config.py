@@ -43,6 +43,7 @@ class SearchConfig:
     interval_starts: tuple[float, ...]
     finalists: int
     constant_counts: int = 0  # constant-CFG baselines only at this many of the largest step counts that fit (0: every count)
+    warp_seeds: bool = False  # fill the initial population with the best baselines on random warps, not random members
     w_max: float = 3.0
     elite: int = 2
     tournament: int = 3
@@ -60,30 +61,30 @@ class SearchConfig:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # The default build's search (`rstr-export build`), a few minutes on two CPU cores.  400 images
-    # per candidate: at 64 the Frechet distance was noise and the result lost to the stock model.
+    # The default build's search (`rstr-export build`), minutes on a CPU.  400 images per candidate:
+    # with far fewer the Frechet distance is noise (docs/search/README.md, "Presets").
     # Step counts reach 80% of the full count (the full preset's 50% result has 20 of 25 steps);
     # constant CFG only at the two largest counts that fit; one held-out group (the build's own
     # gate and report compare against the stock model on their own seeds).
     "fast": dict(
-        population=6,
+        population=8,
         generations=2,
         step_fractions=(0.48, 0.64, 0.8),
         search_num=400,
         held_out_num=400,
         held_out_groups=1,
-        baseline_scales=(1.0, 1.6),
-        partial_counts=2,
+        baseline_scales=(1.0, 1.2),
+        partial_counts=3,
         interval_starts=(0.5,),
         finalists=2,
         constant_counts=2,
+        warp_seeds=True,
     ),
     # the search the reports quote: 3 held-out groups of 2000 images.  Candidates are scored on
     # groups of 2000 too: the Frechet distance's finite-sample bias depends on the sample size and
     # on the samples' spread, so a smaller search group would rank schedules by another yardstick.
-    # 2000, not 500: at 500 the paired noise (~0.1 FD on the reference model) is as large as the
-    # differences between good schedules, so the search picked noise and the result tied the
-    # best baseline on some held-out groups.  ~2 minutes on one GPU, hours on two CPU cores.
+    # 2000, not 500: at 500 the paired noise is as large as the differences between good schedules
+    # (docs/search/README.md, "Presets").  Minutes on a GPU, hours on a CPU.
     "full": dict(
         population=10,
         generations=6,

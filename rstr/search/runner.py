@@ -13,7 +13,8 @@ from typing import Any
 from rstr._io import write_json
 from rstr._progress import progress_bar
 from rstr.errors import RstrError
-from rstr.executor import Task, make_executor
+from rstr.executor import Executor, Task, make_executor
+from rstr.families import dtype_name
 from rstr.families.base import Family
 from rstr.schedule import GuidanceSchedule
 from rstr.search.baselines import Baseline, baseline_grid
@@ -49,6 +50,7 @@ class EvalTask(Task):
     objective: Objective
     prompts: str | None = None  # the prompt set the model's conditioning comes from, if any
     family: Family | None = field(default=None, repr=False)  # preloaded, for inline runs only
+    dtype: str = "fp32"  # the dtype workers load the transformer in (the preloaded family's)
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "family": None}  # workers load their own copy
@@ -62,7 +64,7 @@ class EvalTask(Task):
                     "this model was built in memory, so workers cannot load it; save it to a directory or use one worker"
                 )
 
-            self.family = load_model(self.model, device=device, prompts=self.prompts)
+            self.family = load_model(self.model, device=device, dtype=self.dtype, prompts=self.prompts)
 
     def run(self, item: tuple[GuidanceSchedule, int, int, int]) -> Metrics:
         schedule, seed_start, num, groups = item
@@ -96,7 +98,7 @@ class _Search:
         self.progress, self.on_checkpoint = progress, on_checkpoint
         self.model = model_identity(family)
         self.state = SearchState.fresh(config.seed)
-        self.executor = None
+        self.executor: Executor | None = None  # open while run() runs
         self.search_seeds = SeedRange(SEARCH_SEEDS.start, SEARCH_SEEDS.start + config.search_num)
         self.validation_seeds = SeedRange(self.search_seeds.stop, self.search_seeds.stop + config.search_num)
         self.held_out_seeds = SeedRange(HELD_OUT_SEEDS.start, HELD_OUT_SEEDS.start + config.held_out_num * config.held_out_groups)
@@ -146,6 +148,7 @@ class _Search:
             "held_out": (self.held_out_seeds.start, self.config.held_out_num, self.config.held_out_groups),
         }[which]
         items = [(self.schedule_of(g), *seeds) for g in todo]
+        assert self.executor is not None, "score() runs inside run()"
         with progress_bar(len(todo), desc, enabled=self.progress) as bar:
             for g, metrics in zip(todo, self.executor.map(items)):
                 cache[g.key] = metrics
@@ -155,10 +158,16 @@ class _Search:
                     bar.note(f"best {self.objective.metric} {self.objective.value(self.state.search[best]):.4f}")
 
     # ------------------------------------------------------------------------ phases
-    def run(self, out: Path | None, executor_factory: Callable[[Task], Any]) -> SearchResult:
+    def run(self, out: Path | None, executor_factory: Callable[[Task], Executor]) -> SearchResult:
         t0 = time.perf_counter()
         f = self.family
-        task = EvalTask(str(f.path) if f.path is not None else None, self.objective, str(f.prompts) if f.prompts else None, f)
+        task = EvalTask(
+            str(f.path) if f.path is not None else None,
+            self.objective,
+            str(f.prompts) if f.prompts else None,
+            f,
+            dtype_name(f.dtype),
+        )
         with executor_factory(task) as self.executor:
             grid = baseline_grid(self.space, self.config, self.family.default_scale)
             for lo in range(0, len(grid), self.config.population):
@@ -211,7 +220,8 @@ class _Search:
         return sorted(chosen, key=lambda b: (b.genome.passes, b.kind))
 
     def initial_population(self, chosen: list[Baseline]) -> list[Genome]:
-        """The best baseline of each kind, then the next best ones up to half the population; random members fill the rest."""
+        """The best baseline of each kind, then the next best ones up to half the population; the rest are random
+        members or, with ``config.warp_seeds``, the best baselines (in rank order) on random timestep warps."""
         ranked = sorted((b for b in chosen if b.in_budget), key=lambda b: self.rank(b.genome))
         kinds: dict[str, Genome] = {}
         for b in ranked:
@@ -220,8 +230,17 @@ class _Search:
         for b in ranked:
             if len(seeds) < self.config.population // 2 and b.genome.key not in {g.key for g in seeds}:
                 seeds.append(b.genome)
+        warped = self.config.warp_seeds and self.space.own_timesteps
+        i = 0
         while len(seeds) < self.config.population:
-            g = random_genome(self.space, self.state.rng)
+            if warped:
+                rng, space = self.state.rng, self.space
+                g = ranked[i % len(ranked)].genome.with_warp(
+                    space.clip_warp(rng.uniform(*space.start_range), rng.uniform(*space.rho_range))
+                )
+                i += 1
+            else:
+                g = random_genome(self.space, self.state.rng)
             if g.key not in {s.key for s in seeds}:
                 seeds.append(g)
         return seeds
@@ -238,6 +257,7 @@ class _Search:
             st.generation += 1
             st.ga_keys.extend(k for k in dict.fromkeys(g.key for g in population) if k not in set(st.ga_keys))
             best = self.best(st.ga_keys)
+            assert best is not None  # the population just scored is in ga_keys
             st.history.append(
                 {
                     "generation": st.generation,

@@ -5,9 +5,9 @@
 #include <cstdio>
 #include <cstring>
 #include <iostream>
-#include <random>
 #include <sstream>
 
+#include "atomic_file.hpp"
 #include "npy.hpp"
 #include "rstr/runtime.hpp"
 
@@ -16,7 +16,7 @@ namespace {
 constexpr const char* kUsage = R"(usage: rstr-run BUNDLE --out LATENTS.npy [--png IMAGE.png] [--png-scale K]
                 (--class N[,N...] | --cond [NAME=]FILE.npy ...) [--uncond [NAME=]FILE.npy ...]
                 (--seed S | --noise NOISE.npy) [--backend cpu|cuda|tensorrt]
-                [--threads N] [--device N]
+                [--threads N] [--device N] [--trust-engine-host-code]
 
 Walks the bundle's step plan from initial noise to final latents and saves them as .npy.
 
@@ -32,15 +32,21 @@ Walks the bundle's step plan from initial noise to final latents and saves them 
                       left out when the bundle has a single conditioning input; repeat per input
   --uncond NAME=FILE  the unconditional rows of an input marked "required" (e.g. negative-prompt
                       embeddings); inputs with a "fill" value (DiT's null class) need none
-  --seed S            draw the noise N(0, 1) with std::mt19937_64(S) and
-                      std::normal_distribution<float>; this does NOT match Python's generators:
-                      for parity with Python pass the same noise with --noise
+  --seed S            draw the noise with rstr's seeded generator (Philox4x32-10 and Box-Muller,
+                      docs/seeding.md; S from 0 to 2^64 - 1): the same noise as `rstr-export run
+                      --seed S`, Pipeline(seed=S) and `rstr sample --seed S`
   --noise FILE        initial noise, float32 .npy of shape sample.shape (before init_noise_sigma)
   --backend B         cpu (ONNX Runtime, default), cuda (ONNX Runtime CUDA provider; needs a
                       build with -DRSTR_WITH_CUDA=ON), tensorrt (needs a build with TensorRT and
                       engines in the bundle)
   --threads N         ONNX Runtime intra-op threads (default: ONNX Runtime's choice)
   --device N          CUDA device for cuda and tensorrt (default 0)
+  --trust-engine-host-code
+                      let version-compatible TensorRT engines run the host code they embed
+                      (TensorRT's lean runtime) when they load; only for bundles whose author
+                      you trust as you would trust a program from them (default: refused)
+
+Outputs are written to a temporary file beside the target and renamed when complete.
 
 Errors print one line "rstr-run: error: ..." and exit with status 1.
 )";
@@ -72,6 +78,18 @@ int64_t parse_int(const std::string& flag, const std::string& text) {
   }
 }
 
+uint64_t parse_seed(const std::string& text) {
+  try {
+    size_t used = 0;
+    if (text.empty() || text[0] == '-' || text[0] == '+') throw std::invalid_argument(text);
+    const unsigned long long v = std::stoull(text, &used);
+    if (used != text.size()) throw std::invalid_argument(text);
+    return v;
+  } catch (const std::exception&) {
+    throw UsageError("--seed expects an integer from 0 to 2^64 - 1, got '" + text + "'");
+  }
+}
+
 Args parse_args(int argc, char** argv) {
   Args a;
   std::vector<std::string> positional;
@@ -99,7 +117,7 @@ Args parse_args(int argc, char** argv) {
     } else if (arg == "--uncond") {
       a.uncond.push_back(value());
     } else if (arg == "--seed") {
-      a.seed = static_cast<uint64_t>(parse_int(arg, value()));
+      a.seed = parse_seed(value());
     } else if (arg == "--noise") {
       a.noise = value();
     } else if (arg == "--backend") {
@@ -112,6 +130,8 @@ Args parse_args(int argc, char** argv) {
       a.options.cpu_threads = static_cast<int>(parse_int(arg, value()));
     } else if (arg == "--device") {
       a.options.device_id = static_cast<int>(parse_int(arg, value()));
+    } else if (arg == "--trust-engine-host-code") {
+      a.options.engine_host_code = rstr::EngineHostCode::Allow;
     } else if (arg.rfind("-", 0) == 0) {
       throw UsageError("unknown option " + arg + " (see rstr-run --help)");
     } else {
@@ -159,16 +179,6 @@ rstr::Conditioning class_conditioning(const std::vector<int64_t>& classes, const
   return {{m.conditioning[0].info.name, rstr::Tensor::int64({m.batch}, std::move(labels))}};
 }
 
-rstr::Tensor seeded_noise(uint64_t seed, const std::vector<int64_t>& shape) {
-  std::mt19937_64 gen(seed);
-  std::normal_distribution<float> normal(0.0f, 1.0f);
-  int64_t n = 1;
-  for (int64_t d : shape) n *= d;
-  std::vector<float> v(static_cast<size_t>(n));
-  for (float& x : v) x = normal(gen);
-  return rstr::Tensor::float32(shape, std::move(v));
-}
-
 void require_pixels(const rstr::Decoder& d) {
   if (d.kind != rstr::DecoderKind::Pixels)
     throw UsageError("--png needs a bundle whose decoder is \"pixels\"; this one returns latents only (decode them yourself)");
@@ -199,8 +209,10 @@ void write_png(const std::string& path, const rstr::Tensor& x, const rstr::Decod
   image.width = static_cast<png_uint_32>(width);
   image.height = static_cast<png_uint_32>(height);
   image.format = C == 1 ? PNG_FORMAT_GRAY : PNG_FORMAT_RGB;
-  if (!png_image_write_to_file(&image, path.c_str(), 0, pixels.data(), 0, nullptr))
-    throw rstr::Error("cannot write " + path + ": " + image.message);
+  rstr::io::write_atomically(path, [&](std::FILE* out) {
+    if (!png_image_write_to_stdio(&image, out, 0, pixels.data(), 0, nullptr))
+      throw rstr::Error("cannot write " + path + ": " + image.message);
+  });
 }
 
 int run(const Args& a) {
@@ -213,7 +225,7 @@ int run(const Args& a) {
   else if (!a.cond.empty()) cond = load_named("--cond", a.cond, m);
   else if (!m.conditioning.empty()) throw UsageError("this bundle needs conditioning: give --class or --cond");
 
-  rstr::Tensor noise = a.seed ? seeded_noise(*a.seed, m.sample.shape) : rstr::npy::read(a.noise);
+  rstr::Tensor noise = a.seed ? rstr::seeded_noise(*a.seed, m.sample.shape) : rstr::npy::read(a.noise);
 
   const auto start = std::chrono::steady_clock::now();
   rstr::Runner runner(bundle, a.backend, a.options);
