@@ -42,7 +42,7 @@ import hashlib
 import logging
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
 import numpy as np
 import onnx
@@ -69,9 +69,11 @@ CALIBRATION_IMAGES = 64  # images whose per-step denoiser inputs calibrate the s
 WEIGHTED_OPS = ("MatMul", "Gemm")
 
 
-def check_precision(precision: str) -> None:
+def check_precision(precision: str) -> Precision:
+    """``precision`` when it is one rstr converts to; else one error line."""
     if precision not in PRECISIONS:
         raise RstrError(f"--precision {precision!r} is not one of {', '.join(PRECISIONS)} (or auto)")
+    return cast(Precision, precision)
 
 
 # ---------------------------------------------------------------------- layer selection

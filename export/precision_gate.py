@@ -98,7 +98,7 @@ def choose_precision(
     if requested == "fp32":
         return PrecisionRecord("fp32", "fp32", Gate("precision", "fp32 requested (--precision fp32)"))
     explicit = requested != "auto"
-    tried = requested if explicit else candidate
+    tried = check_precision(requested if explicit else candidate)
     if not explicit and family.quality != "digits":
         return PrecisionRecord(
             "auto",

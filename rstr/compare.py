@@ -130,8 +130,9 @@ def score_bundle(
         if n not in runners:
             runners[n] = OnnxRuntimeRunner(bundle.with_batch(n), device="cpu")
             runners[n].activate()
-        to_np = lambda d: None if d is None else {k: v.cpu().numpy() for k, v in d.items()}  # noqa: E731
-        return torch.from_numpy(runners[n].infer(np.ascontiguousarray(noise.cpu().numpy()), to_np(cond), to_np(uncond)))
+        cond_np = {k: v.cpu().numpy() for k, v in cond.items()}
+        uncond_np = None if uncond is None else {k: v.cpu().numpy() for k, v in uncond.items()}
+        return torch.from_numpy(runners[n].infer(np.ascontiguousarray(noise.cpu().numpy()), cond_np, uncond_np))
 
     try:
         r = evaluate(family, schedule, num=num, groups=groups, seed_start=seed_start, progress=False, generate=generate)
