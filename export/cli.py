@@ -23,6 +23,7 @@ from rstr.errors import RstrError
 
 app = typer.Typer(
     name="rstr-export",
+    rich_markup_mode="markdown",
     help=__doc__.split("\n\n")[0].split(": ", 1)[1],
     no_args_is_help=True,
     add_completion=False,
@@ -95,9 +96,15 @@ def build(
     Stage-1 searches a schedule within --budget; a schedule gate checks it against the stock model's
     constant CFG on gate seeds (falling back to the search's best baselines if it loses); Stage-2
     calibrates a LoRA only where that can help (adapter gate); then export, reduced precision where
-    the precision gate keeps it (--precision), verification against PyTorch, and a report comparing the bundle with the stock model on held-out seeds (paired per
-    group) and its speed.  Examples: `rstr-export build` | `rstr-export build --schedule s.json
-    --adapter calib/ --out b/` | `rstr-export build --require-better --quiet`
+    the precision gate keeps it (--precision), verification against PyTorch, and a report comparing
+    the bundle with the stock model on held-out seeds (paired per group) and its speed.
+
+    Examples:
+
+    * `rstr-export build`: the whole job on the reference model
+    * `rstr-export build --model digits-flux --out flux-bundle`: another model
+    * `rstr-export build --schedule s.json --adapter calib/ --out b/`: your own Stage-1/Stage-2 results
+    * `rstr-export build --require-better --quiet`: for CI, exit 1 unless the bundle beats the stock model
     """
     from rstr._cli import set_threads, setup_output
     from rstr._options import check_device
