@@ -404,6 +404,7 @@ class Manifest:
     verification: VerificationRecord | None = None
     summary: Mapping[str, Any] | None = None  # the build's measurements, free-form (report.md)
     files: Mapping[str, FileEntry] = field(default_factory=dict)
+    precision: str = "fp32"  # the denoiser's block Linear layers after export: fp32, bf16, int8, int8-dynamic
 
     @property
     def batch(self) -> int:
@@ -424,6 +425,7 @@ class Manifest:
             "family": self.family,
             "batch": self.batch,
             "dtype": self.dtype,
+            "precision": self.precision,
             "sample": self.sample.to_json(),
             "graphs": {k: g.to_json() for k, g in self.graphs.items()},
             "conditioning": self.conditioning.to_json(),
@@ -465,6 +467,7 @@ class Manifest:
         return cls(
             family=data["family"],
             dtype=data["dtype"],
+            precision=data.get("precision", "fp32"),
             sample=TensorDesc.from_json(data["sample"]),
             graphs={k: Graph.from_json(g) for k, g in data["graphs"].items()},
             conditioning=Conditioning.from_json(data["conditioning"]),

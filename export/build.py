@@ -36,6 +36,8 @@ from rstr.export.decoder import decoder_graph, decoder_section, export_vae_decod
 from rstr.export.graphs import export_denoiser, export_steps, graph_description
 from rstr.export.measure import REPORT_GROUPS, REPORT_NUM, measure_quality, measure_speed
 from rstr.export.plan import build_plan
+from rstr.export.precision import check_precision
+from rstr.export.precision_gate import candidate_for, choose_precision
 from rstr.export.stages import gate_schedule, run_stage1, run_stage2
 from rstr.export.text import export_text_encoders, text_graphs, text_section
 from rstr.export.verify import Verification, check_bundle, reference_run, rel
@@ -69,6 +71,7 @@ class BuildOptions:
     seed: int = 0
     measure: bool = True
     require_better: bool = False
+    precision: str = "auto"  # auto | fp32 | bf16 | int8 | int8-dynamic (rstr.export.precision)
     prompts: Path | None = None
     device: str = "cpu"  # where the PyTorch stages and the quality measurement run
     height: int | None = None  # output size and prompt tokens; None: the model's (rstr.families.size)
@@ -150,6 +153,11 @@ def move_weights(family: Family, device: str) -> None:
             module.to(device)
 
 
+def torch_runs_after_verification(family: Family, opts: BuildOptions) -> bool:
+    """Whether the precision gate or the quality measurement still runs the PyTorch model after verification."""
+    return family.quality == "digits" or (opts.dtype == "fp32" and opts.precision not in ("auto", "fp32"))
+
+
 def build_engines_if_usable(root: Path, manifest: Manifest, opts: BuildOptions) -> list[Engine]:
     """TensorRT engines when asked for (or ``auto`` and usable); ``[]`` means ONNX Runtime only."""
     if opts.backend == "onnxruntime":
@@ -163,6 +171,20 @@ def build_engines_if_usable(root: Path, manifest: Manifest, opts: BuildOptions) 
             raise
         log.info(f"TensorRT not used: {escape(str(why))}; the bundle runs on ONNX Runtime")
         return []
+
+
+def tensorrt_targeted(backend: str) -> bool:
+    """Whether the build makes TensorRT engines: asked for, or ``auto`` with TensorRT and a GPU here."""
+    if backend != "auto":
+        return backend == "tensorrt"
+    from rstr.engines.tensorrt.cuda import gpu, load_tensorrt
+
+    try:
+        load_tensorrt()
+        gpu(0)
+    except BackendUnavailable:
+        return False
+    return True
 
 
 # ------------------------------------------------------------------------------- build
@@ -186,6 +208,12 @@ def build(opts: BuildOptions) -> BuildResult:
         build_plan(family, GuidanceSchedule.load(opts.schedule), opts.batch)  # refuse a misfit before any work
     if opts.require_better and family.quality != "digits":
         raise RstrError("--require-better needs a model with a quality measure here (a digits classifier); drop it")
+    if opts.precision != "auto":
+        check_precision(opts.precision)
+    if opts.precision not in ("auto", "fp32") and opts.dtype != "fp32":
+        raise RstrError(
+            f"--precision {opts.precision} converts an fp32 export; drop --dtype {opts.dtype} (or use --precision fp32)"
+        )
 
     with atomic_dir(opts.out, force=opts.force) as root:
         stages = root / "stages"
@@ -251,16 +279,30 @@ def build(opts: BuildOptions) -> BuildResult:
         log.info("verifying the bundle against PyTorch (ONNX Runtime, CPU): the PyTorch side first")
         bundle = Bundle.open(root)
         reference = reference_run(family, schedule, opts.batch)
+        large = weight_bytes(family.transformer) > LARGE_MODEL_BYTES
+        if large and not torch_runs_after_verification(family, opts):
+            move_weights(family, "meta")  # free the PyTorch weights before ONNX Runtime loads the graphs
+        check = check_dtype_runs(opts.dtype, lambda: check_bundle(bundle, reference))
+        if opts.dtype == "fp32":
+            candidate = candidate_for(opts.backend, tensorrt_targeted(opts.backend))
+            record = choose_precision(family, schedule, bundle, opts.precision, candidate, stages, opts.measure)
+            gates["precision"] = record.to_json()
+            if record.shipped != "fp32":
+                manifest = write_manifest(root, replace(manifest, precision=record.shipped))
+                bundle = Bundle.open(root)
+                check = check_bundle(bundle, reference)
         summary: dict = {
             "schedule": schedule.describe(),
             "compute_fraction": schedule.compute_fraction,
             "compute_saved": 1 - schedule.compute_fraction,
+            "max_rel_error": check.max_rel_error,
+            "precision": manifest.precision,
             "gates": gates,
         }
         if opts.measure or opts.require_better:
             log.info(f"measuring quality against the stock model ({REPORT_GROUPS} x {REPORT_NUM} held-out seeds, paired)")
             family.transformer.to(opts.device)
-            quality = measure_quality(family, schedule)
+            quality = measure_quality(family, schedule, bundle if manifest.precision != "fp32" else None)
             family.transformer.to("cpu")  # the speed measurement compares PyTorch and ONNX Runtime on the CPU
             summary["quality"] = None if quality is None else quality.to_json()
             if opts.require_better and (quality is None or quality.verdict != "better"):
@@ -268,7 +310,6 @@ def build(opts: BuildOptions) -> BuildResult:
                     f"--require-better: the bundle does not beat the stock model on every held-out group "
                     f"({quality.describe() if quality else 'no quality measure'})"
                 )
-        large = weight_bytes(family.transformer) > LARGE_MODEL_BYTES
         if large:
             if opts.measure:
                 summary["speed"] = None
@@ -277,8 +318,6 @@ def build(opts: BuildOptions) -> BuildResult:
                     f"twice (PyTorch and the bundle side by side); time it with tools/bench.py"
                 )
             move_weights(family, "meta")  # from here on only ONNX Runtime runs
-        check = check_dtype_runs(opts.dtype, lambda: check_bundle(bundle, reference))
-        summary["max_rel_error"] = check.max_rel_error
         manifest = replace(manifest, verification=VerificationRecord.from_json(check.to_json()))
         manifest = replace(manifest, engines=tuple(build_engines_if_usable(root, manifest, opts)))
         if opts.measure and not large:

@@ -23,6 +23,7 @@ from rstr.errors import RstrError
 
 app = typer.Typer(
     name="rstr-export",
+    rich_markup_mode="markdown",
     help=__doc__.split("\n\n")[0].split(": ", 1)[1],
     no_args_is_help=True,
     add_completion=False,
@@ -51,6 +52,15 @@ def build(
         str, typer.Option(help="auto (TensorRT when usable, else ONNX Runtime) | tensorrt | onnxruntime.")
     ] = "auto",
     dtype: Annotated[str, typer.Option(help="Precision inside the denoiser graph: fp32 | fp16 | bf16.")] = "fp32",
+    precision: Annotated[
+        str,
+        typer.Option(
+            help="The denoiser's transformer-block layers after export: auto (try int8-dynamic on ONNX Runtime CPU, bf16 "
+            "where TensorRT engines are built; keep it only if the precision gate finds it no worse and faster) | fp32 | "
+            "bf16 (GPU backends) | int8 (static, calibrated; ONNX Runtime CPU and TensorRT) | int8-dynamic (ONNX Runtime). "
+            "An explicit value ships whatever the gate finds, and the report says what it cost."
+        ),
+    ] = "auto",
     device: Annotated[
         str,
         typer.Option(
@@ -101,10 +111,16 @@ def build(
 
     Stage-1 searches a schedule within --budget; a schedule gate checks it against the stock model's
     constant CFG on gate seeds (falling back to the search's best baselines if it loses); Stage-2
-    calibrates a LoRA only where that can help (adapter gate); then export, verification against
-    PyTorch, and a report comparing the bundle with the stock model on held-out seeds (paired per
-    group) and its speed.  Examples: `rstr-export build` | `rstr-export build --schedule s.json
-    --adapter calib/ --out b/` | `rstr-export build --require-better --quiet`
+    calibrates a LoRA only where that can help (adapter gate); then export, reduced precision where
+    the precision gate keeps it (--precision), verification against PyTorch, and a report comparing
+    the bundle with the stock model on held-out seeds (paired per group) and its speed.
+
+    Examples:
+
+    * `rstr-export build`: the whole job on the reference model
+    * `rstr-export build --model digits-flux --out flux-bundle`: another model
+    * `rstr-export build --schedule s.json --adapter calib/ --out b/`: your own Stage-1/Stage-2 results
+    * `rstr-export build --require-better --quiet`: for CI, exit 1 unless the bundle beats the stock model
     """
     from rstr._cli import set_threads, setup_output
     from rstr._options import check_device
@@ -134,6 +150,7 @@ def build(
             seed,
             measure,
             require_better,
+            precision=precision,
             device=device,
             height=height,
             width=width,
@@ -150,6 +167,7 @@ def build(
     table.add_row("schedule", s["schedule"])
     table.add_row("compute saved vs constant CFG", f"{s['compute_saved']:.0%}")
     table.add_row("bundle vs PyTorch (max rel. error)", f"{s['max_rel_error']:.1e}")
+    table.add_row("precision", result.manifest.precision)
     for gate in s["gates"].values():
         table.add_row(f"{gate['name']} gate", gate["decision"])
     q = s.get("quality")

@@ -2,14 +2,18 @@
 
 The bundle runs through ONNX Runtime on the CPU; the reference is :func:`rstr.sampler.sample`
 on the (merged) PyTorch model, in the dtype the graph computes in, with the bundle's own
-schedule.  fp32 bundles must agree to 1e-4 relative on the final latents; on failure the
-per-step table says where they diverge.  The reference is computed first
+schedule.  fp32 bundles must agree to 1e-4 relative on the final latents, reduced-precision
+ones (:mod:`rstr.export.precision`) to their own tolerance (:data:`PRECISION_TOLERANCE`,
+docs/bundle.md: it catches a wrong graph, not the quality loss, which the precision gate
+measures); on failure the per-step table says where they diverge.  The decoder and text
+encoder graphs are checked on their own.  The reference is computed first
 (:func:`reference_run`), so that a build can free the PyTorch weights before ONNX Runtime
 loads the graphs (:func:`check_bundle`).
 """
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +31,14 @@ from rstr.sampler import sample
 from rstr.schedule import GuidanceSchedule
 
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 5e-2}
+# Reduced-precision denoisers (rstr.export.precision), by manifest.precision: measured errors and margins in docs/bundle.md.
+PRECISION_TOLERANCE = {"bf16": 5e-2, "int8": 2.5e-1, "int8-dynamic": 1e-1}
+
+
+def tolerance(bundle: Bundle) -> float:
+    """The verification tolerance of a bundle: by its precision when reduced after export, else by its export dtype."""
+    p = bundle.manifest.precision
+    return PRECISION_TOLERANCE[p] if p != "fp32" else TOLERANCE[bundle.manifest.dtype]
 
 
 class VerificationError(RstrError):
@@ -170,8 +182,13 @@ def reference_run(family: Family, schedule: GuidanceSchedule, batch: int, *, see
 def check_bundle(bundle: Bundle, ref: Reference, *, raise_on_failure: bool = True) -> Verification:
     """Run the bundle (ONNX Runtime, CPU) from the reference's noise and conditioning; compare."""
     trace: list[np.ndarray] = []
-    with OnnxRuntimeRunner(bundle, device="cpu") as runner:
-        got = runner.infer(ref.noise, ref.cond, ref.uncond, trace=trace)
+    with tempfile.TemporaryDirectory(prefix="rstr-verify-") as tmp:
+        from rstr.export.precision import cpu_checkable
+
+        checked = cpu_checkable(bundle, Path(tmp))  # a bf16 graph runs emulated: ONNX Runtime CPU has no bf16 kernels
+        with OnnxRuntimeRunner(checked, device="cpu") as runner:
+            got = runner.infer(ref.noise, ref.cond, ref.uncond, trace=trace)
+        backend = runner.backend + (" (bf16 emulated)" if checked is not bundle else "")
     per_step = [rel(x, y) for x, y in zip(trace, ref.trace)]
     graphs: dict[str, float] = {}
     decoder = bundle.decoder
@@ -179,7 +196,7 @@ def check_bundle(bundle: Bundle, ref: Reference, *, raise_on_failure: bool = Tru
         graphs[decoder.graph] = rel(run_graph(bundle, decoder.graph, {"latents": ref.latents})[0], ref.images)
     for name, (tokens, expected) in ref.text.items():
         graphs[name] = rel(run_graph(bundle, name, tokens)[0], expected)
-    result = Verification(rel(got, ref.latents), TOLERANCE[bundle.manifest.dtype], per_step, runner.backend, graphs)
+    result = Verification(rel(got, ref.latents), tolerance(bundle), per_step, backend, graphs)
     if raise_on_failure and not result.passed:
         if result.max_rel_error <= result.tolerance:
             name, err = max(graphs.items(), key=lambda kv: kv[1])
