@@ -114,11 +114,19 @@ def _load_scheduler(directory: Path, family: type[Family]):
         raise ModelError(f"{config_path}: cannot build the scheduler ({err})") from None
 
 
-def _load_vae(directory: Path, family: type[Family], dtype: torch.dtype, variant: str | None) -> torch.nn.Module:
-    """The pipeline's VAE (``family.vae_class``) in ``dtype``; a broken config or weights is one ModelError line."""
+def _load_vae(directory: Path, family: type[Family], dtype: torch.dtype, variant: str | None) -> torch.nn.Module | None:
+    """The pipeline's VAE (``family.vae_class``) in ``dtype``; a broken config or weights is one ModelError line.
+
+    None for the :class:`~rstr.diffusers.PixelDecoder` that ``rstr export-diffusers`` writes for pixel
+    models: their latents are the image (``rstr.json``'s ``image``), nothing to decode.
+    """
     import diffusers
 
+    from rstr.diffusers.export import PixelDecoder
+
     config = _read_json(directory / "config.json") if (directory / "config.json").is_file() else {}
+    if config.get("_class_name") == PixelDecoder.__name__:
+        return None
     if config.get("_class_name") != family.vae_class:
         raise ModelError(
             f"{directory}/config.json: VAE class {config.get('_class_name')!r} is not the {family.name} family's "
