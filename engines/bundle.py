@@ -34,6 +34,19 @@ def safe_member(root: Path, name: str) -> Path:
     return root / Path(*p.parts)
 
 
+def _check_history(manifest: Manifest, mpath: Path) -> None:
+    """The step graphs carry the history the plan's updates read: ``history [batch, k, 2, ...]`` for k past steps."""
+    k = manifest.plan.history
+    for name in ("step_guided", "step_single"):
+        desc = {d.name: d for d in manifest.graphs[name].inputs}.get("history")
+        depth = 0 if desc is None or len(desc.shape) < 2 else desc.shape[1]
+        if depth != k:
+            raise BundleError(
+                f"{mpath}: the plan's updates use {k} past step(s) but graph {name} carries a history of {depth}; "
+                "rebuild the bundle"
+            )
+
+
 @dataclass(frozen=True)
 class Bundle:
     """A checked bundle directory and its manifest."""
@@ -67,6 +80,7 @@ class Bundle:
         for graph in manifest.graphs.values():
             if graph.file not in manifest.files:
                 raise BundleError(f"{mpath}: graph file {graph.file} is not listed in 'files'")
+        _check_history(manifest, mpath)
         return cls(root, manifest)
 
     def with_batch(self, batch: int) -> Bundle:
