@@ -130,6 +130,17 @@ std::vector<int64_t> resolve(const Field& where, std::vector<int64_t> shape, int
 
 float as_float(const Field& f) { return static_cast<float>(f.number()); }
 
+/// A plan coefficient: one number, or [current, previous, ...] for a multistep update.
+void parse_coefficients(const Field& f, float& current, std::vector<float>& past) {
+  if (!f.raw().is_array()) {
+    current = as_float(f);
+    return;
+  }
+  if (f.size() == 0) f.fail("is empty; give one number or [current, previous, ...]");
+  current = as_float(f.item(0));
+  for (size_t i = 1; i < f.size(); ++i) past.push_back(as_float(f.item(i)));
+}
+
 Manifest parse_manifest(const json& root, const std::string& bundle) {
   Field m(root, "", bundle);
   if (!root.is_object()) m.fail("must hold a JSON object");
@@ -210,8 +221,9 @@ Manifest parse_manifest(const json& root, const std::string& bundle) {
     step.model_timestep = as_float(s.at("model_timestep"));
     step.kind = s.at("guided").boolean() ? StepKind::Guided : StepKind::Single;
     if (step.kind == StepKind::Guided) step.scale = as_float(s.at("scale"));
-    step.coef_sample = as_float(s.at("coef_sample"));
-    step.coef_eps = as_float(s.at("coef_eps"));
+    parse_coefficients(s.at("coef_sample"), step.coef_sample, step.past_sample);
+    parse_coefficients(s.at("coef_eps"), step.coef_eps, step.past_eps);
+    man.plan.history = std::max(man.plan.history, static_cast<int>(std::max(step.past_sample.size(), step.past_eps.size())));
     if (s.has("batch")) {
       const int64_t rows = step.kind == StepKind::Guided ? 2 * man.batch : man.batch;
       if (s.at("batch").integer() != rows)
@@ -220,6 +232,16 @@ Manifest parse_manifest(const json& root, const std::string& bundle) {
                            std::to_string(rows) + " rows");
     }
     man.plan.steps.push_back(step);
+  }
+  // The step graphs carry the history the updates read: history [batch, k, 2, ...] in, next_history out.
+  for (const char* name : {"step_guided", "step_single"}) {
+    const GraphInfo& g = std::string(name) == "step_guided" ? man.step_guided : man.step_single;
+    const TensorInfo* h = g.find_input("history");
+    const int64_t depth = h != nullptr && h->shape.size() >= 2 ? h->shape[1] : 0;
+    if (depth != man.plan.history)
+      graphs.at(name).fail("carries a history of " + std::to_string(depth) + " step(s) but the plan's updates use " +
+                           std::to_string(man.plan.history) + "; rebuild the bundle");
+    if (depth > 0 && !g.find_output("next_history")) graphs.at(name).fail("has no output 'next_history'");
   }
 
   // Decoder.
@@ -392,6 +414,18 @@ const EngineEntry* Manifest::find_engine(const std::string& graph) const {
     if (e.graph == graph) return &e;
   return nullptr;
 }
+
+namespace {
+std::vector<float> padded(float current, const std::vector<float>& past, int history) {
+  std::vector<float> out{current};
+  out.insert(out.end(), past.begin(), past.end());
+  out.resize(static_cast<size_t>(history) + 1, 0.0f);
+  return out;
+}
+}  // namespace
+
+std::vector<float> Step::sample_coefficients(int history) const { return padded(coef_sample, past_sample, history); }
+std::vector<float> Step::eps_coefficients(int history) const { return padded(coef_eps, past_eps, history); }
 
 int Plan::num_guided() const {
   int n = 0;
