@@ -101,33 +101,18 @@ def test_plan_carries_the_history_the_scheduler_uses(bundles, name):
 @pytest.mark.parametrize("name", ["dpm-cfg", "unipc-cond-only"])  # the stock pipeline runs constant CFG (or none)
 def test_bundle_equals_the_stock_pipeline(bundles, name):
     """The bundle (ONNX Runtime) from the stock pipeline's noise gives the stock PixArtAlphaPipeline's latents."""
-    from diffusers import PixArtAlphaPipeline
-    from test_parity import _tiny_vae
+    from test_parity import stock_pixart_latents
 
     path = bundles(name)
     scheduler, guided = CASES[name]
     family = tiny_pixart()
     cond, uncond, noise = _inputs(family)
-    pipe = PixArtAlphaPipeline(
-        tokenizer=None, text_encoder=None, vae=_tiny_vae(), transformer=family.transformer, scheduler=_scheduler(scheduler)
-    )
-    expected = pipe(
-        negative_prompt=None,
-        prompt_embeds=torch.from_numpy(cond["encoder_hidden_states"]),
-        prompt_attention_mask=torch.from_numpy(cond["encoder_attention_mask"]),
-        negative_prompt_embeds=torch.from_numpy(uncond["encoder_hidden_states"]),
-        negative_prompt_attention_mask=torch.from_numpy(uncond["encoder_attention_mask"]),
-        guidance_scale=SCALE if all(guided) else 1.0,
-        num_inference_steps=STEPS,
-        generator=torch.Generator().manual_seed(0),
-        output_type="latent",
-        use_resolution_binning=False,
-        height=8,
-        width=8,
-    ).images.numpy()
+    to_t = lambda d: {k: torch.from_numpy(v) for k, v in d.items()}  # noqa: E731
+    scale = SCALE if all(guided) else 1.0
+    expected = stock_pixart_latents(family, to_t(cond), to_t(uncond), scale=scale, steps=STEPS, scheduler=_scheduler(scheduler))
     with OnnxRuntimeRunner(Bundle.open(path)) as runner:
         got = runner.infer(noise, cond, uncond)
-    assert _rel(got, expected) <= 1e-4
+    assert _rel(got, expected.numpy()) <= 1e-4
 
 
 @pytest.mark.cpp

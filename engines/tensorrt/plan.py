@@ -328,17 +328,12 @@ def plan_bindings(bundle: Bundle, entries: dict[str, Engine] | None = None) -> l
         )
         return paths[kind]
 
-    return [
-        StepBinding(
-            i,
-            path("guided" if s.guided else "single"),
-            float(s.model_timestep),
-            s.scale,
-            *(tuple(float(c) for c in coefs) for coefs in s.coefficients(history)),
-            i * layout.size,
-        )
-        for i, s in enumerate(bundle.steps)
-    ]
+    def binding(i: int, s: Step) -> StepBinding:
+        coef_sample, coef_eps = s.coefficients(history)
+        kind = "guided" if s.guided else "single"
+        return StepBinding(i, path(kind), float(s.model_timestep), s.scale, tuple(coef_sample), tuple(coef_eps), i * layout.size)
+
+    return [binding(i, s) for i, s in enumerate(bundle.steps)]
 
 
 @dataclass(frozen=True)
