@@ -1,50 +1,33 @@
-"""Open and check a bundle: its manifest (typed, schema-validated), safe file paths, sha256 of every file.
+"""Open and check a bundle: its manifest (typed, schema-validated), its files and its graphs.
 
-This is the only reader of ``manifest.json`` on the Python side (:class:`rstr.engines.manifest.Manifest`
-parses it); the C++ runtime validates against the same schema and applies the same checks
-(docs/bundle.md).
+This is the only reader of ``manifest.json`` on the Python side: :meth:`Bundle.open` reads it
+strictly (:func:`rstr._io.read_json`), :class:`rstr.engines.manifest.Manifest` validates it, and
+:mod:`rstr.engines.validate` checks every listed file (plain files inside the bundle, sizes,
+sha256) and every graph file against the manifest.  The C++ runtime applies the same checks
+in the same order (docs/bundle.md).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from rstr.engines.manifest import Decoder, Engine, Manifest, Plan, Step, TensorDesc
+from rstr.engines.validate import GRAPHS, entry_problem, file_problems, graph_file_problem, sha256_file
 
+from rstr._io import read_json
 from rstr.errors import BundleError
 
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+__all__ = ["Bundle", "safe_member", "sha256_file"]
 
 
 def safe_member(root: Path, name: str) -> Path:
-    """Resolve a manifest file entry inside ``root``; refuse absolute paths and ``..``."""
-    p = PurePosixPath(name)
-    if p.is_absolute() or ".." in p.parts or not p.parts or "\\" in name:
-        raise BundleError(f"manifest file entry {name!r} points outside the bundle; entries must be relative paths inside it")
-    return root / Path(*p.parts)
-
-
-def _check_history(manifest: Manifest, mpath: Path) -> None:
-    """The step graphs carry the history the plan's updates read: ``history [batch, k, 2, ...]`` for k past steps."""
-    k = manifest.plan.history
-    for name in ("step_guided", "step_single"):
-        desc = {d.name: d for d in manifest.graphs[name].inputs}.get("history")
-        depth = 0 if desc is None or len(desc.shape) < 2 else desc.shape[1]
-        if depth != k:
-            raise BundleError(
-                f"{mpath}: the plan's updates use {k} past step(s) but graph {name} carries a history of {depth}; "
-                "rebuild the bundle"
-            )
+    """``root / name`` for a plain relative path ``name``; refuse absolute paths, ``..`` and odd components."""
+    problem = entry_problem(name)
+    if problem is not None:
+        raise BundleError(problem)
+    return root.joinpath(*name.split("/"))
 
 
 @dataclass(frozen=True)
@@ -56,32 +39,33 @@ class Bundle:
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], verify_checksums: bool = True) -> Bundle:
+        """Read and check the bundle at ``path``: one :class:`BundleError` line on the first problem found
+        (every file problem at once); ``verify_checksums=False`` skips sizes and sha256 (for the builder)."""
         root = Path(path)
         if not root.is_dir():
             raise BundleError(
                 f"bundle {root} does not exist or is not a directory; build one with `rstr-export build --out {root}`"
             )
         mpath = root / "manifest.json"
+        if mpath.is_symlink():
+            raise BundleError(f"bundle {root}: manifest.json is a symbolic link; bundles hold plain files")
         if not mpath.is_file():
             raise BundleError(f"{root} has no manifest.json; it is not a complete bundle (rebuild it)")
-        try:
-            data = json.loads(mpath.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise BundleError(f"{mpath} is not valid JSON ({err})") from None
-        manifest = Manifest.from_json(data, source=str(mpath))
-        if not manifest.files:
-            raise BundleError(f"{mpath}: 'files' must list every file with its sha256")
-        for name, entry in manifest.files.items():
-            member = safe_member(root, name)
-            if not member.is_file():
-                raise BundleError(f"bundle file {name} is missing from {root}; rebuild the bundle")
-            if verify_checksums and sha256_file(member) != entry.sha256.lower():
-                raise BundleError(f"bundle file {name} fails its sha256 check (corrupt or modified); rebuild the bundle")
-        for graph in manifest.graphs.values():
-            if graph.file not in manifest.files:
-                raise BundleError(f"{mpath}: graph file {graph.file} is not listed in 'files'")
-        _check_history(manifest, mpath)
+        manifest = Manifest.from_json(read_json(mpath, BundleError), source=str(mpath))
+        problems = file_problems(root, manifest.files, verify_checksums)
+        if problems:
+            raise BundleError(f"bundle {root}: {'; '.join(problems)}")
+        for name in GRAPHS:
+            problem = graph_file_problem(root, name, manifest.graphs[name], manifest.files, manifest.batch)
+            if problem is not None:
+                raise BundleError(f"bundle {root}: {problem}")
         return cls(root, manifest)
+
+    def member(self, name: str) -> Path:
+        """The path of ``name`` if the manifest lists it (checked, hashed and free of links at open)."""
+        if name not in self.manifest.files:
+            raise BundleError(f"bundle {self.root}: '{name}' is not listed in its manifest's files; rebuild the bundle")
+        return safe_member(self.root, name)
 
     def with_batch(self, batch: int) -> Bundle:
         """The same bundle walked at another batch: the same graph files (their batch axis is dynamic), the plan
@@ -110,20 +94,13 @@ class Bundle:
         return self.manifest.decoder
 
     def graph_path(self, name: str) -> Path:
-        return safe_member(self.root, self.manifest.graphs[name].file)
+        return self.member(self.manifest.graphs[name].file)
 
     def graph_inputs(self, name: str) -> list[TensorDesc]:
         return list(self.manifest.graphs[name].inputs)
 
     def graph_outputs(self, name: str) -> list[TensorDesc]:
-        """The graph's outputs; a manifest that omits them gets them from the contract (``[batch, ...]`` like the sample)."""
-        descs = self.manifest.graphs[name].outputs
-        if descs:
-            return list(descs)
-        sample = self.batched_sample
-        if name == "denoiser":
-            return [TensorDesc("model_output", sample.dtype, sample.shape)]
-        return [TensorDesc("next_sample", sample.dtype, sample.shape), TensorDesc("next_sample_pair", sample.dtype, sample.shape)]
+        return list(self.manifest.graphs[name].outputs)
 
     @property
     def sample(self) -> TensorDesc:

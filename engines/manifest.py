@@ -3,8 +3,8 @@
 Frozen dataclasses, each with ``to_json()`` and ``from_json()``, for every section of
 ``manifest.json`` (docs/bundle.md).  :meth:`Manifest.from_json` checks the format and version,
 then validates the document against ``schemas/bundle.schema.json`` (the file the C++ runtime
-embeds) before it reads any value, then the few rules a schema cannot state (step rows, step
-counts, a rule for every conditioning input).  Every problem is one :class:`BundleError` line.
+embeds) before it reads any value, then the rules a schema cannot state
+(:func:`rstr.engines.validate.document_problem`).  Every problem is one :class:`BundleError` line.
 
 The plan's batch rule, *a guided step runs 2B denoiser rows ([cond; uncond]), an unguided step
 B*, is written once, in :meth:`Plan.rows`.  Torch-free, like all of ``rstr.engines``.
@@ -18,12 +18,14 @@ from typing import Any
 
 import numpy as np
 from rstr.engines import schema
+from rstr.engines.validate import document_problem
 
 from rstr.errors import BundleError
 
 FORMAT = "rstr.bundle"
 VERSION = 1
-DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
+DTYPES = {"float32": np.float32, "int64": np.int64}
+_MISSING = object()
 REQUIRED = "required"  # conditioning.unconditional: the caller passes this input's unconditional rows
 
 
@@ -39,8 +41,9 @@ class TensorDesc:
     dtype: str
     shape: tuple[int | str, ...]
 
-    def concrete(self, batch: int) -> tuple[int, ...]:
-        return tuple(batch if d == "batch" else int(d) for d in self.shape)
+    def concrete(self, rows: int) -> tuple[int, ...]:
+        """The shape with its symbolic axis 0 (``"batch"``, ``"batch2"``) resolved to ``rows``."""
+        return tuple(rows if isinstance(d, str) else int(d) for d in self.shape)
 
     @property
     def np_dtype(self):
@@ -60,21 +63,18 @@ def _descs(items) -> tuple[TensorDesc, ...]:
 
 @dataclass(frozen=True)
 class Graph:
-    """One ONNX graph of the bundle; ``outputs`` empty when a manifest omits them (the runtime derives them)."""
+    """One ONNX graph of the bundle: its file and the tensors the plan walk binds."""
 
     file: str
     inputs: tuple[TensorDesc, ...]
-    outputs: tuple[TensorDesc, ...] = ()
+    outputs: tuple[TensorDesc, ...]
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"file": self.file, "inputs": [d.to_json() for d in self.inputs]}
-        if self.outputs:
-            out["outputs"] = [d.to_json() for d in self.outputs]
-        return out
+        return {"file": self.file, "inputs": [d.to_json() for d in self.inputs], "outputs": [d.to_json() for d in self.outputs]}
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> Graph:
-        return cls(d["file"], _descs(d["inputs"]), _descs(d.get("outputs", ())))
+        return cls(d["file"], _descs(d["inputs"]), _descs(d["outputs"]))
 
 
 @dataclass(frozen=True)
@@ -194,9 +194,9 @@ class Plan:
         }
 
     @classmethod
-    def from_json(cls, d: Mapping[str, Any], batch: int, source: str = "plan") -> Plan:
-        """Build from a schema-valid ``plan`` section of a bundle of batch ``batch``; check what the schema cannot."""
-        plan = cls(
+    def from_json(cls, d: Mapping[str, Any], batch: int) -> Plan:
+        """Build from the ``plan`` section of a valid manifest of batch ``batch`` (:meth:`Manifest.from_json` checks it)."""
+        return cls(
             batch,
             d["init_noise_sigma"],
             d["default_steps"],
@@ -205,21 +205,6 @@ class Plan:
             d["sampler"],
             tuple(Step.from_json(s) for s in d["steps"]),
         )
-        for i, (raw, step) in enumerate(zip(d["steps"], plan.steps)):
-            at = f"{source}.steps[{i}]"
-            if step.index != i:
-                raise BundleError(f"{at}.index is {step.index}; steps are listed in order from 0")
-            if step.guided and step.scale is None:
-                raise BundleError(f"{at}.scale is null on a guided step; a guided step needs its guidance scale")
-            if raw["batch"] != plan.rows(step.guided):
-                raise BundleError(
-                    f"{at}.batch is {raw['batch']} but {'a guided' if step.guided else 'an unguided'} step runs "
-                    f"{plan.rows(step.guided)} rows at batch {batch}"
-                )
-        for key, value in (("num_steps", plan.num_steps), ("passes_per_image", plan.num_steps + plan.num_guided)):
-            if d[key] != value:
-                raise BundleError(f"{source}.{key} is {d[key]} but the steps give {value}")
-        return plan
 
 
 @dataclass(frozen=True)
@@ -288,7 +273,11 @@ class Engine:
 
 @dataclass(frozen=True)
 class Provenance:
-    """Where the bundle came from; ``versions`` (rstr, torch, onnx, diffusers) sit beside the other fields in the JSON."""
+    """Where the bundle came from; ``versions`` (rstr, torch, onnx, diffusers) sit beside the other fields in the JSON.
+
+    Information, not instructions: ``rstr-export verify`` loads the model at ``model`` only when its
+    files still hash to ``model_sha256``, and the adapter only from inside the bundle.
+    """
 
     model: str
     schedule_sha256: str
@@ -296,13 +285,15 @@ class Provenance:
     adapter_sha256: str | None = None
     created: str | None = None
     versions: Mapping[str, str] = field(default_factory=dict)
+    model_sha256: str | None = None
 
-    _FIELDS = ("model", "schedule_sha256", "adapter", "adapter_sha256", "created")
+    _FIELDS = ("model", "model_sha256", "schedule_sha256", "adapter", "adapter_sha256", "created")
 
     def to_json(self) -> dict[str, Any]:
         out = {
             **self.versions,
             "model": self.model,
+            "model_sha256": self.model_sha256,
             "schedule_sha256": self.schedule_sha256,
             "adapter": self.adapter,
             "adapter_sha256": self.adapter_sha256,
@@ -311,8 +302,15 @@ class Provenance:
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> Provenance:
-        versions = {k: v for k, v in d.items() if k not in cls._FIELDS}
-        return cls(d["model"], d["schedule_sha256"], d.get("adapter"), d.get("adapter_sha256"), d.get("created"), versions)
+        return cls(
+            model=d["model"],
+            schedule_sha256=d["schedule_sha256"],
+            adapter=d.get("adapter"),
+            adapter_sha256=d.get("adapter_sha256"),
+            created=d.get("created"),
+            versions={k: v for k, v in d.items() if k not in cls._FIELDS},
+            model_sha256=d.get("model_sha256"),
+        )
 
 
 @dataclass(frozen=True)
@@ -366,6 +364,7 @@ class Manifest:
     verification: VerificationRecord | None = None
     summary: Mapping[str, Any] | None = None  # the build's measurements, free-form (report.md)
     files: Mapping[str, FileEntry] = field(default_factory=dict)
+    precision: str = "fp32"  # the denoiser's block Linear layers after export: fp32, bf16, int8, int8-dynamic
 
     @property
     def batch(self) -> int:
@@ -386,6 +385,7 @@ class Manifest:
             "family": self.family,
             "batch": self.batch,
             "dtype": self.dtype,
+            "precision": self.precision,
             "sample": self.sample.to_json(),
             "graphs": {k: g.to_json() for k, g in self.graphs.items()},
             "conditioning": self.conditioning.to_json(),
@@ -405,36 +405,31 @@ class Manifest:
     def from_json(cls, data: Any, source: str = "manifest.json") -> Manifest:
         """Check format and version, validate against the bundle schema, then read; one BundleError line on any problem."""
         if not isinstance(data, dict):
-            raise BundleError(f"{source} must hold a JSON object (got {type(data).__name__})")
-        if data.get("format") != FORMAT:
-            raise BundleError(f"{source}: format {data.get('format')!r} is not {FORMAT!r}")
-        if data.get("version") != VERSION:
-            raise BundleError(
-                f"{source}: bundle version {data.get('version')!r} is not supported (this rstr reads version "
-                f"{VERSION}); rebuild the bundle"
-            )
-        problem = schema.check(data, "bundle")
+            raise BundleError(f"{source} must hold a JSON object (got {schema.json_type(data)})")
+        for key, want in (("format", FORMAT), ("version", VERSION)):
+            value = data.get(key, _MISSING)
+            if value is _MISSING:
+                raise BundleError(f"{source}: {key} is missing; this is not an rstr bundle")
+            if isinstance(value, bool) or value != want or type(value) is not type(want):
+                if key == "format":
+                    raise BundleError(f'{source}: format is {schema.dump(value)}, not "{FORMAT}": this is not an rstr bundle')
+                raise BundleError(
+                    f"{source}: version is {schema.dump(value)}; this runtime reads version {VERSION} (rebuild the bundle "
+                    "with a matching rstr-export, or use a matching runtime)"
+                )
+        problem = schema.check(data, "bundle") or document_problem(data)
         if problem is not None:
             raise BundleError(f"{source}: {problem}")
         batch = data["batch"]
-        sample = TensorDesc.from_json(data["sample"])
-        if not sample.shape or sample.shape[0] != batch:
-            raise BundleError(f"{source}: sample.shape {list(sample.shape)} must start with the batch, {batch}")
-        conditioning = Conditioning.from_json(data["conditioning"])
-        missing = [d.name for d in conditioning.inputs if d.name not in conditioning.unconditional]
-        if missing:
-            raise BundleError(
-                f"{source}: conditioning.unconditional has no rule for input {missing[0]!r}; "
-                f'give {{"fill": value}} or "{REQUIRED}"'
-            )
         decoder, verification = data.get("decoder"), data.get("verification")
         return cls(
             family=data["family"],
             dtype=data["dtype"],
-            sample=sample,
+            precision=data.get("precision", "fp32"),
+            sample=TensorDesc.from_json(data["sample"]),
             graphs={k: Graph.from_json(g) for k, g in data["graphs"].items()},
-            conditioning=conditioning,
-            plan=Plan.from_json(data["plan"], batch, source=f"{source}: plan"),
+            conditioning=Conditioning.from_json(data["conditioning"]),
+            plan=Plan.from_json(data["plan"], batch),
             provenance=Provenance.from_json(data["provenance"]),
             decoder=None if decoder is None else Decoder.from_json(decoder),
             engines=tuple(Engine.from_json(e) for e in data.get("engines", ())),

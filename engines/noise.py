@@ -23,6 +23,7 @@ import math
 import os
 
 import numpy as np
+from rstr.engines.base import InputError
 
 from rstr.errors import RstrError
 
@@ -46,9 +47,9 @@ def philox4x32(counters: np.ndarray, key: tuple[int, int], rounds: int = 10) -> 
 
 
 def check_seed(seed: int) -> int:
-    """``seed`` when it is an integer in ``[0, 2^64)``; else :class:`RstrError`."""
+    """``seed`` when it is an integer in ``[0, 2^64)``; else :class:`~rstr.engines.base.InputError`."""
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < SEED_LIMIT:
-        raise RstrError(f"seed {seed!r} must be an integer from 0 to 2^64 - 1")
+        raise InputError(f"seed {seed!r} must be an integer from 0 to 2^64 - 1")
     return int(seed)
 
 
@@ -70,7 +71,7 @@ def standard_normal(seed: int, shape: tuple[int, ...] | list[int]) -> np.ndarray
 
 
 def load_noise(path: str | os.PathLike[str], shape: tuple[int, ...] | list[int]) -> np.ndarray:
-    """Initial noise from a float32 ``.npy`` file of ``shape`` (``--noise``); :class:`RstrError` otherwise."""
+    """Initial noise from a float32 ``.npy`` file of ``shape`` (``--noise``); :class:`~rstr.engines.base.InputError` otherwise."""
     shape = tuple(int(d) for d in shape)
     try:
         noise = np.load(path, allow_pickle=False)

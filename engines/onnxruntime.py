@@ -52,6 +52,11 @@ class OnnxRuntimeRunner(Runner):
             raise BackendUnavailable(
                 "the CUDA execution provider is not available; pip install 'rstr[gpu]' on a machine with an NVIDIA GPU"
             )
+        if device == "cpu" and bundle.manifest.precision == "bf16":
+            raise BackendUnavailable(
+                "this bundle computes in bf16 (precision bf16), which ONNX Runtime's CPU provider cannot run (no bf16 "
+                "MatMul/Gemm kernels); run it with TensorRT or ONNX Runtime CUDA, or rebuild it with --precision fp32 or int8"
+            )
         self.device = device
         self.backend = f"onnxruntime-{device}"
         self.threads = threads or os.cpu_count() or 1

@@ -38,6 +38,7 @@ KEYWORDS = frozenset(
     }
 )
 ANNOTATIONS = frozenset({"$schema", "$id", "$defs", "title", "description"})
+MAX_QUOTED = 60  # characters (code points) of a string value quoted in a message
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -49,9 +50,13 @@ def load(name: str) -> dict[str, Any]:
 
 @cache
 def _validator(name: str):
-    from jsonschema import Draft202012Validator
+    """A draft 2020-12 validator whose ``integer`` is strict: ``1.0`` is a number, not an integer (as in C++)."""
+    from jsonschema import Draft202012Validator, validators
 
-    return Draft202012Validator(load(name))
+    checker = Draft202012Validator.TYPE_CHECKER.redefine(
+        "integer", lambda _, value: isinstance(value, int) and not isinstance(value, bool)
+    )
+    return validators.extend(Draft202012Validator, type_checker=checker)(load(name))
 
 
 @dataclass(frozen=True)
@@ -65,13 +70,36 @@ class Violation:
         return self.problem
 
 
-def check(document: Any, name: str) -> Violation | None:
-    """The violation of schema ``name`` that best explains what is wrong with ``document``, or None."""
-    from jsonschema.exceptions import best_match
+# The order in which the C++ validator tries the keywords at one place in a document.
+_KEYWORD_ORDER = (
+    "type",
+    "enum",
+    "const",
+    "minimum",
+    "maximum",
+    "exclusiveMinimum",
+    "pattern",
+    "minItems",
+    "maxItems",
+    "required",
+    "additionalProperties",
+)
 
-    error = best_match(_validator(name).iter_errors(document))
-    if error is None:
+
+def _reading_order(error) -> tuple:
+    """Where the C++ validator (depth first, object keys in sorted order, a node before its children) meets ``error``."""
+    return tuple(error.absolute_path), _KEYWORD_ORDER.index(error.validator)
+
+
+def check(document: Any, name: str) -> Violation | None:
+    """The first violation of schema ``name`` in ``document`` in the order the C++ validator reads it, or None.
+
+    Both readers thus name the same problem when a document has several.
+    """
+    errors = list(_validator(name).iter_errors(document))
+    if not errors:
         return None
+    error = min(errors, key=_reading_order)
     path = tuple(error.absolute_path)
     return Violation(path, describe(error.validator, error.validator_value, error.instance, error.schema, path))
 
@@ -85,11 +113,12 @@ def where(path: Sequence[str | int]) -> str:
         elif _IDENTIFIER.match(part):
             out += f".{part}" if out else part
         else:
-            out += f"[{json.dumps(part)}]"
+            out += f"[{json.dumps(part, ensure_ascii=False)}]"
     return out
 
 
-def _json_type(value: Any) -> str:
+def json_type(value: Any) -> str:
+    """The JSON type name of a parsed value (``integer`` and ``number`` apart, as JSON Schema names them)."""
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -112,8 +141,13 @@ def _types(types: str | list[str]) -> str:
     return " or ".join(article[t] for t in ([types] if isinstance(types, str) else types))
 
 
-def _dump(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"))
+def dump(value: Any) -> str:
+    """A value in a message: scalars as compact JSON (long strings cut), containers by their type only."""
+    if isinstance(value, (list, dict)):
+        return _types(json_type(value))
+    if isinstance(value, str) and len(value) > MAX_QUOTED:
+        return json.dumps(value[:MAX_QUOTED], ensure_ascii=False) + "..."
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
 def describe(keyword: str, expected: Any, value: Any, schema: dict, path: Sequence[str | int]) -> str:
@@ -121,24 +155,24 @@ def describe(keyword: str, expected: Any, value: Any, schema: dict, path: Sequen
     at = where(path)
     lead = f"{at}: " if at else ""
     if keyword == "type":
-        text = f"{at} must be {_types(expected)} (got {_json_type(value)})"
+        text = f"{at} must be {_types(expected)} (got {json_type(value)})"
     elif keyword == "required":
         text = f"{lead}missing field(s) {', '.join(k for k in expected if k not in value)}"
     elif keyword == "additionalProperties":
         allowed = schema.get("properties", {})
         text = f"{lead}unknown field(s) {', '.join(sorted(k for k in value if k not in allowed))}; allowed: {', '.join(sorted(allowed))}"
     elif keyword == "enum":
-        text = f"{at} is {_dump(value)}; expected one of {', '.join(_dump(v) for v in expected)}"
+        text = f"{at} is {dump(value)}; expected one of {', '.join(dump(v) for v in expected)}"
     elif keyword == "const":
-        text = f"{at} is {_dump(value)}, not {_dump(expected)}"
+        text = f"{at} is {dump(value)}, not {dump(expected)}"
     elif keyword in ("minimum", "maximum", "exclusiveMinimum"):
         bound = {"minimum": "at least", "maximum": "at most", "exclusiveMinimum": "greater than"}[keyword]
-        text = f"{at} is {_dump(value)}; it must be {bound} {_dump(expected)}"
+        text = f"{at} is {dump(value)}; it must be {bound} {dump(expected)}"
     elif keyword in ("minItems", "maxItems"):
         bound = "at least" if keyword == "minItems" else "at most"
         text = f"{at} has {len(value)} item(s); it must have {bound} {expected}"
     elif keyword == "pattern":
-        text = f"{at} is {_dump(value)}; it must match {expected}"
+        text = f"{at} is {dump(value)}; it must match {expected}"
     else:
         raise ValueError(f"schema keyword {keyword!r} is outside the subset rstr's schemas use ({', '.join(sorted(KEYWORDS))})")
     return f"{text} ({schema['description']})" if keyword in ("type", "pattern") and "description" in schema else text

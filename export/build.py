@@ -23,12 +23,14 @@ from rstr.export.bundle import versions, write_manifest
 from rstr.export.graphs import export_denoiser, export_steps, graph_description
 from rstr.export.measure import REPORT_GROUPS, REPORT_NUM, measure_quality, measure_speed
 from rstr.export.plan import build_plan
+from rstr.export.precision import check_precision
+from rstr.export.precision_gate import candidate_for, choose_precision
 from rstr.export.stages import gate_schedule, run_stage1, run_stage2
 from rstr.export.verify import Verification, rel, verify
 
 from rstr._io import atomic_dir
 from rstr.errors import BackendUnavailable, RstrError
-from rstr.families import load_model
+from rstr.families import load_model, model_sha256
 from rstr.families.base import Family
 from rstr.schedule import GuidanceSchedule
 
@@ -51,6 +53,7 @@ class BuildOptions:
     seed: int = 0
     measure: bool = True
     require_better: bool = False
+    precision: str = "auto"  # auto | fp32 | bf16 | int8 | int8-dynamic (rstr.export.precision)
     prompts: Path | None = None
     device: str = "cpu"  # where the PyTorch stages and the quality measurement run
 
@@ -102,6 +105,20 @@ def build_engines_if_usable(root: Path, manifest: Manifest, opts: BuildOptions) 
         return []
 
 
+def tensorrt_targeted(backend: str) -> bool:
+    """Whether the build makes TensorRT engines: asked for, or ``auto`` with TensorRT and a GPU here."""
+    if backend != "auto":
+        return backend == "tensorrt"
+    from rstr.engines.tensorrt.cuda import gpu, load_tensorrt
+
+    try:
+        load_tensorrt()
+        gpu(0)
+    except BackendUnavailable:
+        return False
+    return True
+
+
 # ------------------------------------------------------------------------------- build
 def build(opts: BuildOptions) -> BuildResult:
     """The whole job: stages as needed (with their gates), merge, export, verify, engines, report, manifest."""
@@ -114,6 +131,12 @@ def build(opts: BuildOptions) -> BuildResult:
         build_plan(family, GuidanceSchedule.load(opts.schedule), opts.batch)  # refuse a misfit before any work
     if opts.require_better and family.quality != "digits":
         raise RstrError("--require-better needs a model with a quality measure here (a digits classifier); drop it")
+    if opts.precision != "auto":
+        check_precision(opts.precision)
+    if opts.precision not in ("auto", "fp32") and opts.dtype != "fp32":
+        raise RstrError(
+            f"--precision {opts.precision} converts an fp32 export; drop --dtype {opts.dtype} (or use --precision fp32)"
+        )
 
     with atomic_dir(opts.out, force=opts.force) as root:
         stages = root / "stages"
@@ -156,6 +179,7 @@ def build(opts: BuildOptions) -> BuildResult:
             decoder=None if decoder is None else Decoder.from_json(decoder),
             provenance=Provenance(
                 model=str(family.path),
+                model_sha256=None if family.path is None else model_sha256(family.path),
                 schedule_sha256=schedule.sha256(),
                 adapter="stages/adapter" if adapter is not None else None,
                 adapter_sha256=adapter_hash,
@@ -166,6 +190,14 @@ def build(opts: BuildOptions) -> BuildResult:
         log.info("verifying the bundle against PyTorch (ONNX Runtime, CPU)")
         bundle = Bundle.open(root)
         check = verify(bundle, family, schedule)
+        if opts.dtype == "fp32":
+            candidate = candidate_for(opts.backend, tensorrt_targeted(opts.backend))
+            record = choose_precision(family, schedule, bundle, opts.precision, candidate, stages, opts.measure)
+            gates["precision"] = record.to_json()
+            if record.shipped != "fp32":
+                manifest = write_manifest(root, replace(manifest, precision=record.shipped))
+                bundle = Bundle.open(root)
+                check = verify(bundle, family, schedule)
         manifest = replace(manifest, verification=VerificationRecord.from_json(check.to_json()))
         manifest = replace(manifest, engines=tuple(build_engines_if_usable(root, manifest, opts)))
 
@@ -174,12 +206,13 @@ def build(opts: BuildOptions) -> BuildResult:
             "compute_fraction": schedule.compute_fraction,
             "compute_saved": 1 - schedule.compute_fraction,
             "max_rel_error": check.max_rel_error,
+            "precision": manifest.precision,
             "gates": gates,
         }
         if opts.measure or opts.require_better:
             log.info(f"measuring quality against the stock model ({REPORT_GROUPS} x {REPORT_NUM} held-out seeds, paired)")
             family.transformer.to(opts.device)
-            quality = measure_quality(family, schedule)
+            quality = measure_quality(family, schedule, bundle if manifest.precision != "fp32" else None)
             family.transformer.to("cpu")  # the speed measurement compares PyTorch and ONNX Runtime on the CPU
             summary["quality"] = None if quality is None else quality.to_json()
             if opts.require_better and (quality is None or quality.verdict != "better"):

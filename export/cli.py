@@ -8,6 +8,7 @@ engines for the best backend present, verification and a report.
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 from typing import Annotated
 
@@ -22,6 +23,7 @@ from rstr.errors import RstrError
 
 app = typer.Typer(
     name="rstr-export",
+    rich_markup_mode="markdown",
     help=__doc__.split("\n\n")[0].split(": ", 1)[1],
     no_args_is_help=True,
     add_completion=False,
@@ -50,6 +52,15 @@ def build(
         str, typer.Option(help="auto (TensorRT when usable, else ONNX Runtime) | tensorrt | onnxruntime.")
     ] = "auto",
     dtype: Annotated[str, typer.Option(help="Precision inside the denoiser graph: fp32 | fp16 | bf16.")] = "fp32",
+    precision: Annotated[
+        str,
+        typer.Option(
+            help="The denoiser's transformer-block layers after export: auto (try int8-dynamic on ONNX Runtime CPU, bf16 "
+            "where TensorRT engines are built; keep it only if the precision gate finds it no worse and faster) | fp32 | "
+            "bf16 (GPU backends) | int8 (static, calibrated; ONNX Runtime CPU and TensorRT) | int8-dynamic (ONNX Runtime). "
+            "An explicit value ships whatever the gate finds, and the report says what it cost."
+        ),
+    ] = "auto",
     device: Annotated[
         str,
         typer.Option(
@@ -84,10 +95,16 @@ def build(
 
     Stage-1 searches a schedule within --budget; a schedule gate checks it against the stock model's
     constant CFG on gate seeds (falling back to the search's best baselines if it loses); Stage-2
-    calibrates a LoRA only where that can help (adapter gate); then export, verification against
-    PyTorch, and a report comparing the bundle with the stock model on held-out seeds (paired per
-    group) and its speed.  Examples: `rstr-export build` | `rstr-export build --schedule s.json
-    --adapter calib/ --out b/` | `rstr-export build --require-better --quiet`
+    calibrates a LoRA only where that can help (adapter gate); then export, reduced precision where
+    the precision gate keeps it (--precision), verification against PyTorch, and a report comparing
+    the bundle with the stock model on held-out seeds (paired per group) and its speed.
+
+    Examples:
+
+    * `rstr-export build`: the whole job on the reference model
+    * `rstr-export build --model digits-flux --out flux-bundle`: another model
+    * `rstr-export build --schedule s.json --adapter calib/ --out b/`: your own Stage-1/Stage-2 results
+    * `rstr-export build --require-better --quiet`: for CI, exit 1 unless the bundle beats the stock model
     """
     from rstr._cli import set_threads, setup_output
     from rstr._options import check_device
@@ -117,6 +134,7 @@ def build(
             seed,
             measure,
             require_better,
+            precision=precision,
             device=device,
         )
     )
@@ -130,6 +148,7 @@ def build(
     table.add_row("schedule", s["schedule"])
     table.add_row("compute saved vs constant CFG", f"{s['compute_saved']:.0%}")
     table.add_row("bundle vs PyTorch (max rel. error)", f"{s['max_rel_error']:.1e}")
+    table.add_row("precision", result.manifest.precision)
     for gate in s["gates"].values():
         table.add_row(f"{gate['name']} gate", gate["decision"])
     q = s.get("quality")
@@ -186,26 +205,41 @@ def inspect(bundle: BundleArg, json_out: Annotated[bool, typer.Option("--json", 
 def verify(
     bundle: BundleArg,
     seed: Annotated[int, typer.Option(help="Seed of the noise (rstr's seeded generator, as `rstr-export run --seed`).")] = 0,
+    model: Annotated[
+        Path | None,
+        typer.Option(
+            help="The model the bundle was built from. Default: the path the bundle records, used only when it exists "
+            "and its files still hash to the recorded model_sha256."
+        ),
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Run the bundle (ONNX Runtime, CPU) and the PyTorch sampler from the same noise and compare.
 
-    The model, schedule and adapter are the ones recorded in the bundle.
+    The schedule and the merged adapter are the bundle's own copies (listed and hashed in its
+    manifest; the adapter is checked against provenance.adapter_sha256); the model is --model or
+    the recorded one when it still matches its recorded hash.
     """
     from rstr.engines.bundle import Bundle
+    from rstr.export.verify import bundled_adapter, recorded_model
     from rstr.export.verify import verify as run_verify
 
     from rstr.families import load_model
     from rstr.schedule import GuidanceSchedule
 
     b = Bundle.open(bundle)
-    prov = b.manifest.provenance
-    family = load_model(Path(prov.model))
-    if prov.adapter:
+    schedule = GuidanceSchedule.load(b.member("schedule.json"))
+    adapter = bundled_adapter(b)
+    family = load_model(recorded_model(b, model))
+    if family.name != b.family:
+        raise RstrError(
+            f"--model is a {family.name} model but bundle {bundle} holds a {b.family} model; pass the model it was built from"
+        )
+    if adapter is not None:
         from rstr.calibrate import apply_adapter
 
-        apply_adapter(family, b.root / prov.adapter)
-    result = run_verify(b, family, GuidanceSchedule.load(b.root / "schedule.json"), seed=seed)
+        apply_adapter(family, adapter)
+    result = run_verify(b, family, schedule, seed=seed)
     if json_out:
         print(json.dumps({"bundle": str(bundle), "seed": seed, "passed": result.passed, **result.to_json()}))
         return
@@ -229,6 +263,14 @@ def run(
     noise: Annotated[Path | None, typer.Option(help=".npy noise of the bundle's sample shape.")] = None,
     backend: Annotated[str, typer.Option(help="auto | tensorrt | onnxruntime | onnxruntime-cpu | onnxruntime-cuda.")] = "auto",
     out: Annotated[Path, typer.Option(help=".png (bundles with a pixel decoder) or .npy latents.")] = Path("out.png"),
+    trust_engine_host_code: Annotated[
+        bool,
+        typer.Option(
+            "--trust-engine-host-code",
+            help="Let version-compatible TensorRT engines run the host code they embed (TensorRT's lean runtime) when "
+            "they load. Only for bundles whose author you trust as you would trust a program from them.",
+        ),
+    ] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Generate with a bundle and save the image grid or the latents."""
@@ -236,31 +278,53 @@ def run(
 
     from rstr._io import atomic_path
 
-    with Pipeline.load(bundle, backend=backend) as pipe:
+    if out.suffix not in (".png", ".npy"):
+        raise RstrError(f"--out {out}: use a .npy (latents) or .png (image) file name")
+    with Pipeline.load(bundle, backend=backend, trust_engine_host_code=trust_engine_host_code) as pipe:
+        decoder = pipe.bundle.decoder
+        if out.suffix == ".png" and (decoder is None or decoder.kind != "pixels"):
+            raise RstrError(f"--out {out}: this bundle returns latents, not images; use a .npy file name")
         if cond is not None:
-            arrays = dict(np.load(cond))
+            arrays = _load_arrays(cond, "--cond")
             conditioning = {k: v for k, v in arrays.items() if not k.startswith("uncond_")}
             uncond = {k.removeprefix("uncond_"): v for k, v in arrays.items() if k.startswith("uncond_")} or None
         else:
             try:
                 conditioning, uncond = {"class_labels": np.array([int(c) for c in classes.split(",")], np.int64)}, None
-            except ValueError:
+            except (ValueError, OverflowError):
                 raise RstrError(f"--class {classes!r} must be comma-separated integers") from None
-        noise_arr = None if noise is None else np.load(noise)
+        noise_arr = None if noise is None else _load_arrays(noise, "--noise")
         result = pipe(conditioning, uncond=uncond, seed=None if noise_arr is not None else seed, noise=noise_arr)
         with atomic_path(out) as tmp:
             if out.suffix == ".npy":
                 with open(tmp, "wb") as fh:
                     np.save(fh, result.latents)
-            elif out.suffix == ".png" and result.images is not None:
-                _write_png(tmp, result.images)
             else:
-                raise RstrError(f"--out {out}: use .npy (latents){' or .png' if result.images is not None else ''}")
+                assert result.images is not None  # a pixels decoder was checked above
+                _write_png(tmp, result.images)
     if json_out:
         noise_from = {"seed": seed} if noise is None else {"noise": str(noise)}
         print(json.dumps({"out": str(out), "backend": pipe.backend, "shape": list(result.latents.shape), **noise_from}))
         return
     console.print(f"wrote {out} ({pipe.backend})")
+
+
+def _load_arrays(path: Path, flag: str):
+    """``--noise`` (a .npy array) or ``--cond`` (a .npz of named arrays), read without pickle; one error line otherwise."""
+    want = ".npz archive of named arrays" if flag == "--cond" else ".npy array"
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.lib.npyio.NpzFile):
+            with loaded:
+                loaded = {k: loaded[k] for k in loaded.files}
+    except OSError as err:
+        raise RstrError(f"{flag} {path}: cannot read it ({err.strerror or err})") from None
+    except (ValueError, EOFError, zipfile.BadZipFile) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RstrError(f"{flag} {path} is not a {want} numpy can read without pickle ({first}); save it with numpy") from None
+    if isinstance(loaded, dict) != (flag == "--cond"):
+        raise RstrError(f"{flag} {path}: give a {want}")
+    return loaded
 
 
 def _write_png(path: Path, images: np.ndarray) -> None:

@@ -19,7 +19,7 @@ import torch
 from rstr.engines.bundle import Bundle
 from rstr.export.verify import as_arrays
 
-from rstr.compare import Comparison, compare
+from rstr.compare import Comparison, compare, score, score_bundle
 from rstr.families import load_model
 from rstr.families.base import Family
 from rstr.schedule import GuidanceSchedule
@@ -33,18 +33,30 @@ def stock_constant_cfg(family: Family, schedule: GuidanceSchedule) -> GuidanceSc
     return family.constant_cfg(steps=schedule.default_steps, default_steps=schedule.default_steps)
 
 
-def measure_quality(family: Family, schedule: GuidanceSchedule) -> Comparison | None:
-    """The bundle (``family`` as merged, ``schedule``) against the freshly loaded stock model on held-out seeds."""
+def measure_quality(family: Family, schedule: GuidanceSchedule, bundle: Bundle | None = None) -> Comparison | None:
+    """The bundle (``family`` as merged, ``schedule``) against the freshly loaded stock model on held-out seeds.
+
+    With ``bundle`` (a reduced-precision one) its own outputs on ONNX Runtime CPU are scored, since
+    the PyTorch model no longer computes what it does; otherwise the PyTorch sampler's (equal to an
+    fp32 bundle's to the verification tolerance).
+    """
     if family.quality != "digits":
         return None
     stock = load_model(family.path, device=family.device, prompts=family.prompts)
-    return compare(
-        (family, schedule, "rstr bundle"),
-        (stock, stock_constant_cfg(stock, schedule), "stock constant CFG"),
-        seed_start=HELD_OUT_SEEDS.start,
-        num=REPORT_NUM,
-        groups=REPORT_GROUPS,
-    )
+    kw = dict(seed_start=HELD_OUT_SEEDS.start, num=REPORT_NUM, groups=REPORT_GROUPS)
+    baseline = score(stock, stock_constant_cfg(stock, schedule), "stock constant CFG", **kw)
+    if bundle is None:
+        return compare((family, schedule, "rstr bundle"), baseline, **kw)
+    import tempfile
+    from pathlib import Path
+
+    from rstr.export.precision import cpu_checkable
+
+    with tempfile.TemporaryDirectory(prefix="rstr-quality-") as tmp:
+        side = score_bundle(
+            cpu_checkable(bundle, Path(tmp)), family, schedule, f"rstr bundle ({bundle.manifest.precision})", **kw
+        )
+    return Comparison(side, baseline, HELD_OUT_SEEDS.start, REPORT_NUM, REPORT_GROUPS)
 
 
 def measure_speed(family: Family, bundle: Bundle, schedule: GuidanceSchedule, reps: int = 5) -> dict:

@@ -50,7 +50,7 @@ def write_report(root: Path, manifest: dict, family: Family, schedule: GuidanceS
         f"- compute saved against constant CFG at {schedule.default_steps} steps: **{s['compute_saved']:.0%}**",
         f"- verification ({manifest['verification']['backend']}): max relative error {s['max_rel_error']:.2e} "
         f"(tolerance {manifest['verification']['tolerance']:.0e})",
-        f"- precision: {manifest['dtype']}, batch {manifest['batch']}, engines: "
+        f"- precision: {manifest.get('precision', 'fp32')} (export dtype {manifest['dtype']}), batch {manifest['batch']}, engines: "
         f"{', '.join(e['graph'] for e in manifest['engines']) or 'none (ONNX Runtime)'}",
     ]
     for gate in s.get("gates", {}).values():

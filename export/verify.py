@@ -2,18 +2,24 @@
 
 The bundle runs through ONNX Runtime on the CPU; the reference is :func:`rstr.sampler.sample`
 on the (merged) PyTorch model with the bundle's own schedule.  fp32 bundles must agree to
-1e-4 relative on the final latents; on failure the per-step table says where they diverge.
+1e-4 relative on the final latents, reduced-precision ones (:mod:`rstr.export.precision`) to
+their own tolerance (:data:`PRECISION_TOLERANCE`, docs/bundle.md: it catches a wrong graph, not
+the quality loss, which the precision gate measures); on failure the per-step table says where
+they diverge.
 """
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from rstr.engines.bundle import Bundle
 from rstr.engines.noise import standard_normal
 from rstr.engines.onnxruntime import OnnxRuntimeRunner
+from rstr.engines.validate import entry_problem
 
 from rstr.errors import RstrError
 from rstr.families.base import Conditioning, Family
@@ -21,6 +27,14 @@ from rstr.sampler import sample
 from rstr.schedule import GuidanceSchedule
 
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 5e-2}
+# Reduced-precision denoisers (rstr.export.precision), by manifest.precision: measured errors and margins in docs/bundle.md.
+PRECISION_TOLERANCE = {"bf16": 5e-2, "int8": 2.5e-1, "int8-dynamic": 1e-1}
+
+
+def tolerance(bundle: Bundle) -> float:
+    """The verification tolerance of a bundle: by its precision when reduced after export, else by its export dtype."""
+    p = bundle.manifest.precision
+    return PRECISION_TOLERANCE[p] if p != "fp32" else TOLERANCE[bundle.manifest.dtype]
 
 
 class VerificationError(RstrError):
@@ -45,6 +59,61 @@ class Verification:
             "tolerance": self.tolerance,
             "per_step_rel_error": self.per_step,
         }
+
+
+def recorded_model(bundle: Bundle, model: Path | None = None) -> Path:
+    """The model to verify ``bundle`` against: ``model`` when given, else the path in its provenance, but
+    only when that exists and its files still hash to the recorded ``model_sha256`` (provenance is
+    information, not an instruction to load whatever sits at a path)."""
+    from rstr.families import model_sha256
+
+    if model is not None:
+        return model
+    prov = bundle.manifest.provenance
+    path = Path(prov.model)
+    if prov.model_sha256 is None:
+        raise RstrError(
+            f"bundle {bundle.root} records no hash of its model, so its recorded path {path} is not trusted; "
+            "pass --model with the model it was built from"
+        )
+    if not path.is_dir():
+        raise RstrError(f"bundle {bundle.root} was built from {path}, which is not on this machine; pass --model")
+    if model_sha256(path) != prov.model_sha256:
+        raise RstrError(
+            f"the model at {path} is not the one bundle {bundle.root} was built from (its files hash differently); "
+            "pass --model with the right model"
+        )
+    return path
+
+
+def bundled_adapter(bundle: Bundle) -> Path | None:
+    """The bundle's own copy of the merged adapter (``provenance.adapter``), or None when none was merged.
+
+    It must lie inside the bundle with every file listed in ``files`` (so checked at open: hashed,
+    no symbolic links) and hash to ``provenance.adapter_sha256``; an adapter elsewhere is never loaded.
+    """
+    from rstr.calibrate import ADAPTER_FILES, adapter_sha256
+
+    prov = bundle.manifest.provenance
+    if prov.adapter is None:
+        return None
+    problem = entry_problem(prov.adapter)
+    if problem is not None:
+        raise RstrError(f"bundle {bundle.root}: provenance.adapter {prov.adapter!r} is not inside the bundle ({problem})")
+    listed = {name for name in bundle.manifest.files if name.startswith(prov.adapter + "/")}
+    missing = [name for name in ADAPTER_FILES if f"{prov.adapter}/{name}" not in listed]
+    if missing:
+        raise RstrError(f"bundle {bundle.root}: the adapter's {missing[0]} is not listed in files; rebuild the bundle")
+    directory = bundle.member(f"{prov.adapter}/{ADAPTER_FILES[0]}").parent
+    unlisted = sorted(p.relative_to(bundle.root).as_posix() for p in directory.rglob("*") if not p.is_dir())
+    unlisted = [name for name in unlisted if name not in listed]
+    if unlisted:
+        raise RstrError(f"bundle {bundle.root}: {unlisted[0]} sits in the adapter but is not listed in files; rebuild the bundle")
+    if prov.adapter_sha256 is None or adapter_sha256(directory) != prov.adapter_sha256.lower():
+        raise RstrError(
+            f"bundle {bundle.root}: the adapter in {prov.adapter} does not match provenance.adapter_sha256; rebuild the bundle"
+        )
+    return directory
 
 
 Arrays = dict[str, np.ndarray]
@@ -73,8 +142,13 @@ def verify(
     noise = standard_normal(seed, bundle.sample.concrete(b))  # rstr's seeded noise, as `rstr-export run --seed`
     cond, uncond = example_inputs(family, b, seed)
     trace: list[np.ndarray] = []
-    with OnnxRuntimeRunner(bundle, device="cpu") as runner:
-        got = runner.infer(noise, cond, uncond, trace=trace)
+    with tempfile.TemporaryDirectory(prefix="rstr-verify-") as tmp:
+        from rstr.export.precision import cpu_checkable
+
+        checked = cpu_checkable(bundle, Path(tmp))  # a bf16 graph runs emulated: ONNX Runtime CPU has no bf16 kernels
+        with OnnxRuntimeRunner(checked, device="cpu") as runner:
+            got = runner.infer(noise, cond, uncond, trace=trace)
+        backend = runner.backend + (" (bf16 emulated)" if checked is not bundle else "")
     ref_trace: list[np.ndarray] = []
     to_t = lambda d: {k: torch.from_numpy(v) for k, v in d.items()}  # noqa: E731
     expected = (
@@ -90,7 +164,7 @@ def verify(
         .numpy()
     )
     per_step = [rel(x, y) for x, y in zip(trace, ref_trace)]
-    result = Verification(rel(got, expected), TOLERANCE[bundle.manifest.dtype], per_step, runner.backend)
+    result = Verification(rel(got, expected), tolerance(bundle), per_step, backend)
     if raise_on_failure and not result.passed:
         first = next((i for i, e in enumerate(per_step) if e > result.tolerance), len(per_step) - 1)
         steps = ", ".join(f"{i}:{e:.1e}" for i, e in enumerate(per_step))

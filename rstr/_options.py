@@ -59,13 +59,14 @@ def load_schedule_for(family, schedule: Path | None, scale: float | None, steps:
         raise RstrError("give either --schedule or --scale, not both")
     if schedule is not None:
         s = GuidanceSchedule.load(schedule)
-        s.check_fits(family.name, family.sampler)
         if steps is not None and steps != s.num_steps:
             raise RstrError(f"--steps {steps} differs from the schedule's {s.num_steps} steps; drop --steps")
-        return s
-    if steps is not None and steps < 1:
-        raise RstrError(f"--steps {steps} must be at least 1")
-    return family.constant_cfg(scale, steps)
+    else:
+        if steps is not None and steps < 1:
+            raise RstrError(f"--steps {steps} must be at least 1")
+        s = family.constant_cfg(scale, steps)
+    s.check_fits(family.name, family.sampler, int(family.scheduler.config.get("num_train_timesteps", 1000)))
+    return s
 
 
 def notes(json_out: bool) -> Console:

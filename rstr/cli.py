@@ -34,6 +34,7 @@ from rstr.errors import RstrError
 
 app = typer.Typer(
     name="rstr",
+    rich_markup_mode="markdown",
     help="Sparse guidance schedules (Stage-1), adaptive LoRA calibration (Stage-2) and evaluation for diffusion transformers.",
     no_args_is_help=True,
     add_completion=False,

@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import functools
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from rstr.families.base import Family
 from rstr.schedule import GuidanceSchedule
+
+if TYPE_CHECKING:
+    from rstr.engines.bundle import Bundle
 
 Verdict = Literal["better", "worse", "inside the noise"]
 MIN_ACCURACY = 0.98
@@ -101,6 +104,41 @@ def score(family: Family, schedule: GuidanceSchedule, label: str, *, seed_start:
     from rstr.evaluate import evaluate
 
     r = evaluate(family, schedule, num=num, groups=groups, seed_start=seed_start, progress=False)
+    return Side(
+        label, schedule.describe(), schedule.passes_per_image, schedule.compute_fraction, list(r.fd), list(r.accuracy_per_group)
+    )
+
+
+def score_bundle(
+    bundle: Bundle, family: Family, schedule: GuidanceSchedule, label: str, *, seed_start: int, num: int, groups: int
+) -> Side:
+    """One side: ``bundle`` (whose plan is ``schedule`` on ``family``) run on ONNX Runtime CPU, scored like :func:`score`.
+
+    The same seeds, labels and scoring as the PyTorch side; only the latents come from the bundle,
+    so a comparison of two bundles (or of a bundle with its PyTorch model) is paired.
+    """
+    import numpy as np
+    import torch
+
+    from rstr.engines.onnxruntime import OnnxRuntimeRunner
+    from rstr.evaluate import evaluate
+
+    runners: dict[int, OnnxRuntimeRunner] = {}
+
+    def generate(cond, uncond, noise):
+        n = len(noise)
+        if n not in runners:
+            runners[n] = OnnxRuntimeRunner(bundle.with_batch(n), device="cpu")
+            runners[n].activate()
+        cond_np = {k: v.cpu().numpy() for k, v in cond.items()}
+        uncond_np = None if uncond is None else {k: v.cpu().numpy() for k, v in uncond.items()}
+        return torch.from_numpy(runners[n].infer(np.ascontiguousarray(noise.cpu().numpy()), cond_np, uncond_np))
+
+    try:
+        r = evaluate(family, schedule, num=num, groups=groups, seed_start=seed_start, progress=False, generate=generate)
+    finally:
+        for runner in runners.values():
+            runner.deactivate()
     return Side(
         label, schedule.describe(), schedule.passes_per_image, schedule.compute_fraction, list(r.fd), list(r.accuracy_per_group)
     )

@@ -6,9 +6,25 @@ traceback; every other exception is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import re
+
+# Characters that would break a message into lines (str.splitlines splits on all of them).
+_LINE_BREAKING = re.compile("[\x00-\x1f\x7f\x85\u2028\u2029]")
+
+
+def one_line(text: str) -> str:
+    """``text`` with every line-breaking or control character escaped (``\\x0a``, ``\\u2028``), as the C++ runtime does."""
+    return _LINE_BREAKING.sub(lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x80 else f"\\u{ord(m[0]):04x}", text)
+
 
 class RstrError(Exception):
-    """A problem the user can fix: bad input, a missing file, an unsupported model."""
+    """A problem the user can fix: bad input, a missing file, an unsupported model.
+
+    Its message is one line: control characters that user input brought into it are escaped.
+    """
+
+    def __str__(self) -> str:
+        return one_line(super().__str__())
 
 
 class ScheduleError(RstrError):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -32,6 +33,10 @@ from rstr.seeds import SeedRange, eval_seeds
 def noise_for_seeds(family: Family, seeds: range | SeedRange) -> torch.Tensor:
     """One noise tensor per seed, each from its own CPU generator: independent of batching and device."""
     return torch.cat([family.noise(1, torch.Generator("cpu").manual_seed(int(s))) for s in seeds])
+
+
+# Another way to turn (cond, uncond or None, noise) into final latents, e.g. a bundle on its runtime.
+Generate = Callable[[dict[str, torch.Tensor], "dict[str, torch.Tensor] | None", torch.Tensor], torch.Tensor]
 
 
 # ---------------------------------------------------------------------------- evaluation
@@ -99,6 +104,7 @@ def evaluate(
     reference: GaussianStats | None = None,
     classifier: DigitsClassifier | None = None,
     keep_images: bool = False,
+    generate: Generate | None = None,
 ) -> EvalResult:
     """Sample ``groups`` x ``num`` images under ``schedule`` and score each group.
 
@@ -108,6 +114,8 @@ def evaluate(
     (e.g. :class:`rstr.metrics.InceptionExtractor`) and ``reference`` statistics of its real
     data; accuracy is then reported only if ``classifier`` is given.  A Stage-2 adapter is
     scored the way it is deployed: merged into the family first (:func:`rstr.calibrate.apply_adapter`).
+    ``generate(cond, uncond, noise)`` replaces the PyTorch sampler, e.g. to score a bundle on its
+    runtime (:func:`rstr.compare.score_bundle`); it must run ``schedule``.
     """
     if batch_size < 1:
         raise RstrError(f"batch_size {batch_size} must be at least 1")
@@ -140,7 +148,10 @@ def evaluate(
             for lo in range(0, num, batch_size):
                 hi = min(num, lo + batch_size)
                 cond, uncond = family.conditioning_for(labels_group[lo:hi])
-                latents = sample(family, schedule, cond, uncond=uncond, noise=noise[lo:hi], progress=progress)
+                if generate is None:
+                    latents = sample(family, schedule, cond, uncond=uncond, noise=noise[lo:hi], progress=progress)
+                else:
+                    latents = generate(cond, uncond, noise[lo:hi])
                 outs.append(family.to_images(latents).float().cpu())
             images = torch.cat(outs).clamp(lo_px, hi_px)
             fds.append(frechet_distance(extractor.features(images), reference))

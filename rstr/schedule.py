@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rstr._io import write_json
+from rstr._io import read_json, write_json
 from rstr.errors import ScheduleError
 
 if TYPE_CHECKING:
@@ -163,7 +163,7 @@ class GuidanceSchedule:
         from rstr.engines import schema
 
         if not isinstance(data, dict):
-            raise ScheduleError(f"{source}: expected a JSON object, got {type(data).__name__}")
+            raise ScheduleError(f"{source}: expected a JSON object, got {schema.json_type(data)}")
         if data.get("format") != FORMAT:
             raise ScheduleError(f"{source}: format {data.get('format')!r} is not {FORMAT!r}; write the file with rstr")
         problem = schema.check(data, "schedule")
@@ -195,24 +195,25 @@ class GuidanceSchedule:
         path = Path(path)
         if not path.is_file():
             raise ScheduleError(f"schedule file {path} does not exist; write one with `rstr search --out {path}`")
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ScheduleError(f"schedule file {path} is not valid JSON ({err})") from None
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(read_json(path, ScheduleError), source=str(path))
 
     def sha256(self) -> str:
         """Content hash of the canonical JSON, for provenance."""
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
 
-    def check_fits(self, family: str, sampler: str | None = None) -> None:
-        """Refuse a schedule written for another family (or sampler)."""
+    def check_fits(self, family: str, sampler: str | None = None, num_train_timesteps: int | None = None) -> None:
+        """Refuse a schedule written for another family (or sampler), or longer than the scheduler's training timesteps."""
         if self.family != family:
             raise ScheduleError(
                 f"schedule is for family {self.family!r} but the model is {family!r}; search a schedule for this model"
             )
         if sampler is not None and self.sampler != sampler:
             raise ScheduleError(f"schedule is for sampler {self.sampler!r} but the model uses {sampler!r}")
+        if num_train_timesteps is not None and self.num_steps > num_train_timesteps:
+            raise ScheduleError(
+                f"schedule has {self.num_steps} steps, more than the model's {num_train_timesteps} training timesteps; "
+                "use fewer steps"
+            )
 
 
 def _schema_message(problem: Violation, data: dict[str, Any]) -> str:

@@ -75,3 +75,14 @@ def pixel_dit_bundle(tmp_path_factory) -> Path:
     out = tmp / "bundle"
     build(BuildOptions(model=tmp / "model", schedule=tmp / "schedule.json", out=out, measure=False, batch=2))
     return out
+
+
+@pytest.fixture(scope="session")
+def rstr_run() -> Path:
+    """The C++ runtime's command line, built once per session (tools/build_cpp.sh, incremental)."""
+    import cpp_build
+
+    why = cpp_build.missing()
+    if why is not None:
+        pytest.skip(why)
+    return cpp_build.build()

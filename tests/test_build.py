@@ -40,7 +40,9 @@ def test_report_baseline_is_the_stock_model_even_with_an_adapter(tmp_path, small
     schedule = GuidanceSchedule.load(SEARCHED_50)
     tiny = Preset(pool=16, probe=8, probe_iterations=2, validation=8, batch_size=8, iterations=6, lr=3e-3, checkpoint_every=6)
     calibrate(ref, schedule, tmp_path / "adapter", preset=tiny, budget=0.01, progress=False)
-    result = build(BuildOptions(schedule=SEARCHED_50, adapter=tmp_path / "adapter", out=tmp_path / "b", measure=True))
+    # fp32: the bundle side is then the PyTorch model's arithmetic, which `rstr evaluate --adapter` reproduces
+    opts = BuildOptions(schedule=SEARCHED_50, adapter=tmp_path / "adapter", out=tmp_path / "b", measure=True, precision="fp32")
+    result = build(opts)
     q = result.summary["quality"]
     cmd = [
         sys.executable,
@@ -124,10 +126,11 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 def test_quiet_and_json_output(tmp_path):
     """--quiet prints the final table and nothing on stderr; --json one JSON object; no third-party noise either way."""
-    quiet = run_cli("build", "--schedule", str(SEARCHED_50), "--out", "q", "--no-measure", "--quiet", cwd=tmp_path)
+    fp32 = ("--precision", "fp32")  # the loud build below runs the default precision gate too
+    quiet = run_cli("build", "--schedule", str(SEARCHED_50), "--out", "q", "--no-measure", "--quiet", *fp32, cwd=tmp_path)
     assert quiet.returncode == 0, quiet.stderr
     assert quiet.stderr == "" and "compute saved vs constant CFG" in quiet.stdout
-    js = run_cli("build", "--schedule", str(SEARCHED_50), "--out", "j", "--no-measure", "--json", cwd=tmp_path)
+    js = run_cli("build", "--schedule", str(SEARCHED_50), "--out", "j", "--no-measure", "--json", *fp32, cwd=tmp_path)
     assert js.returncode == 0 and js.stderr == ""
     summary = json.loads(js.stdout)
     assert summary["compute_saved"] == pytest.approx(0.5) and summary["out"] == "j"

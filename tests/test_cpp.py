@@ -9,42 +9,22 @@ batch 2, a sparse schedule of 2 guided and 2 unguided DDIM steps.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from cpp_build import BUILD, INSTALL, ROOT
 
 pytestmark = pytest.mark.cpp
 
-ROOT = Path(__file__).resolve().parent.parent
-BUILD = ROOT / "engines" / "cpp" / "build"
-INSTALL = BUILD / "install"
-RSTR_RUN = INSTALL / "bin" / "rstr-run"
 BATCH = 2
 NUM_CLASSES = 10
 
 
 # ------------------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="module")
-def rstr_run() -> Path:
-    """Build and install the C++ project once (incremental when engines/cpp/build exists)."""
-    missing = [tool for tool in ("cmake", "c++") if shutil.which(tool) is None]
-    if missing:
-        pytest.skip(f"cannot build the C++ runtime: {', '.join(missing)} not found (apt-get install cmake g++)")
-    have_headers = (ROOT / "third_party" / "onnxruntime" / "include" / "onnxruntime_cxx_api.h").is_file()
-    if shutil.which("apt-get") is None and not have_headers:
-        pytest.skip("cannot fetch the ONNX Runtime headers without apt-get (Debian); see engines/cpp/README.md")
-    env = {**os.environ, "PYTHON": sys.executable}  # link the onnxruntime that this Python runs
-    proc = subprocess.run(["bash", str(ROOT / "tools" / "build_cpp.sh")], capture_output=True, text=True, timeout=900, env=env)
-    assert proc.returncode == 0, f"tools/build_cpp.sh failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    assert RSTR_RUN.is_file()
-    return RSTR_RUN
-
-
+# rstr_run (the built C++ command line) comes from tests/conftest.py.
 @pytest.fixture(scope="module")
 def bundle(pixel_dit_bundle) -> Path:
     """The shared pixel-space tiny DiT bundle (tests/conftest.py), batch 2, 10 classes."""

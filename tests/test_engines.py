@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import subprocess
 import sys
 import threading
@@ -86,10 +87,14 @@ def test_bad_inputs_raise_typed_errors(pipe, kwargs, message):
 
 
 @pytest.mark.skipif(not NO_TENSORRT, reason="TensorRT is installed: the fallback path is not taken")
-def test_auto_falls_back_to_onnxruntime_with_a_warning(pixel_dit_bundle):
-    with pytest.warns(UserWarning, match="falling back to ONNX Runtime"):
-        p = Pipeline.load(pixel_dit_bundle, backend="auto")
+def test_auto_falls_back_to_onnxruntime_with_one_logged_line(pixel_dit_bundle, caplog):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a notice, not a Python warning with its source line
+        with caplog.at_level(logging.WARNING, logger="rstr"):
+            p = Pipeline.load(pixel_dit_bundle, backend="auto")
     assert p.backend.startswith("onnxruntime")
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert "falling back to ONNX Runtime" in line and "\n" not in line
     p.close()
     with pytest.raises(BackendUnavailable):
         Pipeline.load(pixel_dit_bundle, backend="tensorrt")
@@ -167,7 +172,7 @@ def test_missing_file_refused(pixel_dit_bundle, tmp_path):
     copy = tmp_path / "b"
     shutil.copytree(pixel_dit_bundle, copy)
     (copy / "denoiser.onnx").unlink()
-    with pytest.raises(RstrError, match="bundle file denoiser.onnx is missing"):
+    with pytest.raises(RstrError, match="file 'denoiser.onnx' listed in manifest.json is missing"):
         Pipeline.load(copy, backend="onnxruntime")
 
 

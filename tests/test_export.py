@@ -226,16 +226,17 @@ def _edit_manifest(bundle: Path, edit) -> None:
 
 def test_corrupt_file_fails_checksum(dit_bundle, tmp_path):
     b = _copy(dit_bundle, tmp_path)
-    with open(b / "step_single.onnx", "ab") as fh:
-        fh.write(b"x")
-    with pytest.raises(BundleError, match="step_single.onnx fails its sha256"):
+    data = bytearray((b / "step_single.onnx").read_bytes())
+    data[-1] ^= 0xFF  # same size, other bytes
+    (b / "step_single.onnx").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="'step_single.onnx' fails its checksum"):
         Bundle.open(b)
 
 
 def test_unknown_version_refused(dit_bundle, tmp_path):
     b = _copy(dit_bundle, tmp_path)
     _edit_manifest(b, lambda m: m.update(version=99))
-    with pytest.raises(BundleError, match="version 99 is not supported"):
+    with pytest.raises(BundleError, match="version is 99; this runtime reads version 1"):
         Bundle.open(b)
 
 
@@ -243,7 +244,7 @@ def test_unknown_version_refused(dit_bundle, tmp_path):
 def test_entries_outside_bundle_refused(dit_bundle, tmp_path, entry):
     b = _copy(dit_bundle, tmp_path)
     _edit_manifest(b, lambda m: m["files"].update({entry: {"sha256": "0" * 64}}))
-    with pytest.raises(BundleError, match="points outside the bundle"):
+    with pytest.raises(BundleError, match="has a '..' component|is an absolute path"):
         Bundle.open(b)
 
 

@@ -21,7 +21,7 @@ from rstr.engines.manifest import Manifest
 from rstr.engines.onnxruntime import OnnxRuntimeRunner
 from rstr.export.build import BuildOptions, build
 from rstr.export.plan import build_plan
-from test_cpp import rstr_run, run  # noqa: F401  (rstr_run: the fixture that builds the C++ runtime)
+from test_cpp import run
 from tiny import TEXT_LEN, text_conditioning, tiny_pixart
 
 from rstr.errors import BundleError, RstrError
@@ -117,7 +117,7 @@ def test_bundle_equals_the_stock_pipeline(bundles, name):
 
 @pytest.mark.cpp
 @pytest.mark.parametrize("name", list(CASES))
-def test_cpp_runtime_equals_python_onnxruntime(bundles, name, rstr_run, tmp_path):  # noqa: F811  (the imported fixture)
+def test_cpp_runtime_equals_python_onnxruntime(bundles, name, rstr_run, tmp_path):
     path = bundles(name)
     cond, uncond, noise = _inputs(tiny_pixart())
     args = ["--noise", tmp_path / "noise.npy", "--out", tmp_path / "out.npy"]
@@ -150,7 +150,8 @@ def test_non_linear_scheduler_is_refused_in_one_line(config):
 
 def test_coefficients_as_numbers_or_lists_round_trip_and_old_bundles_load(bundles, tmp_path):
     """One-step coefficients stay plain numbers (old bundles load unchanged); lists of length 1 mean the same;
-    an empty list, and a plan whose history the step graphs do not carry, are refused."""
+    an empty list, and step graphs with a history the plan does not use, are refused (tests/bad_bundles.py has
+    the other way round, for every reader)."""
     path = bundles("dpm-mixed")
     data = json.loads((path / "manifest.json").read_text())
     manifest = Manifest.from_json(data)
@@ -168,5 +169,25 @@ def test_coefficients_as_numbers_or_lists_round_trip_and_old_bundles_load(bundle
     copy_ = tmp_path / "one-step"
     shutil.copytree(path, copy_)
     (copy_ / "manifest.json").write_text(json.dumps(one_step))
-    with pytest.raises(BundleError, match="the plan's updates use 0 past step"):
+    with pytest.raises(
+        BundleError,
+        match=r"graphs.step_guided.inputs are \[.*history.*\]; the runtime binds \[coef_eps, coef_sample, model_output",
+    ):
         Bundle.open(copy_)
+
+
+def test_scheduler_config_infinities_load_and_nan_is_refused(tmp_path):
+    """diffusers saves DPMSolverMultistepScheduler with ``"lambda_min_clipped": -Infinity``: a model directory as
+    it ships loads; ``NaN`` in the same file is still one clear line."""
+    from rstr.families import load_model
+
+    family = tiny_pixart()
+    family.scheduler = _scheduler("dpm")
+    family.transformer.save_pretrained(tmp_path / "transformer")
+    family.scheduler.save_pretrained(tmp_path / "scheduler")
+    config = tmp_path / "scheduler" / "scheduler_config.json"
+    assert "-Infinity" in config.read_text()
+    assert load_model(tmp_path).scheduler.config.lambda_min_clipped == float("-inf")
+    config.write_text(config.read_text().replace("-Infinity", "NaN"))
+    with pytest.raises(RstrError, match=r"scheduler_config.json is not valid JSON \(NaN is not a JSON number\)"):
+        load_model(tmp_path)

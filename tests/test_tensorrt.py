@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -127,7 +129,7 @@ def make_manifest(batch: int = 1, guided=MIXED, symbolic_steps: bool = True) -> 
         },
         "decoder": None,
         "provenance": {"model": "hand-made", "schedule_sha256": "0" * 64},
-        "files": {},
+        "files": {f"{g}.onnx": {"sha256": "0" * 64} for g in ("denoiser", "step_guided", "step_single")},
         "engines": [],
     }
 
@@ -400,7 +402,7 @@ def test_select_engines_checks_presence_files_and_compatibility():
     ):
         select_engines(_bundle(m), "10.3.0", "8.9")
     m["engines"] = _entries(m)
-    m["files"] = {e["file"]: {"sha256": "0" * 64} for e in m["engines"]}
+    m["files"].update({e["file"]: {"sha256": "0" * 64} for e in m["engines"]})
     assert sorted(select_engines(_bundle(m), "10.3.0", "8.9")) == ["denoiser", "step_guided", "step_single"]
     with pytest.raises(BackendUnavailable, match="built for TensorRT 10.3.0 on compute capability 8.9"):
         select_engines(_bundle(m), "10.3.0", "9.0")
@@ -410,8 +412,8 @@ def test_select_engines_checks_presence_files_and_compatibility():
         select_engines(_bundle(partial), "10.3.0", "8.9")
     unlisted = copy.deepcopy(m)
     del unlisted["files"]["engines/step_guided.plan"]
-    with pytest.raises(BundleError, match="not listed in the manifest's 'files'"):
-        select_engines(_bundle(unlisted), "10.3.0", "8.9")
+    with pytest.raises(BundleError, match=r"engines\[1\].file 'engines/step_guided.plan' is not listed in files"):
+        _bundle(unlisted)  # the manifest's own rules refuse it before any engine is selected
     no_b = copy.deepcopy(m)
     no_b["engines"][0]["profiles"] = [{"batch": 4, "inputs": {}}]
     with pytest.raises(BackendUnavailable, match="no profile for batch 2"):
@@ -423,6 +425,7 @@ def test_select_engines_checks_presence_files_and_compatibility():
 def test_plan_bindings_guided_steps_take_the_2b_path(batch):
     m = make_manifest(batch)
     m["engines"] = _entries(m, rows_order=[2 * batch, batch])  # profile order comes from the engine entry
+    m["files"].update({e["file"]: {"sha256": "0" * 64} for e in m["engines"]})
     bindings = plan_bindings(_bundle(m))
     assert len(bindings) == len(MIXED)
     for sb, step in zip(bindings, m["plan"]["steps"]):
@@ -484,15 +487,6 @@ def test_buffers_and_step_records():
         assert scalar("coef_eps") == np.float32(step["coef_eps"])
     unguided_only = _bundle(make_manifest(batch, guided=(False, False)))
     assert buffer_specs(unguided_only)["cond/class_labels"].shape == (batch,)
-    # A manifest that omits graph outputs: they follow from the (concrete, [B, ...]) sample.
-    bare = copy.deepcopy(m)
-    for g in bare["graphs"].values():
-        g.pop("outputs")
-    bare_bundle = _bundle(bare)
-    assert buffer_specs(bare_bundle) == specs
-    guided_path = next(sb.path for sb in plan_bindings(bare_bundle) if sb.path.kind == "guided")
-    assert guided_path.shapes["step_guided"]["next_sample_pair"] == (2 * batch, C, H, W)
-    assert guided_path.shapes["denoiser"]["model_output"] == (2 * batch, C, H, W)
 
 
 def test_multistep_plan_binds_history_and_packs_every_coefficient():
@@ -552,13 +546,15 @@ def test_runner_says_tensorrt_is_missing(bundle):
         TensorRTRunner(bundle)
 
 
-def test_auto_falls_back_to_onnxruntime_and_tensorrt_raises(bundle):
+def test_auto_falls_back_to_onnxruntime_and_tensorrt_raises(bundle, caplog):
     from rstr.engines.onnxruntime import OnnxRuntimeRunner
     from rstr.engines.pipeline import make_runner
 
-    with pytest.warns(UserWarning, match=r"TensorRT not used \(.+\); falling back to ONNX Runtime"):
+    with caplog.at_level(logging.WARNING, logger="rstr"):
         runner = make_runner(bundle, "auto")
     assert isinstance(runner, OnnxRuntimeRunner)
+    (record,) = [r for r in caplog.records if r.name == "rstr"]
+    assert re.fullmatch(r"TensorRT not used \(.+\); falling back to ONNX Runtime \((cpu|cuda)\)", record.getMessage())
     with pytest.raises(BackendUnavailable):
         make_runner(bundle, "tensorrt")
 
@@ -653,3 +649,31 @@ def test_tensorrt_refuses_engines_for_another_gpu(tmp_path):
     write_manifest(bundle.root, manifest)
     with pytest.raises(BackendUnavailable, match="on compute capability 5.0; this machine has TensorRT"):
         TensorRTRunner(Bundle.open(bundle.root))
+
+
+# ------------------------------------------------------------------- host code in engines: opt-in
+def test_version_compatible_engines_load_only_when_their_author_is_trusted():
+    from rstr.engines.tensorrt.plan import host_code_allowed
+
+    plain = _engine()
+    compatible = _engine(version_compatible=True)
+    assert host_code_allowed([plain], trusted=False) is False
+    assert host_code_allowed([plain], trusted=True) is False  # nothing to allow: host code stays off
+    assert host_code_allowed([plain, compatible], trusted=True) is True
+    with pytest.raises(BackendUnavailable) as err:
+        host_code_allowed([plain, compatible], trusted=False)
+    assert "is version-compatible: it embeds TensorRT's lean runtime as host code" in str(err.value)
+    assert "--trust-engine-host-code" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.tensorrt
+@pytest.mark.gpu
+def test_tensorrt_runner_refuses_version_compatible_engines_unless_trusted(tmp_path):
+    from rstr.engines.tensorrt import TensorRTRunner
+
+    bundle = _with_engines(tmp_path, 1, MIXED, version_compatible=True)
+    with pytest.raises(BackendUnavailable, match="is version-compatible"):
+        TensorRTRunner(bundle)
+    with TensorRTRunner(bundle, trust_engine_host_code=True) as runner:
+        noise, labels = _inputs(1, 0)
+        assert runner.infer(noise, {"class_labels": labels}).shape == noise.shape

@@ -11,11 +11,15 @@ Per model, every row runs on the same noise, conditioning and nominal step count
 
 1. ``diffusers``  the stock pipeline (DiTPipeline, PixArtAlphaPipeline, FluxPipeline,
    QwenImagePipeline), PyTorch eager, constant CFG -- the baseline;
-2. ``cache-dit``  the same pipeline after ``cache_dit.enable_cache(pipe)`` (its defaults);
-3. ``rstr-torch`` rstr's sampler with the rstr schedule, PyTorch eager;
-4. ``ort-cfg``    the exported bundle on ONNX Runtime (CPU), constant CFG;
-5. ``ort-rstr``   the exported bundle on ONNX Runtime (CPU), rstr schedule;
-6. ``trt-*``      the same on TensorRT when a GPU with TensorRT is present, else skipped.
+2. ``diffusers-compile`` the same with ``torch.compile`` on its transformer (what a PyTorch user does);
+3. ``cache-dit@T`` the same pipeline with cache-dit's DBCache configured to cache on the model
+   (blocks that fit, threshold T swept, ``bench_setup.cache_dit_config``);
+4. ``rstr-torch`` rstr's sampler with the rstr 50% schedule, PyTorch eager;
+5. ``ort-cfg``    the exported bundle on ONNX Runtime (CPU), constant CFG;
+6. ``ort-rstr[30][-P]`` the bundle on ONNX Runtime (CPU) at the 50% (``rstr``) or 30% (``rstr30``)
+   searched schedule, at precision P (fp32 when absent; int8-dynamic, int8; bf16 is listed as not
+   run on a CPU: ONNX Runtime has no CPU kernels for it);
+7. ``trt-*``      the same on TensorRT when a GPU with TensorRT is present, else skipped.
 
 Timing is interleaved (rep 1 of every row, then rep 2, ...; the order rotates each rep),
 after one warm-up call per row, and reported as the median with the min-max spread.  See
@@ -47,12 +51,12 @@ import bench_measure as measure  # noqa: E402
 import bench_setup as setup  # noqa: E402
 from bench_measure import Memory, Overhead, log  # noqa: E402
 from bench_rows import ModelBench, at_batch  # noqa: E402
-from bench_setup import MODELS, ROW_ENGINE, ROW_SCHEDULE, ROWS  # noqa: E402
+from bench_setup import MODELS, ROW_ENGINE, ROW_PRECISION, ROW_SCHEDULE, ROWS, is_cache_dit  # noqa: E402
 
 CHILD_TAG = "BENCH_CHILD "
 
 
-def memory_child(spec, key: str, mb: ModelBench, rstr_file: Path, args) -> Memory | None:
+def memory_child(spec, key: str, mb: ModelBench, rstr_files: dict[str, Path], args) -> Memory | None:
     """Peak memory of row ``key`` in a fresh process (``child_main``); None if that process fails."""
     cmd = [
         sys.executable,
@@ -66,14 +70,16 @@ def memory_child(spec, key: str, mb: ModelBench, rstr_file: Path, args) -> Memor
         "--threads",
         str(args.threads),
         "--_rstr",
-        str(rstr_file),
+        ",".join(f"{k}={v}" for k, v in rstr_files.items()),
     ]
+    if args.big_batch:
+        cmd += ["--big-batch", str(args.big_batch)]
     if args.quick:
         cmd.append("--quick")
     if args.reference is not None:
         cmd += ["--reference", str(args.reference)]
     if ROW_ENGINE[key] == "ort":
-        cmd += ["--_bundle", str(mb.bundle_dir(ROW_SCHEDULE[key]))]
+        cmd += ["--_bundle", str(mb.bundle_dir(ROW_SCHEDULE[key], precision=ROW_PRECISION[key]))]
     log(f"  peak memory: {key} in a fresh process")
     proc = subprocess.run(cmd, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
@@ -87,7 +93,7 @@ def child_main(args) -> int:
     """Run one row once per batch in this fresh process; print its peak memory."""
     spec = MODELS[args.models[0]]
     key = args._child
-    batches = [1] + ([spec.big_batch] if spec.big_batch else [])
+    batches = [1] + ([args.big_batch or spec.big_batch] if spec.big_batch else [])
     if ROW_ENGINE[key] == "ort":  # torch-free: what a deployment of the bundle holds
         from rstr.engines.bundle import Bundle
         from rstr.engines.onnxruntime import OnnxRuntimeRunner
@@ -102,7 +108,8 @@ def child_main(args) -> int:
         import torch  # noqa: F401
 
         imports = measure.status_mb()
-        mb = ModelBench(spec, args, None, rstr_file=args._rstr)
+        files = dict(kv.split("=", 1) for kv in args._rstr.split(","))
+        mb = ModelBench(spec, args, {k: None for k in files}, rstr_files={k: Path(v) for k, v in files.items()})
         fn = mb.torch_row(key, copy_transformer=False)  # cache-dit: on the one transformer, like a user would
         for b in batches:
             fn(b)
@@ -111,16 +118,17 @@ def child_main(args) -> int:
 
 
 # ============================================================================== runner
-def bench_model(spec, args, source_schedule) -> dict:
+def bench_model(spec, args, source_schedules: dict) -> dict:
     """Every measurement of one model, in order, collected into its results entry."""
     t_start = time.time()
     log(f"== {spec.key}: {spec.title}")
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     peak = measure.matmul_peak(args.threads, _matmul_sizes(args), reps=3)
-    mb = ModelBench(spec, args, source_schedule)
+    mb = ModelBench(spec, args, source_schedules)
     res: dict = {**mb.describe(), "rows": {}, "loadavg": {"start": os.getloadavg()}, "started": started, "matmul": asdict(peak)}
-    rstr_file = args.work / "schedules" / f"{spec.key}-rstr.json"
-    mb.rstr.save(rstr_file)
+    rstr_files = {k: args.work / "schedules" / f"{spec.key}-{k}.json" for k in mb.schedules if k != "cfg"}
+    for kind, path in rstr_files.items():
+        mb.schedules[kind].save(path)
 
     runs, skipped = mb.set_up_rows(args.rows)
     rows = res["rows"] = {
@@ -128,6 +136,7 @@ def bench_model(spec, args, source_schedule) -> dict:
             "label": setup.ROW_LABELS[key],
             "engine": ROW_ENGINE[key],
             "schedule": ROW_SCHEDULE[key],
+            "precision": ROW_PRECISION[key],
             "skipped": skipped.get(key),
         }
         for key in ROWS
@@ -135,6 +144,7 @@ def bench_model(spec, args, source_schedule) -> dict:
     if any(ROW_ENGINE[k] == "ort" for k in runs):
         res["bundle_rel_error"] = mb.check_bundles()
         res["bundle_files_mb"] = mb.bundle_files_mb()
+        res["precision_gates"] = mb.precision_gates()
         log(f"  bundles verified: {res['bundle_rel_error']}")
 
     for b in mb.batches:
@@ -143,7 +153,7 @@ def bench_model(spec, args, source_schedule) -> dict:
         for key, spread in measure.end_to_end({k: partial(fn, b) for k, fn in runs.items()}, b, args.reps).items():
             rows[key].setdefault("e2e", {})[str(b)] = asdict(spread)
         for (key, _), calls in mb.session_log.items():  # ONNX Runtime rows: the same calls split by session
-            steps = len(mb.bundle(ROW_SCHEDULE[key]).steps)
+            steps = len(mb.row_bundle(key).steps)
             rows[key].setdefault("overhead", {})[str(b)] = asdict(Overhead.of(calls[-args.reps :], steps))  # no warm-up
 
     calls = mb.denoiser_calls(runs)
@@ -156,8 +166,9 @@ def bench_model(spec, args, source_schedule) -> dict:
     res["pass_gflop"] = pass_flops / 1e9
     for key, flops in measure.model_flops(mb, runs, pass_flops, args.count_full_runs and spec.key != "dit-xl").items():
         rows[key].update(asdict(flops))
-    if "cache-dit" in runs:  # what its FLOP-counted batch-1 run cached
-        rows["cache-dit"]["cache_dit_stats"] = setup.cache_dit_stats(mb.pipes["cache-dit"])
+    for key in [k for k in runs if is_cache_dit(k)]:  # what its FLOP-counted batch-1 run cached
+        rows[key]["cache_dit_stats"] = setup.cache_dit_stats(mb.pipes[key])
+        rows[key]["cache_dit_config"] = setup.cache_dit_config(mb.family, mb.steps, float(key.split("@")[1]))
 
     if spec.key == "ref" and not args.no_quality:
         log(f"  quality: {args.quality_groups} x {args.quality_num} held-out images per row")
@@ -167,7 +178,7 @@ def bench_model(spec, args, source_schedule) -> dict:
 
     if args.memory:  # one fresh process per row
         for key in runs:
-            mem = memory_child(spec, key, mb, rstr_file, args)
+            mem = memory_child(spec, key, mb, rstr_files, args)
             rows[key]["peak_rss_mb"] = None if mem is None else asdict(mem)
     res["seconds"] = time.time() - t_start
     log(f"  {spec.key} done in {res['seconds']:.0f} s")
@@ -265,9 +276,15 @@ def parse(argv=None):
         help="count FLOPs over a whole batch-1 generation for PyTorch rows too (default: on; off with --quick); "
         "cache-dit is always counted that way",
     )
+    p.add_argument(
+        "--big-batch",
+        type=int,
+        default=None,
+        help="the larger batch of every model that has one (default: the model's own, e.g. 8 for ref, 2 for dit-s)",
+    )
     p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--_bundle", type=Path, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--_rstr", type=Path, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--_rstr", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     default = setup.QUICK_MODELS if args.quick else setup.DEFAULT_MODELS
     args.models = [m.strip() for m in args.models.split(",")] if args.models else list(default)
@@ -292,26 +309,30 @@ def parse(argv=None):
     return args
 
 
-def source_schedule(args):
-    """The reference model's rstr schedule (searched, else hand-made), transferred to the other models."""
+def source_schedules(args) -> tuple[dict, dict[str, str]]:
+    """The reference model's searched schedules by kind (``rstr``: 50%, searched or hand-made; ``rstr30``: 30% if
+    searched), with where each came from; the other models get them transferred."""
     from rstr.families import load_model
+    from rstr.schedule import GuidanceSchedule
 
     try:
         ref = load_model(setup.reference_dir())
     except Exception as err:  # noqa: BLE001
         if args.schedule is not None:
-            from rstr.schedule import GuidanceSchedule
-
-            return GuidanceSchedule.load(args.schedule), str(args.schedule)
+            return {"rstr": GuidanceSchedule.load(args.schedule)}, {"rstr": str(args.schedule)}
         raise SystemExit(
             f"bench: error: cannot load the reference model ({err}); train it with "
             "`python tools/train_reference.py --out rstr/reference/digits-dit --seed 0`"
         ) from None
-    s, where = setup.find_searched_schedule(ref, args.schedule)
-    if s is None:
-        s = setup.hand_schedule(ref, ref.default_steps, float(ref.meta.get("default_scale", 2.0)))
-        where = "hand-made stand-in (no searched schedule under docs/search/): first third of 60% of the steps guided"
-    return s, where
+    found, where = {}, {}
+    for kind, budget in setup.SCHEDULE_BUDGETS.items():
+        s, w = setup.find_searched_schedule(ref, args.schedule if kind == "rstr" else None, budget)
+        if s is None and kind == "rstr":
+            s = setup.hand_schedule(ref, ref.default_steps, float(ref.meta.get("default_scale", 2.0)))
+            w = "hand-made stand-in (no searched schedule under docs/search/): first third of 60% of the steps guided"
+        if s is not None and (kind == "rstr" or s.to_dict() != found["rstr"].to_dict()):
+            found[kind], where[kind] = s, w
+    return found, where
 
 
 def _partial(results: dict, args, t0: float, write_report) -> None:
@@ -336,8 +357,10 @@ def main(argv=None) -> int:
     from bench_report import write_report
 
     t0 = time.time()
-    sched, where = source_schedule(args)
-    log(f"rstr schedule: {where}; {sched.describe()}")
+    scheds, where = source_schedules(args)
+    for kind, sched in scheds.items():
+        log(f"{kind} schedule: {where[kind]}; {sched.describe()}")
+    sched = scheds["rstr"]
     results = {
         "command": "python tools/bench.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -345,9 +368,11 @@ def main(argv=None) -> int:
         "threads": args.threads,
         "reps": args.reps,
         "quick": args.quick,
-        "schedule_source": where,
+        "schedule_source": where["rstr"],
         "source_schedule": sched.to_dict(),
         "schedule_describe": sched.describe(),
+        "schedule_sources": where,
+        "source_schedules": {k: {"schedule": v.to_dict(), "describe": v.describe()} for k, v in scheds.items()},
         "tensorrt": setup.tensorrt_unavailable() or "available",
         "models": {},
     }
@@ -370,8 +395,10 @@ def main(argv=None) -> int:
         results["updated"] = sorted(results["models"])
     for key in args.models:
         try:
-            results["models"][key] = bench_model(MODELS[key], args, sched)
-            results["models"][key].update(threads=args.threads, reps=args.reps, schedule_source=where)
+            results["models"][key] = bench_model(MODELS[key], args, scheds)
+            results["models"][key].update(
+                threads=args.threads, reps=args.reps, schedule_source=where["rstr"], schedule_sources=where
+            )
         except Exception as err:  # noqa: BLE001 - one model failing must not lose the others
             import traceback
 

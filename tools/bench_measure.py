@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from bench_setup import ROW_ENGINE, ROW_SCHEDULE
+from bench_setup import ROW_ENGINE, ROW_SCHEDULE, is_cache_dit
 
 if TYPE_CHECKING:
     from bench_rows import ModelBench
@@ -334,9 +334,9 @@ def model_flops(mb: ModelBench, runs: dict, pass_flops: int, count_full_runs: bo
     out = {}
     for key, fn in runs.items():
         passes = mb.schedules[ROW_SCHEDULE[key]].passes_per_image
-        if key == "cache-dit":
+        if is_cache_dit(key):
             out[key] = counted_flops(partial(fn, 1), pass_flops)
-        elif count_full_runs and ROW_ENGINE[key] == "torch":
+        elif count_full_runs and ROW_ENGINE[key] == "torch" and key != "diffusers-compile":  # compiled: diffusers' arithmetic
             out[key] = counted_flops(partial(fn, 1), pass_flops, passes)
         else:
             out[key] = nominal_flops(pass_flops, passes)

@@ -20,7 +20,7 @@ import bench_measure as measure
 import bench_setup as setup
 import numpy as np
 from bench_measure import log
-from bench_setup import ROW_ENGINE, ROW_SCHEDULE, ROWS
+from bench_setup import ROW_ENGINE, ROW_PRECISION, ROW_SCHEDULE, ROWS, is_cache_dit
 
 
 def at_batch(bundle, batch: int):
@@ -32,7 +32,7 @@ def at_batch(bundle, batch: int):
 class ModelBench:
     """Rows of one model as calls to measure, built lazily (a memory child builds only its own row)."""
 
-    def __init__(self, spec, args, source_schedule, rstr_file: Path | None = None):
+    def __init__(self, spec, args, source_schedules: dict, rstr_files: dict[str, Path] | None = None):
         import torch
 
         from rstr.families import load_model
@@ -50,16 +50,16 @@ class ModelBench:
             self.scale = spec.scale
         self.steps = steps
         self.cfg = GuidanceSchedule.constant(self.scale, steps, family=f.name, sampler=f.sampler, default_steps=steps)
-        if rstr_file is not None:
-            self.rstr = GuidanceSchedule.load(rstr_file)
-        elif spec.key == "ref":
-            self.rstr = source_schedule
-        else:
-            self.rstr = setup.transfer_schedule(source_schedule, f, steps)
-        self.schedules = {"cfg": self.cfg, "rstr": self.rstr}
-        self.batches = [1] + ([spec.big_batch] if spec.big_batch else [])
+        self.schedules = {"cfg": self.cfg}
+        for kind, source in source_schedules.items():  # rstr (50%), rstr30 (30%); absent where none was found
+            if rstr_files is not None:
+                self.schedules[kind] = GuidanceSchedule.load(rstr_files[kind])
+            else:
+                self.schedules[kind] = source if spec.key == "ref" else setup.transfer_schedule(source, f, steps)
+        self.rstr = self.schedules["rstr"]
+        self.batches = [1] + ([getattr(args, "big_batch", None) or spec.big_batch] if spec.big_batch else [])
         self.inputs = {b: setup.make_inputs(f, b) for b in self.batches}
-        self.bundles: dict[tuple[str, str], Any] = {}  # (schedule kind, backend) -> Bundle
+        self.bundles: dict[tuple[str, str, str], Any] = {}  # (schedule kind, backend, precision) -> Bundle
         self.runners: dict[tuple[str, int], Any] = {}  # (row, batch) -> active runner
         self.clocks: dict[tuple[str, int], measure.SessionClock] = {}  # ONNX Runtime runners' session time
         self.pipes: dict[str, Any] = {}
@@ -92,12 +92,17 @@ class ModelBench:
 
     # ------------------------------------------------------------------ reasons to skip
     def skip_reason(self, key: str) -> str | None:
-        if key in self.spec.skip:
-            return self.spec.skip[key]
-        if key == "cache-dit":
+        base = key.split("@")[0]
+        if key in self.spec.skip or base in self.spec.skip:
+            return self.spec.skip.get(key, self.spec.skip.get(base))
+        if ROW_SCHEDULE[key] not in self.schedules:
+            return f"no searched schedule within {setup.SCHEDULE_BUDGETS[ROW_SCHEDULE[key]]:.0%} under docs/search/"
+        if is_cache_dit(key):
             return setup.cache_dit_unavailable(self.family)
         if ROW_ENGINE[key] == "trt":
             return setup.tensorrt_unavailable()
+        if ROW_ENGINE[key] == "ort" and ROW_PRECISION[key] == "bf16":
+            return setup.CPU_BF16
         return None
 
     def set_up_rows(self, selected: list[str]) -> tuple[dict[str, Callable[[int], Any]], dict[str, str]]:
@@ -120,46 +125,58 @@ class ModelBench:
         if key not in self.pipes:
             if key == "diffusers":
                 self.pipes[key] = setup.stock_pipeline(self.family, self.family.transformer)
+            elif key == "diffusers-compile":
+                self.pipes[key] = setup.compiled_pipeline(self.family, copy_transformer=copy_transformer)
             else:
-                self.pipes[key] = setup.cache_dit_pipeline(self.family, copy_transformer=copy_transformer)
+                threshold = float(key.split("@")[1])
+                self.pipes[key] = setup.cache_dit_pipeline(self.family, self.steps, threshold, copy_transformer=copy_transformer)
         return self.pipes[key]
 
     def torch_row(self, key: str, copy_transformer: bool = True) -> Callable[[int], Any]:
         from rstr.sampler import sample
 
         f = self.family
-        if key in ("diffusers", "cache-dit"):
+        if key != "rstr-torch":
             pipe = self.pipeline(key, copy_transformer)
             return lambda b: setup.call_pipeline(pipe, f, self.inputs[b], self.steps, self.scale)
         return lambda b: sample(f, self.rstr, self.inputs[b].cond, uncond=self.inputs[b].uncond, noise=self.inputs[b].noise)
 
     # -------------------------------------------------------------------------- bundles
-    def bundle_dir(self, kind: str, backend: str = "onnxruntime") -> Path:
+    def bundle_dir(self, kind: str, backend: str = "onnxruntime", precision: str = "fp32") -> Path:
         tag = (
             self.dir.name
             if self.spec.config is not None
             else setup.file_digest(self.dir / "transformer" / "diffusion_pytorch_model.safetensors")
         )
-        digest = setup._digest([tag, self.schedules[kind].to_dict(), backend])
-        return self.args.work / "bundles" / f"{self.spec.key}-{kind}-{backend}-{digest}"
+        digest = setup._digest([tag, self.schedules[kind].to_dict(), backend, precision])
+        return self.args.work / "bundles" / f"{self.spec.key}-{kind}-{backend}-{precision}-{digest}"
 
-    def bundle(self, kind: str, backend: str = "onnxruntime"):
-        if (kind, backend) not in self.bundles:
-            self.bundles[kind, backend] = setup.build_bundle(
-                self.dir, self.schedules[kind], self.bundle_dir(kind, backend), log, backend=backend, rebuild=self.args.rebuild
+    def bundle(self, kind: str, backend: str = "onnxruntime", precision: str = "fp32"):
+        if (kind, backend, precision) not in self.bundles:
+            self.bundles[kind, backend, precision] = setup.build_bundle(
+                self.dir,
+                self.schedules[kind],
+                self.bundle_dir(kind, backend, precision),
+                log,
+                backend=backend,
+                rebuild=self.args.rebuild,
+                precision=precision,
             )
-        return self.bundles[kind, backend]
+        return self.bundles[kind, backend, precision]
+
+    def row_bundle(self, key: str):
+        """The bundle that bundle row ``key`` walks."""
+        return self.bundle(ROW_SCHEDULE[key], "tensorrt" if ROW_ENGINE[key] == "trt" else "onnxruntime", ROW_PRECISION[key])
 
     def new_runner(self, key: str, batch: int):
         """A fresh, inactive runner of bundle row ``key`` at ``batch``."""
-        kind = ROW_SCHEDULE[key]
         if ROW_ENGINE[key] == "ort":
             from rstr.engines.onnxruntime import OnnxRuntimeRunner
 
-            return OnnxRuntimeRunner(at_batch(self.bundle(kind), batch), threads=self.args.threads)
+            return OnnxRuntimeRunner(at_batch(self.row_bundle(key), batch), threads=self.args.threads)
         from rstr.engines.tensorrt import TensorRTRunner
 
-        return TensorRTRunner(at_batch(self.bundle(kind, "tensorrt"), batch))
+        return TensorRTRunner(at_batch(self.row_bundle(key), batch))
 
     def runner(self, key: str, batch: int):
         """The active runner that row ``key`` times at ``batch`` (ONNX Runtime ones with their sessions clocked)."""
@@ -173,8 +190,7 @@ class ModelBench:
 
     def bundle_row(self, key: str) -> Callable[[int], Any]:
         """A bundle row; ONNX Runtime calls also log ``(infer, denoiser, step graphs)`` seconds for the overhead split."""
-        self.bundle(ROW_SCHEDULE[key], "tensorrt" if ROW_ENGINE[key] == "trt" else "onnxruntime")  # export now: a failing
-        # export is reported as this row's reason
+        self.row_bundle(key)  # export now: a failing export is reported as this row's reason
 
         def run(b: int):
             inp, r = self.inputs[b], self.runner(key, b)
@@ -193,29 +209,43 @@ class ModelBench:
         return self.torch_row(key) if ROW_ENGINE[key] == "torch" else self.bundle_row(key)
 
     def check_bundles(self) -> dict[str, float]:
-        """Max relative error of every ONNX Runtime bundle walk used, against the PyTorch sampler (same noise)."""
+        """Max relative error against the PyTorch sampler (same noise) of every ONNX Runtime bundle walk used.
+
+        Keyed ``<schedule>-<precision>@<batch>``: batch 1 as verified by the build (bf16 emulated
+        on CPU), larger batches verified here the same way.
+        """
         from rstr.export.plan import build_plan
         from rstr.export.verify import verify
 
         out = {}
-        for kind in ("cfg", "rstr"):
-            if (kind, "onnxruntime") not in self.bundles:
+        for (kind, backend, precision), bundle in self.bundles.items():
+            if backend != "onnxruntime":
                 continue
-            bundle = self.bundles[kind, "onnxruntime"]
-            out[f"{kind}@1"] = bundle.manifest.verification.max_rel_error  # verified by build()
+            out[f"{kind}-{precision}@1"] = bundle.manifest.verification.max_rel_error
             for b in self.batches[1:]:
                 re = at_batch(bundle, b)
                 if re.plan != build_plan(self.family, self.schedules[kind], b):
                     raise RuntimeError(f"replanned {kind} bundle at batch {b} differs from build_plan")
-                out[f"{kind}@{b}"] = verify(re, self.family, self.schedules[kind], raise_on_failure=False).max_rel_error
+                out[f"{kind}-{precision}@{b}"] = verify(
+                    re, self.family, self.schedules[kind], raise_on_failure=False
+                ).max_rel_error
         return out
 
     def bundle_files_mb(self) -> dict[str, float]:
         return {
-            kind: sum(e.bytes or 0 for e in b.manifest.files.values()) / 2**20
-            for (kind, backend), b in self.bundles.items()
+            f"{kind}-{precision}": sum(e.bytes or 0 for e in b.manifest.files.values()) / 2**20
+            for (kind, backend, precision), b in self.bundles.items()
             if backend == "onnxruntime"
         }
+
+    def precision_gates(self) -> dict[str, dict]:
+        """Each reduced-precision bundle's build record (rstr.export.precision_gate): what it cost where measured."""
+        out = {}
+        for (kind, backend, precision), b in self.bundles.items():
+            gate = ((b.manifest.summary or {}).get("gates") or {}).get("precision")
+            if precision != "fp32" and gate:
+                out[f"{backend}-{kind}-{precision}"] = {k: gate.get(k) for k in ("decision", "conversion", "speed", "verdict")}
+        return out
 
     # ------------------------------------------------------------------- denoiser calls
     def denoiser_input(self, b: int, n: int):
@@ -242,8 +272,11 @@ class ModelBench:
                 x, t, cond = self.denoiser_input(b, n)
                 if "torch" in engines:
                     calls[f"torch@{n}"] = partial(_torch_call, self.family, x, t, cond)
-                if "ort" in engines:
-                    calls[f"ort@{n}"] = _ort_call(self.runner("ort-rstr" if "ort-rstr" in runs else "ort-cfg", b), x, t, cond)
+                for key in ("ort-rstr", "ort-rstr-int8-dynamic", "ort-rstr-int8"):  # the denoiser at each precision
+                    if key in runs:
+                        calls[f"{key.replace('-rstr', '')}@{n}"] = _ort_call(self.runner(key, b), x, t, cond)
+                if "ort" in engines and "ort@" + str(n) not in calls and "ort-cfg" in runs:
+                    calls[f"ort@{n}"] = _ort_call(self.runner("ort-cfg", b), x, t, cond)
         return calls
 
     # -------------------------------------------------------------------------- quality
@@ -265,7 +298,7 @@ class ModelBench:
                     runner.infer(noise_for_seeds(f, seeds).numpy(), {"class_labels": labels.numpy()})
                 )
             return
-        chunk = 1 if key == "cache-dit" else num
+        chunk = 1 if is_cache_dit(key) else num
 
         def generate(seeds: list[int]):
             outs = []

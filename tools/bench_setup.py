@@ -24,35 +24,52 @@ ROOT = Path(__file__).resolve().parent.parent
 SEARCH_DIR = ROOT / "docs" / "search"
 BENCH_SEED = 0  # image i of a timed batch starts from the noise of seed BENCH_SEED + i
 
-# Row keys, in table order.
-ROWS = ("diffusers", "cache-dit", "rstr-torch", "ort-cfg", "ort-rstr", "trt-cfg", "trt-rstr")
-ROW_LABELS = {
-    "diffusers": "diffusers pipeline, eager, constant CFG (baseline)",
-    "cache-dit": "diffusers + cache-dit (DBCache defaults), constant CFG",
-    "rstr-torch": "rstr sampler, PyTorch eager, rstr schedule",
-    "ort-cfg": "rstr bundle, ONNX Runtime CPU, constant CFG",
-    "ort-rstr": "rstr bundle, ONNX Runtime CPU, rstr schedule",
-    "trt-cfg": "rstr bundle, TensorRT, constant CFG",
-    "trt-rstr": "rstr bundle, TensorRT, rstr schedule",
+# Rows, in table order: key -> (label, engine, schedule kind, precision).  Schedule kinds: ``cfg`` constant
+# CFG at the nominal steps, ``rstr`` the 50%-budget search result, ``rstr30`` the 30% one (docs/search/).
+CACHE_DIT_THRESHOLDS = (0.08, 0.16, 0.32)  # DBCache residual_diff_threshold, swept (0.08 is its default)
+SCHEDULE_BUDGETS = {"rstr": 0.5, "rstr30": 0.3}
+PRECISIONS = ("fp32", "int8-dynamic", "int8", "bf16")  # rstr.export.precision
+_ROWS: dict[str, tuple[str, str, str, str]] = {
+    "diffusers": ("diffusers pipeline, eager, constant CFG (baseline)", "torch", "cfg", "fp32"),
+    "diffusers-compile": ("diffusers pipeline, torch.compile(transformer), constant CFG", "torch", "cfg", "fp32"),
+    **{
+        f"cache-dit@{t:g}": (
+            f"diffusers + cache-dit DBCache (threshold {t:g}, blocks that fit), constant CFG",
+            "torch",
+            "cfg",
+            "fp32",
+        )
+        for t in CACHE_DIT_THRESHOLDS
+    },
+    "rstr-torch": ("rstr sampler, PyTorch eager, rstr 50% schedule", "torch", "rstr", "fp32"),
+    "ort-cfg": ("rstr bundle, ONNX Runtime CPU, constant CFG, fp32", "ort", "cfg", "fp32"),
+    **{
+        f"{eng}-{kind}" + ("" if p == "fp32" else f"-{p}"): (
+            f"rstr bundle, {'ONNX Runtime CPU' if eng == 'ort' else 'TensorRT'}, rstr {SCHEDULE_BUDGETS[kind]:.0%} schedule, {p}",
+            eng,
+            kind,
+            p,
+        )
+        for eng in ("ort", "trt")
+        for kind in SCHEDULE_BUDGETS
+        for p in PRECISIONS
+        if not (eng == "trt" and p == "int8-dynamic")  # TensorRT has no dynamic int8 ops
+    },
+    "trt-cfg": ("rstr bundle, TensorRT, constant CFG, fp32", "trt", "cfg", "fp32"),
 }
-ROW_SCHEDULE = {
-    "diffusers": "cfg",
-    "cache-dit": "cfg",
-    "rstr-torch": "rstr",
-    "ort-cfg": "cfg",
-    "ort-rstr": "rstr",
-    "trt-cfg": "cfg",
-    "trt-rstr": "rstr",
-}
-ROW_ENGINE = {
-    "diffusers": "torch",
-    "cache-dit": "torch",
-    "rstr-torch": "torch",
-    "ort-cfg": "ort",
-    "ort-rstr": "ort",
-    "trt-cfg": "trt",
-    "trt-rstr": "trt",
-}
+ROWS = tuple(k for k in _ROWS if not k.startswith("trt")) + tuple(k for k in _ROWS if k.startswith("trt"))
+ROW_LABELS = {k: _ROWS[k][0] for k in ROWS}
+ROW_ENGINE = {k: _ROWS[k][1] for k in ROWS}
+ROW_SCHEDULE = {k: _ROWS[k][2] for k in ROWS}
+ROW_PRECISION = {k: _ROWS[k][3] for k in ROWS}
+CPU_BF16 = (
+    "not run: ONNX Runtime's CPU provider has no bf16 MatMul/Gemm/Add kernels (1.32) and this CPU no AVX512-BF16; "
+    "a bf16 bundle runs on TensorRT or ONNX Runtime CUDA (see the trt-*-bf16 rows)"
+)
+
+
+def is_cache_dit(key: str) -> bool:
+    return key.startswith("cache-dit")
 
 
 # ================================================================================ models
@@ -285,12 +302,12 @@ def file_digest(path: Path) -> str:
 
 
 # ============================================================================= schedules
-def find_searched_schedule(family, explicit: Path | None) -> tuple[Any, str]:
+def find_searched_schedule(family, explicit: Path | None, budget: float = 0.5) -> tuple[Any, str]:
     """The reference model's searched schedule: ``explicit``, else the best candidate under ``docs/search/``.
 
     Candidates are the ``rstr.schedule/1`` files there that fit the model (family, sampler,
-    default steps) within 50% of constant-CFG compute; the largest such compute fraction wins
-    (the 50%-budget search), ties broken by file name.  ``None`` when there is none.
+    default steps) within ``budget`` of constant-CFG compute; the largest such compute fraction
+    wins (the search at that budget), ties broken by file name.  ``None`` when there is none.
     """
     from rstr.schedule import GuidanceSchedule
 
@@ -311,7 +328,7 @@ def find_searched_schedule(family, explicit: Path | None) -> tuple[Any, str]:
             family.name,
             family.sampler,
             family.default_steps,
-        ) and s.compute_fraction <= 0.5:
+        ) and s.compute_fraction <= budget + 1e-9:
             found.append((s.compute_fraction, str(path.relative_to(ROOT)), s))
     if not found:
         return None, ""
@@ -510,8 +527,25 @@ def cache_dit_version() -> str | None:
         return None
 
 
-def cache_dit_pipeline(family, copy_transformer: bool = True):
-    """A stock pipeline with ``cache_dit.enable_cache(pipe)`` at its defaults.
+def cache_dit_config(family, steps: int, threshold: float) -> dict:
+    """DBCache settings that let cache-dit cache on this model: blocks that fit, a warm-up that leaves steps to cache.
+
+    Its defaults (8 front compute blocks, 8 warm-up steps, threshold 0.08) refuse models with fewer
+    than 8 blocks and, at 20 steps, cached nothing on DiT-S/2 (the earlier benchmark).  Here: a
+    quarter of the blocks (at least 1, at most its default 8) computed in front, none behind, a
+    warm-up of a fifth of the steps, and ``threshold`` from :data:`CACHE_DIT_THRESHOLDS`.
+    """
+    blocks = len(family.blocks())
+    return {
+        "Fn_compute_blocks": max(1, min(8, blocks // 4)),
+        "Bn_compute_blocks": 0,
+        "residual_diff_threshold": threshold,
+        "max_warmup_steps": max(1, steps // 5),
+    }
+
+
+def cache_dit_pipeline(family, steps: int, threshold: float, copy_transformer: bool = True):
+    """A stock pipeline with ``cache_dit.enable_cache`` and :func:`cache_dit_config`.
 
     cache-dit patches the transformer it is given, so next to the other rows it gets its own
     copy (``copy_transformer``); a process measuring only this row uses the model itself.
@@ -520,20 +554,24 @@ def cache_dit_pipeline(family, copy_transformer: bool = True):
     import cache_dit
 
     pipe = stock_pipeline(family, copy.deepcopy(family.transformer) if copy_transformer else family.transformer)
-    cache_dit.enable_cache(pipe)
+    cache_dit.enable_cache(pipe, cache_config=cache_dit.DBCacheConfig(**cache_dit_config(family, steps, threshold)))
+    return pipe
+
+
+def compiled_pipeline(family, copy_transformer: bool = True):
+    """The stock pipeline with ``torch.compile`` on its transformer (inductor, default mode): what a PyTorch user does."""
+    import torch
+
+    transformer = copy.deepcopy(family.transformer) if copy_transformer else family.transformer
+    pipe = stock_pipeline(family, transformer)
+    pipe.transformer = torch.compile(transformer)
     return pipe
 
 
 def cache_dit_unavailable(family) -> str | None:
-    """Why cache-dit's default settings cannot run on this model, or None."""
+    """Why cache-dit cannot run here, or None."""
     if cache_dit_version() is None:
         return "cache-dit is not installed (`pip install cache-dit`; it does not change torch)"
-    blocks = len(family.blocks())
-    if blocks < 8:
-        return (
-            f"cache-dit's default DBCache (Fn_compute_blocks=8) needs at least 8 transformer blocks and this model has "
-            f"{blocks}; cache-dit refuses it (AssertionError)"
-        )
     return None
 
 
@@ -549,9 +587,20 @@ def cache_dit_stats(pipe) -> dict:
 
 # =============================================================================== bundles
 def build_bundle(
-    model: Path, schedule, out: Path, log: Callable[[str], None], backend: str = "onnxruntime", rebuild: bool = False
+    model: Path,
+    schedule,
+    out: Path,
+    log: Callable[[str], None],
+    backend: str = "onnxruntime",
+    rebuild: bool = False,
+    precision: str = "fp32",
 ):
-    """Export (or reuse a cached) batch-1 bundle of ``model`` under ``schedule``; returns the opened Bundle."""
+    """Export (or reuse a cached) batch-1 bundle of ``model`` under ``schedule`` at ``precision``; returns the opened Bundle.
+
+    ``precision`` is given explicitly (never ``auto``): the bundle ships at it and its precision
+    gate record (FD against fp32 on gate seeds for models with the digits metrics, denoiser
+    timing) is in its manifest summary.
+    """
     from rstr.engines.bundle import Bundle
     from rstr.export.build import BuildOptions, build
 
@@ -565,9 +614,13 @@ def build_bundle(
     out.parent.mkdir(parents=True, exist_ok=True)
     sched_path = out.parent / f"{out.name}.schedule.json"
     schedule.save(sched_path)
-    log(f"  exporting bundle {out.name} ({schedule.describe()})")
+    log(f"  exporting bundle {out.name} ({schedule.describe()}, {precision})")
     # The build logs to logging.getLogger("rstr"), which the benchmark leaves unconfigured: warnings only.
-    build(BuildOptions(model=model, schedule=sched_path, out=out, measure=False, batch=1, force=True, backend=backend))
+    build(
+        BuildOptions(
+            model=model, schedule=sched_path, out=out, measure=False, batch=1, force=True, backend=backend, precision=precision
+        )
+    )
     return Bundle.open(out)
 
 

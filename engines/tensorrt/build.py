@@ -40,6 +40,23 @@ def _strongly_typed_kwargs(trt) -> dict:
     return {"strongly_typed": True} if flags is not None and hasattr(flags, "STRONGLY_TYPED") else {}
 
 
+def _precision_kwargs(precision: str, strongly_typed: bool) -> dict:
+    """Builder flags for a reduced-precision bundle (rstr.export.precision; docs/bundle.md).
+
+    A strongly typed network (TensorRT 10 with the flag, TensorRT 11 always) takes every type from
+    the ONNX -- bf16 casts, int8 Q/DQ pairs -- and needs no flag.  A weakly typed one (an older
+    TensorRT) must be allowed the bf16 tactics, and the int8 ones that explicit (Q/DQ)
+    quantization uses.  Dynamic int8 (ONNX Runtime's MatMulInteger) has no TensorRT layer.
+    """
+    if precision == "int8-dynamic":
+        raise BackendUnavailable(
+            "TensorRT has no dynamic int8 ops (MatMulInteger); rebuild the bundle with --precision int8 (static, Q/DQ) or bf16"
+        )
+    if strongly_typed or precision == "fp32":
+        return {}
+    return {"bf16": True} if precision == "bf16" else {"int8": True}
+
+
 def build_engines(
     bundle_root: Path,
     manifest: Manifest,
@@ -89,6 +106,8 @@ def build_engines(
         config_kwargs["version_compatible"] = True
     if hardware_compatible:
         config_kwargs["hardware_compatibility_level"] = trt.HardwareCompatibilityLevel.AMPERE_PLUS
+    typed = _strongly_typed_kwargs(trt)
+    config_kwargs.update(_precision_kwargs(manifest.precision, bool(typed)))
     (root / ENGINE_DIR).mkdir(exist_ok=True)
 
     entries = []
@@ -104,7 +123,7 @@ def build_engines(
                 prof.add(name, min=lo, opt=opt, max=hi)
             trt_profiles.append(prof)
         onnx_path = safe_member(root, spec.file)
-        network = NetworkFromOnnxPath(str(onnx_path), **_strongly_typed_kwargs(trt))
+        network = NetworkFromOnnxPath(str(onnx_path), **typed)
         config = CreateConfig(profiles=trt_profiles, **config_kwargs)
         try:
             plan = EngineBytesFromNetwork(network, config=config, save_timing_cache=cache)()

@@ -155,7 +155,7 @@ def check_compatible(entry: Engine, trt_version: str, compute_capability: str) -
 
 
 def select_engines(bundle: Bundle, trt_version: str, compute_capability: str) -> dict[str, Engine]:
-    """The engine entry of each graph the plan uses, checked present, listed in ``files`` and compatible."""
+    """The engine entry of each graph the plan uses, checked present and compatible."""
     needed = graphs_needed(bundle.plan)
     entries = bundle.engines_for("tensorrt")
     if not entries:
@@ -170,11 +170,7 @@ def select_engines(bundle: Bundle, trt_version: str, compute_capability: str) ->
         raise BackendUnavailable(f"bundle {bundle.root} has no TensorRT engine for {', '.join(missing)}; {REBUILD}")
     out = {}
     for graph in needed:
-        entry = by_graph[graph]
-        if entry.file not in bundle.manifest.files:
-            raise BundleError(
-                f"engine file {entry.file} is not listed in the manifest's 'files' (so it is not checksummed); {REBUILD}"
-            )
+        entry = by_graph[graph]  # listed in files, so checked at open (rstr.engines.validate)
         check_compatible(entry, trt_version, compute_capability)
         out[graph] = entry
     rows = bundle.plan.denoiser_rows
@@ -183,6 +179,24 @@ def select_engines(bundle: Bundle, trt_version: str, compute_capability: str) ->
     if lacking:
         raise BackendUnavailable(f"the denoiser engine has no profile for batch {lacking[0]} (it has {have}); {REBUILD}")
     return out
+
+
+def host_code_allowed(entries: Iterable[Engine], trusted: bool) -> bool:
+    """Whether the TensorRT runtime may run host code embedded in these engines (``engine_host_code_allowed``).
+
+    Version-compatible engines embed TensorRT's lean runtime, which runs as host code when the
+    engine loads: a bundle's files are hashed but unsigned, so that code is as trustworthy as
+    its author.  Such engines load only when the caller says it trusts the author
+    (``trust_engine_host_code`` / ``--trust-engine-host-code``); other engines never need host code.
+    """
+    compatible = [e.file for e in entries if e.version_compatible]
+    if compatible and not trusted:
+        raise BackendUnavailable(
+            f"engine {compatible[0]} is version-compatible: it embeds TensorRT's lean runtime as host code that runs when "
+            "it loads; pass trust_engine_host_code=True (--trust-engine-host-code) only if you trust the bundle's "
+            f"author, or {REBUILD}"
+        )
+    return bool(compatible)
 
 
 @dataclass(frozen=True)

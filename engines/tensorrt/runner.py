@@ -43,12 +43,13 @@ from typing import Any
 
 import numpy as np
 from rstr.engines.base import Runner
-from rstr.engines.bundle import Bundle, safe_member
+from rstr.engines.bundle import Bundle
 from rstr.engines.tensorrt.cuda import CudaError, gpu, load_tensorrt, trt_logger
 from rstr.engines.tensorrt.plan import (
     REBUILD,
     PathBinding,
     buffer_specs,
+    host_code_allowed,
     plan_bindings,
     record_layout,
     select_engines,
@@ -85,19 +86,22 @@ class TensorRTRunner(Runner):
     """Walks the plan on TensorRT engines, device-resident, with one CUDA graph per step kind.
 
     ``__init__`` raises :class:`~rstr.errors.BackendUnavailable` (one line) when TensorRT or
-    cuda-python is missing, no GPU is visible, the bundle has no engines for its plan, or an
-    engine was built for another TensorRT or GPU.  The module docstring describes the design.
+    cuda-python is missing, no GPU is visible, the bundle has no engines for its plan, an
+    engine was built for another TensorRT or GPU, or an engine is version-compatible (it
+    embeds host code that runs on load) and ``trust_engine_host_code`` is False: pass True
+    only for bundles whose author you trust as you would trust a program from them.  The module docstring describes the design.
     Not executed where it was written (no TensorRT there).
     """
 
     backend = "tensorrt"
 
-    def __init__(self, bundle: Bundle, *, cuda_graphs: bool = True, device: int = 0):
+    def __init__(self, bundle: Bundle, *, cuda_graphs: bool = True, device: int = 0, trust_engine_host_code: bool = False):
         super().__init__(bundle)
         self.trt = load_tensorrt()
         self.cuda, self.device_name, self.compute_capability = gpu(device)
         self.device = device
         self.entries = select_engines(bundle, self.trt.__version__, self.compute_capability)
+        self.host_code = host_code_allowed(self.entries.values(), trust_engine_host_code)
         self.bindings = plan_bindings(bundle, self.entries)
         self.layout = record_layout(bundle)
         self.specs = buffer_specs(bundle)
@@ -123,10 +127,9 @@ class TensorRTRunner(Runner):
         s.stream = cuda.stream()
         self._stream_handle = int(s.stream)
         s.runtime = trt.Runtime(trt_logger(trt))
+        s.runtime.engine_host_code_allowed = self.host_code  # False unless trusted: see host_code_allowed
         for graph, entry in self.entries.items():
-            data = safe_member(self.bundle.root, entry.file).read_bytes()
-            if entry.version_compatible:
-                s.runtime.engine_host_code_allowed = True  # version-compatible plans embed the lean runtime
+            data = self.bundle.member(entry.file).read_bytes()
             engine = s.runtime.deserialize_cuda_engine(data)
             if engine is None:
                 raise BackendUnavailable(f"TensorRT could not load engine {entry.file} (see the TensorRT log); {REBUILD}")

@@ -23,6 +23,7 @@ adapter (``adapter_config.json``, ``adapter_model.safetensors``), ``allocation.j
 """
 
 from rstr.calibrate.adapter import (
+    ADAPTER_FILES,
     adapter_sha256,
     apply_adapter,
     check_adapter,
@@ -33,6 +34,7 @@ from rstr.calibrate.runner import CalibrationResult, calibrate
 from rstr.calibrate.train import PRESETS, Preset, default_schedule, teacher_schedule
 
 __all__ = [
+    "ADAPTER_FILES",
     "PRESETS",
     "CalibrationResult",
     "Preset",

@@ -9,12 +9,12 @@ so the budget is spread evenly over depth and layer kinds.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from rstr._io import read_json
 from rstr.errors import RstrError
 
 RANKS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)  # allowed positive ranks; 0 = no adapter
@@ -113,10 +113,10 @@ def _round_robin(modules: Sequence[TargetModule]) -> dict[str, int]:
 
 def ranks_from_file(path: Path, modules: Sequence[TargetModule]) -> dict[str, int]:
     """Ranks from an ``allocation.json``, checked against the model's layers and ``RANKS``."""
+    data = read_json(path)
     try:
-        data = json.loads(Path(path).read_text())
         given = {str(m["name"]): int(m["rank"]) for m in data["modules"]}
-    except (OSError, ValueError, KeyError, TypeError) as err:
+    except (ValueError, KeyError, TypeError, IndexError) as err:
         raise RstrError(f"--allocation {path}: not a readable allocation.json ({type(err).__name__}: {err})") from None
     by_name = {m.name: m for m in modules}
     unknown = sorted(set(given) - set(by_name))

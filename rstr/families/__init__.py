@@ -18,13 +18,17 @@ Families outside this package join with :func:`register_family`.
 
 from __future__ import annotations
 
-import json
+import contextlib
+import hashlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
 import torch
 
+from rstr._io import read_json
+from rstr.engines.schema import json_type
 from rstr.errors import ModelError
 from rstr.families.base import Conditioning, Family, ImageSpec, TensorSpec
 from rstr.families.class_embeddings import DIRECTORY as CLASS_EMBEDDINGS_DIR
@@ -51,6 +55,7 @@ __all__ = [
     "dtype_name",
     "family_for_transformer",
     "load_model",
+    "model_sha256",
     "register_family",
     "resolve_model_path",
     "torch_dtype",
@@ -70,14 +75,23 @@ for _family in (DiTFamily, PixArtFamily, FluxFamily, QwenImageFamily):
     register_family(_family)
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
-        raise ModelError(f"{path} is not a readable JSON file ({err})") from None
+def _read_json(path: Path, infinities: bool = False) -> dict:
+    data = read_json(path, ModelError, infinities)
     if not isinstance(data, dict):
-        raise ModelError(f"{path} must hold a JSON object, not {type(data).__name__}")
+        raise ModelError(f"{path} must hold a JSON object, not {json_type(data)}")
     return data
+
+
+@contextlib.contextmanager
+def _diffusers_quiet() -> Iterator[None]:
+    from diffusers.utils import logging as diffusers_logging
+
+    previous = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(previous)
 
 
 def _load_scheduler(directory: Path, family: type[Family]):
@@ -87,7 +101,7 @@ def _load_scheduler(directory: Path, family: type[Family]):
     config_path = directory / "scheduler_config.json"
     if not config_path.is_file():
         return family.default_scheduler()
-    config = _read_json(config_path)
+    config = _read_json(config_path, infinities=True)  # DPMSolverMultistepScheduler saves lambda_min_clipped = -inf
     cls = getattr(diffusers, str(config.get("_class_name", "")), None)
     if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
         raise ModelError(f"{config_path}: {config.get('_class_name')!r} is not a diffusers scheduler class")
@@ -133,6 +147,33 @@ def resolve_model_path(model: str | os.PathLike[str] | None, revision: str | Non
     if path.exists() or is_hub_id(model) or revision is not None or variant is not None:
         return resolve_model(model, revision=revision, variant=variant)
     return path
+
+
+def _model_files(path: Path) -> list[Path]:
+    """The files :func:`load_model` reads from the model directory ``path`` (hidden files aside)."""
+    transformer = path / "transformer" if (path / "transformer").is_dir() else path
+    files = [f for f in (path / "rstr.json", path / "model_index.json") if f.is_file()]
+    files += [f for f in transformer.iterdir() if f.is_file()]
+    for sub in (path / "scheduler", path / CLASS_EMBEDDINGS_DIR):
+        if sub.is_dir():
+            files += [f for f in sub.rglob("*") if f.is_file()]
+    return sorted({f for f in files if not f.name.startswith(".")})
+
+
+def model_sha256(path: str | os.PathLike[str]) -> str:
+    """Content hash of the files of the model directory ``path`` that :func:`load_model` reads (names, sizes, bytes).
+
+    ``rstr-export build`` records it as the bundle's ``provenance.model_sha256``; ``rstr-export verify``
+    loads the recorded model only when its files still hash to it.
+    """
+    path = Path(path)
+    h = hashlib.sha256()
+    for f in _model_files(path):
+        h.update(f"{f.relative_to(path).as_posix()}\0{f.stat().st_size}\0".encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
 
 
 def load_model(
@@ -183,17 +224,32 @@ def load_model(
             f"{transformer_dir}: transformer {config.get('_class_name')!r} is not supported; "
             f"supported: {', '.join(sorted(f.transformer_class for f in FAMILIES.values()))}"
         )
-    try:
-        transformer = getattr(diffusers, family.transformer_class).from_pretrained(
-            transformer_dir, torch_dtype=weights_dtype, variant=variant
+    if not any(transformer_dir.glob("*.safetensors")) and any(transformer_dir.glob("*.bin")):
+        raise ModelError(
+            f"{transformer_dir} has pickled .bin weights only; rstr loads safetensors weights (unpickling can run code): "
+            "convert them with safetensors.torch.save_file"
         )
+    try:
+        with _diffusers_quiet():  # its notes on missing weights become the one error line below
+            transformer = getattr(diffusers, family.transformer_class).from_pretrained(
+                transformer_dir,
+                torch_dtype=weights_dtype,
+                variant=variant,
+                use_safetensors=True,  # never unpickle weights
+            )
     except (OSError, ValueError, RuntimeError, TypeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelError(f"{transformer_dir}: cannot load the weights ({first})") from None
+    missing = [name for name, p in transformer.named_parameters() if p.is_meta]
+    if missing:
+        raise ModelError(
+            f"{transformer_dir}: the weights lack {len(missing)} tensor(s) its config.json asks for (e.g. {missing[0]}); "
+            "the config does not match the weights"
+        )
     scheduler = _load_scheduler(scheduler_dir if scheduler_dir.is_dir() else path, family)
     default_steps = meta.get("default_steps")
-    if default_steps is not None and (isinstance(default_steps, bool) or not isinstance(default_steps, int) or default_steps < 1):
-        raise ModelError(f"{path}/rstr.json: default_steps {default_steps!r} must be an integer >= 1")
+    if "default_steps" in meta and (isinstance(default_steps, bool) or not isinstance(default_steps, int) or default_steps < 1):
+        raise ModelError(f"{path}/rstr.json: default_steps {default_steps!r} must be an integer >= 1 (or leave it out)")
     adapter = family(transformer.to(device), scheduler, default_steps=default_steps, meta=meta, path=path, **family_kwargs)
     table = path / CLASS_EMBEDDINGS_DIR
     if prompts is not None:

@@ -7,6 +7,27 @@
 
 namespace rstr {
 
+std::string one_line(const std::string& text) {
+  static const char* hex = "0123456789abcdef";
+  std::string out;
+  for (size_t i = 0; i < text.size(); ++i) {
+    const auto c = static_cast<unsigned char>(text[i]);
+    if (c < 0x20 || c == 0x7f) {
+      out += std::string("\\x") + hex[c >> 4] + hex[c & 15];
+    } else if (c == 0xc2 && i + 1 < text.size() && static_cast<unsigned char>(text[i + 1]) == 0x85) {
+      out += "\\u0085";
+      ++i;
+    } else if (c == 0xe2 && i + 2 < text.size() && static_cast<unsigned char>(text[i + 1]) == 0x80 &&
+               (static_cast<unsigned char>(text[i + 2]) == 0xa8 || static_cast<unsigned char>(text[i + 2]) == 0xa9)) {
+      out += static_cast<unsigned char>(text[i + 2]) == 0xa8 ? "\\u2028" : "\\u2029";
+      i += 2;
+    } else {
+      out += text[i];
+    }
+  }
+  return out;
+}
+
 // ---------------------------------------------------------------------------------------
 // Tensor
 // ---------------------------------------------------------------------------------------
@@ -103,12 +124,15 @@ void check_finite(const std::string& what, const Tensor& t) {
     if (!std::isfinite(v)) throw InputError(what + " contains NaN or infinite values");
 }
 
-void check_classes(const std::string& what, const Tensor& t, const Manifest& m) {
+/// Class labels lie in [0, num_classes); unconditional rows may also hold the input's null (fill) class.
+void check_classes(const std::string& what, const Tensor& t, const Manifest& m, const ConditioningInput* null = nullptr) {
   if (!m.num_classes || t.dtype() != DType::Int64) return;
+  const bool has_null = null && null->unconditional == UnconditionalKind::Fill;
   for (int64_t v : t.i64())
-    if (v < 0 || v >= *m.num_classes)
+    if ((v < 0 || v >= *m.num_classes) && !(has_null && static_cast<double>(v) == null->fill))
       throw InputError(what + " holds class label " + std::to_string(v) + ", out of range: this bundle has classes 0.." +
-                       std::to_string(*m.num_classes - 1));
+                       std::to_string(*m.num_classes - 1) +
+                       (has_null ? " and the null class " + std::to_string(static_cast<int64_t>(null->fill)) : ""));
 }
 
 std::string input_names(const Manifest& m) {
@@ -160,6 +184,7 @@ Conditioning make_guided_conditioning(const Manifest& m, const Tensor& noise, co
     if (given != uncond.end()) {
       check_tensor("unconditional input '" + name + "'", given->second, input.info);
       check_finite("unconditional input '" + name + "'", given->second);
+      check_classes("unconditional input '" + name + "'", given->second, m, &input);
       u = given->second;
     } else if (input.unconditional == UnconditionalKind::Fill) {
       u = Tensor::filled(input.info.dtype, input.info.shape, input.fill);

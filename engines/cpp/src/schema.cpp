@@ -14,6 +14,8 @@
 namespace rstr::schema {
 namespace {
 
+constexpr size_t kMaxQuoted = 60;  // characters of a string value quoted in a message (MAX_QUOTED in schema.py)
+
 using json = nlohmann::json;
 
 const std::set<std::string> kAnnotations = {"$schema", "$id", "$defs", "title", "description"};
@@ -32,6 +34,8 @@ std::string child(const std::string& path, const std::string& key) {
   return path.empty() ? key : path + "." + key;
 }
 
+}  // namespace
+
 std::string json_type(const json& v) {
   if (v.is_null()) return "null";
   if (v.is_boolean()) return "boolean";
@@ -42,10 +46,10 @@ std::string json_type(const json& v) {
   return "object";
 }
 
+namespace {
+
 bool has_type(const json& v, const std::string& type) {
-  if (type == "integer")  // JSON Schema: a number with no fractional part, 1.0 included
-    return v.is_number_integer() || v.is_number_unsigned() ||
-           (v.is_number_float() && std::floor(v.get<double>()) == v.get<double>());
+  if (type == "integer") return v.is_number_integer() || v.is_number_unsigned();  // strict: 1.0 is a number
   if (type == "number") return v.is_number();
   return json_type(v) == type;
 }
@@ -62,8 +66,21 @@ std::string type_phrase(const json& types) {
   return out;
 }
 
-/// A value in a message, compact (as Python's json.dumps(value, separators=(",", ":")) writes it).
-std::string dump(const json& v) { return v.dump(); }
+}  // namespace
+
+std::string dump(const json& v) {
+  if (v.is_array() || v.is_object()) return type_phrase(json_type(v));
+  if (v.is_string()) {  // cut after kMaxQuoted characters (UTF-8 code points), as schema.py does
+    const std::string& text = v.get_ref<const std::string&>();
+    size_t chars = 0;
+    for (size_t i = 0; i < text.size(); ++i)
+      if ((static_cast<unsigned char>(text[i]) & 0xC0) != 0x80 && ++chars > kMaxQuoted)
+        return json(text.substr(0, i)).dump(-1, ' ', false, json::error_handler_t::replace) + "...";
+  }
+  return v.dump(-1, ' ', false, json::error_handler_t::replace);
+}
+
+namespace {
 
 std::string join(const std::vector<std::string>& items) {
   std::string out;

@@ -18,6 +18,12 @@ namespace rstr::schema {
 /// The first place where `instance` breaks `schema`, as one line, or nothing when it is valid.
 std::optional<std::string> first_violation(const nlohmann::json& instance, const nlohmann::json& schema);
 
+/// "null", "boolean", "integer", "number", "string", "array" or "object" (integer and number apart).
+std::string json_type(const nlohmann::json& v);
+
+/// A value in a message: scalars as compact JSON (long strings cut), containers by their type only.
+std::string dump(const nlohmann::json& v);
+
 /// The manifest.json schema (engines/schemas/bundle.schema.json, embedded by CMake).
 const nlohmann::json& bundle_schema();
 

@@ -133,10 +133,12 @@ struct Engine {
 class TensorRTExecutor final : public Runner::Executor {
  public:
   TensorRTExecutor(const Bundle& bundle, const RunnerOptions& options)
-      : manifest_(bundle.manifest()), device_(options.device_id) {
+      : manifest_(bundle.manifest()), device_(options.device_id), host_code_(options.engine_host_code) {
     check_cuda(cudaSetDevice(device_), "cudaSetDevice");
     runtime_.reset(nvinfer1::createInferRuntime(logger_));
     if (!runtime_) throw BackendError("tensorrt: createInferRuntime failed: " + logger_.last_error());
+    // Host code embedded in engines (version-compatible ones) runs only when the caller trusts the author.
+    runtime_->setEngineHostCodeAllowed(host_code_ == EngineHostCode::Allow);
 
     const bool any_guided = manifest_.plan.num_guided() > 0;
     const bool any_single = manifest_.plan.num_guided() < static_cast<int>(manifest_.plan.steps.size());
@@ -198,6 +200,11 @@ class TensorRTExecutor final : public Runner::Executor {
       throw BundleError("tensorrt: the bundle has no TensorRT engine for graph '" + role +
                         "' (export it for TensorRT, or use the onnxruntime backends)");
     check_compute_capability(*entry);
+    if (entry->version_compatible && host_code_ != EngineHostCode::Allow)
+      throw BackendError("tensorrt: engine " + entry->file +
+                         " is version-compatible: it embeds TensorRT's lean runtime as host code that runs when it loads; "
+                         "pass --trust-engine-host-code (EngineHostCode::Allow) only if you trust the bundle's author, or "
+                         "rebuild the engines for this TensorRT");
     std::ifstream in(bundle.path(entry->file), std::ios::binary);
     const std::vector<char> blob((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
     if (blob.empty()) throw BundleError("tensorrt: cannot read engine " + entry->file);
@@ -415,6 +422,7 @@ class TensorRTExecutor final : public Runner::Executor {
 
   Manifest manifest_;
   int device_;
+  EngineHostCode host_code_;
   // Declaration order matters: members are destroyed in reverse, so graphs and contexts go
   // before the engines, the engines before the runtime, and the runtime before the logger.
   Logger logger_;

@@ -1,6 +1,8 @@
 // See npy.hpp.  Format: https://numpy.org/doc/stable/reference/generated/numpy.lib.format.html
 #include "npy.hpp"
 
+#include "atomic_file.hpp"
+
 #include <cstring>
 #include <fstream>
 
@@ -91,11 +93,19 @@ Tensor read(const std::filesystem::path& path) {
     pos = comma + 1;
   }
 
-  size_t count = 1;
+  // The data must be in the file: this also bounds the allocation below by the file's size.
+  std::error_code ec;
+  const uint64_t available = std::filesystem::file_size(path, ec) - static_cast<uint64_t>(in.tellg());
+  const uint64_t item = dtype == DType::Float32 ? sizeof(float) : sizeof(int64_t);
+  uint64_t count = 1;
   for (int64_t d : shape) {
     if (d < 0) throw InputError(file + ": bad 'shape' in .npy header");
-    count *= static_cast<size_t>(d);
+    if (d != 0 && count > available / item / static_cast<uint64_t>(d))
+      throw InputError(file + ": truncated .npy data (its header promises more values than the file holds)");
+    count *= static_cast<uint64_t>(d);
   }
+  if (ec || count * item > available)
+    throw InputError(file + ": truncated .npy data (expected " + std::to_string(count) + " values)");
   if (dtype == DType::Float32) {
     std::vector<float> v(count);
     if (!in.read(reinterpret_cast<char*>(v.data()), static_cast<std::streamsize>(count * sizeof(float))))
@@ -109,7 +119,6 @@ Tensor read(const std::filesystem::path& path) {
 }
 
 void write(const std::filesystem::path& path, const Tensor& tensor) {
-  const std::string file = path.string();
   if (!little_endian_host()) throw Error("writing .npy files needs a little-endian machine");
   // Python tuple syntax: "()", "(3,)", "(1, 4, 8, 8)".
   std::string shape = "(";
@@ -122,19 +131,18 @@ void write(const std::filesystem::path& path, const Tensor& tensor) {
   header.append((64 - total % 64) % 64, ' ');
   header += '\n';
 
-  std::ofstream out(path, std::ios::binary | std::ios::trunc);
-  if (!out) throw Error("cannot write " + file);
-  out.write(kMagic, kMagicLen);
   const char version[2] = {1, 0};
-  out.write(version, 2);
   const char len[2] = {static_cast<char>(header.size() & 0xff), static_cast<char>((header.size() >> 8) & 0xff)};
-  out.write(len, 2);
-  out.write(header.data(), static_cast<std::streamsize>(header.size()));
-  if (tensor.dtype() == DType::Float32)
-    out.write(reinterpret_cast<const char*>(tensor.f32().data()), static_cast<std::streamsize>(tensor.f32().size() * sizeof(float)));
-  else
-    out.write(reinterpret_cast<const char*>(tensor.i64().data()), static_cast<std::streamsize>(tensor.i64().size() * sizeof(int64_t)));
-  if (!out) throw Error("error while writing " + file);
+  io::write_atomically(path, [&](std::FILE* out) {
+    std::fwrite(kMagic, 1, kMagicLen, out);
+    std::fwrite(version, 1, 2, out);
+    std::fwrite(len, 1, 2, out);
+    std::fwrite(header.data(), 1, header.size(), out);
+    if (tensor.dtype() == DType::Float32)
+      std::fwrite(tensor.f32().data(), sizeof(float), tensor.f32().size(), out);
+    else
+      std::fwrite(tensor.i64().data(), sizeof(int64_t), tensor.i64().size(), out);
+  });
 }
 
 }  // namespace rstr::npy

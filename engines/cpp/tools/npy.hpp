@@ -11,7 +11,7 @@ namespace rstr::npy {
 /// Throws rstr::InputError naming the file and the problem (dtype, order, truncation).
 Tensor read(const std::filesystem::path& path);
 
-/// Throws rstr::Error when the file cannot be written.
+/// Writes atomically (atomic_file.hpp); throws rstr::Error naming the file and the fix when it cannot.
 void write(const std::filesystem::path& path, const Tensor& tensor);
 
 }  // namespace rstr::npy

@@ -7,6 +7,7 @@
 #include <iostream>
 #include <sstream>
 
+#include "atomic_file.hpp"
 #include "npy.hpp"
 #include "rstr/runtime.hpp"
 
@@ -15,7 +16,7 @@ namespace {
 constexpr const char* kUsage = R"(usage: rstr-run BUNDLE --out LATENTS.npy [--png IMAGE.png] [--png-scale K]
                 (--class N[,N...] | --cond [NAME=]FILE.npy ...) [--uncond [NAME=]FILE.npy ...]
                 (--seed S | --noise NOISE.npy) [--backend cpu|cuda|tensorrt]
-                [--threads N] [--device N]
+                [--threads N] [--device N] [--trust-engine-host-code]
 
 Walks the bundle's step plan from initial noise to final latents and saves them as .npy.
 
@@ -40,6 +41,12 @@ Walks the bundle's step plan from initial noise to final latents and saves them 
                       engines in the bundle)
   --threads N         ONNX Runtime intra-op threads (default: ONNX Runtime's choice)
   --device N          CUDA device for cuda and tensorrt (default 0)
+  --trust-engine-host-code
+                      let version-compatible TensorRT engines run the host code they embed
+                      (TensorRT's lean runtime) when they load; only for bundles whose author
+                      you trust as you would trust a program from them (default: refused)
+
+Outputs are written to a temporary file beside the target and renamed when complete.
 
 Errors print one line "rstr-run: error: ..." and exit with status 1.
 )";
@@ -123,6 +130,8 @@ Args parse_args(int argc, char** argv) {
       a.options.cpu_threads = static_cast<int>(parse_int(arg, value()));
     } else if (arg == "--device") {
       a.options.device_id = static_cast<int>(parse_int(arg, value()));
+    } else if (arg == "--trust-engine-host-code") {
+      a.options.engine_host_code = rstr::EngineHostCode::Allow;
     } else if (arg.rfind("-", 0) == 0) {
       throw UsageError("unknown option " + arg + " (see rstr-run --help)");
     } else {
@@ -200,8 +209,10 @@ void write_png(const std::string& path, const rstr::Tensor& x, const rstr::Decod
   image.width = static_cast<png_uint_32>(width);
   image.height = static_cast<png_uint_32>(height);
   image.format = C == 1 ? PNG_FORMAT_GRAY : PNG_FORMAT_RGB;
-  if (!png_image_write_to_file(&image, path.c_str(), 0, pixels.data(), 0, nullptr))
-    throw rstr::Error("cannot write " + path + ": " + image.message);
+  rstr::io::write_atomically(path, [&](std::FILE* out) {
+    if (!png_image_write_to_stdio(&image, out, 0, pixels.data(), 0, nullptr))
+      throw rstr::Error("cannot write " + path + ": " + image.message);
+  });
 }
 
 int run(const Args& a) {

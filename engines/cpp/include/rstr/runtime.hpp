@@ -25,10 +25,14 @@ namespace rstr {
 // Errors
 // ---------------------------------------------------------------------------------------
 
-/// Root of everything a caller can fix; what() is one line that names the value and the fix.
+/// `text` with control and line-breaking characters escaped ("\x0a", "\u2028"), as rstr.errors.one_line does.
+std::string one_line(const std::string& text);
+
+/// Root of everything a caller can fix; what() is one line that names the value and the fix
+/// (control characters that user input brought into it are escaped).
 class Error : public std::runtime_error {
  public:
-  using std::runtime_error::runtime_error;
+  explicit Error(const std::string& what) : std::runtime_error(one_line(what)) {}
 };
 
 /// A bundle that is missing, corrupt, unsafe or of an unknown format/version.
@@ -182,6 +186,7 @@ struct EngineEntry {
   std::string file;
   std::string tensorrt_version;
   std::string compute_capability;
+  bool version_compatible = false;  // embeds TensorRT's lean runtime as host code (see EngineHostCode)
 };
 
 struct Manifest {
@@ -214,10 +219,12 @@ enum class Verify { Checksums, SkipChecksums };
 /// An opened bundle: the parsed manifest and the directory it came from.
 class Bundle {
  public:
-  /// Parses `dir/manifest.json` and checks it: format and version, every `files` entry is a
-  /// relative path inside the bundle that exists (with its sha256 and size, unless
-  /// Verify::SkipChecksums), and every graph and engine file is listed in `files`.
-  /// Throws rstr::BundleError.
+  /// Parses `dir/manifest.json` and checks it as the Python reader does (docs/bundle.md): format
+  /// and version, the JSON Schema, the rules a schema cannot state (plan, shapes, finite numbers,
+  /// graph descriptions; every graph and engine file listed in `files`), every `files` entry a
+  /// plain relative path inside the bundle with no symbolic link that exists (with its size and
+  /// sha256, unless Verify::SkipChecksums), and every ONNX graph's inputs and outputs against the
+  /// manifest.  Throws rstr::BundleError with one line.
   static Bundle open(const std::filesystem::path& dir, Verify verify = Verify::Checksums);
 
   const std::filesystem::path& dir() const { return dir_; }
@@ -243,9 +250,18 @@ const char* backend_name(Backend backend);
 /// Whether this build contains `backend` (not whether the machine can run it).
 bool backend_compiled(Backend backend);
 
+/// Whether TensorRT may run host code embedded in an engine.  Version-compatible engines embed
+/// TensorRT's lean runtime, which runs when the engine loads; a bundle is hashed but not signed,
+/// so Allow says that you trust the bundle's author as you would trust a program from them.
+enum class EngineHostCode {
+  Refuse,  // default: a version-compatible engine is refused (BackendError) before it is loaded
+  Allow,   // trust the bundle's author: let version-compatible engines run their host code
+};
+
 struct RunnerOptions {
   int device_id = 0;     // CUDA device (OnnxRuntimeCuda, TensorRT)
   int cpu_threads = 0;   // ONNX Runtime intra-op threads; 0 = ONNX Runtime's default
+  EngineHostCode engine_host_code = EngineHostCode::Refuse;  // TensorRT only
 };
 
 /// Loads a bundle's graphs on one backend and walks its plan ("Walking the plan" in

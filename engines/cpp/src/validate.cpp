@@ -1,0 +1,450 @@
+// See validate.hpp.  Mirrors engines/validate.py rule for rule: change both together (the shared
+// bad-bundle corpus in tests/bad_bundles.py runs through both readers).
+#include "validate.hpp"
+
+#include <sys/stat.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <fstream>
+#include <map>
+#include <set>
+
+#include <openssl/evp.h>
+
+#include "onnx_io.hpp"
+
+namespace rstr::validate {
+namespace {
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+using Problem = std::optional<std::string>;
+
+const char* const kGraphs[] = {"denoiser", "step_guided", "step_single"};
+const std::set<std::string> kScalars = {"scale", "coef_sample", "coef_eps"};
+
+bool is_int(const json& v) { return v.is_number_integer() || v.is_number_unsigned(); }
+
+/// A schema-checked non-negative integer (dimensions, batch, counts) as uint64.
+uint64_t u64(const json& v) { return v.is_number_unsigned() ? v.get<uint64_t>() : static_cast<uint64_t>(v.get<int64_t>()); }
+
+std::string num(const json& v) { return v.dump(); }
+
+bool finite(const json& v) { return v.is_number() && std::isfinite(v.get<double>()); }
+
+/// A step's coef_sample or coef_eps as a list: one number, or [current, previous, ...].
+json coefficients(const json& v) { return v.is_array() ? v : json::array({v}); }
+
+/// The past steps a plan's updates read: the longest coefficient list less one (0 for one-step schedulers).
+uint64_t plan_history(const json& plan) {
+  uint64_t k = 0;
+  for (const auto& step : plan.at("steps"))
+    for (const char* key : {"coef_sample", "coef_eps"}) k = std::max<uint64_t>(k, coefficients(step.at(key)).size() - 1);
+  return k;
+}
+
+/// a * b, saturating at UINT64_MAX.
+uint64_t mul(uint64_t a, uint64_t b) {
+  if (a != 0 && b > UINT64_MAX / a) return UINT64_MAX;
+  return a * b;
+}
+
+std::string join_sorted(std::vector<std::string> names) {
+  std::sort(names.begin(), names.end());
+  std::string out;
+  for (const auto& n : names) out += (out.empty() ? "" : ", ") + n;
+  return "[" + out + "]";
+}
+
+Problem tensor_problem(const std::string& at, const json& desc, uint64_t batch) {
+  const json& shape = desc.at("shape");
+  for (size_t i = 1; i < shape.size(); ++i)
+    if (shape[i].is_string())
+      return at + ".shape[" + std::to_string(i) + "] is \"" + shape[i].get<std::string>() +
+             "\"; only axis 0 (the batch) may be symbolic";
+  const uint64_t rows = shape[0].is_string() ? mul(2, batch) : u64(shape[0]);
+  uint64_t count = rows;
+  for (size_t i = 1; i < shape.size(); ++i) count = mul(count, u64(shape[i]));
+  if (count > kMaxElements)
+    return at + ".shape " + shape_text(shape) + " has more than " + std::to_string(kMaxElements) + " elements at " +
+           std::to_string(rows) + " rows";
+  return std::nullopt;
+}
+
+Problem sample_rule(const json& m) {
+  const json& sample = m.at("sample");
+  const json& shape = sample.at("shape");
+  const uint64_t batch = u64(m.at("batch"));
+  if (sample.at("dtype") != "float32")
+    return "sample.dtype is \"" + sample.at("dtype").get<std::string>() + "\"; the latents are float32";
+  if (!is_int(shape[0]) || u64(shape[0]) != batch)
+    return "sample.shape " + shape_text(shape) + " must start with the batch, " + std::to_string(batch);
+  return tensor_problem("sample", sample, batch);
+}
+
+Problem conditioning_rule(const json& m) {
+  const json& cond = m.at("conditioning");
+  const uint64_t batch = u64(m.at("batch"));
+  const json* num_classes = cond.contains("num_classes") && !cond.at("num_classes").is_null() ? &cond.at("num_classes") : nullptr;
+  const json& inputs = cond.at("inputs");
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    const json& desc = inputs[i];
+    const std::string at = "conditioning.inputs[" + std::to_string(i) + "]";
+    const json& first = desc.at("shape")[0];
+    if (is_int(first) && u64(first) != batch)
+      return at + ".shape starts with " + num(first) + " but the bundle's batch is " + std::to_string(batch);
+    if (auto p = tensor_problem(at, desc, batch)) return p;
+    const std::string name = desc.at("name").get<std::string>();
+    const json& rules = cond.at("unconditional");
+    if (!rules.contains(name))
+      return "conditioning.unconditional has no rule for input '" + name + "'; give {\"fill\": value} or \"required\"";
+    const json& rule = rules.at(name);
+    if (!rule.is_object()) continue;
+    const json& fill = rule.at("fill");
+    const std::string fat = "conditioning.unconditional." + name + ".fill";
+    if (!finite(fill)) return fat + " is not a finite number";
+    const double f = fill.get<double>();
+    const bool int64 = desc.at("dtype") == "int64";
+    if (int64 && std::floor(f) != f) return fat + " must be an integer ('" + name + "' is int64)";
+    if (int64 && num_classes && !(f >= 0 && f <= num_classes->get<double>()))
+      return fat + " must be a class in 0.." + num(*num_classes) + " (the null class is usually " + num(*num_classes) + ")";
+  }
+  return std::nullopt;
+}
+
+Problem plan_rule(const json& m) {
+  const json& plan = m.at("plan");
+  const uint64_t batch = u64(m.at("batch"));
+  for (const char* key : {"init_noise_sigma", "compute_fraction"})
+    if (!finite(plan.at(key))) return std::string("plan.") + key + " is not a finite number";
+  const json& steps = plan.at("steps");
+  uint64_t guided_steps = 0;
+  for (size_t i = 0; i < steps.size(); ++i) {
+    const json& step = steps[i];
+    const std::string at = "plan.steps[" + std::to_string(i) + "]";
+    if (u64(step.at("index")) != i) return at + ".index is " + num(step.at("index")) + "; steps are listed in order from 0";
+    for (const char* key : {"timestep", "model_timestep", "coef_sample", "coef_eps", "scale"}) {
+      const json values = std::string(key).rfind("coef", 0) == 0 ? coefficients(step.at(key)) : json::array({step.at(key)});
+      for (const auto& v : values)
+        if (!v.is_null() && !finite(v)) return at + "." + key + " is not a finite number";
+    }
+    const bool guided = step.at("guided").get<bool>();
+    guided_steps += guided;
+    if (guided && step.at("scale").is_null())
+      return at + ".scale is null on a guided step; a guided step needs its guidance scale";
+    if (!guided && !step.at("scale").is_null())
+      return at + ".scale is set on an unguided step; an unguided step takes none (null)";
+    const uint64_t rows = guided ? mul(2, batch) : batch;
+    if (u64(step.at("batch")) != rows)
+      return at + ".batch is " + num(step.at("batch")) + " but " + (guided ? "a guided" : "an unguided") + " step runs " +
+             std::to_string(rows) + " rows at batch " + std::to_string(batch);
+  }
+  const std::pair<const char*, uint64_t> counts[] = {{"num_steps", steps.size()},
+                                                      {"passes_per_image", steps.size() + guided_steps}};
+  for (const auto& [key, value] : counts)
+    if (u64(plan.at(key)) != value)
+      return std::string("plan.") + key + " is " + num(plan.at(key)) + " but the steps give " + std::to_string(value);
+  return std::nullopt;
+}
+
+Problem decoder_rule(const json& m) {
+  if (!m.contains("decoder") || m.at("decoder").is_null()) return std::nullopt;
+  const json& range = m.at("decoder").at("range");
+  if (!(finite(range[0]) && finite(range[1]) && range[0].get<double>() < range[1].get<double>()))
+    return "decoder.range must be two finite numbers [lo, hi] with lo < hi";
+  return std::nullopt;
+}
+
+/// (dtype, dimensions past axis 0) the runtime binds.
+struct Wanted {
+  std::string dtype;
+  json rest;
+};
+
+Problem graphs_rule(const json& m) {
+  const uint64_t batch = u64(m.at("batch"));
+  const json& cond = m.at("conditioning").at("inputs");
+  const json sample_rest(m.at("sample").at("shape").begin() + 1, m.at("sample").at("shape").end());
+  std::vector<std::string> cond_names;
+  std::map<std::string, Wanted> cond_wanted;
+  for (const auto& d : cond) {
+    cond_names.push_back(d.at("name").get<std::string>());
+    cond_wanted[cond_names.back()] = Wanted{d.at("dtype").get<std::string>(), json(d.at("shape").begin() + 1, d.at("shape").end())};
+  }
+  Wanted out{"float32", json::array()};
+  const uint64_t k = plan_history(m.at("plan"));
+  json past_rest = json::array({k, 2});  // history [rows, k, 2, ...]: past (sample, model output) pairs
+  past_rest.insert(past_rest.end(), sample_rest.begin(), sample_rest.end());
+  for (const char* name : kGraphs) {
+    const std::string g = name;
+    const json& graph = m.at("graphs").at(g);
+    std::vector<std::string> expected_in, expected_out = {"next_sample", "next_sample_pair"};
+    if (g == "denoiser") {
+      expected_in = {"sample", "timestep"};
+      expected_in.insert(expected_in.end(), cond_names.begin(), cond_names.end());
+      expected_out = {"model_output"};
+    } else if (g == "step_guided") {
+      expected_in = {"sample", "model_output", "scale", "coef_sample", "coef_eps"};
+    } else {
+      expected_in = {"sample", "model_output", "coef_sample", "coef_eps"};
+    }
+    if (g != "denoiser" && k > 0) {
+      expected_in.push_back("history");
+      expected_out.push_back("next_history");
+    }
+    const std::pair<const char*, const std::vector<std::string>*> kinds[] = {{"inputs", &expected_in},
+                                                                             {"outputs", &expected_out}};
+    for (const auto& [kind, expected] : kinds) {
+      const json& descs = graph.at(kind);
+      std::vector<std::string> names;
+      for (size_t i = 0; i < descs.size(); ++i) {
+        if (auto p = tensor_problem("graphs." + g + "." + kind + "[" + std::to_string(i) + "]", descs[i], batch)) return p;
+        names.push_back(descs[i].at("name").get<std::string>());
+      }
+      std::vector<std::string> sorted_names = names, sorted_expected = *expected;
+      std::sort(sorted_names.begin(), sorted_names.end());
+      std::sort(sorted_expected.begin(), sorted_expected.end());
+      auto twice = std::adjacent_find(sorted_names.begin(), sorted_names.end());
+      if (twice != sorted_names.end()) return "graphs." + g + "." + kind + " names '" + *twice + "' twice";
+      if (sorted_names != sorted_expected)
+        return "graphs." + g + "." + kind + " are " + join_sorted(names) + "; the runtime binds " + join_sorted(*expected);
+    }
+    std::map<std::string, const json*> tensors;  // by name; an output replaces an input of the same name
+    for (const char* kind : {"inputs", "outputs"})
+      for (const auto& d : graph.at(kind)) tensors[d.at("name").get<std::string>()] = &d;
+    std::map<std::string, Wanted> wanted;
+    if (g == "denoiser") {
+      const json& shape = tensors.at("model_output")->at("shape");
+      out = Wanted{"float32", json(shape.begin() + 1, shape.end())};
+      wanted = cond_wanted;
+      wanted["sample"] = Wanted{"float32", sample_rest};
+      wanted["timestep"] = Wanted{"float32", json::array()};
+      wanted["model_output"] = out;
+    } else {
+      for (const char* t : {"sample", "next_sample", "next_sample_pair"}) wanted[t] = Wanted{"float32", sample_rest};
+      wanted["model_output"] = out;
+      for (const char* t : {"history", "next_history"}) wanted[t] = Wanted{"float32", past_rest};
+    }
+    for (const auto& [tensor, desc] : tensors) {
+      const std::string dtype = desc->at("dtype").get<std::string>();
+      const json& shape = desc->at("shape");
+      const std::string lead = "graphs." + g + " tensor '" + tensor + "' is " + dtype + " " + shape_text(shape);
+      if (kScalars.count(tensor)) {
+        const uint64_t n = tensor == "scale" ? 1 : k + 1;
+        if (dtype != "float32" || shape.size() != 1 || !is_int(shape[0]) || u64(shape[0]) != n)
+          return lead + "; the runtime binds float32 [" + std::to_string(n) + "]";
+        continue;
+      }
+      const Wanted& want = wanted.at(tensor);
+      const json rest(shape.begin() + 1, shape.end());
+      if (dtype != want.dtype || rest != want.rest) {
+        json expected = json::array({"rows"});
+        expected.insert(expected.end(), want.rest.begin(), want.rest.end());
+        return lead + "; the runtime binds " + want.dtype + " " + shape_text(expected);
+      }
+    }
+  }
+  return std::nullopt;
+}
+
+Problem listed_rule(const json& m) {
+  const json& files = m.at("files");
+  for (const char* name : kGraphs) {
+    const std::string file = m.at("graphs").at(name).at("file").get<std::string>();
+    if (!files.contains(file))
+      return "graphs." + std::string(name) + ".file '" + file + "' is not listed in files (it would be loaded unchecked)";
+  }
+  if (m.contains("engines") && m.at("engines").is_array())
+    for (size_t i = 0; i < m.at("engines").size(); ++i) {
+      const std::string file = m.at("engines")[i].at("file").get<std::string>();
+      if (!files.contains(file))
+        return "engines[" + std::to_string(i) + "].file '" + file + "' is not listed in files (it would be loaded unchecked)";
+    }
+  return std::nullopt;
+}
+
+// ------------------------------------------------------------------------------------- files
+Problem entry_problem(const std::string& name) {
+  if (name.empty()) return std::string("files has an empty path");
+  const std::string quoted = "'" + name + "'";
+  if (name.front() == '/') return "files entry " + quoted + " is an absolute path; entries must be relative to the bundle";
+  std::vector<std::string> parts;
+  size_t start = 0;
+  for (size_t slash; (slash = name.find('/', start)) != std::string::npos; start = slash + 1)
+    parts.push_back(name.substr(start, slash - start));
+  parts.push_back(name.substr(start));
+  if (std::find(parts.begin(), parts.end(), "..") != parts.end())
+    return "files entry " + quoted + " has a '..' component; entries must stay inside the bundle";
+  const bool odd = std::any_of(parts.begin(), parts.end(), [](const std::string& p) { return p.empty() || p == "."; });
+  if (odd || name.find('\\') != std::string::npos || name.find('\0') != std::string::npos)
+    return "files entry " + quoted + " is not a plain relative path (no empty, '.' or backslash components)";
+  return std::nullopt;
+}
+
+/// Every component is looked at with lstat: a symbolic link anywhere is refused.
+Problem member_problem(const fs::path& dir, const std::string& name) {
+  fs::path path = dir;
+  struct stat st {};
+  size_t start = 0;
+  while (true) {
+    const size_t slash = name.find('/', start);
+    path /= name.substr(start, slash == std::string::npos ? std::string::npos : slash - start);
+    if (::lstat(path.c_str(), &st) != 0) return "file '" + name + "' listed in manifest.json is missing";
+    if (S_ISLNK(st.st_mode)) return "file '" + name + "' is or lies under a symbolic link; bundles hold plain files";
+    if (slash == std::string::npos) break;
+    start = slash + 1;
+  }
+  if (!S_ISREG(st.st_mode)) return "file '" + name + "' listed in manifest.json is missing";
+  return std::nullopt;
+}
+
+std::string sha256_hex(const fs::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw BundleError("cannot read " + path.string());
+  std::unique_ptr<EVP_MD_CTX, decltype(&EVP_MD_CTX_free)> ctx(EVP_MD_CTX_new(), &EVP_MD_CTX_free);
+  if (!ctx || EVP_DigestInit_ex(ctx.get(), EVP_sha256(), nullptr) != 1)
+    throw std::runtime_error("OpenSSL: cannot initialise SHA-256");
+  std::vector<char> buf(1 << 20);
+  while (in) {
+    in.read(buf.data(), static_cast<std::streamsize>(buf.size()));
+    if (in.gcount() > 0 && EVP_DigestUpdate(ctx.get(), buf.data(), static_cast<size_t>(in.gcount())) != 1)
+      throw std::runtime_error("OpenSSL: SHA-256 update failed");
+  }
+  if (in.bad()) throw BundleError("error while reading " + path.string());
+  std::array<unsigned char, EVP_MAX_MD_SIZE> md{};
+  unsigned int len = 0;
+  if (EVP_DigestFinal_ex(ctx.get(), md.data(), &len) != 1) throw std::runtime_error("OpenSSL: SHA-256 final failed");
+  static const char* hex = "0123456789abcdef";
+  std::string out;
+  for (unsigned int i = 0; i < len; ++i) {
+    out += hex[md[i] >> 4];
+    out += hex[md[i] & 15];
+  }
+  return out;
+}
+
+std::string lower(std::string s) {
+  for (char& c : s) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  return s;
+}
+
+// ------------------------------------------------------------------------------------ graphs
+std::string dim_text(const onnx_io::Dim& d) {
+  if (std::holds_alternative<int64_t>(d)) return std::to_string(std::get<int64_t>(d));
+  if (std::holds_alternative<std::string>(d)) return std::get<std::string>(d);
+  return "?";
+}
+
+std::string dims_text(const std::vector<onnx_io::Dim>& dims) {
+  std::string out;
+  for (const auto& d : dims) out += (out.empty() ? "" : ", ") + dim_text(d);
+  return "[" + out + "]";
+}
+
+/// See _dims_fit in engines/validate.py.
+bool dims_fit(const std::vector<onnx_io::Dim>& graph, const json& manifest, uint64_t batch) {
+  if (graph.size() != manifest.size()) return false;
+  for (size_t axis = 0; axis < graph.size(); ++axis) {
+    if (!std::holds_alternative<int64_t>(graph[axis])) continue;
+    const int64_t g = std::get<int64_t>(graph[axis]);
+    const json& m = manifest[axis];
+    if (is_int(m) && g >= 0 && static_cast<uint64_t>(g) == u64(m)) continue;
+    if (axis == 0 && m.is_string() && g >= 0 && (static_cast<uint64_t>(g) == batch || static_cast<uint64_t>(g) == 2 * batch))
+      continue;
+    return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+std::string shape_text(const json& shape) {
+  std::string out;
+  for (const auto& d : shape) out += (out.empty() ? "" : ", ") + (d.is_string() ? d.get<std::string>() : d.dump());
+  return "[" + out + "]";
+}
+
+std::optional<std::string> document_problem(const json& manifest) {
+  for (auto rule : {sample_rule, conditioning_rule, plan_rule, decoder_rule, graphs_rule, listed_rule})
+    if (auto problem = rule(manifest)) return problem;
+  return std::nullopt;
+}
+
+std::vector<std::string> file_problems(const fs::path& dir, const std::map<std::string, FileEntry>& files, Verify verify) {
+  std::vector<std::string> problems;
+  for (const auto& [name, entry] : files) {  // std::map: name order
+    Problem problem = entry_problem(name);
+    if (!problem) problem = member_problem(dir, name);
+    if (!problem && verify == Verify::Checksums) {
+      const fs::path path = dir / name;
+      std::error_code ec;
+      const uint64_t size = fs::file_size(path, ec);
+      if (ec) {
+        problem = "file '" + name + "' listed in manifest.json is missing";
+      } else if (entry.bytes && size != *entry.bytes) {
+        problem = "file '" + name + "' has " + std::to_string(size) + " bytes, manifest.json says " +
+                  std::to_string(*entry.bytes) + " (corrupt or truncated; re-export or re-copy the bundle)";
+      } else {
+        std::string actual;
+        try {
+          actual = sha256_hex(path);
+        } catch (const BundleError&) {
+          problems.push_back("file '" + name + "' cannot be read");
+          continue;
+        }
+        const std::string want = lower(entry.sha256);
+        if (actual != want)
+          problem = "file '" + name + "' fails its checksum (sha256 " + actual.substr(0, 12) + "..., manifest.json says " +
+                    want.substr(0, 12) + "...; corrupt or modified: re-export or re-copy the bundle)";
+      }
+    }
+    if (problem) problems.push_back(*problem);
+  }
+  return problems;
+}
+
+std::optional<std::string> graph_file_problem(const fs::path& dir, const std::string& name, const json& graph,
+                                              const std::map<std::string, FileEntry>& files, int64_t batch) {
+  const std::string file = graph.at("file").get<std::string>();
+  const std::string at = "graphs." + name + ": " + file;
+  onnx_io::GraphIO io;
+  try {
+    io = onnx_io::read_graph_io(dir / file);
+  } catch (const onnx_io::FormatError& e) {
+    return at + " is not a readable ONNX model (" + e.what() + ")";
+  }
+  std::vector<onnx_io::GraphTensor> inputs;
+  for (const auto& t : io.inputs)
+    if (!io.initializers.count(t.name)) inputs.push_back(t);
+  const std::pair<const char*, const std::vector<onnx_io::GraphTensor>*> kinds[] = {{"inputs", &inputs},
+                                                                                    {"outputs", &io.outputs}};
+  for (const auto& [kind, actual] : kinds) {
+    std::map<std::string, const onnx_io::GraphTensor*> have;
+    for (const auto& t : *actual) have[t.name] = &t;
+    std::vector<std::string> have_names, declared_names;
+    for (const auto& [n, _] : have) have_names.push_back(n);
+    for (const auto& d : graph.at(kind)) declared_names.push_back(d.at("name").get<std::string>());
+    std::vector<std::string> sorted_declared = declared_names;
+    std::sort(sorted_declared.begin(), sorted_declared.end());
+    if (have_names != sorted_declared)
+      return at + " has " + kind + " " + join_sorted(have_names) + " but the manifest describes " + join_sorted(declared_names);
+    const std::string one = std::string(kind).substr(0, std::string(kind).size() - 1);
+    for (const auto& d : graph.at(kind)) {
+      const std::string tname = d.at("name").get<std::string>();
+      const onnx_io::GraphTensor& t = *have.at(tname);
+      const std::string dtype = d.at("dtype").get<std::string>();
+      if (t.dtype != dtype)
+        return at + " " + one + " '" + tname + "' is " + t.dtype + " in the graph but " + dtype + " in the manifest";
+      if (!dims_fit(t.shape, d.at("shape"), static_cast<uint64_t>(batch)))
+        return at + " " + one + " '" + tname + "' has shape " + dims_text(t.shape) + " in the graph but " +
+               shape_text(d.at("shape")) + " in the manifest";
+    }
+  }
+  for (const auto& location : io.external_files)  // std::set: sorted
+    if (!files.count(location)) return at + " keeps weights in '" + location + "', which is not listed in files";
+  return std::nullopt;
+}
+
+}  // namespace rstr::validate
