@@ -256,8 +256,8 @@ class TensorRTExecutor final : public Runner::Executor {
 
     // Record layout, each field 256-byte aligned for TensorRT:
     //   [timestep x 2B floats][scale][coef_sample x (k+1)][coef_eps x (k+1)]
-    const int k = manifest_.plan.history;
-    const size_t coefs = align_up(static_cast<size_t>(k + 1) * sizeof(float));
+    const int history = manifest_.plan.history;
+    const size_t coefs = align_up(static_cast<size_t>(history + 1) * sizeof(float));
     ts_offset_ = 0;
     scale_offset_ = align_up(2 * static_cast<size_t>(B) * sizeof(float));
     coef_sample_offset_ = scale_offset_ + kAlign;
@@ -271,8 +271,8 @@ class TensorRTExecutor final : public Runner::Executor {
       auto put = [r](size_t offset, float v) { std::memcpy(r + offset, &v, sizeof v); };
       for (int64_t k = 0; k < 2 * B; ++k) put(ts_offset_ + static_cast<size_t>(k) * sizeof(float), step.model_timestep);
       put(scale_offset_, step.scale);
-      const std::vector<float> cs = step.sample_coefficients(k), ce = step.eps_coefficients(k);
-      for (int d = 0; d <= k; ++d) {
+      const std::vector<float> cs = step.sample_coefficients(history), ce = step.eps_coefficients(history);
+      for (int d = 0; d <= history; ++d) {
         put(coef_sample_offset_ + static_cast<size_t>(d) * sizeof(float), cs[static_cast<size_t>(d)]);
         put(coef_eps_offset_ + static_cast<size_t>(d) * sizeof(float), ce[static_cast<size_t>(d)]);
       }
