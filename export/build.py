@@ -166,14 +166,14 @@ def build(opts: BuildOptions) -> BuildResult:
         plan = build_plan(family, schedule, opts.batch)
         log.info(f"exporting {family.name} ({opts.dtype}, batch {opts.batch}) to ONNX")
         export_denoiser(family, root / "denoiser.onnx", dtype=opts.dtype, batch=opts.batch)
-        export_steps(family, root, batch=opts.batch)
+        export_steps(family, root, batch=opts.batch, history=plan.history)
 
         decoder = decoder_section(family)
         manifest = Manifest(
             family=family.name,
             dtype=opts.dtype,
             sample=TensorDesc("sample", "float32", tuple(family.sample_shape(opts.batch))),
-            graphs={name: Graph.from_json(g) for name, g in graph_description(family, opts.batch).items()},
+            graphs={name: Graph.from_json(g) for name, g in graph_description(family, opts.batch, plan.history).items()},
             conditioning=Conditioning.from_json(conditioning_section(family)),
             plan=plan,
             decoder=None if decoder is None else Decoder.from_json(decoder),
