@@ -13,7 +13,7 @@ B*, is written once, in :meth:`Plan.rows`.  Torch-free, like all of ``rstr.engin
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -95,10 +95,18 @@ class Conditioning:
         return cls(_descs(d["inputs"]), rules, d.get("num_classes"))
 
 
+def _coefs(value: float | list[float]) -> tuple[float, ...]:
+    """A plan coefficient as written: one number, or ``[current, previous, ...]``."""
+    return tuple(value) if isinstance(value, list) else (value,)
+
+
 @dataclass(frozen=True)
 class Step:
     """One denoising step: the scheduler timestep, the value the model receives, guidance, and
-    the scheduler update ``x_next = coef_sample * x + coef_eps * eps``."""
+    the scheduler update, linear in the current sample and model output and the last ``k``:
+    ``x_next = coef_sample * x + coef_eps * eps + sum_d past_sample[d] * x_{i-1-d} + past_eps[d] * eps_{i-1-d}``.
+    One-step schedulers (DDIM, flow-matching Euler) have no past terms; in JSON the coefficients
+    are then plain numbers, else lists ``[current, previous, ...]``."""
 
     index: int
     timestep: float
@@ -107,8 +115,16 @@ class Step:
     scale: float | None
     coef_sample: float
     coef_eps: float
+    past_sample: tuple[float, ...] = ()
+    past_eps: tuple[float, ...] = ()
+
+    def coefficients(self, history: int) -> tuple[list[float], list[float]]:
+        """Sample and model-output coefficients ``[current, previous, ...]``, zero-padded to ``history + 1``."""
+        pad = lambda cur, past: [cur, *past, *[0.0] * (history - len(past))]  # noqa: E731
+        return pad(self.coef_sample, self.past_sample), pad(self.coef_eps, self.past_eps)
 
     def to_json(self, rows: int) -> dict[str, Any]:
+        as_json = lambda cur, past: [cur, *past] if past else cur  # noqa: E731
         return {
             "index": self.index,
             "timestep": self.timestep,
@@ -116,13 +132,14 @@ class Step:
             "guided": self.guided,
             "scale": self.scale,
             "batch": rows,
-            "coef_sample": self.coef_sample,
-            "coef_eps": self.coef_eps,
+            "coef_sample": as_json(self.coef_sample, self.past_sample),
+            "coef_eps": as_json(self.coef_eps, self.past_eps),
         }
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> Step:
-        return cls(d["index"], d["timestep"], d["model_timestep"], d["guided"], d["scale"], d["coef_sample"], d["coef_eps"])
+        cs, ce = _coefs(d["coef_sample"]), _coefs(d["coef_eps"])
+        return cls(d["index"], d["timestep"], d["model_timestep"], d["guided"], d["scale"], cs[0], ce[0], cs[1:], ce[1:])
 
 
 @dataclass(frozen=True)
@@ -145,6 +162,11 @@ class Plan:
     def denoiser_rows(self) -> list[int]:
         """The batches the denoiser runs at, ascending: B, 2B or both."""
         return sorted({self.rows(s.guided) for s in self.steps})
+
+    @property
+    def history(self) -> int:
+        """Past (sample, model output) pairs the updates use: 0 for one-step schedulers, k for a k+1-step solver."""
+        return max((max(len(s.past_sample), len(s.past_eps)) for s in self.steps), default=0)
 
     @property
     def num_steps(self) -> int:
@@ -222,22 +244,11 @@ class TextEncoderDesc:
     mask: str | None = None  # the conditioning input the attention mask fills (it is also the graph's attention_mask)
 
     def to_json(self) -> dict[str, Any]:
-        out = {
-            "graph": self.graph,
-            "tokenizer": self.tokenizer,
-            "max_length": self.max_length,
-            "pad_id": self.pad_id,
-            "pad_token": self.pad_token,
-            "output": self.output,
-            "preprocess": self.preprocess,
-        }
-        return _omit_none({**out, "mask": self.mask})
+        return _omit_none(asdict(self))
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> TextEncoderDesc:
-        return cls(
-            d["graph"], d["tokenizer"], d["max_length"], d["pad_id"], d["pad_token"], d["output"], d["preprocess"], d.get("mask")
-        )
+        return cls(**d)  # the schema allows these keys only
 
 
 @dataclass(frozen=True)

@@ -4,9 +4,11 @@ The plan is walked with I/O binding over buffers allocated once, at activation: 
 ping-pong between two pairs of device buffers (``x [B]`` and ``x2 [2B] = [x; x]``), the
 denoiser writes into one output buffer per batch, and every step's two bindings (denoiser,
 step graph) are built at activation with its constants (timestep rows, scale, coefficients)
-as device values.  ``infer`` copies the noise and conditioning in, runs two session calls per
-step and copies the final latents out: no tensor leaves the device in between and no Python
-work per step beyond the two calls.
+as device values.  Multistep plans (``plan.history`` k > 0) add a ping-pong pair of history
+buffers ``[B, k, 2, ...]`` that the step graphs read and write, zeroed at the start of each
+run.  ``infer`` copies the noise and conditioning in, runs two session calls per step and
+copies the final latents out: no tensor leaves the device in between and no Python work per
+step beyond the two calls.
 """
 
 from __future__ import annotations
@@ -110,6 +112,8 @@ class OnnxRuntimeRunner(Runner):
             rows: {d.name: self._buffer(d.concrete(rows), d.np_dtype) for d in self.bundle.cond_inputs} for rows in (b, 2 * b)
         }
         model_output = {rows: self._buffer(out.concrete(rows), out.np_dtype) for rows in (b, 2 * b)}
+        k = self.bundle.plan.history
+        self.history = [self._buffer((b, k, 2, *sample[1:]), np.float32) for _ in range(2)] if k else []
         self.walk = []
         for i, step in enumerate(self.bundle.steps):
             guided, now, nxt = step.guided, i % 2, (i + 1) % 2
@@ -126,20 +130,26 @@ class OnnxRuntimeRunner(Runner):
             upd.bind_ortvalue_input("model_output", model_output[rows])
             if guided:
                 upd.bind_ortvalue_input("scale", self._value(np.array([step.scale or 0.0], np.float32)))
-            upd.bind_ortvalue_input("coef_sample", self._value(np.array([step.coef_sample], np.float32)))
-            upd.bind_ortvalue_input("coef_eps", self._value(np.array([step.coef_eps], np.float32)))
+            coef_sample, coef_eps = step.coefficients(k)
+            upd.bind_ortvalue_input("coef_sample", self._value(np.array(coef_sample, np.float32)))
+            upd.bind_ortvalue_input("coef_eps", self._value(np.array(coef_eps, np.float32)))
             upd.bind_ortvalue_output("next_sample", self.x[nxt])
             upd.bind_ortvalue_output("next_sample_pair", self.x2[nxt])
+            if k:
+                upd.bind_ortvalue_input("history", self.history[now])
+                upd.bind_ortvalue_output("next_history", self.history[nxt])
             self.walk.append((den, graph, upd, self.x[nxt]))
 
     def _deactivate(self) -> None:
-        self.sessions, self.walk, self.x, self.x2, self.cond = {}, [], [], [], {}
+        self.sessions, self.walk, self.x, self.x2, self.cond, self.history = {}, [], [], [], {}, []
 
     def _infer(self, noise, cond, uncond, trace):
         b = self.bundle.batch
         x0 = noise * np.float32(self.bundle.plan.init_noise_sigma)
         self.x[0].update_inplace(x0)
         self.x2[0].update_inplace(np.concatenate([x0, x0]))
+        if self.history:  # no past yet: the first steps' past coefficients are 0, and 0 * stale NaN is not
+            self.history[0].update_inplace(np.zeros(self.history[0].shape(), np.float32))
         for name, value in cond.items():
             self.cond[b][name].update_inplace(value)
             if uncond is not None:

@@ -10,9 +10,11 @@ order and the same words):
    (an integer fill within the class range for class labels); steps are in order, each
    guided step has a scale and runs 2B rows, each unguided step none and B rows, every number
    is finite and the step counts agree; the decoder range is ``lo < hi``; each graph declares
-   exactly the tensors the plan walk binds, shaped like the sample and one another; the other
-   graphs are the VAE decoder's and the text encoders', each named by its user and declaring
-   the tensors that user binds; every graph, tokenizer and engine file is listed in ``files``.
+   exactly the tensors the plan walk binds, shaped like the sample and one another (the step
+   graphs of a multistep plan of history k also ``history``/``next_history`` and ``[k + 1]``
+   coefficients); the other graphs are the VAE decoder's and the text encoders', each named
+   by its user and declaring the tensors that user binds; every graph, tokenizer and engine
+   file is listed in ``files``.
 2. :func:`file_problems`: every ``files`` entry is a plain relative path inside the bundle with
    no symbolic link on the way, exists, and has the listed size and sha256.
 3. :func:`graph_file_problem`: each ONNX graph file has the inputs and outputs the manifest
@@ -38,7 +40,17 @@ STEP_INPUTS = {
     "step_single": ("sample", "model_output", "coef_sample", "coef_eps"),
 }
 STEP_OUTPUTS = ("next_sample", "next_sample_pair")
-SCALARS = ("scale", "coef_sample", "coef_eps")
+SCALARS = ("scale", "coef_sample", "coef_eps")  # [1], and the coefficients [k + 1] in a plan of history k
+
+
+def coefficients(value: Any) -> list[Any]:
+    """A step's ``coef_sample`` or ``coef_eps`` as a list: one number, or ``[current, previous, ...]``."""
+    return list(value) if isinstance(value, list) else [value]
+
+
+def plan_history(plan: Mapping[str, Any]) -> int:
+    """The past steps a plan's updates read: the longest coefficient list less one (0 for one-step schedulers)."""
+    return max(len(coefficients(s[key])) - 1 for s in plan["steps"] for key in ("coef_sample", "coef_eps"))
 
 
 def shape_text(shape: Sequence[int | str | None]) -> str:
@@ -120,7 +132,8 @@ def _plan(data: Mapping[str, Any]) -> str | None:
         if step["index"] != i:
             return f"{at}.index is {step['index']}; steps are listed in order from 0"
         for key in ("timestep", "model_timestep", "coef_sample", "coef_eps", "scale"):
-            if step[key] is not None and not _finite(step[key]):
+            values = coefficients(step[key]) if key.startswith("coef") else [step[key]]
+            if any(v is not None and not _finite(v) for v in values):
                 return f"{at}.{key} is not a finite number"
         guided = step["guided"]
         guided_steps += guided
@@ -152,10 +165,11 @@ def _decoder(data: Mapping[str, Any]) -> str | None:
 def _graph_contract(data: Mapping[str, Any]) -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
     """The names the plan walk binds in each graph: (inputs, outputs)."""
     cond = tuple(d["name"] for d in data["conditioning"]["inputs"])
+    past_in, past_out = (("history",), ("next_history",)) if plan_history(data["plan"]) else ((), ())
     return {
         "denoiser": (("sample", "timestep", *cond), ("model_output",)),
-        "step_guided": (STEP_INPUTS["step_guided"], STEP_OUTPUTS),
-        "step_single": (STEP_INPUTS["step_single"], STEP_OUTPUTS),
+        "step_guided": ((*STEP_INPUTS["step_guided"], *past_in), (*STEP_OUTPUTS, *past_out)),
+        "step_single": ((*STEP_INPUTS["step_single"], *past_in), (*STEP_OUTPUTS, *past_out)),
     }
 
 
@@ -165,6 +179,8 @@ def _graphs(data: Mapping[str, Any]) -> str | None:
     sample = ("float32", tuple(data["sample"]["shape"][1:]))
     cond = {d["name"]: (d["dtype"], tuple(d["shape"][1:])) for d in data["conditioning"]["inputs"]}
     out: tuple[str, tuple[Any, ...]] = ("float32", ())  # the denoiser's model_output, read first (GRAPHS order)
+    k = plan_history(data["plan"])
+    past = ("float32", (k, 2, *sample[1]))  # history [rows, k, 2, ...]: past (sample, model output) pairs
     for name in GRAPHS:
         graph = data["graphs"][name]
         for kind, expected in zip(("inputs", "outputs"), contract[name]):
@@ -185,10 +201,12 @@ def _graphs(data: Mapping[str, Any]) -> str | None:
             wanted = {"sample": sample, "timestep": ("float32", ()), "model_output": out, **cond}
         else:
             wanted = {"sample": sample, "next_sample": sample, "next_sample_pair": sample, "model_output": out}
+            wanted.update({"history": past, "next_history": past})
         for tensor, desc in sorted(tensors.items()):
             if tensor in SCALARS:
-                if desc["dtype"] != "float32" or list(desc["shape"]) != [1]:
-                    return f"graphs.{name} tensor '{tensor}' is {desc['dtype']} {shape_text(desc['shape'])}; the runtime binds float32 [1]"
+                n = 1 if tensor == "scale" else k + 1
+                if desc["dtype"] != "float32" or list(desc["shape"]) != [n]:
+                    return f"graphs.{name} tensor '{tensor}' is {desc['dtype']} {shape_text(desc['shape'])}; the runtime binds float32 [{n}]"
                 continue
             dtype, rest = wanted[tensor]
             if desc["dtype"] != dtype or tuple(desc["shape"][1:]) != rest:

@@ -243,8 +243,8 @@ def build(opts: BuildOptions) -> BuildResult:
         plan = build_plan(family, schedule, opts.batch)
         log.info(f"exporting {family.name} ({opts.dtype}, batch {opts.batch}) to ONNX")
         export_denoiser(family, root / "denoiser.onnx", dtype=opts.dtype, batch=opts.batch)
-        export_steps(family, root, batch=opts.batch)
-        graphs = graph_description(family, opts.batch)
+        export_steps(family, root, batch=opts.batch, history=plan.history)
+        graphs = graph_description(family, opts.batch, plan.history)
         if family.vae is not None:
             log.info(f"exporting the VAE decoder ({opts.dtype})")
             export_vae_decoder(family, root / f"{DECODER_GRAPH}.onnx")

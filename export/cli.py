@@ -214,8 +214,8 @@ def inspect(bundle: BundleArg, json_out: Annotated[bool, typer.Option("--json", 
             "yes" if s.guided else "no",
             "" if s.scale is None else f"{s.scale:.3f}",
             str(plan.rows(s.guided)),
-            f"{s.coef_sample:.5f}",
-            f"{s.coef_eps:.5f}",
+            ", ".join(f"{c:.5f}" for c in (s.coef_sample, *s.past_sample)),  # [current, previous, ...] when multistep
+            ", ".join(f"{c:.5f}" for c in (s.coef_eps, *s.past_eps)),
         )
     console.print(table)
 

@@ -3,7 +3,8 @@
 * ``denoiser``: the family's transformer call (LoRA already merged), dynamic batch ``N``
   covering B and 2B, float32 I/O with the arithmetic precision (fp32/fp16/bf16) set inside
   the graph, since TensorRT 11 is strongly typed.
-* ``step_guided`` / ``step_single``: the family's CFG combine and the affine scheduler update,
+* ``step_guided`` / ``step_single``: the family's CFG combine and the linear scheduler update (with the
+  history of past samples and model outputs for multistep solvers, :func:`linear_update`),
   so the runtime needs neither diffusers nor a scheduler.
 
 Each family says which exporter gives graphs ONNX Runtime runs (``Family.export_dynamo``:
@@ -55,30 +56,40 @@ class Denoiser(nn.Module):
         return self.family.predict(sample, timestep, dict(zip(self.cond_names, cond)))
 
 
+def linear_update(sample, eps, coef_sample, coef_eps, history=None):
+    """The plan's update rule (docs/bundle.md): ``a x + b eps`` and, with a history ``[B, k, 2, ...]`` of past
+    (sample, model output) pairs, their terms too; returns ``x_next`` and the history the next step reads."""
+    if history is None:
+        return coef_sample * sample + coef_eps * eps, None
+    terms = torch.cat([torch.stack([sample, eps], 1).unsqueeze(1), history], 1)  # [B, k + 1, 2, ...]
+    coefs = torch.stack([coef_sample, coef_eps], 1).reshape(1, -1, 2, *[1] * (sample.dim() - 1))
+    return (terms * coefs).sum((1, 2)), terms[:, : history.shape[1]]
+
+
 class GuidedStep(nn.Module):
-    """``x_next = a x + b combine(out[:B], out[B:], w)``; also returns ``[x_next; x_next]``."""
+    """``x_next = a x + b combine(out[:B], out[B:], w)`` (plus past terms); also returns ``[x_next; x_next]``."""
 
     def __init__(self, family: Family):
         super().__init__()
         self.family = family
 
-    def forward(self, sample, model_output, scale, coef_sample, coef_eps):
+    def forward(self, sample, model_output, scale, coef_sample, coef_eps, history=None):
         b = sample.shape[0]
         eps = self.family.combine(model_output[:b], model_output[b:], scale)
-        nxt = coef_sample * sample + coef_eps * eps
-        return nxt, torch.cat([nxt, nxt])
+        nxt, past = linear_update(sample, eps, coef_sample, coef_eps, history)
+        return (nxt, torch.cat([nxt, nxt])) if past is None else (nxt, torch.cat([nxt, nxt]), past)
 
 
 class SingleStep(nn.Module):
-    """``x_next = a x + b single(out)``; also returns ``[x_next; x_next]``."""
+    """``x_next = a x + b single(out)`` (plus past terms); also returns ``[x_next; x_next]``."""
 
     def __init__(self, family: Family):
         super().__init__()
         self.family = family
 
-    def forward(self, sample, model_output, coef_sample, coef_eps):
-        nxt = coef_sample * sample + coef_eps * self.family.single(model_output)
-        return nxt, torch.cat([nxt, nxt])
+    def forward(self, sample, model_output, coef_sample, coef_eps, history=None):
+        nxt, past = linear_update(sample, self.family.single(model_output), coef_sample, coef_eps, history)
+        return (nxt, torch.cat([nxt, nxt])) if past is None else (nxt, torch.cat([nxt, nxt]), past)
 
 
 # --------------------------------------------------------------------------- export
@@ -314,44 +325,52 @@ def export_denoiser(family: Family, path: Path, dtype: str = "fp32", batch: int 
         family.transformer.to(original)
 
 
-def export_steps(family: Family, directory: Path, batch: int = 1) -> None:
-    """Export ``step_guided.onnx`` and ``step_single.onnx`` (tiny, always fp32)."""
+def export_steps(family: Family, directory: Path, batch: int = 1, history: int = 0) -> None:
+    """Export ``step_guided.onnx`` and ``step_single.onnx`` (tiny, always fp32); with ``history`` k > 0 they
+    also read and write the ``[B, k, 2, ...]`` history of past (sample, model output) pairs."""
     b = max(batch, 2)
     x = torch.randn(family.sample_shape(b))
     out1 = torch.randn(family.output_shape(b))
     out2 = torch.randn(family.output_shape(2 * b))
-    one = torch.ones(1)
+    coefs = (torch.ones(1), torch.ones(history + 1), torch.ones(history + 1))  # scale, coef_sample, coef_eps
+    past: tuple = (torch.randn(b, history, 2, *x.shape[1:]),) if history else ()
+    extra_in, extra_out = (["history"], ["next_history"]) if history else ([], [])
+    axes = {"sample": "batch", "next_sample": "batch", "next_sample_pair": "batch2", "history": "batch", "next_history": "batch"}
     with torch.no_grad():
         export_graph(
             GuidedStep(family).eval(),
-            (x, out2, one, one, one),
+            (x, out2, *coefs, *past),
             directory / "step_guided.onnx",
-            ["sample", "model_output", "scale", "coef_sample", "coef_eps"],
-            ["next_sample", "next_sample_pair"],
-            {"sample": "batch", "model_output": "batch2", "next_sample": "batch", "next_sample_pair": "batch2"},
+            ["sample", "model_output", "scale", "coef_sample", "coef_eps", *extra_in],
+            ["next_sample", "next_sample_pair", *extra_out],
+            {**axes, "model_output": "batch2"},
             dynamo=False,
         )
         export_graph(
             SingleStep(family).eval(),
-            (x, out1, one, one),
+            (x, out1, *coefs[1:], *past),
             directory / "step_single.onnx",
-            ["sample", "model_output", "coef_sample", "coef_eps"],
-            ["next_sample", "next_sample_pair"],
-            {"sample": "batch", "model_output": "batch", "next_sample": "batch", "next_sample_pair": "batch2"},
+            ["sample", "model_output", "coef_sample", "coef_eps", *extra_in],
+            ["next_sample", "next_sample_pair", *extra_out],
+            {**axes, "model_output": "batch"},
             dynamo=False,
         )
 
 
-def graph_description(family: Family, batch: int) -> dict:
+def graph_description(family: Family, batch: int, history: int = 0) -> dict:
     """The manifest's ``graphs`` section: each graph's inputs and outputs, described once."""
     sample = TensorSpec("sample", torch.float32, ("batch", *family.sample_shape(1)[1:]))
     out_b = TensorSpec("model_output", torch.float32, ("batch", *family.output_shape(1)[1:]))
     out_2b = TensorSpec("model_output", torch.float32, ("batch2", *family.output_shape(1)[1:]))
-    scalar = [TensorSpec(n, torch.float32, (1,)) for n in ("coef_sample", "coef_eps")]
+    coefs = [TensorSpec(n, torch.float32, (history + 1,)) for n in ("coef_sample", "coef_eps")]
     nexts = [
         TensorSpec("next_sample", torch.float32, sample.shape),
         TensorSpec("next_sample_pair", torch.float32, ("batch2", *sample.shape[1:])),
     ]
+    if history:
+        past = ("batch", history, 2, *sample.shape[1:])
+        coefs.append(TensorSpec("history", torch.float32, past))
+        nexts.append(TensorSpec("next_history", torch.float32, past))
     as_json = lambda specs: [s.to_json() for s in specs]  # noqa: E731
     return {
         "denoiser": {
@@ -361,8 +380,8 @@ def graph_description(family: Family, batch: int) -> dict:
         },
         "step_guided": {
             "file": "step_guided.onnx",
-            "inputs": as_json([sample, out_2b, TensorSpec("scale", torch.float32, (1,)), *scalar]),
+            "inputs": as_json([sample, out_2b, TensorSpec("scale", torch.float32, (1,)), *coefs]),
             "outputs": as_json(nexts),
         },
-        "step_single": {"file": "step_single.onnx", "inputs": as_json([sample, out_b, *scalar]), "outputs": as_json(nexts)},
+        "step_single": {"file": "step_single.onnx", "inputs": as_json([sample, out_b, *coefs]), "outputs": as_json(nexts)},
     }

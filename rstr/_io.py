@@ -2,7 +2,8 @@
 
 * :func:`read_json` reads a user's JSON file the way every rstr reader does (and the C++
   runtime's manifest reader too): UTF-8, standard JSON only (no ``NaN``/``Infinity``, no number
-  that overflows a double), integers beyond 64 bits read as floats (as C++ JSON readers do),
+  that overflows a double; ``infinities=True`` admits ``-Infinity``/``Infinity`` for diffusers'
+  scheduler configs, which hold them), integers beyond 64 bits read as floats (as C++ JSON readers do),
   at most :data:`MAX_JSON_DEPTH` levels of nesting and :data:`MAX_JSON_BYTES` bytes.  Any
   problem is one error line naming the file.
 * :func:`atomic_path` / :func:`atomic_dir` write into a temporary sibling and rename it onto
@@ -61,6 +62,13 @@ def _constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
+def _infinity(name: str) -> float:
+    """``Infinity`` and ``-Infinity`` as floats (diffusers writes them in scheduler configs); ``NaN`` still refused."""
+    if name == "NaN":
+        _constant(name)
+    return float(name.lower().replace("infinity", "inf"))
+
+
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -80,10 +88,12 @@ def json_depth(value: Any) -> int:
     return deepest
 
 
-def parse_json(text: str) -> Any:
-    """``text`` as strict JSON (see the module docstring); ``ValueError`` naming the problem otherwise."""
+def parse_json(text: str, infinities: bool = False) -> Any:
+    """``text`` as strict JSON (see the module docstring); ``ValueError`` naming the problem otherwise.
+    ``infinities`` also reads ``Infinity``/``-Infinity``, which Python's own writer (diffusers' configs) emits."""
     try:
-        value = json.loads(text, parse_float=_finite_float, parse_int=_integer, parse_constant=_constant)
+        constant = _infinity if infinities else _constant
+        value = json.loads(text, parse_float=_finite_float, parse_int=_integer, parse_constant=constant)
     except RecursionError:
         value = None
         depth = MAX_JSON_DEPTH + 1
@@ -94,8 +104,9 @@ def parse_json(text: str) -> Any:
     return value
 
 
-def read_json(path: str | os.PathLike[str], error: type[RstrError] = RstrError) -> Any:
-    """The JSON document in ``path``, read strictly; one ``error`` line naming the file otherwise."""
+def read_json(path: str | os.PathLike[str], error: type[RstrError] = RstrError, infinities: bool = False) -> Any:
+    """The JSON document in ``path``, read strictly (``infinities``: see :func:`parse_json`); one ``error`` line
+    naming the file otherwise."""
     path = Path(path)
     try:
         with open(path, "rb") as fh:
@@ -105,7 +116,7 @@ def read_json(path: str | os.PathLike[str], error: type[RstrError] = RstrError) 
     if len(data) > MAX_JSON_BYTES:
         raise error(f"{path} is larger than {MAX_JSON_BYTES >> 20} MiB; it is not a JSON file rstr wrote")
     try:
-        return parse_json(data.decode("utf-8"))
+        return parse_json(data.decode("utf-8"), infinities)
     except UnicodeDecodeError:
         raise error(f"{path} is not valid JSON (not UTF-8 text)") from None
     except ValueError as err:

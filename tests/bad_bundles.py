@@ -246,6 +246,13 @@ CASES: dict[str, Case] = {
         "graphs.step_guided tensor 'scale' is float32 [2]; the runtime binds float32 [1]",
         lambda m, _: m["graphs"]["step_guided"]["inputs"][2].update(shape=[2]),
     ),
+    "multistep-without-history-graphs": Case(
+        "rules",
+        "graphs.step_guided.inputs are [coef_eps, coef_sample, model_output, sample, scale]; the runtime binds "
+        "[coef_eps, coef_sample, history, model_output, sample, scale]",
+        _set("plan", "steps", 1, "coef_eps", [-0.5, 0.25]),
+    ),
+    "coefficients-empty": Case("schema", "plan.steps[1].coef_sample", _set("plan", "steps", 1, "coef_sample", [])),
     "graph-file-unlisted": Case(
         "rules", "graphs.step_single.file 'step_single.onnx' is not listed in files", _drop("files", "step_single.onnx")
     ),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -121,3 +122,18 @@ def test_cli_takes_a_hub_id_offline(cache, tmp_path):
         f"rstr: error: model tiny-org/absent is neither a local directory nor in the Hugging Face cache ({cache}); rstr does not "
         "download: fetch it with `hf download tiny-org/absent` or give a local diffusers directory"
     ]
+
+
+def test_info_and_build_take_a_hub_id_offline(cache, tmp_path):
+    """`rstr info org/name` and `rstr-export build --model org/name` from the pre-filled cache, offline."""
+    GuidanceSchedule.constant(2.0, 3, family="dit", sampler="ddim").save(tmp_path / "s.json")
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    info = subprocess.run([sys.executable, "-m", "rstr.cli", "info", REPO], capture_output=True, text=True, env=env, timeout=300)
+    assert info.returncode == 0, info.stderr
+    assert "DiTTransformer2DModel" in info.stdout
+    build = [sys.executable, "-m", "rstr.export.cli", "build", "--model", REPO, "--schedule", str(tmp_path / "s.json")]
+    build += ["--out", str(tmp_path / "bundle"), "--no-measure", "--precision", "fp32", "--quiet"]
+    done = subprocess.run(build, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr
+    manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
+    assert manifest["family"] == "dit" and manifest["verification"]["max_rel_error"] <= manifest["verification"]["tolerance"]

@@ -52,28 +52,42 @@ def test_dit_matches_dit_pipeline():
     assert_close(ours, expected)
 
 
-def test_pixart_matches_pixart_pipeline():
+def stock_pixart_latents(family, cond, uncond=None, *, scale: float, steps: int = STEPS, scheduler=None) -> torch.Tensor:
+    """``PixArtAlphaPipeline``'s latents from embeddings (no text encoder, a tiny VAE, 8x8) and generator seed 0."""
     from diffusers import PixArtAlphaPipeline
 
-    family = tiny_pixart()
-    cond, uncond = text_conditioning(family, B, 0), text_conditioning(family, B, 1)
     pipe = PixArtAlphaPipeline(
-        tokenizer=None, text_encoder=None, vae=_tiny_vae(), transformer=family.transformer, scheduler=family.fresh_scheduler()
+        tokenizer=None,
+        text_encoder=None,
+        vae=_tiny_vae(),
+        transformer=family.transformer,
+        scheduler=scheduler or family.fresh_scheduler(),
     )
-    expected = pipe(
+    negative = {}
+    if uncond is not None:
+        negative = {
+            "negative_prompt_embeds": uncond["encoder_hidden_states"],
+            "negative_prompt_attention_mask": uncond["encoder_attention_mask"],
+        }
+    return pipe(
         negative_prompt=None,
         prompt_embeds=cond["encoder_hidden_states"],
         prompt_attention_mask=cond["encoder_attention_mask"],
-        negative_prompt_embeds=uncond["encoder_hidden_states"],
-        negative_prompt_attention_mask=uncond["encoder_attention_mask"],
-        guidance_scale=SCALE,
-        num_inference_steps=STEPS,
+        **negative,
+        guidance_scale=scale,
+        num_inference_steps=steps,
         generator=torch.Generator().manual_seed(0),
         output_type="latent",
         use_resolution_binning=False,
         height=8,
         width=8,
     ).images
+
+
+def test_pixart_matches_pixart_pipeline():
+    family = tiny_pixart()
+    cond, uncond = text_conditioning(family, B, 0), text_conditioning(family, B, 1)
+    expected = stock_pixart_latents(family, cond, uncond, scale=SCALE)
     schedule = GuidanceSchedule.constant(SCALE, STEPS, family="pixart", sampler=family.sampler)
     ours = sample(family, schedule, cond, uncond=uncond, generator=torch.Generator().manual_seed(0))
     assert_close(ours, expected)
@@ -140,25 +154,9 @@ def test_qwenimage_matches_qwenimage_pipeline_true_cfg():
 
 
 def test_conditional_only_matches_pipeline_without_guidance():
-    from diffusers import PixArtAlphaPipeline
-
     family = tiny_pixart()
     cond = text_conditioning(family, B, 0)
-    pipe = PixArtAlphaPipeline(
-        tokenizer=None, text_encoder=None, vae=_tiny_vae(), transformer=family.transformer, scheduler=family.fresh_scheduler()
-    )
-    expected = pipe(
-        negative_prompt=None,
-        prompt_embeds=cond["encoder_hidden_states"],
-        prompt_attention_mask=cond["encoder_attention_mask"],
-        guidance_scale=1.0,
-        num_inference_steps=STEPS,
-        generator=torch.Generator().manual_seed(0),
-        output_type="latent",
-        use_resolution_binning=False,
-        height=8,
-        width=8,
-    ).images
+    expected = stock_pixart_latents(family, cond, scale=1.0)
     ours = sample(
         family,
         GuidanceSchedule.conditional_only(STEPS, family="pixart", sampler=family.sampler),

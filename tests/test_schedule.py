@@ -61,8 +61,9 @@ def _write(tmp_path, **changes):
             {"steps": [{"guided": True, "scale": -1.0}] + [{"guided": False}] * 3},
             "step 0: scale -1.0 must be a finite number >= 0",
         ),
-        ({"steps": [{"guided": True, "scale": float("nan")}] + [{"guided": False}] * 3}, "step 0: scale nan"),
-        ({"steps": [{"guided": True, "scale": float("inf")}] + [{"guided": False}] * 3}, "step 0: scale inf"),
+        # The strict JSON reader refuses non-finite numbers before the schedule's rules run (next test: the rules).
+        ({"steps": [{"guided": True, "scale": float("nan")}] + [{"guided": False}] * 3}, "(NaN is not a JSON number)"),
+        ({"steps": [{"guided": True, "scale": float("inf")}] + [{"guided": False}] * 3}, "(Infinity is not a JSON number)"),
         ({"extra": 1}, "unknown field(s) extra"),
         ({"steps": [{"guided": True, "scale": 1.0, "w": 2}] + [{"guided": False}] * 3}, "step 0 must be"),
         ({"timesteps": [900, 600, 0]}, "4 steps but 3 timesteps"),
@@ -79,6 +80,15 @@ def test_malformed_schedule_refused(tmp_path, changes, message):
     with pytest.raises(ScheduleError) as err:
         GuidanceSchedule.load(_write(tmp_path, **changes))
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf")])
+def test_non_finite_scale_refused_from_a_dict(scale):
+    data = GuidanceSchedule.first_k(2.0, 4, 2, **KW).to_dict()
+    data["steps"][0]["scale"] = scale
+    with pytest.raises(ScheduleError) as err:
+        GuidanceSchedule.from_dict(data)
+    assert f"step 0: scale {scale}" in str(err.value) and "must be a finite number >= 0" in str(err.value)
 
 
 def test_written_schedules_validate_and_a_missing_field_is_named(tmp_path):

@@ -449,7 +449,7 @@ def test_plan_bindings_guided_steps_take_the_2b_path(batch):
         assert p.feeds["denoiser"]["model_output"] == p.feeds[step_graph]["model_output"] == "model_output"
         assert p.feeds["denoiser"]["class_labels"] == "cond/class_labels"
         assert p.copies == (("x", "x_next"),)
-        assert sb.coef_sample == step["coef_sample"] and sb.coef_eps == step["coef_eps"]
+        assert sb.coef_sample == (step["coef_sample"],) and sb.coef_eps == (step["coef_eps"],)
     # One path object per step kind: what one CUDA graph captures.
     assert len({id(sb.path) for sb in bindings}) == 2
     assert [sb.record_offset for sb in bindings] == [i * record_layout(_bundle(m)).size for i in range(len(MIXED))]
@@ -487,6 +487,35 @@ def test_buffers_and_step_records():
         assert scalar("coef_eps") == np.float32(step["coef_eps"])
     unguided_only = _bundle(make_manifest(batch, guided=(False, False)))
     assert buffer_specs(unguided_only)["cond/class_labels"].shape == (batch,)
+
+
+def test_multistep_plan_binds_history_and_packs_every_coefficient():
+    """A plan with one past step: history buffers [B, 1, 2, ...] copied back after each step like x, and records
+    holding [current, previous] coefficients (a first-order step padded with 0)."""
+    batch, m = 2, make_manifest(2)
+    past = [_desc("history", "float32", ["batch", 1, 2, C, H, W])]
+    for graph in ("step_guided", "step_single"):
+        g = m["graphs"][graph]
+        g["inputs"] = [_desc(d["name"], "float32", [2]) if d["name"].startswith("coef") else d for d in g["inputs"]] + past
+        g["outputs"] = g["outputs"] + [{**past[0], "name": "next_history"}]
+    for i, s in enumerate(m["plan"]["steps"][1:], start=1):
+        s["coef_sample"], s["coef_eps"] = [s["coef_sample"], 0.5 * i], [s["coef_eps"], -0.25 * i]
+    bundle = _bundle(m)
+    assert bundle.plan.history == 1
+    specs = buffer_specs(bundle)
+    assert specs["history"] == specs["history_next"] == BufferSpec((batch, 1, 2, C, H, W), np.dtype(np.float32))
+    for sb in plan_bindings(bundle):
+        feeds = sb.path.feeds[sb.path.step_graph]
+        assert (feeds["history"], feeds["next_history"]) == ("history", "history_next")
+        assert sb.path.copies == (("x", "x_next"), ("history", "history_next"))
+        assert sb.path.shapes[sb.path.step_graph]["coef_eps"] == (2,)
+    layout = record_layout(bundle)
+    table = step_records(bundle, layout)
+    for i, step in enumerate(m["plan"]["steps"]):
+        rec = table[i * layout.size : (i + 1) * layout.size]
+        coefs = {n: rec[layout.offsets[n] : layout.offsets[n] + 8].view(np.float32).tolist() for n in ("coef_sample", "coef_eps")}
+        want = {n: step[n] if isinstance(step[n], list) else [step[n], 0.0] for n in ("coef_sample", "coef_eps")}
+        assert coefs == {n: np.float32(v).tolist() for n, v in want.items()}
 
 
 # ----------------------------------------------------------------------------- the hand-made bundle

@@ -24,8 +24,8 @@ ENGINE_DIR = "engines"
 
 # Which rows each step-graph tensor has, in units of the bundle batch B (docs/bundle.md).
 _STEP_ROWS = {
-    "step_guided": {"sample": 1, "model_output": 2, "next_sample": 1, "next_sample_pair": 2},
-    "step_single": {"sample": 1, "model_output": 1, "next_sample": 1, "next_sample_pair": 2},
+    "step_guided": {"sample": 1, "model_output": 2, "next_sample": 1, "next_sample_pair": 2, "history": 1, "next_history": 1},
+    "step_single": {"sample": 1, "model_output": 1, "next_sample": 1, "next_sample_pair": 2, "history": 1, "next_history": 1},
 }
 
 
@@ -201,22 +201,25 @@ def host_code_allowed(entries: Iterable[Engine], trusted: bool) -> bool:
 
 @dataclass(frozen=True)
 class RecordLayout:
-    """Byte layout of one step record: the constants one step feeds its graphs, each 256-byte aligned."""
+    """Byte layout of one step record: the constants one step feeds its graphs, each 256-byte aligned.
+    ``coef_sample`` and ``coef_eps`` hold ``history + 1`` floats each (current step first)."""
 
     timestep_rows: int
     timestep_dtype: np.dtype
     offsets: dict[str, int]
     size: int
+    history: int = 0
 
     def pack(self, step: Step, rows: int) -> np.ndarray:
         """The record of ``step`` (whose denoiser runs at ``rows``) as bytes."""
         out = np.zeros(self.size, np.uint8)
         ts = np.full(rows, step.model_timestep, self.timestep_dtype)
         out[self.offsets["timestep"] : self.offsets["timestep"] + ts.nbytes] = ts.view(np.uint8)
-        for name in ("scale", "coef_sample", "coef_eps"):
-            value = getattr(step, name)
-            v = np.array([0.0 if value is None else value], np.float32)
-            out[self.offsets[name] : self.offsets[name] + 4] = v.view(np.uint8)
+        coef_sample, coef_eps = step.coefficients(self.history)
+        values = {"scale": [step.scale or 0.0], "coef_sample": coef_sample, "coef_eps": coef_eps}
+        for name, value in values.items():
+            v = np.array(value, np.float32)
+            out[self.offsets[name] : self.offsets[name] + v.nbytes] = v.view(np.uint8)
         return out
 
 
@@ -232,10 +235,11 @@ def record_layout(bundle: Bundle) -> RecordLayout:
     dtype = np.dtype(ts.np_dtype)
     offsets = {"timestep": 0}
     at = _align(rows * dtype.itemsize)
-    for name in ("scale", "coef_sample", "coef_eps"):
+    k = bundle.plan.history
+    for name, count in (("scale", 1), ("coef_sample", k + 1), ("coef_eps", k + 1)):
         offsets[name] = at
-        at += ALIGN
-    return RecordLayout(rows, dtype, offsets, at)
+        at += _align(4 * count)
+    return RecordLayout(rows, dtype, offsets, at, k)
 
 
 def step_records(bundle: Bundle, layout: RecordLayout | None = None) -> np.ndarray:
@@ -251,8 +255,9 @@ class PathBinding:
     """What one step kind runs, i.e. what one CUDA graph captures.
 
     ``feeds[graph][tensor]`` names the buffer bound to each input and output: ``x``,
-    ``x_next``, ``x2``, ``model_output``, ``cond/<name>``, or ``record/<field>`` (a field of the
-    step record).  ``copies`` are device copies ``(dst, src)`` enqueued after the step graph.
+    ``x_next``, ``x2``, ``model_output``, ``cond/<name>``, ``history`` and ``history_next``
+    (multistep plans), or ``record/<field>`` (a field of the step record).  ``copies`` are
+    device copies ``(dst, src)`` enqueued after the step graph.
     """
 
     kind: str
@@ -270,8 +275,8 @@ class StepBinding:
     path: PathBinding
     model_timestep: float
     scale: float | None
-    coef_sample: float
-    coef_eps: float
+    coef_sample: tuple[float, ...]  # [current, previous, ...], zero-padded to the plan's history + 1
+    coef_eps: tuple[float, ...]
     record_offset: int = 0
 
 
@@ -295,6 +300,7 @@ def plan_bindings(bundle: Bundle, entries: dict[str, Engine] | None = None) -> l
         entries = {e.graph: e for e in bundle.engines_for("tensorrt")}
     default_rows = bundle.plan.denoiser_rows
     layout = record_layout(bundle)
+    history = bundle.plan.history
     cond_names = [d.name for d in bundle.cond_inputs]
     paths: dict[str, PathBinding] = {}
 
@@ -319,6 +325,8 @@ def plan_bindings(bundle: Bundle, entries: dict[str, Engine] | None = None) -> l
         }
         if kind == "guided":
             step["scale"] = "record/scale"
+        if history:
+            step.update({"history": "history", "next_history": "history_next"})
         for graph, feeds in (("denoiser", den), (step_graph, step)):
             unknown = sorted(set(shapes[graph]) - set(feeds))
             if unknown:
@@ -330,21 +338,16 @@ def plan_bindings(bundle: Bundle, entries: dict[str, Engine] | None = None) -> l
             step_graph,
             shapes,
             {"denoiser": den, step_graph: step},
+            (("x", "x_next"), ("history", "history_next")) if history else (("x", "x_next"),),
         )
         return paths[kind]
 
-    return [
-        StepBinding(
-            i,
-            path("guided" if s.guided else "single"),
-            float(s.model_timestep),
-            s.scale,
-            float(s.coef_sample),
-            float(s.coef_eps),
-            i * layout.size,
-        )
-        for i, s in enumerate(bundle.steps)
-    ]
+    def binding(i: int, s: Step) -> StepBinding:
+        coef_sample, coef_eps = s.coefficients(history)
+        kind = "guided" if s.guided else "single"
+        return StepBinding(i, path(kind), float(s.model_timestep), s.scale, tuple(coef_sample), tuple(coef_eps), i * layout.size)
+
+    return [binding(i, s) for i, s in enumerate(bundle.steps)]
 
 
 @dataclass(frozen=True)
@@ -373,4 +376,8 @@ def buffer_specs(bundle: Bundle) -> dict[str, BufferSpec]:
     }
     for d in bundle.cond_inputs:
         specs[f"cond/{d.name}"] = BufferSpec(d.concrete(rows), np.dtype(d.np_dtype))
+    k = bundle.plan.history
+    if k:  # past (sample, model output) pairs of multistep plans; the step graph writes history_next
+        past = (b, k, 2, *sample.concrete(b)[1:])
+        specs.update({name: BufferSpec(past, np.dtype(np.float32)) for name in ("history", "history_next")})
     return specs

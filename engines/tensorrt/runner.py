@@ -21,7 +21,8 @@
   (unguided) and writes ``model_output``; the step graph reads ``x`` and writes ``x_next``
   and ``x2`` (``next_sample_pair``, written straight into the denoiser's next input: the
   denoiser has already read it); a device copy ``x_next -> x`` closes the step (a graph may
-  not read and write one buffer).
+  not read and write one buffer).  Multistep plans also bind ``history -> history_next``
+  (past samples and model outputs, zeroed at the start of each call) and copy it back the same way.
 * CUDA graphs: one per step kind (guided at 2B, unguided at B), capturing denoiser + step
   graph + that copy.  A graph bakes addresses and shapes, so per-step constants cannot be
   arguments.  Scheme: at activation every step's constants (timestep rows, scale,
@@ -344,6 +345,8 @@ class TensorRTRunner(Runner):
             hosts[name] = array
             cuda.h2d(s.buffers[name], array, stream)
 
+        if "history" in s.buffers:  # no past yet: the first steps' past coefficients are 0, and 0 * stale NaN is not
+            cuda.memset(s.buffers["history"], self.specs["history"].nbytes, stream)
         for sb in self.bindings:
             path = s.paths[sb.path.kind]
             # The step's constants into the fixed record the graphs read (device to device).

@@ -78,8 +78,8 @@ for _family in (DiTFamily, PixArtFamily, FluxFamily, QwenImageFamily):
     register_family(_family)
 
 
-def _read_json(path: Path) -> dict:
-    data = read_json(path, ModelError)
+def _read_json(path: Path, infinities: bool = False) -> dict:
+    data = read_json(path, ModelError, infinities)
     if not isinstance(data, dict):
         raise ModelError(f"{path} must hold a JSON object, not {json_type(data)}")
     return data
@@ -104,7 +104,7 @@ def _load_scheduler(directory: Path, family: type[Family]):
     config_path = directory / "scheduler_config.json"
     if not config_path.is_file():
         return family.default_scheduler()
-    config = _read_json(config_path)
+    config = _read_json(config_path, infinities=True)  # DPMSolverMultistepScheduler saves lambda_min_clipped = -inf
     cls = getattr(diffusers, str(config.get("_class_name", "")), None)
     if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
         raise ModelError(f"{config_path}: {config.get('_class_name')!r} is not a diffusers scheduler class")

@@ -42,6 +42,16 @@ GraphInfo parse_graph(const json& g) {
   return info;
 }
 
+/// A plan coefficient: one number, or [current, previous, ...] for a multistep update (schema-checked).
+void read_coefficients(const json& v, float& current, std::vector<float>& past) {
+  if (!v.is_array()) {
+    current = v.get<float>();
+    return;
+  }
+  current = v.at(0).get<float>();
+  for (size_t i = 1; i < v.size(); ++i) past.push_back(v.at(i).get<float>());
+}
+
 std::string optional_text(const json& e, const char* key) { return e.contains(key) ? e.at(key).get<std::string>() : ""; }
 
 /// Reads a valid manifest (schema and rules checked) into the runtime's structures.
@@ -77,8 +87,9 @@ Manifest read_manifest(const json& m) {
     step.model_timestep = s.at("model_timestep").get<float>();
     step.kind = s.at("guided").get<bool>() ? StepKind::Guided : StepKind::Single;
     if (step.kind == StepKind::Guided) step.scale = s.at("scale").get<float>();
-    step.coef_sample = s.at("coef_sample").get<float>();
-    step.coef_eps = s.at("coef_eps").get<float>();
+    read_coefficients(s.at("coef_sample"), step.coef_sample, step.past_sample);
+    read_coefficients(s.at("coef_eps"), step.coef_eps, step.past_eps);
+    man.plan.history = std::max(man.plan.history, static_cast<int>(std::max(step.past_sample.size(), step.past_eps.size())));
     man.plan.steps.push_back(step);
   }
 
@@ -206,6 +217,18 @@ const EngineEntry* Manifest::find_engine(const std::string& graph) const {
     if (e.graph == graph) return &e;
   return nullptr;
 }
+
+namespace {
+std::vector<float> padded(float current, const std::vector<float>& past, int history) {
+  std::vector<float> out{current};
+  out.insert(out.end(), past.begin(), past.end());
+  out.resize(static_cast<size_t>(history) + 1, 0.0f);
+  return out;
+}
+}  // namespace
+
+std::vector<float> Step::sample_coefficients(int history) const { return padded(coef_sample, past_sample, history); }
+std::vector<float> Step::eps_coefficients(int history) const { return padded(coef_eps, past_eps, history); }
 
 int Plan::num_guided() const {
   int n = 0;

@@ -196,7 +196,15 @@ class OnnxRuntimeExecutor final : public Runner::Executor {
     Ort::Value x = view(x0.data(), sample_shape);
     Ort::Value x2 = view(x20.data(), pair_shape);
     std::vector<float> timestep(2 * static_cast<size_t>(B));
-    float scale = 0.0f, coef_sample = 0.0f, coef_eps = 0.0f;
+    float scale = 0.0f;
+    std::vector<float> coef_sample, coef_eps;
+    // Multistep plans: the history [B, k, 2, ...] of past (sample, model output) pairs, zero at the
+    // start (the first steps' past coefficients are 0); the step graphs return the next one.
+    const int k = manifest_.plan.history;
+    std::vector<int64_t> history_shape = {B, k, 2};
+    history_shape.insert(history_shape.end(), sample_shape.begin() + 1, sample_shape.end());
+    std::vector<float> history0(k > 0 ? static_cast<size_t>(numel(history_shape)) : 0, 0.0f);
+    Ort::Value history = k > 0 ? view(history0.data(), history_shape) : Ort::Value(nullptr);
 
     for (size_t i = 0; i < manifest_.plan.steps.size(); ++i) {
       const Step& step = manifest_.plan.steps[i];
@@ -212,20 +220,26 @@ class OnnxRuntimeExecutor final : public Runner::Executor {
         inputs.push_back({c.info.name, view(cond2.at(c.info.name), with_rows(c.info.shape, rows))});
       std::vector<Ort::Value> out = denoiser_.run(inputs, {{"model_output", with_rows(output_shape_, rows)}}, i);
 
-      // x, x2 = step_guided(x, out, [scale], [coef_sample], [coef_eps]) or step_single(...)
+      // x, x2[, history] = step_guided(x, out, [scale], coef_sample, coef_eps[, history]) or step_single(...)
       scale = step.scale;
-      coef_sample = step.coef_sample;
-      coef_eps = step.coef_eps;
+      coef_sample = step.sample_coefficients(k);
+      coef_eps = step.eps_coefficients(k);
+      const std::vector<int64_t> coef_shape = {k + 1};
       inputs.clear();
       inputs.push_back({"sample", view(x)});
       inputs.push_back({"model_output", view(out[0])});
       if (guided) inputs.push_back({"scale", view(&scale, {1})});
-      inputs.push_back({"coef_sample", view(&coef_sample, {1})});
-      inputs.push_back({"coef_eps", view(&coef_eps, {1})});
-      std::vector<Ort::Value> next = (guided ? step_guided_ : step_single_)
-                                         .run(inputs, {{"next_sample", sample_shape}, {"next_sample_pair", pair_shape}}, i);
+      inputs.push_back({"coef_sample", view(coef_sample.data(), coef_shape)});
+      inputs.push_back({"coef_eps", view(coef_eps.data(), coef_shape)});
+      std::vector<Output> outputs = {{"next_sample", sample_shape}, {"next_sample_pair", pair_shape}};
+      if (k > 0) {
+        inputs.push_back({"history", view(history)});
+        outputs.push_back({"next_history", history_shape});
+      }
+      std::vector<Ort::Value> next = (guided ? step_guided_ : step_single_).run(inputs, outputs, i);
       x = std::move(next[0]);
       x2 = std::move(next[1]);
+      if (k > 0) history = std::move(next[2]);
     }
     const float* data = x.GetTensorData<float>();
     return Tensor::float32(sample_shape, std::vector<float>(data, data + numel(sample_shape)));

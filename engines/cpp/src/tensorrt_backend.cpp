@@ -15,10 +15,12 @@
 //   * one CUDA stream, and one CUDA graph per step kind:
 //       guided:   denoiser(2B) -> step_guided -> copy next -> x, next_pair -> x2
 //       unguided: denoiser(B)  -> step_single -> copy next -> x, next_pair -> x2
+//     (multistep plans: also next_history -> history, the past samples and model outputs,
+//     zeroed at the start of each run)
 //     Copying the step outputs back into x / x2 keeps every address fixed (a captured graph
 //     bakes its addresses, so ping-pong buffers would need one graph per parity).
 //
-// Per-step values (timestep, scale, coef_sample, coef_eps) differ at every step while a
+// Per-step values (timestep, scale, coef_sample[k+1], coef_eps[k+1]) differ at every step while a
 // captured graph bakes the addresses it reads.  They are packed per step into one device
 // array uploaded once at load; before launching a step's graph, ONE device-to-device
 // cudaMemcpyAsync (on the same stream, outside the graph) copies that step's record into a
@@ -177,6 +179,7 @@ class TensorRTExecutor final : public Runner::Executor {
                                  cudaMemcpyHostToDevice, s),
                  "upload conditioning");
     }
+    if (history_) check_cuda(cudaMemsetAsync(history_.get(), 0, history_bytes(), s), "zero history");
     for (size_t i = 0; i < manifest_.plan.steps.size(); ++i) {
       // The step's record -> the fixed record every graph reads (see the note at the top).
       check_cuda(cudaMemcpyAsync(current_.get(), bytes(records_) + i * record_bytes_, record_bytes_,
@@ -246,14 +249,20 @@ class TensorRTExecutor final : public Runner::Executor {
     out_ = device_alloc(2 * static_cast<size_t>(B) * O * sizeof(float));
     for (const auto& c : manifest_.conditioning)
       cond2_.emplace(c.info.name, device_alloc(2 * static_cast<size_t>(numel(c.info.shape)) * dtype_size(c.info.dtype)));
+    if (manifest_.plan.history > 0) {
+      history_ = device_alloc(history_bytes());
+      next_history_ = device_alloc(history_bytes());
+    }
 
     // Record layout, each field 256-byte aligned for TensorRT:
-    //   [timestep x 2B floats][scale][coef_sample][coef_eps]
+    //   [timestep x 2B floats][scale][coef_sample x (k+1)][coef_eps x (k+1)]
+    const int history = manifest_.plan.history;
+    const size_t coefs = align_up(static_cast<size_t>(history + 1) * sizeof(float));
     ts_offset_ = 0;
     scale_offset_ = align_up(2 * static_cast<size_t>(B) * sizeof(float));
     coef_sample_offset_ = scale_offset_ + kAlign;
-    coef_eps_offset_ = coef_sample_offset_ + kAlign;
-    record_bytes_ = coef_eps_offset_ + kAlign;
+    coef_eps_offset_ = coef_sample_offset_ + coefs;
+    record_bytes_ = coef_eps_offset_ + coefs;
     const size_t n = manifest_.plan.steps.size();
     std::vector<char> host(n * record_bytes_, 0);
     for (size_t i = 0; i < n; ++i) {
@@ -262,13 +271,24 @@ class TensorRTExecutor final : public Runner::Executor {
       auto put = [r](size_t offset, float v) { std::memcpy(r + offset, &v, sizeof v); };
       for (int64_t k = 0; k < 2 * B; ++k) put(ts_offset_ + static_cast<size_t>(k) * sizeof(float), step.model_timestep);
       put(scale_offset_, step.scale);
-      put(coef_sample_offset_, step.coef_sample);
-      put(coef_eps_offset_, step.coef_eps);
+      const std::vector<float> cs = step.sample_coefficients(history), ce = step.eps_coefficients(history);
+      for (int d = 0; d <= history; ++d) {
+        put(coef_sample_offset_ + static_cast<size_t>(d) * sizeof(float), cs[static_cast<size_t>(d)]);
+        put(coef_eps_offset_ + static_cast<size_t>(d) * sizeof(float), ce[static_cast<size_t>(d)]);
+      }
     }
     records_ = device_alloc(host.size());
     check_cuda(cudaMemcpy(records_.get(), host.data(), host.size(), cudaMemcpyHostToDevice), "upload plan");
     current_ = device_alloc(record_bytes_);
   }
+
+  /// [B, k, 2, ...]: the past (sample, model output) pairs of a multistep plan.
+  std::vector<int64_t> history_shape() const {
+    std::vector<int64_t> shape = {manifest_.batch, manifest_.plan.history, 2};
+    shape.insert(shape.end(), manifest_.sample.shape.begin() + 1, manifest_.sample.shape.end());
+    return shape;
+  }
+  size_t history_bytes() const { return static_cast<size_t>(numel(history_shape())) * sizeof(float); }
 
   /// An execution context of `e` with every input shape fixed at `rows` batch rows and every
   /// tensor bound to its persistent device buffer, looked up by name.
@@ -299,18 +319,24 @@ class TensorRTExecutor final : public Runner::Executor {
       bind("sample", x_.get(), sample);
       bind("model_output", out_.get(), with_rows(out_shape, out_rows));
       if (e.role == "step_guided") bind("scale", cur + scale_offset_, {1});
-      bind("coef_sample", cur + coef_sample_offset_, {1});
-      bind("coef_eps", cur + coef_eps_offset_, {1});
+      const int64_t k = manifest_.plan.history;
+      bind("coef_sample", cur + coef_sample_offset_, {k + 1});
+      bind("coef_eps", cur + coef_eps_offset_, {k + 1});
       bind("next_sample", next_.get(), sample);
       bind("next_sample_pair", next2_.get(), with_rows(sample, 2 * B));
+      if (k > 0) {
+        bind("history", history_.get(), history_shape());
+        bind("next_history", next_history_.get(), history_shape());
+      }
     }
     if (!ctx->allInputDimensionsSpecified())
       throw BackendError("tensorrt: " + e.role + " has inputs that manifest.json does not describe");
     // Resolved output shapes must match the buffers allocated from the manifest.
     for (const TensorInfo& t : e.info->outputs) {
       const std::vector<int64_t> got = from_dims(ctx->getTensorShape(t.name.c_str()));
-      const std::vector<int64_t> want = t.name == "model_output" ? out_shape
+      const std::vector<int64_t> want = t.name == "model_output"       ? out_shape
                                         : t.name == "next_sample_pair" ? with_rows(sample, 2 * B)
+                                        : t.name == "next_history"     ? history_shape()
                                                                        : sample;
       if (got != want)
         throw BundleError("tensorrt: " + e.role + " output '" + t.name + "' has shape " + shape_string(got) + ", expected " +
@@ -352,6 +378,9 @@ class TensorRTExecutor final : public Runner::Executor {
     const size_t xb = static_cast<size_t>(numel(manifest_.sample.shape)) * sizeof(float);
     check_cuda(cudaMemcpyAsync(x_.get(), next_.get(), xb, cudaMemcpyDeviceToDevice, s), "copy next_sample");
     check_cuda(cudaMemcpyAsync(x2_.get(), next2_.get(), 2 * xb, cudaMemcpyDeviceToDevice, s), "copy next_sample_pair");
+    if (history_)
+      check_cuda(cudaMemcpyAsync(history_.get(), next_history_.get(), history_bytes(), cudaMemcpyDeviceToDevice, s),
+                 "copy next_history");
   }
 
   /// One CUDA graph of a step of `kind`; empty when the work cannot be captured.
@@ -400,7 +429,7 @@ class TensorRTExecutor final : public Runner::Executor {
   std::unique_ptr<nvinfer1::IRuntime> runtime_;
   Engine denoiser_, step_guided_, step_single_;
   Stream stream_;
-  DeviceBuffer x_, x2_, next_, next2_, out_, records_, current_;
+  DeviceBuffer x_, x2_, next_, next2_, out_, records_, current_, history_, next_history_;
   std::map<std::string, DeviceBuffer> cond2_;
   size_t ts_offset_ = 0, scale_offset_ = 0, coef_sample_offset_ = 0, coef_eps_offset_ = 0, record_bytes_ = 0;
   int32_t profile_in_use_ = -1;

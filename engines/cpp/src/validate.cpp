@@ -34,6 +34,17 @@ std::string num(const json& v) { return v.dump(); }
 
 bool finite(const json& v) { return v.is_number() && std::isfinite(v.get<double>()); }
 
+/// A step's coef_sample or coef_eps as a list: one number, or [current, previous, ...].
+json coefficients(const json& v) { return v.is_array() ? v : json::array({v}); }
+
+/// The past steps a plan's updates read: the longest coefficient list less one (0 for one-step schedulers).
+uint64_t plan_history(const json& plan) {
+  uint64_t k = 0;
+  for (const auto& step : plan.at("steps"))
+    for (const char* key : {"coef_sample", "coef_eps"}) k = std::max<uint64_t>(k, coefficients(step.at(key)).size() - 1);
+  return k;
+}
+
 /// a * b, saturating at UINT64_MAX.
 uint64_t mul(uint64_t a, uint64_t b) {
   if (a != 0 && b > UINT64_MAX / a) return UINT64_MAX;
@@ -114,8 +125,11 @@ Problem plan_rule(const json& m) {
     const json& step = steps[i];
     const std::string at = "plan.steps[" + std::to_string(i) + "]";
     if (u64(step.at("index")) != i) return at + ".index is " + num(step.at("index")) + "; steps are listed in order from 0";
-    for (const char* key : {"timestep", "model_timestep", "coef_sample", "coef_eps", "scale"})
-      if (!step.at(key).is_null() && !finite(step.at(key))) return at + "." + key + " is not a finite number";
+    for (const char* key : {"timestep", "model_timestep", "coef_sample", "coef_eps", "scale"}) {
+      const json values = std::string(key).rfind("coef", 0) == 0 ? coefficients(step.at(key)) : json::array({step.at(key)});
+      for (const auto& v : values)
+        if (!v.is_null() && !finite(v)) return at + "." + key + " is not a finite number";
+    }
     const bool guided = step.at("guided").get<bool>();
     guided_steps += guided;
     if (guided && step.at("scale").is_null())
@@ -160,6 +174,9 @@ Problem graphs_rule(const json& m) {
     cond_wanted[cond_names.back()] = Wanted{d.at("dtype").get<std::string>(), json(d.at("shape").begin() + 1, d.at("shape").end())};
   }
   Wanted out{"float32", json::array()};
+  const uint64_t k = plan_history(m.at("plan"));
+  json past_rest = json::array({k, 2});  // history [rows, k, 2, ...]: past (sample, model output) pairs
+  past_rest.insert(past_rest.end(), sample_rest.begin(), sample_rest.end());
   for (const char* name : kGraphs) {
     const std::string g = name;
     const json& graph = m.at("graphs").at(g);
@@ -172,6 +189,10 @@ Problem graphs_rule(const json& m) {
       expected_in = {"sample", "model_output", "scale", "coef_sample", "coef_eps"};
     } else {
       expected_in = {"sample", "model_output", "coef_sample", "coef_eps"};
+    }
+    if (g != "denoiser" && k > 0) {
+      expected_in.push_back("history");
+      expected_out.push_back("next_history");
     }
     const std::pair<const char*, const std::vector<std::string>*> kinds[] = {{"inputs", &expected_in},
                                                                              {"outputs", &expected_out}};
@@ -204,14 +225,16 @@ Problem graphs_rule(const json& m) {
     } else {
       for (const char* t : {"sample", "next_sample", "next_sample_pair"}) wanted[t] = Wanted{"float32", sample_rest};
       wanted["model_output"] = out;
+      for (const char* t : {"history", "next_history"}) wanted[t] = Wanted{"float32", past_rest};
     }
     for (const auto& [tensor, desc] : tensors) {
       const std::string dtype = desc->at("dtype").get<std::string>();
       const json& shape = desc->at("shape");
       const std::string lead = "graphs." + g + " tensor '" + tensor + "' is " + dtype + " " + shape_text(shape);
       if (kScalars.count(tensor)) {
-        if (dtype != "float32" || shape.size() != 1 || !is_int(shape[0]) || u64(shape[0]) != 1)
-          return lead + "; the runtime binds float32 [1]";
+        const uint64_t n = tensor == "scale" ? 1 : k + 1;
+        if (dtype != "float32" || shape.size() != 1 || !is_int(shape[0]) || u64(shape[0]) != n)
+          return lead + "; the runtime binds float32 [" + std::to_string(n) + "]";
         continue;
       }
       const Wanted& want = wanted.at(tensor);

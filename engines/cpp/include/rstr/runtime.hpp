@@ -143,12 +143,20 @@ struct Step {
   float model_timestep = 0.0f;  // the value the denoiser receives
   StepKind kind = StepKind::Single;
   float scale = 0.0f;  // guidance scale; meaningful for Guided steps only
+  // The scheduler update, linear in the current and past samples and model outputs (docs/bundle.md):
+  //   x_next = coef_sample * x + coef_eps * eps + sum_d past_sample[d] * x_{i-1-d} + past_eps[d] * eps_{i-1-d}
   float coef_sample = 0.0f;
   float coef_eps = 0.0f;
+  std::vector<float> past_sample;  // empty for one-step schedulers (DDIM, flow-matching Euler)
+  std::vector<float> past_eps;
+  /// [current, previous, ...] zero-padded to `history` + 1 entries: the step graphs' coef inputs.
+  std::vector<float> sample_coefficients(int history) const;
+  std::vector<float> eps_coefficients(int history) const;
 };
 
 struct Plan {
   float init_noise_sigma = 1.0f;
+  int history = 0;  // past (sample, model output) pairs the updates read; the step graphs carry them
   std::vector<Step> steps;
   int num_guided() const;
 };
