@@ -55,7 +55,7 @@ class Bundle:
         problems = file_problems(root, manifest.files, verify_checksums)
         if problems:
             raise BundleError(f"bundle {root}: {'; '.join(problems)}")
-        for name in GRAPHS:
+        for name in [*GRAPHS, *sorted(set(manifest.graphs) - set(GRAPHS))]:  # the plan's, then the decoder's and encoders'
             problem = graph_file_problem(root, name, manifest.graphs[name], manifest.files, manifest.batch)
             if problem is not None:
                 raise BundleError(f"bundle {root}: {problem}")

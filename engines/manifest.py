@@ -13,7 +13,7 @@ B*, is written once, in :meth:`Plan.rows`.  Torch-free, like all of ``rstr.engin
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -209,19 +209,61 @@ class Plan:
 
 @dataclass(frozen=True)
 class Decoder:
-    """How latents become images: ``pixels`` means the latents are the image, ``(x - lo) / (hi - lo)`` in [0, 1]."""
+    """How latents become ``size x size x channels`` images with values in ``range``.
+
+    ``pixels``: the latents are the image, ``(x - lo) / (hi - lo)`` clipped to [0, 1];
+    ``vae``: the bundle graph ``graph`` (``vae_decoder``) maps the final latents to images in [0, 1].
+    """
 
     kind: str
     channels: int
     size: int
     range: tuple[float, float]
+    graph: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"kind": self.kind, "channels": self.channels, "size": self.size, "range": list(self.range)}
+        out = {"kind": self.kind, "channels": self.channels, "size": self.size, "range": list(self.range)}
+        return _omit_none({**out, "graph": self.graph})
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> Decoder:
-        return cls(d["kind"], d["channels"], d["size"], tuple(d["range"]))
+        return cls(d["kind"], d["channels"], d["size"], tuple(d["range"]), d.get("graph"))
+
+
+@dataclass(frozen=True)
+class TextEncoderDesc:
+    """One text encoder: its graph, tokenizer file, how prompts are tokenized, and the conditioning input it fills."""
+
+    graph: str
+    tokenizer: str  # a tokenizers-package JSON file inside the bundle
+    max_length: int  # prompts are padded (with pad_id / pad_token) and truncated to this many tokens
+    pad_id: int
+    pad_token: str
+    output: str  # the conditioning input its embeddings fill
+    preprocess: str = "none"  # "lower-strip": the prompt is lower-cased and stripped first
+    mask: str | None = None  # the conditioning input the attention mask fills (it is also the graph's attention_mask)
+
+    def to_json(self) -> dict[str, Any]:
+        return _omit_none(asdict(self))
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> TextEncoderDesc:
+        return cls(**d)  # the schema allows these keys only
+
+
+@dataclass(frozen=True)
+class Text:
+    """Prompts in: the text encoders, run in order, and the negative prompt of guided steps by default."""
+
+    encoders: tuple[TextEncoderDesc, ...]
+    negative_prompt: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"encoders": [e.to_json() for e in self.encoders], "negative_prompt": self.negative_prompt}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> Text:
+        return cls(tuple(TextEncoderDesc.from_json(e) for e in d["encoders"]), d["negative_prompt"])
 
 
 @dataclass(frozen=True)
@@ -286,11 +328,12 @@ class Provenance:
     created: str | None = None
     versions: Mapping[str, str] = field(default_factory=dict)
     model_sha256: str | None = None
+    size: Mapping[str, int] = field(default_factory=dict)  # the build's --height/--width/--max-text-len, when given
 
-    _FIELDS = ("model", "model_sha256", "schedule_sha256", "adapter", "adapter_sha256", "created")
+    _FIELDS = ("model", "model_sha256", "schedule_sha256", "adapter", "adapter_sha256", "created", "size")
 
     def to_json(self) -> dict[str, Any]:
-        out = {
+        out: dict[str, Any] = {
             **self.versions,
             "model": self.model,
             "model_sha256": self.model_sha256,
@@ -298,6 +341,8 @@ class Provenance:
             "adapter": self.adapter,
             "adapter_sha256": self.adapter_sha256,
         }
+        if self.size:
+            out["size"] = dict(self.size)
         return {**out, "created": self.created} if self.created is not None else out
 
     @classmethod
@@ -310,6 +355,7 @@ class Provenance:
             created=d.get("created"),
             versions={k: v for k, v in d.items() if k not in cls._FIELDS},
             model_sha256=d.get("model_sha256"),
+            size=d.get("size", {}),
         )
 
 
@@ -321,18 +367,22 @@ class VerificationRecord:
     max_rel_error: float
     tolerance: float
     per_step_rel_error: tuple[float, ...] = ()
+    graphs: Mapping[str, float] = field(default_factory=dict)  # other graphs (decoder, text encoders): max rel. error
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "backend": self.backend,
             "max_rel_error": self.max_rel_error,
             "tolerance": self.tolerance,
             "per_step_rel_error": list(self.per_step_rel_error),
         }
+        return {**out, "graphs": dict(self.graphs)} if self.graphs else out
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> VerificationRecord:
-        return cls(d["backend"], d["max_rel_error"], d["tolerance"], tuple(d.get("per_step_rel_error", ())))
+        return cls(
+            d["backend"], d["max_rel_error"], d["tolerance"], tuple(d.get("per_step_rel_error", ())), dict(d.get("graphs", {}))
+        )
 
 
 @dataclass(frozen=True)
@@ -360,6 +410,7 @@ class Manifest:
     plan: Plan
     provenance: Provenance
     decoder: Decoder | None = None
+    text: Text | None = None
     engines: tuple[Engine, ...] = ()
     verification: VerificationRecord | None = None
     summary: Mapping[str, Any] | None = None  # the build's measurements, free-form (report.md)
@@ -391,6 +442,7 @@ class Manifest:
             "conditioning": self.conditioning.to_json(),
             "plan": self.plan.to_json(),
             "decoder": None if self.decoder is None else self.decoder.to_json(),
+            **({"text": self.text.to_json()} if self.text is not None else {}),
             "engines": [e.to_json() for e in self.engines],
             "provenance": self.provenance.to_json(),
         }
@@ -422,6 +474,7 @@ class Manifest:
             raise BundleError(f"{source}: {problem}")
         batch = data["batch"]
         decoder, verification = data.get("decoder"), data.get("verification")
+        text = data.get("text")
         return cls(
             family=data["family"],
             dtype=data["dtype"],
@@ -432,6 +485,7 @@ class Manifest:
             plan=Plan.from_json(data["plan"], batch),
             provenance=Provenance.from_json(data["provenance"]),
             decoder=None if decoder is None else Decoder.from_json(decoder),
+            text=None if text is None else Text.from_json(text),
             engines=tuple(Engine.from_json(e) for e in data.get("engines", ())),
             verification=None if verification is None else VerificationRecord.from_json(verification),
             summary=data.get("summary"),

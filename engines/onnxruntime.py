@@ -20,7 +20,7 @@ import numpy as np
 from rstr.engines.base import Runner
 from rstr.engines.bundle import Bundle
 
-from rstr.errors import BackendUnavailable
+from rstr.errors import BackendUnavailable, BundleError
 
 GRAPHS = ("denoiser", "step_guided", "step_single")
 
@@ -39,6 +39,37 @@ def cuda_available() -> bool:
         return "CUDAExecutionProvider" in _ort().get_available_providers()
     except BackendUnavailable:
         return False
+
+
+def session_options(threads: int, optimization: str = "all"):
+    """One intra-op pool of ``threads``, sequential execution, the graph optimisation level by name."""
+    ort = _ort()
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[optimization]
+    opts.log_severity_level = 3
+    return opts
+
+
+def open_session(bundle: Bundle, graph: str, device: str = "cpu", threads: int | None = None, optimization: str = "all"):
+    """An ONNX Runtime session of one bundle graph; a graph it cannot load is one :class:`BundleError` line."""
+    ort = _ort()
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+    path = bundle.graph_path(graph)
+    try:
+        return ort.InferenceSession(str(path), session_options(threads or os.cpu_count() or 1, optimization), providers=providers)
+    except (state.Fail, state.InvalidGraph, state.InvalidProtobuf, state.NotImplemented, state.NoSuchFile) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise BundleError(f"{path.name}: ONNX Runtime ({device}) cannot load it ({first})") from None
 
 
 class OnnxRuntimeRunner(Runner):
@@ -63,21 +94,6 @@ class OnnxRuntimeRunner(Runner):
         self.optimization = optimization
         self.sessions: dict[str, Any] = {}  # onnxruntime ships no types
 
-    def _session_options(self):
-        ort = _ort()
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = self.threads
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.graph_optimization_level = {
-            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-        }[self.optimization]
-        opts.log_severity_level = 3
-        return opts
-
     def _value(self, array: np.ndarray):
         return _ort().OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, 0)
 
@@ -85,10 +101,7 @@ class OnnxRuntimeRunner(Runner):
         return _ort().OrtValue.ortvalue_from_shape_and_type(shape, dtype, self.device, 0)
 
     def _activate(self) -> None:
-        ort = _ort()
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if self.device == "cuda" else ["CPUExecutionProvider"]
-        opts = self._session_options()
-        self.sessions = {g: ort.InferenceSession(str(self.bundle.graph_path(g)), opts, providers=providers) for g in GRAPHS}
+        self.sessions = {g: open_session(self.bundle, g, self.device, self.threads, self.optimization) for g in GRAPHS}
         b, sample = self.bundle.batch, self.bundle.sample.concrete(self.bundle.batch)
         pair = (2 * b,) + sample[1:]
         out = self.bundle.graph_outputs("denoiser")[0]

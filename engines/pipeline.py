@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from rstr.engines.base import InputError, Runner
@@ -30,13 +32,16 @@ from rstr.engines.noise import standard_normal
 
 from rstr.errors import BackendUnavailable
 
+if TYPE_CHECKING:
+    from rstr.engines.text import PromptEncoder
+
 BACKENDS = ("auto", "tensorrt", "onnxruntime", "onnxruntime-cpu", "onnxruntime-cuda")
 log = logging.getLogger("rstr")
 
 
 @dataclass(frozen=True)
 class Result:
-    """Final latents ``[B, ...]`` and, when the bundle has a decoder, images ``[B, H, W, C]`` in [0, 1]."""
+    """Final latents ``[B, ...]`` and, when the bundle has a decoder (pixels or a VAE graph), images ``[B, H, W, C]`` in [0, 1]."""
 
     latents: np.ndarray
     images: np.ndarray | None
@@ -71,12 +76,39 @@ def make_runner(bundle: Bundle, backend: str = "auto", *, trust_engine_host_code
     return OnnxRuntimeRunner(bundle, device=backend.removeprefix("onnxruntime-"))
 
 
+class ImageDecoder:
+    """Final latents to images ``[B, H, W, C]`` in [0, 1] by the bundle's decoder.
+
+    ``pixels``: the latents are the image; ``vae``: the bundle's ``vae_decoder`` graph, run by ONNX
+    Runtime (CUDA when available, else CPU) whatever backend walked the plan; no decoder: None.
+    """
+
+    def __init__(self, bundle: Bundle):
+        from rstr.engines.onnxruntime import cuda_available, open_session
+
+        self.decoder = bundle.decoder
+        self.session = None
+        if self.decoder is not None and self.decoder.graph is not None:  # a vae decoder (the validator's rule)
+            self.session = open_session(bundle, self.decoder.graph, "cuda" if cuda_available() else "cpu")
+
+    def __call__(self, latents: np.ndarray) -> np.ndarray | None:
+        if self.session is not None:
+            return self.session.run(["images"], {"latents": np.ascontiguousarray(latents, dtype=np.float32)})[0]
+        return decode(self.decoder, latents)
+
+    def close(self) -> None:
+        self.session = None
+
+
 class Pipeline:
-    """A loaded bundle with an active runner."""
+    """A loaded bundle with an active runner and its image decoder."""
 
     def __init__(self, bundle: Bundle, runner: Runner):
         self.bundle = bundle
         self.runner = runner
+        self.decoder = ImageDecoder(bundle)
+        self._prompts: PromptEncoder | None = None  # loaded on the first call with prompts
+        self._prompts_lock = threading.Lock()
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], backend: str = "auto", *, trust_engine_host_code: bool = False) -> Pipeline:
@@ -89,6 +121,8 @@ class Pipeline:
     def close(self) -> None:
         """Free the runner; a generation in progress on another thread finishes first, later calls raise InactiveError."""
         self.runner.deactivate()
+        self.decoder.close()
+        self._prompts = None
 
     def __enter__(self) -> Pipeline:
         return self
@@ -105,16 +139,58 @@ class Pipeline:
         return standard_normal(seed, self.bundle.sample.concrete(self.bundle.batch))
 
     def __call__(
-        self, conditioning: dict, *, uncond: dict | None = None, seed: int | None = None, noise: np.ndarray | None = None
+        self,
+        conditioning: dict | None = None,
+        *,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        uncond: dict | None = None,
+        seed: int | None = None,
+        noise: np.ndarray | None = None,
     ) -> Result:
-        """Generate from conditioning (e.g. ``{"class_labels": [3]}``) and either ``seed`` or ``noise``."""
+        """Generate from conditioning (e.g. ``{"class_labels": [3]}``) or a ``prompt``, and either ``seed`` or ``noise``.
+
+        ``prompt`` (bundles with text encoders): one string for every row, or B strings; the
+        negative prompt of guided steps defaults to the bundle's (``""``).  Inputs no encoder
+        fills (FLUX's distilled ``guidance``) come in ``conditioning``.
+        """
         if (seed is None) == (noise is None):
             raise InputError("give exactly one of seed= or noise=")
         if noise is None:
             assert seed is not None  # exactly one was given
             noise = self.noise(seed)
-        latents = self.runner.infer(noise, conditioning, uncond)
-        return Result(latents, decode(self.bundle.decoder, latents))
+        if prompt is not None:
+            conditioning, uncond = self._from_prompts(prompt, negative_prompt, conditioning, uncond)
+        elif negative_prompt is not None:
+            raise InputError("negative_prompt= needs prompt=")
+        latents = self.runner.infer(noise, {} if conditioning is None else conditioning, uncond)
+        return Result(latents, self.decoder(latents))
+
+    def _rows(self, text: str | list[str], what: str) -> list[str]:
+        b = self.bundle.batch
+        rows = [text] * b if isinstance(text, str) else list(text)
+        if len(rows) != b or not all(isinstance(r, str) for r in rows):
+            raise InputError(f"{what} must be a string or {b} strings (this bundle runs batch {b})")
+        return rows
+
+    def _from_prompts(self, prompt, negative_prompt, extra: dict | None, uncond: dict | None) -> tuple[dict, dict | None]:
+        """Conditioning (and, for guided steps, unconditional rows) from prompts through the bundle's text encoders."""
+        from rstr.engines.text import PromptEncoder
+
+        if extra is None:
+            extra = {}
+        elif not isinstance(extra, dict):
+            raise InputError(f"conditioning must be a dict of arrays, got {type(extra).__name__}")
+
+        with self._prompts_lock:
+            if self._prompts is None:
+                self._prompts = PromptEncoder(self.bundle)
+        encoder = self._prompts
+        cond = {**encoder(self._rows(prompt, "prompt")), **extra}
+        if uncond is None and self.bundle.plan.num_guided:
+            negative = encoder.negative_prompt if negative_prompt is None else negative_prompt
+            uncond = {**extra, **encoder(self._rows(negative, "negative_prompt"))}
+        return cond, uncond
 
 
 def decode(decoder: Decoder | None, latents: np.ndarray) -> np.ndarray | None:

@@ -12,8 +12,9 @@ order and the same words):
    is finite and the step counts agree; the decoder range is ``lo < hi``; each graph declares
    exactly the tensors the plan walk binds, shaped like the sample and one another (the step
    graphs of a multistep plan of history k also ``history``/``next_history`` and ``[k + 1]``
-   coefficients); every
-   graph and engine file is listed in ``files``.
+   coefficients); the other graphs are the VAE decoder's and the text encoders', each named
+   by its user and declaring the tensors that user binds; every graph, tokenizer and engine
+   file is listed in ``files``.
 2. :func:`file_problems`: every ``files`` entry is a plain relative path inside the bundle with
    no symbolic link on the way, exists, and has the listed size and sha256.
 3. :func:`graph_file_problem`: each ONNX graph file has the inputs and outputs the manifest
@@ -64,7 +65,7 @@ def _finite(value: Any) -> bool:
 # --------------------------------------------------------------------------------- the document
 def document_problem(data: Mapping[str, Any]) -> str | None:
     """The first rule a schema-valid manifest breaks, in words, or None."""
-    for check in (_sample, _conditioning, _plan, _decoder, _graphs, _listed):
+    for check in (_sample, _conditioning, _plan, _decoder, _graphs, _other_graphs, _listed):
         problem = check(data)
         if problem is not None:
             return problem
@@ -216,9 +217,68 @@ def _graphs(data: Mapping[str, Any]) -> str | None:
     return None
 
 
+def graph_users(data: Mapping[str, Any]) -> dict[str, str]:
+    """The graphs beside the plan's and who runs each: ``decoder`` or ``text.encoders[i]`` (unchecked names)."""
+    users = {}
+    decoder, text = data.get("decoder"), data.get("text")
+    if decoder is not None and decoder.get("graph") is not None:
+        users[decoder["graph"]] = "decoder"
+    for i, encoder in enumerate(text["encoders"] if text is not None else ()):
+        users.setdefault(encoder["graph"], f"text.encoders[{i}]")
+    return users
+
+
+def _other_graphs(data: Mapping[str, Any]) -> str | None:
+    """The VAE decoder's and the text encoders' graphs: each named once, beside the plan's, bound as its user binds it."""
+    graphs, batch, users = data["graphs"], data["batch"], graph_users(data)
+    decoder, text = data.get("decoder"), data.get("text")
+    if decoder is not None and decoder["kind"] == "vae" and decoder.get("graph") is None:
+        return "decoder.graph is missing; a vae decoder names its graph"
+    if decoder is not None and decoder["kind"] != "vae" and decoder.get("graph") is not None:
+        return f'decoder.graph is set on a "{decoder["kind"]}" decoder; only a vae decoder runs a graph'
+    cond = {d["name"]: d for d in data["conditioning"]["inputs"]}
+    wanted: dict[str, dict[str, tuple[str, tuple[Any, ...] | None]]] = {}  # graph: tensor: (dtype, dims past axis 0)
+    for name, user in users.items():
+        if name in GRAPHS or name not in graphs:
+            return f"{user}.graph '{name}' is not one of the graphs beside the plan's"
+    if decoder is not None and decoder.get("graph") is not None:
+        wanted[decoder["graph"]] = {"latents": ("float32", tuple(data["sample"]["shape"][1:])), "images": ("float32", None)}
+    for i, encoder in enumerate(text["encoders"] if text is not None else ()):
+        at, name = f"text.encoders[{i}]", encoder["graph"]
+        if users[name] != at:
+            return f"{at}.graph '{name}' is named twice; every text encoder has a graph of its own"
+        if encoder["tokenizer"] not in data["files"]:
+            return f"{at}.tokenizer '{encoder['tokenizer']}' is not listed in files (it would be loaded unchecked)"
+        for key in ("output", "mask"):
+            if encoder.get(key) is not None and encoder[key] not in cond:
+                return f"{at}.{key} '{encoder[key]}' is not a conditioning input"
+        ids = ("int64", (encoder["max_length"],))
+        wanted[name] = {"input_ids": ids, "embeddings": ("float32", tuple(cond[encoder["output"]]["shape"][1:]))}
+        if encoder.get("mask") is not None:
+            wanted[name]["attention_mask"] = ids
+    for name in sorted(set(graphs) - set(GRAPHS)):
+        if name not in wanted:
+            return f"graphs.{name} is run by neither the decoder nor a text encoder"
+        tensors = [d for kind in ("inputs", "outputs") for d in graphs[name][kind]]
+        for desc in tensors:
+            problem = _tensor_problem(f"graphs.{name} tensor '{desc['name']}'", desc, batch)
+            if problem is not None:
+                return problem
+        have, want = sorted(d["name"] for d in tensors), sorted(wanted[name])
+        if have != want:
+            return f"graphs.{name} has tensors [{', '.join(have)}]; its user binds [{', '.join(want)}]"
+        for desc in tensors:
+            dtype, rest = wanted[name][desc["name"]]
+            shape = desc["shape"]
+            if desc["dtype"] != dtype or (len(shape) != 4 if rest is None else tuple(shape[1:]) != rest):
+                bound = shape_text(("rows", "H", "W", "C") if rest is None else ("rows", *rest))
+                return f"graphs.{name} tensor '{desc['name']}' is {desc['dtype']} {shape_text(shape)}; its user binds {dtype} {bound}"
+    return None
+
+
 def _listed(data: Mapping[str, Any]) -> str | None:
     files = data["files"]
-    for name in GRAPHS:
+    for name in [*GRAPHS, *sorted(set(data["graphs"]) - set(GRAPHS))]:
         file = data["graphs"][name]["file"]
         if file not in files:
             return f"graphs.{name}.file '{file}' is not listed in files (it would be loaded unchecked)"

@@ -68,6 +68,22 @@ def build(
         ),
     ] = "cpu",
     batch: Annotated[int, typer.Option(help="Images per call (B); guided steps run 2B rows, unguided B.")] = 1,
+    height: Annotated[
+        int | None,
+        typer.Option(
+            help="Image height in pixels, with --width (equal: square images). Default: the model's (FLUX and Qwen-Image: "
+            "rstr.json latent_size x 8). A multiple of the VAE factor times the latent patch (16 for FLUX and Qwen-Image); "
+            "DiT and PixArt-alpha transformers make their own size only."
+        ),
+    ] = None,
+    width: Annotated[int | None, typer.Option(help="Image width in pixels; see --height.")] = None,
+    max_text_len: Annotated[
+        int | None,
+        typer.Option(
+            help="Prompt tokens of text models (T5's sequence length; prompts are padded and truncated to it). "
+            "Default: the model's (rstr.json text_len, else PixArt-alpha 120, FLUX and Qwen-Image 16)."
+        ),
+    ] = None,
     preset: Annotated[
         str,
         typer.Option(
@@ -136,6 +152,9 @@ def build(
             require_better,
             precision=precision,
             device=device,
+            height=height,
+            width=width,
+            max_text_len=max_text_len,
         )
     )
     s = result.summary
@@ -230,7 +249,10 @@ def verify(
     b = Bundle.open(bundle)
     schedule = GuidanceSchedule.load(b.member("schedule.json"))
     adapter = bundled_adapter(b)
-    family = load_model(recorded_model(b, model))
+    size = b.manifest.provenance.size  # the build's --height/--width/--max-text-len
+    family = load_model(
+        recorded_model(b, model), height=size.get("height"), width=size.get("width"), max_text_len=size.get("max_text_len")
+    )
     if family.name != b.family:
         raise RstrError(
             f"--model is a {family.name} model but bundle {bundle} holds a {b.family} model; pass the model it was built from"
@@ -262,7 +284,19 @@ def run(
     ] = 0,
     noise: Annotated[Path | None, typer.Option(help=".npy noise of the bundle's sample shape.")] = None,
     backend: Annotated[str, typer.Option(help="auto | tensorrt | onnxruntime | onnxruntime-cpu | onnxruntime-cuda.")] = "auto",
-    out: Annotated[Path, typer.Option(help=".png (bundles with a pixel decoder) or .npy latents.")] = Path("out.png"),
+    prompt: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Prompt (bundles with text encoders): once for every row, or once per batch row; replaces --class. "
+            "Inputs no text encoder fills (FLUX's guidance) come in --cond."
+        ),
+    ] = None,
+    negative_prompt: Annotated[
+        str | None, typer.Option(help="Negative prompt of the guided steps (default: the bundle's, empty).")
+    ] = None,
+    out: Annotated[Path, typer.Option(help=".png (bundles with a decoder: pixels or a VAE graph) or .npy latents.")] = Path(
+        "out.png"
+    ),
     trust_engine_host_code: Annotated[
         bool,
         typer.Option(
@@ -282,25 +316,37 @@ def run(
         raise RstrError(f"--out {out}: use a .npy (latents) or .png (image) file name")
     with Pipeline.load(bundle, backend=backend, trust_engine_host_code=trust_engine_host_code) as pipe:
         decoder = pipe.bundle.decoder
-        if out.suffix == ".png" and (decoder is None or decoder.kind != "pixels"):
+        if out.suffix == ".png" and (decoder is None or decoder.kind not in ("pixels", "vae")):
             raise RstrError(f"--out {out}: this bundle returns latents, not images; use a .npy file name")
-        if cond is not None:
+        conditioning: dict = {}
+        uncond = None
+        if cond is not None:  # with --prompt: the inputs no text encoder fills (FLUX's guidance)
             arrays = _load_arrays(cond, "--cond")
             conditioning = {k: v for k, v in arrays.items() if not k.startswith("uncond_")}
             uncond = {k.removeprefix("uncond_"): v for k, v in arrays.items() if k.startswith("uncond_")} or None
-        else:
+        elif not prompt:
             try:
-                conditioning, uncond = {"class_labels": np.array([int(c) for c in classes.split(",")], np.int64)}, None
+                conditioning = {"class_labels": np.array([int(c) for c in classes.split(",")], np.int64)}
             except (ValueError, OverflowError):
                 raise RstrError(f"--class {classes!r} must be comma-separated integers") from None
+        if negative_prompt is not None and not prompt:
+            raise RstrError("--negative-prompt needs --prompt")
         noise_arr = None if noise is None else _load_arrays(noise, "--noise")
-        result = pipe(conditioning, uncond=uncond, seed=None if noise_arr is not None else seed, noise=noise_arr)
+        texts = None if not prompt else prompt[0] if len(prompt) == 1 else prompt
+        result = pipe(
+            conditioning,
+            prompt=texts,
+            negative_prompt=negative_prompt,
+            uncond=uncond,
+            seed=None if noise_arr is not None else seed,
+            noise=noise_arr,
+        )
         with atomic_path(out) as tmp:
             if out.suffix == ".npy":
                 with open(tmp, "wb") as fh:
                     np.save(fh, result.latents)
             else:
-                assert result.images is not None  # a pixels decoder was checked above
+                assert result.images is not None  # a decoder was checked above
                 _write_png(tmp, result.images)
     if json_out:
         noise_from = {"seed": seed} if noise is None else {"noise": str(noise)}

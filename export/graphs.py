@@ -10,13 +10,22 @@
 Each family says which exporter gives graphs ONNX Runtime runs (``Family.export_dynamo``:
 dynamo where it works, TorchScript otherwise, ``deployment.md``) and which patches make its
 transformer traceable (``Family.export_patches``).  Graphs are cleaned and constant-folded with onnx-graphsurgeon
-and polygraphy, and saved with external data when they exceed 2 GB.
+and polygraphy.
+
+Memory: the dynamo exporter writes the weights as external data from the start (it streams
+the model's own tensors to ``<graph>.onnx.data``; serialising them into one protobuf would
+hold them twice more), and such a graph is cleaned on its structure alone: the weights are
+never loaded into protobuf or numpy, and only constants that do not depend on them are
+folded.  The cleaned graph's weights are copied, in file chunks, to ``<graph>.onnx.data``
+beside it.  A graph whose weights stay under 2 GB is loaded whole instead and saved as one
+file (as the TorchScript exporter writes it), which the precision conversion needs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,27 +35,25 @@ import onnx
 import torch
 from torch import nn
 
-from rstr.errors import RstrError
+from rstr.families import torch_dtype
 from rstr.families.base import Family, TensorSpec
 
 OPSET = 18
 EXTERNAL_DATA_BYTES = 2**31 - (64 << 20)  # weights past this go to <graph>.onnx.data (protobuf caps a file at 2 GB)
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+COPY_CHUNK = 64 << 20
 
 
 class Denoiser(nn.Module):
-    """``(sample, timestep, *cond) -> model_output`` with float32 I/O and ``dtype`` inside."""
+    """``(sample, timestep, *cond) -> model_output`` with float32 I/O and the model's dtype inside (``Family.predict``)."""
 
-    def __init__(self, family: Family, dtype: torch.dtype):
+    def __init__(self, family: Family):
         super().__init__()
         self.family = family
         self.transformer = family.transformer  # registered so the exporter sees the weights
-        self.dtype = dtype
         self.cond_names = [s.name for s in family.cond_specs()]
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, *cond: torch.Tensor) -> torch.Tensor:
-        c = {n: (v.to(self.dtype) if v.is_floating_point() else v) for n, v in zip(self.cond_names, cond)}
-        return self.family.denoise(sample.to(self.dtype), timestep.to(self.dtype), c).float()
+        return self.family.predict(sample, timestep, dict(zip(self.cond_names, cond)))
 
 
 def linear_update(sample, eps, coef_sample, coef_eps, history=None):
@@ -124,7 +131,7 @@ def _export(
                 verbose=False,
             )
             assert program is not None  # the dynamo exporter returns its program
-            program.save(str(path))  # external data when past 2 GB
+            program.save(str(path), external_data=True)  # streamed: see the module docstring
         else:
             axes = {n: {0: batch_axes[n]} for n in [*input_names, *output_names] if n in batch_axes}
             torch.onnx.export(
@@ -140,28 +147,113 @@ def _export(
             )
 
 
-def clean(path: Path) -> None:
-    """Fold constants (polygraphy), drop dead nodes (graphsurgeon), save with external data past 2 GB."""
-    import onnx_graphsurgeon as gs
+def export_graph(
+    module: nn.Module,
+    args: tuple,
+    path: Path,
+    input_names: list[str],
+    output_names: list[str],
+    batch_axes: dict[str, str],
+    dynamo: bool,
+) -> None:
+    """Export ``module`` to ``path``, cleaned (:func:`clean`).
+
+    The exporter writes into a scratch folder beside ``path``, so that its external data (one
+    file per tensor from the TorchScript exporter) never mixes with the bundle's files.
+    """
+    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as scratch:
+        raw = Path(scratch) / path.name
+        _export(module, args, raw, input_names, output_names, batch_axes, dynamo)
+        clean(raw, path)
+
+
+def clean(src: Path, dst: Path | None = None) -> None:
+    """Fold constants (polygraphy / graphsurgeon), drop dead nodes, save to ``dst`` (default: in place).
+
+    A graph whose external weights pass 2 GB is cleaned on its structure alone (:func:`_clean_structure`)
+    and its weights copied in chunks; a smaller one is loaded whole, folded and saved in one file.
+    """
     from polygraphy.backend.onnx import fold_constants
 
-    model = onnx.load(str(path))
+    dst = dst or src
+    model = onnx.load(str(src), load_external_data=False)
     declared = {
         v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
         for v in [*model.graph.input, *model.graph.output]
     }
+    external = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    if external and _external_bytes(external, src.parent) >= EXTERNAL_DATA_BYTES:
+        with _quiet_exporters():
+            model = _clean_structure(model)
+        _restore_io_shapes(model, declared)
+        _refuse_float64(model, dst)
+        _gather_external_data(model, src.parent, dst)
+        onnx.save_model(model, str(dst))
+        return
+    if external:
+        model = onnx.load(str(src))  # small enough to hold whole: one file, as the TorchScript exporter's
+    import onnx_graphsurgeon as gs
+
     with _quiet_exporters():
         model = fold_constants(model, allow_onnxruntime_shape_inference=False, error_ok=True)
     graph = gs.import_onnx(model)
     graph.cleanup().toposort()
     model = gs.export_onnx(graph)
     _restore_io_shapes(model, declared)
-    _refuse_float64(model, path)
+    _refuse_float64(model, dst)
     # Sized by its initializers: ModelProto.ByteSize() itself fails on a model past 2 GB.
     if sum(t.ByteSize() for t in model.graph.initializer) >= EXTERNAL_DATA_BYTES:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=path.name + ".data")
+        onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True, location=dst.name + ".data")
     else:
-        onnx.save_model(model, str(path))
+        onnx.save_model(model, str(dst))
+
+
+def _external_bytes(tensors: list[onnx.TensorProto], src_dir: Path) -> int:
+    """Bytes of the external data of ``tensors`` (files under ``src_dir``)."""
+    from onnx.external_data_helper import ExternalDataInfo
+
+    total = 0
+    for tensor in tensors:
+        info = ExternalDataInfo(tensor)
+        total += info.length if info.length is not None else (src_dir / info.location).stat().st_size - (info.offset or 0)
+    return total
+
+
+def _clean_structure(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Fold and clean without reading the external weights: nodes that consume them are not folded."""
+    import onnx_graphsurgeon as gs
+
+    external = {t.name for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+    graph = gs.import_onnx(model)  # external initializers stay unread TensorProtos (graphsurgeon's lazy values)
+    graph.fold_constants(error_ok=True, should_exclude_node=lambda node: any(t.name in external for t in node.inputs))
+    graph.cleanup().toposort()
+    return gs.export_onnx(graph)
+
+
+def _gather_external_data(model: onnx.ModelProto, src_dir: Path, dst: Path) -> None:
+    """Copy every external tensor of ``model`` (files under ``src_dir``) into ``<dst>.data``, in chunks; repoint them."""
+    from onnx.external_data_helper import ExternalDataInfo
+
+    location = dst.name + ".data"
+    with open(dst.parent / location, "wb") as out:
+        for tensor in model.graph.initializer:
+            if tensor.data_location != onnx.TensorProto.EXTERNAL:
+                continue
+            info = ExternalDataInfo(tensor)
+            offset = out.tell()
+            with open(src_dir / info.location, "rb") as fh:
+                fh.seek(info.offset or 0)
+                left = info.length if info.length is not None else (src_dir / info.location).stat().st_size - (info.offset or 0)
+                while left > 0:
+                    chunk = fh.read(min(COPY_CHUNK, left))
+                    if not chunk:
+                        raise RuntimeError(f"external data of {tensor.name} ends early in {info.location}")
+                    out.write(chunk)
+                    left -= len(chunk)
+            del tensor.external_data[:]
+            for key, value in (("location", location), ("offset", offset), ("length", out.tell() - offset)):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, str(value)
 
 
 @contextlib.contextmanager
@@ -206,23 +298,31 @@ def _refuse_float64(model: onnx.ModelProto, path: Path) -> None:
 
 
 def export_denoiser(family: Family, path: Path, dtype: str = "fp32", batch: int = 1) -> None:
-    """Export the family's transformer call with a dynamic batch axis."""
-    if dtype not in DTYPES:
-        raise RstrError(f"--dtype {dtype} is not one of {', '.join(DTYPES)}")
+    """Export the family's transformer call with a dynamic batch axis, computing in ``dtype``.
+
+    The build loads the model in ``dtype`` already; a model held in another dtype is converted in
+    place for the export and converted back.
+    """
+    target = torch_dtype(dtype)
     specs = family.graph_inputs()
-    module = Denoiser(family, DTYPES[dtype]).eval()
-    original = family.transformer.dtype
-    family.transformer.to(DTYPES[dtype])
+    module = Denoiser(family).eval()
+    original = family.dtype
+    family.transformer.to(target)
     try:
         args = tuple(_example(s, 2 * max(batch, 1)) for s in specs)
         names = [s.name for s in specs]
         with family.export_patches(), torch.no_grad():
-            _export(
-                module, args, path, names, ["model_output"], {n: "batch" for n in [*names, "model_output"]}, family.export_dynamo
+            export_graph(
+                module,
+                args,
+                path,
+                names,
+                ["model_output"],
+                {n: "batch" for n in [*names, "model_output"]},
+                family.export_dynamo,
             )
     finally:
         family.transformer.to(original)
-    clean(path)
 
 
 def export_steps(family: Family, directory: Path, batch: int = 1, history: int = 0) -> None:
@@ -237,7 +337,7 @@ def export_steps(family: Family, directory: Path, batch: int = 1, history: int =
     extra_in, extra_out = (["history"], ["next_history"]) if history else ([], [])
     axes = {"sample": "batch", "next_sample": "batch", "next_sample_pair": "batch2", "history": "batch", "next_history": "batch"}
     with torch.no_grad():
-        _export(
+        export_graph(
             GuidedStep(family).eval(),
             (x, out2, *coefs, *past),
             directory / "step_guided.onnx",
@@ -246,7 +346,7 @@ def export_steps(family: Family, directory: Path, batch: int = 1, history: int =
             {**axes, "model_output": "batch2"},
             dynamo=False,
         )
-        _export(
+        export_graph(
             SingleStep(family).eval(),
             (x, out1, *coefs[1:], *past),
             directory / "step_single.onnx",
@@ -255,8 +355,6 @@ def export_steps(family: Family, directory: Path, batch: int = 1, history: int =
             {**axes, "model_output": "batch"},
             dynamo=False,
         )
-    for name in ("step_guided.onnx", "step_single.onnx"):
-        clean(directory / name)
 
 
 def graph_description(family: Family, batch: int, history: int = 0) -> dict:

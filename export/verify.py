@@ -1,25 +1,29 @@
 """Check a bundle against the PyTorch sampler from the same noise and conditioning.
 
 The bundle runs through ONNX Runtime on the CPU; the reference is :func:`rstr.sampler.sample`
-on the (merged) PyTorch model with the bundle's own schedule.  fp32 bundles must agree to
-1e-4 relative on the final latents, reduced-precision ones (:mod:`rstr.export.precision`) to
-their own tolerance (:data:`PRECISION_TOLERANCE`, docs/bundle.md: it catches a wrong graph, not
-the quality loss, which the precision gate measures); on failure the per-step table says where
-they diverge.
+on the (merged) PyTorch model, in the dtype the graph computes in, with the bundle's own
+schedule.  fp32 bundles must agree to 1e-4 relative on the final latents, reduced-precision
+ones (:mod:`rstr.export.precision`) to their own tolerance (:data:`PRECISION_TOLERANCE`,
+docs/bundle.md: it catches a wrong graph, not the quality loss, which the precision gate
+measures); on failure the per-step table says where they diverge.  The decoder and text
+encoder graphs are checked on their own.  The reference is computed first
+(:func:`reference_run`), so that a build can free the PyTorch weights before ONNX Runtime
+loads the graphs (:func:`check_bundle`).
 """
 
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from rstr.engines.bundle import Bundle
 from rstr.engines.noise import standard_normal
-from rstr.engines.onnxruntime import OnnxRuntimeRunner
+from rstr.engines.onnxruntime import OnnxRuntimeRunner, open_session
 from rstr.engines.validate import entry_problem
+from rstr.export.text import text_reference
 
 from rstr.errors import RstrError
 from rstr.families.base import Conditioning, Family
@@ -43,22 +47,24 @@ class VerificationError(RstrError):
 
 @dataclass(frozen=True)
 class Verification:
-    max_rel_error: float
+    max_rel_error: float  # the final latents
     tolerance: float
     per_step: list[float]
     backend: str
+    graphs: dict[str, float] = field(default_factory=dict)  # the other graphs (decoder, text encoders), each on its own
 
     @property
     def passed(self) -> bool:
-        return self.max_rel_error <= self.tolerance
+        return all(e <= self.tolerance for e in (self.max_rel_error, *self.graphs.values()))
 
     def to_json(self) -> dict:
-        return {
+        out = {
             "backend": self.backend,
             "max_rel_error": self.max_rel_error,
             "tolerance": self.tolerance,
             "per_step_rel_error": self.per_step,
         }
+        return {**out, "graphs": self.graphs} if self.graphs else out
 
 
 def recorded_model(bundle: Bundle, model: Path | None = None) -> Path:
@@ -134,38 +140,70 @@ def rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
 
 
-def verify(
-    bundle: Bundle, family: Family, schedule: GuidanceSchedule, *, seed: int = 0, raise_on_failure: bool = True
-) -> Verification:
-    """Run the bundle (ONNX Runtime, CPU) and the PyTorch sampler from the same noise; compare."""
-    b = bundle.batch
-    noise = standard_normal(seed, bundle.sample.concrete(b))  # rstr's seeded noise, as `rstr-export run --seed`
-    cond, uncond = example_inputs(family, b, seed)
+@dataclass(frozen=True)
+class Reference:
+    """What the PyTorch sampler gives from one draw of noise and conditioning: the bundle must match it."""
+
+    noise: np.ndarray
+    cond: dict[str, np.ndarray]
+    uncond: dict[str, np.ndarray] | None
+    latents: np.ndarray
+    trace: list[np.ndarray]  # x after each step
+    images: np.ndarray | None = None  # the latents through the model's VAE, when it has one
+    text: dict[str, tuple[dict[str, np.ndarray], np.ndarray]] = field(default_factory=dict)  # encoder: (tokens, output)
+
+
+def reference_run(family: Family, schedule: GuidanceSchedule, batch: int, *, seed: int = 0) -> Reference:
+    """The PyTorch sampler on ``family`` (in its dtype) from seeded noise and the family's example conditioning."""
+    noise = standard_normal(seed, family.sample_shape(batch))  # rstr's seeded noise, as `rstr-export run --seed`
+    cond, uncond = example_inputs(family, batch, seed)
+    trace: list[np.ndarray] = []
+    to_t = lambda d: {k: torch.from_numpy(v) for k, v in d.items()}  # noqa: E731
+    latents = sample(
+        family,
+        schedule,
+        to_t(cond),
+        uncond=None if uncond is None else to_t(uncond),
+        noise=torch.from_numpy(noise),
+        callback=lambda s: trace.append(s.next_sample.cpu().numpy()),
+    )
+    final = latents.cpu().numpy()
+    if not np.isfinite(final).all():
+        raise RstrError(
+            f"the {family.name} model gives non-finite latents in {family.dtype} (overflow); build with --dtype fp32 or bf16"
+        )
+    images = None
+    if family.vae is not None:
+        with torch.no_grad():
+            images = family.decode(latents).cpu().numpy()
+    return Reference(noise, cond, uncond, final, trace, images, text_reference(family))
+
+
+def check_bundle(bundle: Bundle, ref: Reference, *, raise_on_failure: bool = True) -> Verification:
+    """Run the bundle (ONNX Runtime, CPU) from the reference's noise and conditioning; compare."""
     trace: list[np.ndarray] = []
     with tempfile.TemporaryDirectory(prefix="rstr-verify-") as tmp:
         from rstr.export.precision import cpu_checkable
 
         checked = cpu_checkable(bundle, Path(tmp))  # a bf16 graph runs emulated: ONNX Runtime CPU has no bf16 kernels
         with OnnxRuntimeRunner(checked, device="cpu") as runner:
-            got = runner.infer(noise, cond, uncond, trace=trace)
+            got = runner.infer(ref.noise, ref.cond, ref.uncond, trace=trace)
         backend = runner.backend + (" (bf16 emulated)" if checked is not bundle else "")
-    ref_trace: list[np.ndarray] = []
-    to_t = lambda d: {k: torch.from_numpy(v) for k, v in d.items()}  # noqa: E731
-    expected = (
-        sample(
-            family,
-            schedule,
-            to_t(cond),
-            uncond=None if uncond is None else to_t(uncond),
-            noise=torch.from_numpy(noise),
-            callback=lambda s: ref_trace.append(s.next_sample.cpu().numpy()),
-        )
-        .cpu()
-        .numpy()
-    )
-    per_step = [rel(x, y) for x, y in zip(trace, ref_trace)]
-    result = Verification(rel(got, expected), tolerance(bundle), per_step, backend)
+    per_step = [rel(x, y) for x, y in zip(trace, ref.trace)]
+    graphs: dict[str, float] = {}
+    decoder = bundle.decoder
+    if decoder is not None and decoder.graph is not None and ref.images is not None:
+        graphs[decoder.graph] = rel(run_graph(bundle, decoder.graph, {"latents": ref.latents})[0], ref.images)
+    for name, (tokens, expected) in ref.text.items():
+        graphs[name] = rel(run_graph(bundle, name, tokens)[0], expected)
+    result = Verification(rel(got, ref.latents), tolerance(bundle), per_step, backend, graphs)
     if raise_on_failure and not result.passed:
+        if result.max_rel_error <= result.tolerance:
+            name, err = max(graphs.items(), key=lambda kv: kv[1])
+            raise VerificationError(
+                f"bundle graph {name} differs from PyTorch: max relative error {err:.2e} > {result.tolerance:.0e} "
+                f"on the reference's inputs"
+            )
         first = next((i for i, e in enumerate(per_step) if e > result.tolerance), len(per_step) - 1)
         steps = ", ".join(f"{i}:{e:.1e}" for i, e in enumerate(per_step))
         raise VerificationError(
@@ -173,3 +211,16 @@ def verify(
             f"{result.tolerance:.0e}, first at step {first} (per step {steps})"
         )
     return result
+
+
+def run_graph(bundle: Bundle, graph: str, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """One bundle graph on ONNX Runtime (CPU) on whole arrays; the session is closed on return."""
+    session = open_session(bundle, graph, "cpu")
+    return session.run(None, inputs)
+
+
+def verify(
+    bundle: Bundle, family: Family, schedule: GuidanceSchedule, *, seed: int = 0, raise_on_failure: bool = True
+) -> Verification:
+    """Run the bundle (ONNX Runtime, CPU) and the PyTorch sampler from the same noise; compare."""
+    return check_bundle(bundle, reference_run(family, schedule, bundle.batch, seed=seed), raise_on_failure=raise_on_failure)

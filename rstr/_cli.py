@@ -40,6 +40,7 @@ TOOLCHAIN_MODULES = frozenset(
         "onnxscript",
         "onnx_graphsurgeon",
         "polygraphy",
+        "transformers",
     }
 )
 

@@ -38,11 +38,6 @@ def pair(cond: Conditioning, uncond: Conditioning) -> Conditioning:
     return {k: torch.cat([cond[k], uncond[k]]) for k in cond}
 
 
-def in_dtype(cond: Conditioning, dtype: torch.dtype) -> Conditioning:
-    """``cond`` with its floating tensors (embeddings) in the transformer's ``dtype``; labels and masks as they are."""
-    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in cond.items()}
-
-
 def batch_size(cond: Conditioning) -> int:
     sizes = {int(v.shape[0]) for v in cond.values()}
     if len(sizes) != 1:
@@ -93,21 +88,16 @@ def sample(
     if len(timesteps) != schedule.num_steps:
         raise RstrError(f"scheduler produced {len(timesteps)} timesteps for a {schedule.num_steps}-step schedule")
 
-    dtype = family.dtype
-    cond = in_dtype(cond, dtype)
-    if schedule.num_guided:
-        both = in_dtype(both, dtype)
     x = noise.to(family.device, torch.float32) * getattr(scheduler, "init_noise_sigma", 1.0)
     with progress_bar(len(timesteps), "sampling", enabled=progress) as bar:
         for i, t in enumerate(timesteps):
             x_in = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
             mt = family.model_timestep(t)
             if schedule.guided[i]:
-                x2 = torch.cat([x_in, x_in]).to(dtype)
-                out = family.denoise(x2, expand_timestep(mt, 2 * b, x.device).to(dtype), both).float()
+                out = family.predict(torch.cat([x_in, x_in]), expand_timestep(mt, 2 * b, x.device), both)
                 eps = family.combine(out[:b], out[b:], schedule.scale_at(i))
             else:
-                out = family.denoise(x_in.to(dtype), expand_timestep(mt, b, x.device).to(dtype), cond).float()
+                out = family.predict(x_in, expand_timestep(mt, b, x.device), cond)
                 eps = family.single(out)
             x_next = scheduler.step(eps, t, x, return_dict=False)[0]
             if callback is not None:

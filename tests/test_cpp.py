@@ -320,9 +320,54 @@ def test_backend_not_in_this_build(rstr_run, bundle, noise, tmp_path, backend, o
     )
 
 
-def test_png_needs_a_pixels_decoder(rstr_run, bundle, noise, tmp_path):
+def test_png_needs_a_decoder(rstr_run, bundle, noise, tmp_path):
     copy = edited_copy(bundle, tmp_path, lambda m, _: m.update(decoder=None))
     assert_error(
         run(rstr_run, copy, "--out", tmp_path / "x.npy", "--png", tmp_path / "x.png", "--class", "3", "--noise", noise),
-        'decoder is "pixels"',
+        'needs a bundle with a decoder ("pixels" or "vae")',
     )
+    assert not (tmp_path / "x.npy").exists()
+
+
+# ------------------------------------------------------------------------- a VAE decoder
+@pytest.fixture(scope="module")
+def vae_bundle(tmp_path_factory) -> Path:
+    """A tiny latent DiT with a tiny AutoencoderKL: the bundle holds vae_decoder.onnx."""
+    from rstr.export.build import BuildOptions, build
+    from tiny import save_model, tiny_dit, tiny_vae
+
+    from rstr.schedule import GuidanceSchedule
+
+    tmp = tmp_path_factory.mktemp("vae")
+    family = tiny_dit(num_classes=NUM_CLASSES)
+    model = save_model(family, tmp / "model", vae=tiny_vae(family))
+    GuidanceSchedule(family="dit", sampler="ddim", guided=(True, False), scales=(2.0, None), default_steps=2).save(tmp / "s.json")
+    build(BuildOptions(model=model, schedule=tmp / "s.json", out=tmp / "bundle", batch=BATCH, measure=False))
+    return tmp / "bundle"
+
+
+def test_vae_images_match_python(rstr_run, vae_bundle, tmp_path):
+    from rstr.engines.pipeline import Pipeline
+
+    noise = tmp_path / "noise.npy"
+    np.save(noise, np.random.default_rng(0).standard_normal((BATCH, 4, 8, 8), dtype=np.float32))
+    png, images = tmp_path / "x.png", tmp_path / "images.npy"
+    proc = run(rstr_run, vae_bundle, "--out", png, "--images", images, "--class", "3,7", "--noise", noise)
+    assert proc.returncode == 0, proc.stderr
+    with Pipeline.load(vae_bundle, backend="onnxruntime-cpu") as pipe:
+        want = pipe({"class_labels": np.array([3, 7])}, noise=np.load(noise)).images
+    got = np.load(images)
+    assert got.shape == want.shape == (BATCH, 64, 64, 3)
+    assert rel(got, want) <= 1e-5
+    from PIL import Image
+
+    with Image.open(png) as image:  # 64-pixel images: not upscaled
+        assert image.mode == "RGB" and image.size == (BATCH * 64, 64)
+        assert np.abs(np.asarray(image)[:, 64:].astype(np.float32) - want[1] * 255).max() <= 1.0
+
+
+def test_vae_decoder_missing_from_graphs_is_refused(rstr_run, vae_bundle, tmp_path):
+    noise = tmp_path / "noise.npy"
+    np.save(noise, np.zeros((BATCH, 4, 8, 8), np.float32))
+    copy = edited_copy(vae_bundle, tmp_path, lambda m, _: m["graphs"].pop("vae_decoder"))
+    assert_error(run(rstr_run, copy, "--out", tmp_path / "x.png", "--class", "3", "--noise", noise), "not one of the graphs")

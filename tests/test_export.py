@@ -17,7 +17,7 @@ from rstr.engines.bundle import Bundle
 from rstr.engines.manifest import Manifest
 from rstr.export.build import BuildOptions, build
 from rstr.export.plan import build_plan
-from tiny import TEXT_LEN, tiny_dit, tiny_flux, tiny_pixart, tiny_qwenimage
+from tiny import save_model, tiny_dit, tiny_flux, tiny_pixart, tiny_qwenimage
 
 from rstr.errors import BundleError, RstrError, ScheduleError
 from rstr.schedule import GuidanceSchedule
@@ -28,19 +28,6 @@ MAKERS = {
     "flux": lambda: tiny_flux(True),
     "qwenimage": tiny_qwenimage,
 }
-
-
-def save_model(family, directory: Path) -> Path:
-    """A transformer-plus-scheduler directory, as a user would have on disk."""
-    family.transformer.save_pretrained(directory / "transformer")
-    family.scheduler.save_pretrained(directory / "scheduler")
-    meta = {"default_steps": 4}
-    if family.name != "dit":
-        meta["text_len"] = TEXT_LEN
-    if family.name in ("flux", "qwenimage"):
-        meta["latent_size"] = family.latent_size
-    (directory / "rstr.json").write_text(json.dumps(meta))
-    return directory
 
 
 def sparse_schedule(family, path: Path) -> Path:

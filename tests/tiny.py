@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
 from rstr.families import DiTFamily, FluxFamily, PixArtFamily, QwenImageFamily
@@ -107,6 +110,117 @@ def text_conditioning(family, batch: int, seed: int) -> dict[str, torch.Tensor]:
         else:
             out[spec.name] = torch.randn(shape, generator=g)
     return out
+
+
+def tiny_vae(family):
+    """A VAE of the family's class with 8x spatial compression (as real ones), a few channels, random weights."""
+    from diffusers import AutoencoderKL, AutoencoderKLQwenImage
+
+    torch.manual_seed(1)
+    channels = family.latent_channels
+    if family.vae_class == "AutoencoderKLQwenImage":
+        return AutoencoderKLQwenImage(
+            base_dim=8,
+            z_dim=channels,
+            dim_mult=[1, 1, 1, 1],
+            num_res_blocks=1,
+            latents_mean=[0.1 * i - 0.2 for i in range(channels)],
+            latents_std=[1.0 + 0.5 * i for i in range(channels)],
+        )
+    return AutoencoderKL(
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        latent_channels=channels,
+        norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        scaling_factor=0.3611 if family.name == "flux" else 0.18215,
+        shift_factor=0.1159 if family.name == "flux" else None,  # FluxPipeline adds it unconditionally
+    )
+
+
+def save_model(family, directory: Path, vae=None, text: dict | None = None) -> Path:
+    """A transformer-plus-scheduler directory (and ``vae/``, text encoders and tokenizers when given), as on disk."""
+    family.transformer.save_pretrained(directory / "transformer")
+    family.scheduler.save_pretrained(directory / "scheduler")
+    if vae is not None:
+        vae.save_pretrained(directory / "vae")
+    for folder, component in (text or {}).items():
+        component.save_pretrained(directory / folder)
+    meta = {"default_steps": 4}
+    if family.name != "dit":
+        meta["text_len"] = TEXT_LEN
+    if family.name in ("flux", "qwenimage"):
+        meta["latent_size"] = family.latent_size
+    (directory / "rstr.json").write_text(json.dumps(meta))
+    return directory
+
+
+WORDS = ["a", "photo", "of", "red", "fox", "in", "the", "snow", "cat", "on", "mat", "blue", "sky"]
+
+
+def tiny_tokenizer(kind: str, max_length: int):
+    """A word-level fast tokenizer built in memory: T5's conventions (``</s>`` appended, ``<pad>`` 0) or CLIP's
+    (``<|startoftext|> ... <|endoftext|>``, padded with ``<|endoftext|>``)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "</s>", "<unk>"] if kind == "t5" else ["<|startoftext|>", "<|endoftext|>", "<unk>"]
+    vocab = {w: i for i, w in enumerate([*specials, *WORDS])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    if kind == "clip":
+        tok.normalizer = normalizers.Lowercase()
+        tok.post_processor = processors.TemplateProcessing(
+            single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", 0), ("<|endoftext|>", 1)]
+        )
+        names = dict(bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    else:
+        tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+        names = dict(eos_token="</s>", pad_token="<pad>")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", model_max_length=max_length, **names)
+
+
+def tiny_t5(dim: int):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(2)
+    config = T5Config(
+        vocab_size=3 + len(WORDS), d_model=dim, d_kv=8, d_ff=2 * dim, num_layers=2, num_heads=2, decoder_start_token_id=0
+    )
+    return T5EncoderModel(config).eval()
+
+
+def tiny_clip_text(dim: int):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(3)
+    config = CLIPTextConfig(
+        vocab_size=3 + len(WORDS),
+        hidden_size=dim,
+        intermediate_size=2 * dim,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    return CLIPTextModel(config).eval()
+
+
+def tiny_text_components(family) -> dict:
+    """The pipeline folders of the family's text encoders: T5 for PixArt-alpha; CLIP and T5 for FLUX."""
+    dim = family.cond_specs()[0].shape[-1]  # encoder_hidden_states' width
+    if family.name == "pixart":
+        return {"text_encoder": tiny_t5(dim), "tokenizer": tiny_tokenizer("t5", TEXT_LEN)}
+    pooled = family.cond_specs()[1].shape[-1]
+    return {
+        "text_encoder": tiny_clip_text(pooled),
+        "tokenizer": tiny_tokenizer("clip", 77),
+        "text_encoder_2": tiny_t5(dim),
+        "tokenizer_2": tiny_tokenizer("t5", TEXT_LEN),
+    }
 
 
 def tiny_clip(path) -> None:

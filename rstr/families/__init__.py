@@ -37,6 +37,9 @@ from rstr.families.dit import DiTFamily
 from rstr.families.flux import FluxFamily
 from rstr.families.pixart import PixArtFamily
 from rstr.families.qwenimage import QwenImageFamily
+from rstr.families.size import set_size
+from rstr.families.text import load_text_encoders
+from rstr.families.weights import load_streamed
 
 FAMILIES: dict[str, type[Family]] = {}
 # The transformer dtypes a command can load (--dtype), by the names rstr uses everywhere (the bundle's dtype too).
@@ -111,6 +114,51 @@ def _load_scheduler(directory: Path, family: type[Family]):
         raise ModelError(f"{config_path}: cannot build the scheduler ({err})") from None
 
 
+def _load_vae(directory: Path, family: type[Family], dtype: torch.dtype, variant: str | None) -> torch.nn.Module | None:
+    """The pipeline's VAE (``family.vae_class``) in ``dtype``; a broken config or weights is one ModelError line.
+
+    None for the :class:`~rstr.diffusers.PixelDecoder` that ``rstr export-diffusers`` writes for pixel
+    models: their latents are the image (``rstr.json``'s ``image``), nothing to decode.
+    """
+    import diffusers
+
+    from rstr.diffusers.export import PixelDecoder
+
+    config = _read_json(directory / "config.json") if (directory / "config.json").is_file() else {}
+    if config.get("_class_name") == PixelDecoder.__name__:
+        return None
+    if config.get("_class_name") != family.vae_class:
+        raise ModelError(
+            f"{directory}/config.json: VAE class {config.get('_class_name')!r} is not the {family.name} family's "
+            f"{family.vae_class}; give the pipeline's own vae/ (or remove it to build without a decoder)"
+        )
+    return _load_weights(getattr(diffusers, family.vae_class), directory, dtype, variant, "VAE")
+
+
+def _load_weights(
+    cls: type[torch.nn.Module], directory: Path, dtype: torch.dtype, variant: str | None, what: str = "weights"
+) -> torch.nn.Module:
+    """A diffusers model of ``directory`` in ``dtype`` from safetensors weights only; any failure is one ModelError line."""
+    if not any(directory.glob("*.safetensors")) and any(directory.glob("*.bin")):
+        raise ModelError(
+            f"{directory} has pickled .bin weights only; rstr loads safetensors weights (unpickling can run code): "
+            "convert them with safetensors.torch.save_file"
+        )
+    try:
+        with _diffusers_quiet():  # its notes on missing weights become the one error line below
+            model = load_streamed(cls, directory, dtype, variant)
+    except (OSError, ValueError, RuntimeError, TypeError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelError(f"{directory}: cannot load the {what} ({first})") from None
+    missing = [name for name, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise ModelError(
+            f"{directory}: the weights lack {len(missing)} tensor(s) its config.json asks for (e.g. {missing[0]}); "
+            "the config does not match the weights"
+        )
+    return model
+
+
 def family_for_transformer(transformer: torch.nn.Module) -> type[Family]:
     name = type(transformer).__name__
     for family in FAMILIES.values():
@@ -154,7 +202,8 @@ def _model_files(path: Path) -> list[Path]:
     transformer = path / "transformer" if (path / "transformer").is_dir() else path
     files = [f for f in (path / "rstr.json", path / "model_index.json") if f.is_file()]
     files += [f for f in transformer.iterdir() if f.is_file()]
-    for sub in (path / "scheduler", path / CLASS_EMBEDDINGS_DIR):
+    pipeline = [path / "vae", *path.glob("text_encoder*"), *path.glob("tokenizer*")]  # graphs and files of the bundle
+    for sub in (path / "scheduler", path / CLASS_EMBEDDINGS_DIR, *pipeline):
         if sub.is_dir():
             files += [f for f in sub.rglob("*") if f.is_file()]
     return sorted({f for f in files if not f.name.startswith(".")})
@@ -184,14 +233,20 @@ def load_model(
     revision: str | None = None,
     variant: str | None = None,
     prompts: str | os.PathLike[str] | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    max_text_len: int | None = None,
     **family_kwargs,
 ) -> Family:
     """Load a family adapter from a local diffusers directory, a reference model name or a cached Hub id.
 
-    The default is the reference digits DiT; the transformer is loaded in ``dtype`` (``fp32``,
-    ``fp16`` or ``bf16``) and moved to ``device``; ``revision`` picks a Hub id's cached snapshot and
-    ``variant`` (e.g. ``fp16``) the weight files to load.  ``prompts`` (a prompt set file) replaces the
-    model's class table as the conditioning drawn for evaluation, search and calibration.
+    The default is the reference digits DiT; the transformer (and the pipeline's VAE and text
+    encoders, when the directory has them) is loaded in ``dtype`` (``fp32``, ``fp16`` or ``bf16``),
+    one tensor at a time (:mod:`rstr.families.weights`), and moved to ``device``; ``revision`` picks
+    a Hub id's cached snapshot and ``variant`` (e.g. ``fp16``) the weight files to load.  ``prompts``
+    (a prompt set file) replaces the model's class table as the conditioning drawn for evaluation,
+    search and calibration.  ``height``, ``width`` and ``max_text_len`` override the model's output
+    size and prompt length where it allows (:mod:`rstr.families.size`).
     """
     import diffusers
 
@@ -224,33 +279,18 @@ def load_model(
             f"{transformer_dir}: transformer {config.get('_class_name')!r} is not supported; "
             f"supported: {', '.join(sorted(f.transformer_class for f in FAMILIES.values()))}"
         )
-    if not any(transformer_dir.glob("*.safetensors")) and any(transformer_dir.glob("*.bin")):
-        raise ModelError(
-            f"{transformer_dir} has pickled .bin weights only; rstr loads safetensors weights (unpickling can run code): "
-            "convert them with safetensors.torch.save_file"
-        )
-    try:
-        with _diffusers_quiet():  # its notes on missing weights become the one error line below
-            transformer = getattr(diffusers, family.transformer_class).from_pretrained(
-                transformer_dir,
-                torch_dtype=weights_dtype,
-                variant=variant,
-                use_safetensors=True,  # never unpickle weights
-            )
-    except (OSError, ValueError, RuntimeError, TypeError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelError(f"{transformer_dir}: cannot load the weights ({first})") from None
-    missing = [name for name, p in transformer.named_parameters() if p.is_meta]
-    if missing:
-        raise ModelError(
-            f"{transformer_dir}: the weights lack {len(missing)} tensor(s) its config.json asks for (e.g. {missing[0]}); "
-            "the config does not match the weights"
-        )
+    transformer = _load_weights(getattr(diffusers, family.transformer_class), transformer_dir, weights_dtype, variant)
+    vae = _load_vae(path / "vae", family, weights_dtype, variant) if (path / "vae").is_dir() else None
     scheduler = _load_scheduler(scheduler_dir if scheduler_dir.is_dir() else path, family)
     default_steps = meta.get("default_steps")
     if "default_steps" in meta and (isinstance(default_steps, bool) or not isinstance(default_steps, int) or default_steps < 1):
         raise ModelError(f"{path}/rstr.json: default_steps {default_steps!r} must be an integer >= 1 (or leave it out)")
     adapter = family(transformer.to(device), scheduler, default_steps=default_steps, meta=meta, path=path, **family_kwargs)
+    adapter.vae = None if vae is None else vae.to(device)
+    set_size(adapter, height, width, max_text_len)  # before the text encoders: their token length follows it
+    adapter.text_encoders = load_text_encoders(path, adapter.text_encoder_specs(), weights_dtype)
+    for encoder in adapter.text_encoders:
+        encoder.model.to(device)
     table = path / CLASS_EMBEDDINGS_DIR
     if prompts is not None:
         adapter.prompts = Path(prompts).resolve()

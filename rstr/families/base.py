@@ -40,6 +40,7 @@ from rstr.errors import ModelError, RstrError
 
 if TYPE_CHECKING:
     from rstr.families.class_embeddings import ClassEmbeddings
+    from rstr.families.text import TextEncoder, TextEncoderSpec
     from rstr.schedule import GuidanceSchedule
 
 Conditioning = dict[str, torch.Tensor]
@@ -100,6 +101,9 @@ class Family(ABC):
     default_steps_fallback: ClassVar[int]
     default_scale_fallback: ClassVar[float]  # the stock pipeline's default guidance scale
     export_dynamo: ClassVar[bool] = True  # False: the TorchScript exporter (deployment.md)
+    vae_class: ClassVar[str] = "AutoencoderKL"  # the diffusers class of a pipeline directory's vae/
+    latent_multiple: ClassVar[int] = 1  # a resizable latent side is a multiple of it (2x2 packing: 2)
+    text_len: int = 0  # prompt tokens of text models (rstr.json, --max-text-len); 0: the model takes no prompts
 
     def __init__(
         self,
@@ -118,6 +122,10 @@ class Family(ABC):
         self.path = path
         self.class_embeddings = class_embeddings
         self.prompts: Path | None = None  # the prompt set file that class_embeddings came from, if any
+        self.vae: Any = (
+            None  # the pipeline's VAE (a diffusers model, untyped here) and text encoders, when the directory has them
+        )
+        self.text_encoders: list[TextEncoder] = []
 
     # --------------------------------------------------------------------- identity
     @property
@@ -304,7 +312,13 @@ class Family(ABC):
 
     @abstractmethod
     def denoise(self, sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        """Raw transformer output for ``N`` rows; ``timestep`` is float32 ``[N]``."""
+        """Raw transformer output for ``N`` rows; inputs in the model's dtype (``timestep`` ``[N]``)."""
+
+    def predict(self, sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """:meth:`denoise` with float32 inputs and output, computed in the model's dtype: what the denoiser graph does."""
+        dtype = self.dtype
+        cast = lambda t: t.to(dtype) if t.is_floating_point() else t  # noqa: E731
+        return self.denoise(cast(sample), cast(timestep), {k: cast(v) for k, v in cond.items()}).float()
 
     def single(self, out: torch.Tensor) -> torch.Tensor:
         """Scheduler input from a conditional-only output (drops learned sigma)."""
@@ -328,6 +342,48 @@ class Family(ABC):
     def to_images(self, latents: torch.Tensor) -> torch.Tensor:
         """Final latents as images ``[N, C, H, W]`` (identity for spatial latents; packed ones are unpacked)."""
         return latents
+
+    def resize(self, latent_side: int) -> bool:
+        """Generate ``latent_side`` x ``latent_side`` latents; False where the transformer fixes the size."""
+        return False
+
+    def text_encoder_specs(self) -> list[TextEncoderSpec]:
+        """The pipeline's text encoders as its stock pipeline uses them (:mod:`rstr.families.text`); [] for none."""
+        return []
+
+    # --------------------------------------------------------------------- decoder
+    def vae_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Final latents (as the sampler returns them) as the VAE takes them: unscaled (and unpacked)."""
+        return latents / self.vae.config.scaling_factor
+
+    def vae_images(self, decoded: torch.Tensor) -> torch.Tensor:
+        """The VAE's output as images ``[N, C, H, W]`` in [-1, 1]."""
+        return decoded
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Image pixels per latent pixel, as the stock pipelines compute it from the VAE's config."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images ``[N, H, W, C]`` in [0, 1] from float32 final latents through the VAE, as the stock pipeline decodes."""
+        if self.vae is None:
+            raise RstrError(f"this {self.name} model has no VAE (no vae/ beside transformer/); its latents are not decoded")
+        dtype = next(self.vae.parameters()).dtype
+        decoded = self.vae.decode(self.vae_latents(latents.float()).to(dtype), return_dict=False)[0]
+        return (self.vae_images(decoded).float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
+
+    def image_shape(self) -> tuple[int, int, int] | None:
+        """``(H, W, C)`` of the images :meth:`decode` gives; None without a VAE."""
+        if self.vae is None:
+            return None
+        side = self.to_images(torch.zeros(self.sample_shape(1))).shape[-1] * self.vae_scale_factor
+        return side, side, self.image_channels
+
+    @property
+    def image_channels(self) -> int:
+        """Channels of the decoded images (the VAE's output channels)."""
+        return int(self.vae.config.out_channels)
 
     @property
     def classifier_path(self) -> Path | None:

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from rstr.families.base import Conditioning, Family, TensorSpec
+from rstr.families.text import TextEncoderSpec
 
 
 def calculate_shift(seq_len: int, config) -> float:
@@ -43,6 +44,7 @@ class FlowMatchFamily(Family):
     conditioning = "text-embeddings"
     text_len = 16
     latent_size = 16  # unpacked latent height = width
+    latent_multiple = 2  # 2x2 latent pixels per token
 
     def __init__(self, *args, latent_size: int | None = None, text_len: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -59,6 +61,10 @@ class FlowMatchFamily(Family):
     def latent_channels(self) -> int:
         return int(self.transformer.config.in_channels) // 4
 
+    def resize(self, latent_side: int) -> bool:
+        self.latent_size = latent_side
+        return True
+
     @property
     def seq_len(self) -> int:
         return (self.latent_size // 2) ** 2
@@ -68,6 +74,11 @@ class FlowMatchFamily(Family):
 
     def to_images(self, latents: torch.Tensor) -> torch.Tensor:
         return unpack_latents(latents, self.latent_size)
+
+    def vae_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Unpacked, then ``x / scaling_factor + shift_factor`` (FluxPipeline)."""
+        cfg = self.vae.config
+        return self.to_images(latents) / cfg.scaling_factor + (cfg.shift_factor or 0.0)
 
     def model_timestep(self, t) -> float:
         return float(torch.as_tensor(t, dtype=torch.float32) / 1000)
@@ -110,6 +121,13 @@ class FluxFamily(FlowMatchFamily):
         if cfg.guidance_embeds:
             specs.append(TensorSpec("guidance", torch.float32, ("batch",), example=3.5))
         return specs
+
+    def text_encoder_specs(self) -> list[TextEncoderSpec]:
+        """CLIP's pooled output (its tokenizer's length, 77) and T5's last hidden state (``text_len`` tokens), no masks."""
+        return [
+            TextEncoderSpec("text_encoder", "tokenizer", None, "pooler_output", "pooled_projections"),
+            TextEncoderSpec("text_encoder_2", "tokenizer_2", self.text_len, "last_hidden_state", "encoder_hidden_states"),
+        ]
 
     def _ids(self) -> tuple[torch.Tensor, torch.Tensor]:
         half = self.latent_size // 2

@@ -1,7 +1,9 @@
 """PixArt-alpha: T5 prompt embeddings with an attention mask, ``PixArtTransformer2DModel``.
 
 The unconditional input is the negative-prompt embedding (the pipeline encodes ``""``),
-given by the user or by the pipeline's text encoder when the directory has one.  As in
+given by the user or by the pipeline's T5 encoder when the directory has one (a bundle then
+takes prompts: the prompt is lower-cased and stripped, the stock pipeline's
+``clean_caption=False``).  As in
 ``PixArtAlphaPipeline``, guidance is combined before learned sigma is dropped.  1024-px
 checkpoints (``sample_size == 128``) take resolution and aspect-ratio conditioning, which is
 constant for a fixed output size and therefore baked in rather than a graph input.
@@ -12,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from rstr.families.base import Conditioning, SpatialFamily, TensorSpec
+from rstr.families.text import TextEncoderSpec
 
 
 class PixArtFamily(SpatialFamily):
@@ -33,6 +36,20 @@ class PixArtFamily(SpatialFamily):
         return [
             TensorSpec("encoder_hidden_states", torch.float32, ("batch", self.text_len, dim)),
             TensorSpec("encoder_attention_mask", torch.float32, ("batch", self.text_len), example=1.0),
+        ]
+
+    def text_encoder_specs(self) -> list[TextEncoderSpec]:
+        """T5 with its attention mask, on the lower-cased, stripped prompt (``clean_caption=False``)."""
+        return [
+            TextEncoderSpec(
+                "text_encoder",
+                "tokenizer",
+                self.text_len,
+                "last_hidden_state",
+                "encoder_hidden_states",
+                mask="encoder_attention_mask",
+                preprocess="lower-strip",
+            )
         ]
 
     def _added_cond(self, n: int) -> dict:

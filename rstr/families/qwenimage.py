@@ -2,6 +2,8 @@
 
 True CFG as ``QwenImagePipeline``: ``comb = neg + w (pos - neg)``, then each token's
 prediction is rescaled to the norm of the conditional one (``comb * |pos| / |comb|``).
+Its text encoder is a Qwen2.5-VL model with a chat template and a dropped prompt prefix; it
+stays outside the bundle: Qwen-Image bundles take prompt embeddings ("embeddings in").
 """
 
 from __future__ import annotations
@@ -21,6 +23,27 @@ class QwenImageFamily(FlowMatchFamily):
     pipeline_classes = ("QwenImagePipeline",)
     default_steps_fallback = 50
     default_scale_fallback = 4.0  # QwenImagePipeline's true_cfg_scale
+
+    vae_class = "AutoencoderKLQwenImage"
+
+    def vae_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Unpacked to one video frame ``[N, C, 1, H, W]``, then ``x * std + mean`` per channel (QwenImagePipeline)."""
+        cfg = self.vae.config
+        shape = (1, len(cfg.latents_mean), 1, 1, 1)
+        mean = torch.tensor(cfg.latents_mean, dtype=latents.dtype).view(shape)
+        std = torch.tensor(cfg.latents_std, dtype=latents.dtype).view(shape)
+        return self.to_images(latents)[:, :, None] * std + mean
+
+    def vae_images(self, decoded: torch.Tensor) -> torch.Tensor:
+        return decoded[:, :, 0]  # the one frame
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** len(self.vae.config.temperal_downsample)
+
+    @property
+    def image_channels(self) -> int:
+        return int(self.vae.config.input_channels)  # the video VAE decodes to its input channels
 
     def noise(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
         from diffusers.utils.torch_utils import randn_tensor

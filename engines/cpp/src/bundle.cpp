@@ -95,11 +95,13 @@ Manifest read_manifest(const json& m) {
 
   if (m.contains("decoder") && !m.at("decoder").is_null()) {
     const json& d = m.at("decoder");
-    man.decoder.kind = d.at("kind") == "pixels" ? DecoderKind::Pixels : DecoderKind::Other;
+    const json& kind = d.at("kind");
+    man.decoder.kind = kind == "pixels" ? DecoderKind::Pixels : kind == "vae" ? DecoderKind::Vae : DecoderKind::Other;
     man.decoder.channels = d.at("channels").get<int>();
     man.decoder.size = d.at("size").get<int>();
     man.decoder.lo = d.at("range")[0].get<float>();
     man.decoder.hi = d.at("range")[1].get<float>();
+    if (man.decoder.kind == DecoderKind::Vae) man.decoder.graph = parse_graph(graphs.at(d.at("graph").get<std::string>()));
   }
 
   for (const auto& [name, e] : m.at("files").items()) {
@@ -189,7 +191,10 @@ Bundle Bundle::open(const std::filesystem::path& dir, Verify verify) {
     for (size_t i = 1; i < problems.size(); ++i) msg += "; " + problems[i];
     throw BundleError(msg);
   }
-  for (const char* graph : {"denoiser", "step_guided", "step_single"})
+  std::vector<std::string> graphs = {"denoiser", "step_guided", "step_single"};  // the plan's, then the others by name
+  for (const auto& [graph, _] : root.at("graphs").items())
+    if (std::find(graphs.begin(), graphs.begin() + 3, graph) == graphs.begin() + 3) graphs.push_back(graph);
+  for (const auto& graph : graphs)
     if (auto problem = validate::graph_file_problem(dir, graph, root.at("graphs").at(graph), manifest.files, manifest.batch))
       throw BundleError("bundle " + name + ": " + *problem);
   return Bundle(fs::absolute(dir), std::move(manifest));

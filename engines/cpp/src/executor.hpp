@@ -18,6 +18,20 @@ class Runner::Executor {
   virtual Tensor run(const Tensor& x, const Conditioning& cond2) = 0;
 };
 
+/// One graph run on whole arrays (the VAE decoder): one float32 input, one float32 output.
+class Runner::GraphSession {
+ public:
+  virtual ~GraphSession() = default;
+  /// Runs the graph; the output is checked against `out_shape`.
+  virtual Tensor run(const std::string& input, const Tensor& x, const std::string& output,
+                     const std::vector<int64_t>& out_shape) = 0;
+};
+
+/// `info` (the graph `role` of the bundle) on ONNX Runtime, CPU or CUDA as `backend` says.
+std::unique_ptr<Runner::GraphSession> make_onnxruntime_graph(const Bundle& bundle, const std::string& role,
+                                                             const GraphInfo& info, Backend backend,
+                                                             const RunnerOptions& options);
+
 /// ONNX Runtime on the CPU, or with the CUDA execution provider (Backend::OnnxRuntimeCuda).
 std::unique_ptr<Runner::Executor> make_onnxruntime_executor(const Bundle& bundle, Backend backend,
                                                              const RunnerOptions& options);

@@ -146,6 +146,29 @@ class Graph {
   Ort::Session session_;
 };
 
+Ort::SessionOptions session_options(Backend backend, const RunnerOptions& options) {
+  Ort::SessionOptions so;
+  so.SetGraphOptimizationLevel(GraphOptimizationLevel::ORT_ENABLE_ALL);
+  if (options.cpu_threads > 0) so.SetIntraOpNumThreads(options.cpu_threads);
+  if (backend == Backend::OnnxRuntimeCuda) {
+#ifdef RSTR_HAVE_CUDA
+    OrtCUDAProviderOptions cuda;
+    cuda.device_id = options.device_id;
+    try {
+      so.AppendExecutionProvider_CUDA(cuda);
+    } catch (const Ort::Exception& e) {
+      throw BackendError(std::string("onnxruntime-cuda: this ONNX Runtime library cannot use CUDA (") + e.what() +
+                         "); link a GPU build of ONNX Runtime, or use the cpu backend");
+    }
+#else
+    throw BackendError(
+        "this build has no ONNX Runtime CUDA support: reconfigure with -DRSTR_WITH_CUDA=ON against a GPU build of "
+        "ONNX Runtime, or use the cpu backend");
+#endif
+  }
+  return so;
+}
+
 class OnnxRuntimeExecutor final : public Runner::Executor {
  public:
   OnnxRuntimeExecutor(const Bundle& bundle, Backend backend, const RunnerOptions& options)
@@ -223,29 +246,6 @@ class OnnxRuntimeExecutor final : public Runner::Executor {
   }
 
  private:
-  static Ort::SessionOptions session_options(Backend backend, const RunnerOptions& options) {
-    Ort::SessionOptions so;
-    so.SetGraphOptimizationLevel(GraphOptimizationLevel::ORT_ENABLE_ALL);
-    if (options.cpu_threads > 0) so.SetIntraOpNumThreads(options.cpu_threads);
-    if (backend == Backend::OnnxRuntimeCuda) {
-#ifdef RSTR_HAVE_CUDA
-      OrtCUDAProviderOptions cuda;
-      cuda.device_id = options.device_id;
-      try {
-        so.AppendExecutionProvider_CUDA(cuda);
-      } catch (const Ort::Exception& e) {
-        throw BackendError(std::string("onnxruntime-cuda: this ONNX Runtime library cannot use CUDA (") + e.what() +
-                           "); link a GPU build of ONNX Runtime, or use the cpu backend");
-      }
-#else
-      throw BackendError(
-          "this build has no ONNX Runtime CUDA support: reconfigure with -DRSTR_WITH_CUDA=ON against a GPU build of "
-          "ONNX Runtime, or use the cpu backend");
-#endif
-    }
-    return so;
-  }
-
   // Views: tensors over memory owned elsewhere (no copy).  ONNX Runtime only reads inputs,
   // so viewing const memory is safe; its C API takes a non-const pointer for all tensors.
   Ort::Value view(float* data, const std::vector<int64_t>& shape) {
@@ -272,7 +272,45 @@ class OnnxRuntimeExecutor final : public Runner::Executor {
   std::vector<int64_t> output_shape_;
 };
 
+/// One whole-array graph (the VAE decoder) as a session of its own.
+class OnnxRuntimeGraph final : public Runner::GraphSession {
+ public:
+  OnnxRuntimeGraph(const Bundle& bundle, const std::string& role, const GraphInfo& info, Backend backend,
+                   const RunnerOptions& options)
+      : env_(ORT_LOGGING_LEVEL_ERROR, "rstr"),
+        options_(session_options(backend, options)),
+        graph_(env_, options_, bundle, role, info, backend),
+        cpu_(Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault)) {}
+
+  Tensor run(const std::string& input, const Tensor& x, const std::string& output,
+             const std::vector<int64_t>& out_shape) override {
+    std::vector<Input> inputs;
+    inputs.push_back({input, Ort::Value::CreateTensor<float>(cpu_, const_cast<float*>(x.f32().data()), x.f32().size(),
+                                                             x.shape().data(), x.shape().size())});
+    std::vector<Ort::Value> out = graph_.run(inputs, {{output, out_shape}}, 0);
+    const float* data = out[0].GetTensorData<float>();
+    return Tensor::float32(out_shape, std::vector<float>(data, data + numel(out_shape)));
+  }
+
+ private:
+  Ort::Env env_;
+  Ort::SessionOptions options_;
+  Graph graph_;
+  Ort::MemoryInfo cpu_;
+};
+
 }  // namespace
+
+std::unique_ptr<Runner::GraphSession> make_onnxruntime_graph(const Bundle& bundle, const std::string& role,
+                                                             const GraphInfo& info, Backend backend,
+                                                             const RunnerOptions& options) {
+  init_api();
+  try {
+    return std::make_unique<OnnxRuntimeGraph>(bundle, role, info, backend, options);
+  } catch (const Ort::Exception& e) {
+    throw BackendError(std::string(backend_name(backend)) + ": " + e.what());
+  }
+}
 
 std::unique_ptr<Runner::Executor> make_onnxruntime_executor(const Bundle& bundle, Backend backend,
                                                              const RunnerOptions& options) {

@@ -247,6 +247,12 @@ Runner::Runner(const Bundle& bundle, Backend backend, RunnerOptions options)
 #endif
       break;
   }
+  if (manifest_.decoder.kind == DecoderKind::Vae) {
+    // The decoder runs once per call on whole arrays: ONNX Runtime, on CUDA where the plan runs on a GPU.
+    const bool gpu = backend != Backend::OnnxRuntimeCpu && backend_compiled(Backend::OnnxRuntimeCuda);
+    decoder_ = make_onnxruntime_graph(bundle, "vae_decoder", manifest_.decoder.graph,
+                                      gpu ? Backend::OnnxRuntimeCuda : Backend::OnnxRuntimeCpu, options);
+  }
 }
 
 Runner::~Runner() = default;
@@ -262,6 +268,30 @@ Tensor Runner::run(const Tensor& noise, const Conditioning& cond, const Conditio
     throw BackendError(std::string(backend_name(backend_)) + " returned latents of shape " + shape_string(out.shape()) +
                        ", expected " + shape_string(manifest_.sample.shape));
   return out;
+}
+
+Tensor Runner::decode(const Tensor& latents) {
+  const Decoder& d = manifest_.decoder;
+  if (latents.dtype() != DType::Float32 || latents.shape() != manifest_.sample.shape)
+    throw InputError("latents have shape " + shape_string(latents.shape()) + " but the bundle's are " +
+                     shape_string(manifest_.sample.shape) + " (float32)");
+  if (d.kind == DecoderKind::Vae)
+    return decoder_->run("latents", latents, "images", with_rows(d.graph.find_output("images")->shape, manifest_.batch));
+  if (d.kind != DecoderKind::Pixels)
+    throw InputError("this bundle has no decoder this runtime implements: it returns latents only (decode them yourself)");
+  const auto& s = latents.shape();
+  if (s.size() != 4) throw InputError("a pixels decoder needs latents [B, C, H, W], got " + shape_string(s));
+  const int64_t B = s[0], C = s[1], H = s[2], W = s[3];
+  std::vector<float> out(static_cast<size_t>(B * H * W * C));
+  const std::vector<float>& v = latents.f32();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t w = 0; w < W; ++w) {
+          const float t = (v[static_cast<size_t>(((b * C + c) * H + h) * W + w)] - d.lo) / (d.hi - d.lo);
+          out[static_cast<size_t>(((b * H + h) * W + w) * C + c)] = t < 0.0f ? 0.0f : (t > 1.0f ? 1.0f : t);
+        }
+  return Tensor::float32({B, H, W, C}, std::move(out));
 }
 
 }  // namespace rstr

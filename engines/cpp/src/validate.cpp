@@ -249,12 +249,105 @@ Problem graphs_rule(const json& m) {
   return std::nullopt;
 }
 
+bool is_plan_graph(const std::string& name) {
+  return std::find(std::begin(kGraphs), std::end(kGraphs), name) != std::end(kGraphs);
+}
+
+/// The graphs beside the plan's, by name (sorted, as std::map and Python's sorted()).
+std::vector<std::string> other_graph_names(const json& m) {
+  std::vector<std::string> names;
+  for (const auto& [name, _] : m.at("graphs").items())
+    if (!is_plan_graph(name)) names.push_back(name);
+  return names;
+}
+
+/// See _other_graphs in engines/validate.py: the decoder's and the text encoders' graphs.
+Problem other_graphs_rule(const json& m) {
+  const json& graphs = m.at("graphs");
+  const uint64_t batch = u64(m.at("batch"));
+  const json* decoder = m.contains("decoder") && !m.at("decoder").is_null() ? &m.at("decoder") : nullptr;
+  const json* encoders = m.contains("text") && !m.at("text").is_null() ? &m.at("text").at("encoders") : nullptr;
+  // Who runs each graph, in the order Python's graph_users() fills its dict.
+  std::vector<std::pair<std::string, std::string>> users;
+  const auto user_of = [&users](const std::string& graph) -> const std::string* {
+    for (const auto& [g, u] : users)
+      if (g == graph) return &u;
+    return nullptr;
+  };
+  if (decoder && decoder->contains("graph")) users.emplace_back(decoder->at("graph").get<std::string>(), "decoder");
+  for (size_t i = 0; encoders && i < encoders->size(); ++i) {
+    const std::string graph = (*encoders)[i].at("graph").get<std::string>();
+    if (!user_of(graph)) users.emplace_back(graph, "text.encoders[" + std::to_string(i) + "]");
+  }
+  if (decoder) {
+    const std::string kind = decoder->at("kind").get<std::string>();
+    if (kind == "vae" && !decoder->contains("graph")) return std::string("decoder.graph is missing; a vae decoder names its graph");
+    if (kind != "vae" && decoder->contains("graph"))
+      return "decoder.graph is set on a \"" + kind + "\" decoder; only a vae decoder runs a graph";
+  }
+  for (const auto& [graph, user] : users)
+    if (is_plan_graph(graph) || !graphs.contains(graph))
+      return user + ".graph '" + graph + "' is not one of the graphs beside the plan's";
+
+  std::map<std::string, const json*> cond;
+  for (const auto& d : m.at("conditioning").at("inputs")) cond[d.at("name").get<std::string>()] = &d;
+  const auto rest_of = [](const json& shape) { return json(shape.begin() + 1, shape.end()); };
+  std::map<std::string, std::map<std::string, Wanted>> wanted;  // graph: tensor: (dtype, dims past axis 0; null: [H, W, C])
+  if (decoder && decoder->contains("graph"))
+    wanted[decoder->at("graph").get<std::string>()] = {{"latents", Wanted{"float32", rest_of(m.at("sample").at("shape"))}},
+                                                        {"images", Wanted{"float32", json()}}};
+  for (size_t i = 0; encoders && i < encoders->size(); ++i) {
+    const json& e = (*encoders)[i];
+    const std::string at = "text.encoders[" + std::to_string(i) + "]";
+    const std::string graph = e.at("graph").get<std::string>();
+    if (*user_of(graph) != at) return at + ".graph '" + graph + "' is named twice; every text encoder has a graph of its own";
+    const std::string tokenizer = e.at("tokenizer").get<std::string>();
+    if (!m.at("files").contains(tokenizer))
+      return at + ".tokenizer '" + tokenizer + "' is not listed in files (it would be loaded unchecked)";
+    for (const char* key : {"output", "mask"})
+      if (e.contains(key) && !cond.count(e.at(key).get<std::string>()))
+        return at + "." + key + " '" + e.at(key).get<std::string>() + "' is not a conditioning input";
+    const Wanted ids{"int64", json::array({e.at("max_length")})};
+    wanted[graph] = {{"input_ids", ids}, {"embeddings", Wanted{"float32", rest_of(cond.at(e.at("output").get<std::string>())->at("shape"))}}};
+    if (e.contains("mask")) wanted[graph]["attention_mask"] = ids;
+  }
+  for (const auto& name : other_graph_names(m)) {
+    if (!wanted.count(name)) return "graphs." + name + " is run by neither the decoder nor a text encoder";
+    std::vector<const json*> tensors;
+    for (const char* kind : {"inputs", "outputs"})
+      for (const auto& d : graphs.at(name).at(kind)) tensors.push_back(&d);
+    std::vector<std::string> have, want;
+    for (const json* d : tensors) {
+      if (auto p = tensor_problem("graphs." + name + " tensor '" + d->at("name").get<std::string>() + "'", *d, batch)) return p;
+      have.push_back(d->at("name").get<std::string>());
+    }
+    for (const auto& [tensor, _] : wanted.at(name)) want.push_back(tensor);
+    std::sort(have.begin(), have.end());
+    if (have != want) return "graphs." + name + " has tensors " + join_sorted(have) + "; its user binds " + join_sorted(want);
+    for (const json* d : tensors) {
+      const std::string tensor = d->at("name").get<std::string>(), dtype = d->at("dtype").get<std::string>();
+      const Wanted& w = wanted.at(name).at(tensor);
+      const json& shape = d->at("shape");
+      if (dtype != w.dtype || (w.rest.is_null() ? shape.size() != 4 : rest_of(shape) != w.rest)) {
+        json bound = json::array({"rows"});
+        if (w.rest.is_null()) bound.insert(bound.end(), {"H", "W", "C"});
+        else bound.insert(bound.end(), w.rest.begin(), w.rest.end());
+        return "graphs." + name + " tensor '" + tensor + "' is " + dtype + " " + shape_text(shape) + "; its user binds " +
+               w.dtype + " " + shape_text(bound);
+      }
+    }
+  }
+  return std::nullopt;
+}
+
 Problem listed_rule(const json& m) {
   const json& files = m.at("files");
-  for (const char* name : kGraphs) {
+  std::vector<std::string> graphs(std::begin(kGraphs), std::end(kGraphs));
+  for (const auto& name : other_graph_names(m)) graphs.push_back(name);
+  for (const auto& name : graphs) {
     const std::string file = m.at("graphs").at(name).at("file").get<std::string>();
     if (!files.contains(file))
-      return "graphs." + std::string(name) + ".file '" + file + "' is not listed in files (it would be loaded unchecked)";
+      return "graphs." + name + ".file '" + file + "' is not listed in files (it would be loaded unchecked)";
   }
   if (m.contains("engines") && m.at("engines").is_array())
     for (size_t i = 0; i < m.at("engines").size(); ++i) {
@@ -367,7 +460,7 @@ std::string shape_text(const json& shape) {
 }
 
 std::optional<std::string> document_problem(const json& manifest) {
-  for (auto rule : {sample_rule, conditioning_rule, plan_rule, decoder_rule, graphs_rule, listed_rule})
+  for (auto rule : {sample_rule, conditioning_rule, plan_rule, decoder_rule, graphs_rule, other_graphs_rule, listed_rule})
     if (auto problem = rule(manifest)) return problem;
   return std::nullopt;
 }

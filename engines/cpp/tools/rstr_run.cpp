@@ -13,19 +13,22 @@
 
 namespace {
 
-constexpr const char* kUsage = R"(usage: rstr-run BUNDLE --out LATENTS.npy [--png IMAGE.png] [--png-scale K]
-                (--class N[,N...] | --cond [NAME=]FILE.npy ...) [--uncond [NAME=]FILE.npy ...]
+constexpr const char* kUsage = R"(usage: rstr-run BUNDLE --out FILE.npy|FILE.png [--png IMAGE.png] [--images IMAGES.npy]
+                [--png-scale K] (--class N[,N...] | --cond [NAME=]FILE.npy ...) [--uncond [NAME=]FILE.npy ...]
                 (--seed S | --noise NOISE.npy) [--backend cpu|cuda|tensorrt]
                 [--threads N] [--device N] [--trust-engine-host-code]
 
-Walks the bundle's step plan from initial noise to final latents and saves them as .npy.
+Walks the bundle's step plan from initial noise to final latents and, for bundles with a
+decoder, decodes them to images.
 
   BUNDLE              bundle directory (manifest.json is checked: format, version, sha256 of
                       every file, paths inside the bundle)
-  --out FILE          where to write the final latents (float32 .npy, shape = sample.shape)
-  --png FILE          also write the image as a PNG; only for bundles whose decoder is
-                      "pixels" (the latents are the image); B images side by side
-  --png-scale K       nearest-neighbour upscaling of the PNG (default 8)
+  --out FILE          FILE.npy: the final latents (float32, shape = sample.shape);
+                      FILE.png: the images (bundles with a decoder), B side by side
+  --png FILE          also write the images as a PNG (bundles with a decoder: "pixels", the
+                      latents are the image, or "vae", the bundle's vae_decoder graph)
+  --images FILE       also write the images as float32 .npy [B, H, W, C] in [0, 1]
+  --png-scale K       nearest-neighbour upscaling of the PNG (default: 8 below 64 pixels, else 1)
   --class N[,N...]    class labels for a class-conditional bundle: one label for every row, or
                       B comma-separated labels
   --cond NAME=FILE    a conditioning input [B, ...] as .npy (float32 or int64); NAME may be
@@ -58,8 +61,8 @@ class UsageError : public rstr::Error {
 };
 
 struct Args {
-  std::string bundle, out, png, noise;
-  int png_scale = 8;
+  std::string bundle, out, png, images, noise;
+  int png_scale = 0;  // 0: 8 for images under 64 pixels, else 1
   std::optional<uint64_t> seed;
   std::vector<int64_t> classes;
   std::vector<std::string> cond, uncond;
@@ -106,6 +109,8 @@ Args parse_args(int argc, char** argv) {
       a.out = value();
     } else if (arg == "--png") {
       a.png = value();
+    } else if (arg == "--images") {
+      a.images = value();
     } else if (arg == "--png-scale") {
       a.png_scale = static_cast<int>(parse_int(arg, value()));
       if (a.png_scale < 1 || a.png_scale > 64) throw UsageError("--png-scale must be between 1 and 64");
@@ -140,7 +145,17 @@ Args parse_args(int argc, char** argv) {
   }
   if (positional.size() != 1) throw UsageError("expected one BUNDLE directory (see rstr-run --help)");
   a.bundle = positional[0];
-  if (a.out.empty()) throw UsageError("--out LATENTS.npy is required");
+  if (a.out.empty()) throw UsageError("--out FILE.npy (latents) or FILE.png (images) is required");
+  const auto ends = [](const std::string& s, const std::string& tail) {
+    return s.size() >= tail.size() && s.compare(s.size() - tail.size(), tail.size(), tail) == 0;
+  };
+  if (ends(a.out, ".png")) {
+    if (!a.png.empty()) throw UsageError("--out is a .png already; drop --png");
+    a.png = a.out;
+    a.out.clear();
+  } else if (!ends(a.out, ".npy")) {
+    throw UsageError("--out " + a.out + ": use FILE.npy (latents) or FILE.png (images)");
+  }
   if (a.seed.has_value() == !a.noise.empty()) throw UsageError("give exactly one of --seed S and --noise NOISE.npy");
   if (!a.classes.empty() && !a.cond.empty()) throw UsageError("give --class or --cond, not both");
   return a;
@@ -179,26 +194,27 @@ rstr::Conditioning class_conditioning(const std::vector<int64_t>& classes, const
   return {{m.conditioning[0].info.name, rstr::Tensor::int64({m.batch}, std::move(labels))}};
 }
 
-void require_pixels(const rstr::Decoder& d) {
-  if (d.kind != rstr::DecoderKind::Pixels)
-    throw UsageError("--png needs a bundle whose decoder is \"pixels\"; this one returns latents only (decode them yourself)");
+void require_decoder(const rstr::Decoder& d, const std::string& flag) {
+  if (d.kind != rstr::DecoderKind::Pixels && d.kind != rstr::DecoderKind::Vae)
+    throw UsageError(flag + " needs a bundle with a decoder (\"pixels\" or \"vae\"); this one returns latents only: "
+                     "write them with --out FILE.npy");
 }
 
-/// Pixels decoder: image = clip((x - lo) / (hi - lo), 0, 1); B images of [C, H, W] side by side.
-void write_png(const std::string& path, const rstr::Tensor& x, const rstr::Decoder& d, int scale) {
-  require_pixels(d);
-  const auto& s = x.shape();
-  if (s.size() != 4 || (s[1] != 1 && s[1] != 3))
-    throw UsageError("--png needs latents [B, 1 or 3, H, W], got " + rstr::shape_string(s));
-  const int64_t B = s[0], C = s[1], H = s[2], W = s[3];
+/// Images [B, H, W, C] in [0, 1] side by side as one 8-bit PNG, upscaled `scale` times.
+void write_png(const std::string& path, const rstr::Tensor& images, int scale) {
+  const auto& s = images.shape();
+  if (s.size() != 4 || (s[3] != 1 && s[3] != 3))
+    throw rstr::Error("a PNG needs images [B, H, W, 1 or 3], got " + rstr::shape_string(s));
+  const int64_t B = s[0], H = s[1], W = s[2], C = s[3];
+  if (scale == 0) scale = H < 64 ? 8 : 1;
   const int64_t width = B * W * scale, height = H * scale;
   std::vector<png_byte> pixels(static_cast<size_t>(width * height * C));
-  const std::vector<float>& v = x.f32();
+  const std::vector<float>& v = images.f32();
   for (int64_t y = 0; y < height; ++y)
     for (int64_t col = 0; col < width; ++col) {
       const int64_t b = col / (W * scale), w = (col % (W * scale)) / scale, h = y / scale;
       for (int64_t c = 0; c < C; ++c) {
-        float t = (v[static_cast<size_t>(((b * C + c) * H + h) * W + w)] - d.lo) / (d.hi - d.lo);
+        float t = v[static_cast<size_t>(((b * H + h) * W + w) * C + c)];
         t = t < 0.0f ? 0.0f : (t > 1.0f ? 1.0f : t);
         pixels[static_cast<size_t>((y * width + col) * C + c)] = static_cast<png_byte>(t * 255.0f + 0.5f);
       }
@@ -218,7 +234,8 @@ void write_png(const std::string& path, const rstr::Tensor& x, const rstr::Decod
 int run(const Args& a) {
   const rstr::Bundle bundle = rstr::Bundle::open(a.bundle);
   const rstr::Manifest& m = bundle.manifest();
-  if (!a.png.empty()) require_pixels(m.decoder);  // before the work, not after it
+  if (!a.png.empty()) require_decoder(m.decoder, "--png");  // before the work, not after it
+  if (!a.images.empty()) require_decoder(m.decoder, "--images");
 
   rstr::Conditioning cond, uncond = load_named("--uncond", a.uncond, m);
   if (!a.classes.empty()) cond = class_conditioning(a.classes, m);
@@ -230,12 +247,26 @@ int run(const Args& a) {
   const auto start = std::chrono::steady_clock::now();
   rstr::Runner runner(bundle, a.backend, a.options);
   const rstr::Tensor latents = runner.run(noise, cond, uncond);
+  const bool decode = !a.png.empty() || !a.images.empty();
+  const rstr::Tensor images = decode ? runner.decode(latents) : rstr::Tensor();
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 
-  rstr::npy::write(a.out, latents);
-  if (!a.png.empty()) write_png(a.png, latents, m.decoder, a.png_scale);
-  std::printf("rstr-run: %zu steps (%d guided) on %s in %.2f s -> %s%s%s\n", m.plan.steps.size(), m.plan.num_guided(),
-              rstr::backend_name(a.backend), seconds, a.out.c_str(), a.png.empty() ? "" : ", ", a.png.c_str());
+  std::string wrote;
+  const auto note = [&](const std::string& file) { wrote += (wrote.empty() ? "" : ", ") + file; };
+  if (!a.out.empty()) {
+    rstr::npy::write(a.out, latents);
+    note(a.out);
+  }
+  if (!a.images.empty()) {
+    rstr::npy::write(a.images, images);
+    note(a.images);
+  }
+  if (!a.png.empty()) {
+    write_png(a.png, images, a.png_scale);
+    note(a.png);
+  }
+  std::printf("rstr-run: %zu steps (%d guided) on %s in %.2f s -> %s\n", m.plan.steps.size(), m.plan.num_guided(),
+              rstr::backend_name(a.backend), seconds, wrote.c_str());
   return 0;
 }
 

@@ -164,7 +164,8 @@ struct Plan {
 enum class DecoderKind {
   None,    // the bundle returns latents only
   Pixels,  // the latents are the image: image = clip((x - lo) / (hi - lo), 0, 1)
-  Other,   // a decoder this runtime does not implement (e.g. a VAE): it returns latents
+  Vae,     // the graph `decoder.graph` (vae_decoder) maps the final latents to images in [0, 1]
+  Other,   // a decoder this runtime does not implement: it returns latents
 };
 
 struct Decoder {
@@ -173,6 +174,7 @@ struct Decoder {
   int size = 0;
   float lo = -1.0f;
   float hi = 1.0f;
+  GraphInfo graph;  // Vae: input "latents" [N, ...sample], output "images" [N, H, W, C]
 };
 
 struct FileEntry {
@@ -282,16 +284,23 @@ class Runner {
   /// Returns the final latents, float32 [B, ...].  Throws rstr::InputError on bad inputs.
   Tensor run(const Tensor& noise, const Conditioning& cond, const Conditioning& uncond = {});
 
+  /// Images float32 [B, H, W, C] in [0, 1] from final latents [B, ...] by the bundle's decoder:
+  /// the pixels rule, or the vae_decoder graph on ONNX Runtime (CUDA for the cuda and tensorrt
+  /// backends in a CUDA build, else the CPU).  Throws rstr::InputError when the bundle has none.
+  Tensor decode(const Tensor& latents);
+
   Backend backend() const { return backend_; }
   const Manifest& manifest() const { return manifest_; }
 
-  /// Internal interface implemented by each backend (see src/executor.hpp).
+  /// Internal interfaces implemented by each backend (see src/executor.hpp).
   class Executor;
+  class GraphSession;
 
  private:
   Backend backend_;
   Manifest manifest_;
   std::unique_ptr<Executor> executor_;
+  std::unique_ptr<GraphSession> decoder_;  // DecoderKind::Vae only
 };
 
 /// Checks `noise` and `cond` against the manifest and builds the 2B-row pair
