@@ -71,7 +71,7 @@ def write_report(root: Path, manifest: dict, family: Family, schedule: GuidanceS
         lines += [
             "",
             f"## Speed (end to end, batch {manifest['batch']}, median of {sp['reps']} interleaved runs, "
-            f"{sp['threads']} threads each, this machine)",
+            f"{sp['threads']} thread{'s' * (sp['threads'] != 1)} each, this machine)",
             "",
             f"- {sp['baseline']}: {sp['seconds']['pytorch_constant_cfg'] * 1e3:.1f} ms",
             f"- this bundle on ONNX Runtime CPU: {sp['seconds']['bundle'] * 1e3:.1f} ms",
