@@ -184,7 +184,8 @@ def build(
     if s.get("speed"):
         sp = s["speed"]
         table.add_row(
-            "speedup vs PyTorch constant CFG", f"{sp['speedup']:.2f}x (end to end, {sp['threads']} thread{'s' * (sp['threads'] != 1)}, this machine)"
+            "speedup vs PyTorch constant CFG",
+            f"{sp['speedup']:.2f}x (end to end, {sp['threads']} thread{'s' * (sp['threads'] != 1)}, this machine)",
         )
     console.print(table)
     console.print(f"report: {result.out / 'report.md'}")
