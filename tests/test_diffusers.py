@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_parity import _LatentTap, _tiny_vae, assert_close
-from tiny import text_conditioning, tiny_dit, tiny_flux, tiny_pixart, tiny_qwenimage
+from tiny import stock_call, stock_pipeline, text_conditioning, tiny_dit, tiny_flux, tiny_pixart, tiny_qwenimage
 
 import rstr.diffusers as rd
 from rstr.errors import RstrError, ScheduleError
@@ -112,84 +112,19 @@ def test_dit_reference_budget_50_schedule_equals_rstr_sampler():
 
 
 # ------------------------------------------------------------------ text pipelines, classic
-def pixart_call(pipe, family, cond, uncond, **kw):
-    return pipe(
-        negative_prompt=None,
-        prompt_embeds=cond["encoder_hidden_states"],
-        prompt_attention_mask=cond["encoder_attention_mask"],
-        negative_prompt_embeds=uncond["encoder_hidden_states"],
-        negative_prompt_attention_mask=uncond["encoder_attention_mask"],
-        output_type="latent",
-        use_resolution_binning=False,
-        height=8,
-        width=8,
-        **kw,
-    ).images
-
-
-def flux_call(pipe, family, cond, uncond, **kw):
-    negative = (
-        {}
-        if uncond is None
-        else {
-            "negative_prompt_embeds": uncond["encoder_hidden_states"],
-            "negative_pooled_prompt_embeds": uncond["pooled_projections"],
-        }
-    )
-    size = family.latent_size * 8
-    return pipe(
-        prompt_embeds=cond["encoder_hidden_states"],
-        pooled_prompt_embeds=cond["pooled_projections"],
-        **negative,
-        guidance_scale=3.5,
-        height=size,
-        width=size,
-        output_type="latent",
-        **kw,
-    ).images
-
-
-def qwen_call(pipe, family, cond, uncond, **kw):
-    size = family.latent_size * 8
-    return pipe(
-        prompt_embeds=cond["encoder_hidden_states"],
-        prompt_embeds_mask=cond["encoder_hidden_states_mask"],
-        negative_prompt_embeds=uncond["encoder_hidden_states"],
-        negative_prompt_embeds_mask=uncond["encoder_hidden_states_mask"],
-        height=size,
-        width=size,
-        output_type="latent",
-        **kw,
-    ).images
+def latents_call(pipe, family, cond, uncond, **kw):
+    return stock_call(pipe, family, cond, uncond, output_type="latent", **kw)
 
 
 def text_pipeline(kind: str):
     """(family, stock pipeline around its transformer, call) for one text-to-image family."""
-    from diffusers import FluxPipeline, PixArtAlphaPipeline, QwenImagePipeline
-
     if kind == "pixart":
-        family = tiny_pixart()
-        pipe = PixArtAlphaPipeline(
-            tokenizer=None, text_encoder=None, vae=_tiny_vae(), transformer=family.transformer, scheduler=family.fresh_scheduler()
-        )
-        return family, pipe, pixart_call
-    if kind.startswith("flux"):
-        family = tiny_flux(guidance_embeds=kind == "flux-guidance")
-        pipe = FluxPipeline(
-            scheduler=family.fresh_scheduler(),
-            vae=None,
-            text_encoder=None,
-            tokenizer=None,
-            text_encoder_2=None,
-            tokenizer_2=None,
-            transformer=family.transformer,
-        )
-        return family, pipe, flux_call
-    family = tiny_qwenimage()
-    pipe = QwenImagePipeline(
-        scheduler=family.fresh_scheduler(), vae=None, text_encoder=None, tokenizer=None, transformer=family.transformer
-    )
-    return family, pipe, qwen_call
+        family, vae = tiny_pixart(), _tiny_vae()
+    elif kind.startswith("flux"):
+        family, vae = tiny_flux(guidance_embeds=kind == "flux-guidance"), None
+    else:
+        family, vae = tiny_qwenimage(), None
+    return family, stock_pipeline(family, vae), latents_call
 
 
 @pytest.mark.parametrize("kind", ["pixart", "flux", "flux-guidance", "qwenimage"])

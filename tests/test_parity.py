@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import text_conditioning, tiny_dit, tiny_flux, tiny_pixart, tiny_qwenimage
+from tiny import stock_call, stock_pipeline, text_conditioning, tiny_dit, tiny_flux, tiny_pixart, tiny_qwenimage
 
 from rstr.sampler import sample
 from rstr.schedule import GuidanceSchedule
@@ -54,34 +54,11 @@ def test_dit_matches_dit_pipeline():
 
 def stock_pixart_latents(family, cond, uncond=None, *, scale: float, steps: int = STEPS, scheduler=None) -> torch.Tensor:
     """``PixArtAlphaPipeline``'s latents from embeddings (no text encoder, a tiny VAE, 8x8) and generator seed 0."""
-    from diffusers import PixArtAlphaPipeline
-
-    pipe = PixArtAlphaPipeline(
-        tokenizer=None,
-        text_encoder=None,
-        vae=_tiny_vae(),
-        transformer=family.transformer,
-        scheduler=scheduler or family.fresh_scheduler(),
+    pipe = stock_pipeline(family, _tiny_vae(), scheduler)
+    g = torch.Generator().manual_seed(0)
+    return stock_call(
+        pipe, family, cond, uncond, guidance_scale=scale, num_inference_steps=steps, generator=g, output_type="latent"
     )
-    negative = {}
-    if uncond is not None:
-        negative = {
-            "negative_prompt_embeds": uncond["encoder_hidden_states"],
-            "negative_prompt_attention_mask": uncond["encoder_attention_mask"],
-        }
-    return pipe(
-        negative_prompt=None,
-        prompt_embeds=cond["encoder_hidden_states"],
-        prompt_attention_mask=cond["encoder_attention_mask"],
-        **negative,
-        guidance_scale=scale,
-        num_inference_steps=steps,
-        generator=torch.Generator().manual_seed(0),
-        output_type="latent",
-        use_resolution_binning=False,
-        height=8,
-        width=8,
-    ).images
 
 
 def test_pixart_matches_pixart_pipeline():

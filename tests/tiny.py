@@ -253,3 +253,44 @@ def tiny_clip(path) -> None:
     torch.manual_seed(0)
     config = transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)
     transformers.CLIPModel(config).save_pretrained(path)
+
+
+def stock_pipeline(family, vae=None, scheduler=None):
+    """The stock diffusers pipeline around ``family``'s transformer, without text encoders (embeddings in)."""
+    import diffusers
+
+    parts = dict(transformer=family.transformer, vae=vae, scheduler=scheduler or family.fresh_scheduler())
+    if family.name == "dit":
+        return diffusers.DiTPipeline(**parts)
+    if family.name == "pixart":
+        return diffusers.PixArtAlphaPipeline(tokenizer=None, text_encoder=None, **parts)
+    if family.name == "flux":
+        return diffusers.FluxPipeline(text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, **parts)
+    return diffusers.QwenImagePipeline(text_encoder=None, tokenizer=None, **parts)
+
+
+STOCK_ARGUMENTS = {  # a text pipeline's argument for each conditioning input; its negative is "negative_" + it
+    "pixart": {"encoder_hidden_states": "prompt_embeds", "encoder_attention_mask": "prompt_attention_mask"},
+    "flux": {"encoder_hidden_states": "prompt_embeds", "pooled_projections": "pooled_prompt_embeds"},
+    "qwenimage": {"encoder_hidden_states": "prompt_embeds", "encoder_hidden_states_mask": "prompt_embeds_mask"},
+}
+
+
+def stock_call(pipe, family, cond: dict, uncond: dict | None = None, **kw):
+    """``pipe(...).images`` for conditioning given as class labels or embeddings, negatives from ``uncond``.
+
+    ``kw`` is the rest of the call (scales, steps, generator, output type); text pipelines get the
+    size of the family's latents and PixArt-alpha no resolution binning.
+    """
+    if family.name == "dit":
+        return pipe(class_labels=cond["class_labels"].tolist(), **kw).images
+    args = {arg: cond[name] for name, arg in STOCK_ARGUMENTS[family.name].items()}
+    if uncond is not None:
+        args |= {f"negative_{arg}": uncond[name] for name, arg in STOCK_ARGUMENTS[family.name].items()}
+    if family.name == "pixart":
+        args |= dict(negative_prompt=None, use_resolution_binning=False)
+        side = family.sample_shape(1)[-1]
+    else:
+        side = family.latent_size
+    size = side * pipe.vae_scale_factor
+    return pipe(**args, height=size, width=size, **kw).images
