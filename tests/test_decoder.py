@@ -19,7 +19,17 @@ from PIL import Image
 from rstr.engines.bundle import Bundle
 from rstr.engines.pipeline import Pipeline
 from rstr.export.build import BuildOptions, build
-from tiny import save_model, text_conditioning, tiny_dit, tiny_flux, tiny_pixart, tiny_qwenimage, tiny_vae
+from tiny import (
+    save_model,
+    stock_call,
+    stock_pipeline,
+    text_conditioning,
+    tiny_dit,
+    tiny_flux,
+    tiny_pixart,
+    tiny_qwenimage,
+    tiny_vae,
+)
 
 from rstr.errors import BundleError, ModelError
 from rstr.schedule import GuidanceSchedule
@@ -48,62 +58,10 @@ def _inputs(family):
 
 def stock_images(family, vae, cond, uncond) -> np.ndarray:
     """The stock diffusers pipeline's images ``[B, H, W, 3]`` from seed 0 (its own noise draw)."""
-    import diffusers
-
+    scale = {"guidance_scale": SCALE} if family.name in ("dit", "pixart") else {"true_cfg_scale": SCALE}
     g = torch.Generator().manual_seed(0)
-    common = dict(num_inference_steps=STEPS, generator=g, output_type="np")
-    transformer, scheduler = family.transformer, family.fresh_scheduler()
-    if family.name == "dit":
-        pipe = diffusers.DiTPipeline(transformer=transformer, vae=vae, scheduler=scheduler)
-        return pipe(class_labels=cond["class_labels"].tolist(), guidance_scale=SCALE, **common).images
-    size = family.image_shape()[0]
-    if family.name == "pixart":
-        pipe = diffusers.PixArtAlphaPipeline(
-            tokenizer=None, text_encoder=None, vae=vae, transformer=transformer, scheduler=scheduler
-        )
-        return pipe(
-            negative_prompt=None,
-            prompt_embeds=cond["encoder_hidden_states"],
-            prompt_attention_mask=cond["encoder_attention_mask"],
-            negative_prompt_embeds=uncond["encoder_hidden_states"],
-            negative_prompt_attention_mask=uncond["encoder_attention_mask"],
-            guidance_scale=SCALE,
-            use_resolution_binning=False,
-            height=size,
-            width=size,
-            **common,
-        ).images
-    if family.name == "flux":
-        pipe = diffusers.FluxPipeline(
-            scheduler=scheduler,
-            vae=vae,
-            text_encoder=None,
-            tokenizer=None,
-            text_encoder_2=None,
-            tokenizer_2=None,
-            transformer=transformer,
-        )
-        return pipe(
-            prompt_embeds=cond["encoder_hidden_states"],
-            pooled_prompt_embeds=cond["pooled_projections"],
-            negative_prompt_embeds=uncond["encoder_hidden_states"],
-            negative_pooled_prompt_embeds=uncond["pooled_projections"],
-            true_cfg_scale=SCALE,
-            height=size,
-            width=size,
-            **common,
-        ).images
-    pipe = diffusers.QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None, transformer=transformer)
-    return pipe(
-        prompt_embeds=cond["encoder_hidden_states"],
-        prompt_embeds_mask=cond["encoder_hidden_states_mask"],
-        negative_prompt_embeds=uncond["encoder_hidden_states"],
-        negative_prompt_embeds_mask=uncond["encoder_hidden_states_mask"],
-        true_cfg_scale=SCALE,
-        height=size,
-        width=size,
-        **common,
-    ).images
+    pipe = stock_pipeline(family, vae)
+    return stock_call(pipe, family, cond, uncond, num_inference_steps=STEPS, generator=g, output_type="np", **scale)
 
 
 def test_bundle_images_equal_the_stock_pipeline(built):
@@ -142,12 +100,11 @@ def test_run_writes_png_of_the_decoded_images(built, tmp_path):
         assert image.size == (B * w, h) and image.mode == ("RGB" if c == 3 else "L")
 
 
+@pytest.mark.parametrize("built", ["dit"], indirect=True)  # one family suffices: the reader is generic
 def test_decoder_graph_missing_or_tampered_is_refused(built, tmp_path):
     import shutil
 
-    family, _, bundle = built
-    if family.name != "dit":
-        pytest.skip("one family suffices")
+    _, _, bundle = built
     tampered = tmp_path / "tampered"
     shutil.copytree(bundle, tampered)
     data = bytearray((tampered / "vae_decoder.onnx").read_bytes())
@@ -183,3 +140,21 @@ def test_broken_vae_config_is_one_line_and_writes_nothing(tmp_path):
         from rstr.families import load_model
 
         load_model(model)
+
+
+def test_half_precision_build_checks_its_decoder_against_an_fp32_vae(tmp_path):
+    """An fp16 build's reference decodes with an fp32 copy of the VAE on the CPU (PyTorch's half-precision CPU
+    convolutions are ~200x slower); the model's own VAE stays fp16 and the decoder graph passes fp16's tolerance."""
+    from rstr.export.verify import TOLERANCE, _fp32_vae_on_cpu
+
+    family = tiny_dit(num_classes=10)
+    model = save_model(family, tmp_path / "model", vae=tiny_vae(family))
+    GuidanceSchedule.constant(SCALE, STEPS, family="dit", sampler=family.sampler).save(tmp_path / "s.json")
+    build(BuildOptions(model=model, schedule=tmp_path / "s.json", out=tmp_path / "b", batch=B, dtype="fp16", measure=False))
+    manifest = Bundle.open(tmp_path / "b").manifest
+    assert manifest.dtype == "fp16" and 0 < manifest.verification.graphs["vae_decoder"] <= TOLERANCE["fp16"]
+
+    vae = family.vae = tiny_vae(family).half()
+    with _fp32_vae_on_cpu(family):
+        assert next(family.vae.parameters()).dtype == torch.float32 and family.vae is not vae
+    assert family.vae is vae and next(vae.parameters()).dtype == torch.float16
