@@ -307,7 +307,8 @@ def export_denoiser(family: Family, path: Path, dtype: str = "fp32", batch: int 
     specs = family.graph_inputs()
     module = Denoiser(family).eval()
     original = family.dtype
-    family.transformer.to(target)
+    if original != target:  # diffusers warns on every .to(dtype), even a no-op one
+        family.transformer.to(target)
     try:
         args = tuple(_example(s, 2 * max(batch, 1)) for s in specs)
         names = [s.name for s in specs]
@@ -322,7 +323,8 @@ def export_denoiser(family: Family, path: Path, dtype: str = "fp32", batch: int 
                 family.export_dynamo,
             )
     finally:
-        family.transformer.to(original)
+        if original != target:
+            family.transformer.to(original)
 
 
 def export_steps(family: Family, directory: Path, batch: int = 1, history: int = 0) -> None:
