@@ -16,9 +16,10 @@ Memory: the dynamo exporter writes the weights as external data from the start (
 the model's own tensors to ``<graph>.onnx.data``; serialising them into one protobuf would
 hold them twice more), and such a graph is cleaned on its structure alone: the weights are
 never loaded into protobuf or numpy, and only constants that do not depend on them are
-folded.  The cleaned graph's weights are copied, in file chunks, to ``<graph>.onnx.data``
-beside it.  A graph whose weights stay under 2 GB is loaded whole instead and saved as one
-file (as the TorchScript exporter writes it), which the precision conversion needs.
+folded (ONNX Runtime and TensorRT fold the rest when they load the graph).  The cleaned graph's
+weights are copied, in file chunks, to ``<graph>.onnx.data`` beside it, whatever their size:
+loading a 0.5 GB graph whole to fold it with polygraphy peaked at 10x its weights (DiT-B/2,
+docs/benchmarks.md, "Size ladder").  A TorchScript export (one file) is folded whole.
 """
 
 from __future__ import annotations
@@ -170,8 +171,9 @@ def export_graph(
 def clean(src: Path, dst: Path | None = None) -> None:
     """Fold constants (polygraphy / graphsurgeon), drop dead nodes, save to ``dst`` (default: in place).
 
-    A graph whose external weights pass 2 GB is cleaned on its structure alone (:func:`_clean_structure`)
-    and its weights copied in chunks; a smaller one is loaded whole, folded and saved in one file.
+    A graph with external weights (the dynamo exporter's) is cleaned on its structure alone
+    (:func:`_clean_structure`) and its weights copied in chunks to ``<dst>.onnx.data``; a graph in
+    one file (TorchScript's) is folded whole and saved in one file unless its weights pass 2 GB.
     """
     from polygraphy.backend.onnx import fold_constants
 
@@ -181,8 +183,7 @@ def clean(src: Path, dst: Path | None = None) -> None:
         v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
         for v in [*model.graph.input, *model.graph.output]
     }
-    external = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
-    if external and _external_bytes(external, src.parent) >= EXTERNAL_DATA_BYTES:
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
         with _quiet_exporters():
             model = _clean_structure(model)
         _restore_io_shapes(model, declared)
@@ -190,8 +191,6 @@ def clean(src: Path, dst: Path | None = None) -> None:
         _gather_external_data(model, src.parent, dst)
         onnx.save_model(model, str(dst))
         return
-    if external:
-        model = onnx.load(str(src))  # small enough to hold whole: one file, as the TorchScript exporter's
     import onnx_graphsurgeon as gs
 
     with _quiet_exporters():
@@ -206,17 +205,6 @@ def clean(src: Path, dst: Path | None = None) -> None:
         onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True, location=dst.name + ".data")
     else:
         onnx.save_model(model, str(dst))
-
-
-def _external_bytes(tensors: list[onnx.TensorProto], src_dir: Path) -> int:
-    """Bytes of the external data of ``tensors`` (files under ``src_dir``)."""
-    from onnx.external_data_helper import ExternalDataInfo
-
-    total = 0
-    for tensor in tensors:
-        info = ExternalDataInfo(tensor)
-        total += info.length if info.length is not None else (src_dir / info.location).stat().st_size - (info.offset or 0)
-    return total
 
 
 def _clean_structure(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -47,7 +47,7 @@ from rstr.seeds import GATE_SEEDS
 
 log = logging.getLogger("rstr")
 SPEED_REPS = 10
-EXTERNAL_DATA_LIMIT = 2**31  # graphs past 2 GB keep their weights outside the .onnx; not converted yet
+EXTERNAL_DATA_LIMIT = 2**31  # the converted graph is written as one file, which protobuf caps at 2 GB
 
 
 @dataclass
@@ -111,8 +111,9 @@ def choose_precision(
             candidate=tried,
         )
     src = bundle.graph_path("denoiser")
-    if src.stat().st_size >= EXTERNAL_DATA_LIMIT or (src.parent / (src.name + ".data")).exists():
-        raise RstrError(f"--precision {tried}: converting a denoiser past 2 GB (external data) is not supported yet; use fp32")
+    data = src.parent / (src.name + ".data")  # the dynamo exporter's external weights
+    if src.stat().st_size + (data.stat().st_size if data.exists() else 0) >= EXTERNAL_DATA_LIMIT:
+        raise RstrError(f"--precision {tried}: converting a denoiser past 2 GB is not supported yet; use fp32")
 
     workdir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="rstr-precision-", dir=workdir) as tmp:
@@ -136,7 +137,8 @@ def choose_precision(
         record.gate.decision = why
         record.shipped = tried if ship else "fp32"
         if ship:
-            shutil.copyfile(reduced, src)
+            shutil.copyfile(reduced, src)  # one file: the fp32 weights beside it go
+            data.unlink(missing_ok=True)
     log.info(f"precision gate: {record.gate.decision}")
     return record
 
