@@ -562,6 +562,16 @@ def plots(results: dict, directory: Path, rel: str) -> dict[str, str]:
     return out
 
 
+def with_ladder(text: str, ladder: Path) -> str:
+    """The report with the size ladder (``tools/size_ladder.py --markdown docs/bench/ladder.md``, its own run) before
+    "How it is measured", when it has been run."""
+    if not ladder.is_file():
+        return text
+    section = "## Size ladder: what a build costs (export memory)\n\n" + ladder.read_text().strip() + "\n\n"
+    head, sep, tail = text.partition("## How it is measured")
+    return head + section + sep + tail
+
+
 def write_report(results: dict, out: Path) -> list[Path]:
     order = list(MODELS)
     results = dict(
@@ -577,7 +587,7 @@ def write_report(results: dict, out: Path) -> list[Path]:
     tmp = json_path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(results, indent=1, default=str))
     tmp.replace(json_path)
-    text = markdown(results, made)
+    text = with_ladder(markdown(results, made), directory / "ladder.md")
     tmp = out.with_suffix(out.suffix + ".tmp")
     tmp.write_text(text)
     tmp.replace(out)
