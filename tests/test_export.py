@@ -54,6 +54,20 @@ def test_text_families_export_and_verify(tmp_path, name):
     assert result.manifest.conditioning.unconditional == {s.name: "required" for s in family.cond_specs()}
 
 
+def test_large_model_without_a_quality_measure_builds_with_measure_on(tmp_path, monkeypatch):
+    """A model past LARGE_MODEL_BYTES has its PyTorch weights freed after verification when nothing runs it after;
+    the default build (measure on) must then not touch them (DiT-XL/2 in fp32 failed so, in the size ladder)."""
+    from rstr.export import build as build_module
+
+    monkeypatch.setattr(build_module, "LARGE_MODEL_BYTES", 0)
+    family = MAKERS["dit"]()
+    model = save_model(family, tmp_path / "model")
+    result = build(BuildOptions(model=model, schedule=sparse_schedule(family, tmp_path / "s.json"), out=tmp_path / "b"))
+    assert result.verification.max_rel_error <= 1e-4
+    summary = Bundle.open(tmp_path / "b").manifest.summary
+    assert summary["quality"] is None and summary["speed"] is None
+
+
 @pytest.mark.parametrize("name", ["dit", "pixart"])  # the dynamo and the TorchScript exporter
 def test_weights_past_the_limit_go_to_external_data(tmp_path, monkeypatch, name):
     """The dynamo exporter's graphs always keep their weights as external data (cleaning never loads them);
