@@ -211,7 +211,7 @@ def check_bundle(bundle: Bundle, ref: Reference, *, raise_on_failure: bool = Tru
         from rstr.export.precision import cpu_checkable
 
         checked = cpu_checkable(bundle, Path(tmp))  # a bf16 graph runs emulated: ONNX Runtime CPU has no bf16 kernels
-        with OnnxRuntimeRunner(checked, device="cpu") as runner:
+        with OnnxRuntimeRunner(checked, device="cpu", prepack=False) as runner:  # one run: no packed weight copies
             got = runner.infer(ref.noise, ref.cond, ref.uncond, trace=trace)
         backend = runner.backend + (" (bf16 emulated)" if checked is not bundle else "")
     per_step = [rel(x, y) for x, y in zip(trace, ref.trace)]
@@ -240,7 +240,7 @@ def check_bundle(bundle: Bundle, ref: Reference, *, raise_on_failure: bool = Tru
 
 def run_graph(bundle: Bundle, graph: str, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
     """One bundle graph on ONNX Runtime (CPU) on whole arrays; the session is closed on return."""
-    session = open_session(bundle, graph, "cpu")
+    session = open_session(bundle, graph, "cpu", prepack=False)
     return session.run(None, inputs)
 
 
