@@ -10,6 +10,7 @@ and renamed onto ``out`` only when verified and complete.
 
 from __future__ import annotations
 
+import gc
 import logging
 import shutil
 from collections.abc import Callable
@@ -151,6 +152,8 @@ def move_weights(family: Family, device: str) -> None:
     for module in (family.transformer, family.vae, *(e.model for e in family.text_encoders)):
         if module is not None:
             module.to(device)
+    if device == "meta":  # the exporter's programs hold the weights in reference cycles: collect them now
+        gc.collect()
 
 
 def torch_runs_after_verification(family: Family, opts: BuildOptions) -> bool:
