@@ -5,14 +5,14 @@ For each size (DiT-S/2, DiT-B/2, DiT-L/2, DiT-XL/2 shapes, random weights, with 
 ``AutoencoderKL``) and each dtype, ``rstr-export build`` runs alone in a child process under
 ``/usr/bin/time -v`` (its peak RSS, not the parent's), then ``rstr-export run`` writes an image
 from the bundle.  The table records peak RSS, export seconds and bundle bytes against the weight
-bytes in the export dtype; a least-squares line ``peak = a * weights + b`` per dtype predicts
-the build's memory for FLUX.1 (12 B parameters) and Qwen-Image (20 B)::
+bytes (transformer and VAE) in the export dtype; a least-squares line ``peak = a * weights + b`` per dtype predicts
+the build's memory for the named models (their transformer, text encoders and VAE)::
 
     python tools/size_ladder.py --sizes S,B --dtypes fp32,fp16 --work /tmp/ladder      # a check
     python tools/size_ladder.py --sizes S,B,XL --dtypes fp32,fp16 --markdown ladder.md  # the ladder
 
 Run it on a quiet machine: every build is timed and measured alone.  The memory target of the
-export (docs/benchmarks.md) is ``1.5 x weights + 2 GiB``.
+export (docs/benchmarks.md) is ``1.5 x weights + 2 GB``.
 """
 
 from __future__ import annotations
@@ -44,9 +44,14 @@ SD_VAE = dict(  # the AutoencoderKL of DiT and Stable Diffusion (sd-vae-ft-ema),
     sample_size=256,
     scaling_factor=0.18215,
 )
-PREDICT = {"FLUX.1 (12 B)": 12e9, "Qwen-Image (20 B)": 20e9}
+PREDICT = {  # parameters a build loads (README, "Memory"): transformer + text encoders + VAE
+    "DiT-XL/2 + SD VAE": 0.68e9 + 0.08e9,
+    "PixArt-alpha XL/2 + T5-XXL + SD VAE": 0.61e9 + 4.8e9 + 0.08e9,
+    "FLUX.1 + T5-XXL + CLIP-L + VAE": 11.9e9 + 4.8e9 + 0.12e9 + 0.08e9,
+    "Qwen-Image + VAE": 20.4e9 + 0.13e9,
+}
 BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
-GIB = 1 << 30
+GB = 10**9  # decimal, as the README's memory table
 
 
 def make_pipeline(out: Path, size: str, seed: int = 0) -> Path:
@@ -89,15 +94,23 @@ def write_schedule(path: Path, steps: int = 4) -> Path:
 
 
 def timed(cmd: list[str]) -> dict:
-    """Run ``cmd`` under ``/usr/bin/time -v``: its peak RSS (bytes), wall seconds and exit status."""
+    """Run ``cmd`` under ``/usr/bin/time -v``: its peak RSS (bytes), wall seconds, exit status and, if it failed, why.
+
+    A failed command (killed for memory, say) is a result of the ladder, not an end to it: its peak
+    RSS is still what ``time`` saw.
+    """
     t0 = time.perf_counter()
     proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
     seconds = time.perf_counter() - t0
     found = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
-    if proc.returncode != 0 or found is None:
-        tail = "\n".join(proc.stderr.strip().splitlines()[-25:])
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{tail}")
-    return {"peak_rss": int(found.group(1)) * 1024, "seconds": seconds}
+    status = re.search(r"Exit status: (\d+)", proc.stderr)
+    signal = re.search(r"Command terminated by signal (\d+)", proc.stderr)
+    record = {"peak_rss": int(found.group(1)) * 1024 if found else 0, "seconds": seconds, "returncode": proc.returncode}
+    if proc.returncode != 0 or status is None:
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith(("\t", "Command "))]
+        record["error"] = f"signal {signal.group(1)}" if signal else (lines[-1] if lines else f"exit {proc.returncode}")
+        print(f"  {' '.join(cmd[:4])} ... failed: {record['error']}", flush=True)
+    return record
 
 
 def rung(model: Path, schedule: Path, dtype: str, work: Path) -> dict:
@@ -107,38 +120,33 @@ def rung(model: Path, schedule: Path, dtype: str, work: Path) -> dict:
     build = timed(
         [*exe, "build", "--model", str(model), "--schedule", str(schedule), "--dtype", dtype, "--out", str(bundle), "--force"]
     )
-    image = work / f"{model.name}-{dtype}.png"
-    run = timed([*exe, "run", str(bundle), "--class", "207", "--backend", "onnxruntime-cpu", "--out", str(image)])
-    manifest = json.loads((bundle / "manifest.json").read_text())
     params = json.loads((model / "transformer" / "config.json").read_text())
-    return {
-        "model": model.name,
-        "dtype": dtype,
-        "weight_bytes": _transformer_bytes(model, dtype),
-        "build": build,
-        "run": run,
-        "bundle_bytes": sum(f["bytes"] for f in manifest["files"].values()),
-        "max_rel_error": manifest["verification"]["max_rel_error"],
-        "layers": params["num_layers"],
-        "image": str(image),
-    }
+    row = {"model": model.name, "dtype": dtype, "weight_bytes": _weight_bytes(model, dtype), "build": build}
+    row["layers"] = params["num_layers"]
+    if "error" in build:
+        return row
+    image = work / f"{model.name}-{dtype}.png"
+    row["run"] = timed([*exe, "run", str(bundle), "--class", "207", "--backend", "onnxruntime-cpu", "--out", str(image)])
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    row["bundle_bytes"] = sum(f["bytes"] for f in manifest["files"].values())
+    row["max_rel_error"] = manifest["verification"]["max_rel_error"]
+    row["image"] = str(image)
+    return row
 
 
-def _transformer_bytes(model: Path, dtype: str) -> int:
-    """Parameters of the transformer (from its safetensors header) times the bytes of ``dtype``."""
+def _weight_bytes(model: Path, dtype: str) -> int:
+    """Parameters of every weight file the build loads (transformer and VAE, from their safetensors
+    headers) times the bytes of ``dtype``: the memory target counts all the weights, not the transformer's alone."""
     from safetensors import safe_open
 
-    from rstr.families.weights import weight_files
-
-    files = weight_files(model / "transformer", "diffusion_pytorch_model")
     n = 0
-    for name, path in files.items():
+    for path in sorted(model.glob("*/*.safetensors")):
         with safe_open(path, "pt") as fh:
-            shape = fh.get_slice(name).get_shape()
-        count = 1
-        for d in shape:
-            count *= d
-        n += count
+            for name in fh.keys():
+                count = 1
+                for d in fh.get_slice(name).get_shape():
+                    count *= d
+                n += count
     return n * BYTES[dtype]
 
 
@@ -148,7 +156,7 @@ def fit(rows: list[dict]) -> dict[str, dict]:
 
     out = {}
     for dtype in sorted({r["dtype"] for r in rows}):
-        pts = [(r["weight_bytes"], r["build"]["peak_rss"]) for r in rows if r["dtype"] == dtype]
+        pts = [(r["weight_bytes"], r["build"]["peak_rss"]) for r in rows if r["dtype"] == dtype and "error" not in r["build"]]
         if len(pts) < 2:
             continue
         x, y = np.array(pts, dtype=float).T
@@ -157,30 +165,38 @@ def fit(rows: list[dict]) -> dict[str, dict]:
             "slope": float(a),
             "intercept_bytes": float(b),
             "predict": {name: float(a * n * BYTES[dtype] + b) for name, n in PREDICT.items()},
-            "target": {name: 1.5 * n * BYTES[dtype] + 2 * GIB for name, n in PREDICT.items()},
+            "target": {name: 1.5 * n * BYTES[dtype] + 2 * GB for name, n in PREDICT.items()},
         }
     return out
 
 
 def markdown(rows: list[dict], lines: dict[str, dict]) -> str:
     """The ladder as a markdown table, the fitted lines and their predictions."""
-    gib = lambda b: f"{b / GIB:.2f}"  # noqa: E731
+    gb = lambda b: f"{b / GB:.2f}"  # noqa: E731
     out = [
-        "| model | dtype | weights GiB | build peak RSS GiB | target GiB (1.5 x weights + 2) | build s | bundle GiB "
-        "| image run peak RSS GiB | image run s | max rel. error |",
+        "| model | dtype | weights GB | build peak RSS GB | target GB (1.5 x weights + 2) | build s | bundle GB "
+        "| image run peak RSS GB | image run s | max rel. error |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        target = 1.5 * r["weight_bytes"] + 2 * GIB
+        target = 1.5 * r["weight_bytes"] + 2 * GB
+        if "error" in r["build"]:
+            out.append(
+                f"| {r['model']} | {r['dtype']} | {gb(r['weight_bytes'])} | {gb(r['build']['peak_rss'])} (failed: "
+                f"{r['build']['error']}) | {gb(target)} | {r['build']['seconds']:.0f} | — | — | — | — |"
+            )
+            continue
+        run = r["run"]
+        run_rss = gb(run["peak_rss"]) + (f" (failed: {run['error']})" if "error" in run else "")
         out.append(
-            f"| {r['model']} | {r['dtype']} | {gib(r['weight_bytes'])} | {gib(r['build']['peak_rss'])} | {gib(target)} "
-            f"| {r['build']['seconds']:.0f} | {gib(r['bundle_bytes'])} | {gib(r['run']['peak_rss'])} "
-            f"| {r['run']['seconds']:.0f} | {r['max_rel_error']:.1e} |"
+            f"| {r['model']} | {r['dtype']} | {gb(r['weight_bytes'])} | {gb(r['build']['peak_rss'])} | {gb(target)} "
+            f"| {r['build']['seconds']:.0f} | {gb(r['bundle_bytes'])} | {run_rss} "
+            f"| {run['seconds']:.0f} | {r['max_rel_error']:.1e} |"
         )
     for dtype, line in lines.items():
-        out += ["", f"**{dtype}**: peak RSS = {line['slope']:.2f} x weights + {gib(line['intercept_bytes'])} GiB; predicts"]
+        out += ["", f"**{dtype}**: peak RSS = {line['slope']:.2f} x weights + {gb(line['intercept_bytes'])} GB; predicts"]
         for name, pred in line["predict"].items():
-            out.append(f"- {name}: {gib(pred)} GiB (target {gib(line['target'][name])} GiB)")
+            out.append(f"- {name}: {gb(pred)} GB (target {gb(line['target'][name])} GB)")
     return "\n".join(out) + "\n"
 
 
@@ -207,13 +223,21 @@ def main() -> None:
             print(f"building DiT-{size}/2 in {dtype} ...", flush=True)
             rows.append(rung(model, schedule, dtype, args.work))
             r = rows[-1]
+            if args.json:  # after every rung: a later one killed for memory loses nothing
+                args.json.write_text(json.dumps({"rows": rows}, indent=2) + "\n")
+            if "error" in r["build"]:
+                continue
             print(
-                f"  peak RSS {r['build']['peak_rss'] / GIB:.2f} GiB for {r['weight_bytes'] / GIB:.2f} GiB of weights, "
-                f"{r['build']['seconds']:.0f} s, bundle {r['bundle_bytes'] / GIB:.2f} GiB, image {r['image']}",
+                f"  peak RSS {r['build']['peak_rss'] / GB:.2f} GB for {r['weight_bytes'] / GB:.2f} GB of weights, "
+                f"{r['build']['seconds']:.0f} s, bundle {r['bundle_bytes'] / GB:.2f} GB, image {r.get('image')}",
                 flush=True,
             )
     lines = fit(rows)
     text = markdown(rows, lines)
+    text = (
+        f"Written by `python tools/size_ladder.py {' '.join(sys.argv[1:])}` on {time.strftime('%Y-%m-%d %H:%M')} "
+        f"({os.cpu_count()} CPUs); each build alone in a child process under `/usr/bin/time -v`.\n\n" + text
+    )
     print(text)
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "fits": lines}, indent=2) + "\n")
