@@ -202,9 +202,15 @@ def clean(src: Path, dst: Path | None = None) -> None:
     _refuse_float64(model, dst)
     # Sized by its initializers: ModelProto.ByteSize() itself fails on a model past 2 GB.
     if sum(t.ByteSize() for t in model.graph.initializer) >= EXTERNAL_DATA_BYTES:
-        onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True, location=dst.name + ".data")
+        location = external_data_path(dst).name
+        onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True, location=location)
     else:
         onnx.save_model(model, str(dst))
+
+
+def external_data_path(graph: Path) -> Path:
+    """Where a bundle graph's external weights live: ``<graph>.data`` beside it (relative in the graph)."""
+    return graph.with_name(graph.name + ".data")
 
 
 def _clean_structure(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -222,7 +228,7 @@ def _gather_external_data(model: onnx.ModelProto, src_dir: Path, dst: Path) -> N
     """Copy every external tensor of ``model`` (files under ``src_dir``) into ``<dst>.data``, in chunks; repoint them."""
     from onnx.external_data_helper import ExternalDataInfo
 
-    location = dst.name + ".data"
+    location = external_data_path(dst).name
     with open(dst.parent / location, "wb") as out:
         for tensor in model.graph.initializer:
             if tensor.data_location != onnx.TensorProto.EXTERNAL:

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from rstr.engines.bundle import Bundle
 from rstr.export import stages
+from rstr.export.graphs import external_data_path
 from rstr.export.precision import (
     BACKENDS,
     bundle_with_denoiser,
@@ -111,7 +112,7 @@ def choose_precision(
             candidate=tried,
         )
     src = bundle.graph_path("denoiser")
-    data = src.parent / (src.name + ".data")  # the dynamo exporter's external weights
+    data = external_data_path(src)  # the dynamo exporter's external weights
     if src.stat().st_size + (data.stat().st_size if data.exists() else 0) >= EXTERNAL_DATA_LIMIT:
         raise RstrError(f"--precision {tried}: converting a denoiser past 2 GB is not supported yet; use fp32")
 
