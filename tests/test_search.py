@@ -188,8 +188,17 @@ def test_own_timesteps_are_searched_and_ablated(tmp_path):
     result = run(tmp_path / "own", small_config(generations=6))
     assert result.schedule.timesteps is not None  # the synthetic objective rewards moving the first timestep
     labels = [e["label"] for e in result.report["ablations"]]
-    assert labels[0] == "search result on the stock timesteps" and labels[1].endswith("on the result's timesteps")
-    assert all(len(e["held_out"]["groups"]["loss"]) == 3 for e in result.report["ablations"])
+    assert labels[0] == "search result on the stock timesteps"
+    assert all(label.endswith("on the result's timesteps") for label in labels[1:])
+    r = result.report
+    kinds = {b["kind"] for b in r["baselines"] if b["in_budget"]}
+    assert len(labels) == 1 + len(kinds)  # the best baseline of every kind, moved onto the result's grid
+    assert [e["baseline"] for e in r["ablations"]] == [False] + [True] * len(kinds)
+    moved = [e for e in r["ablations"] if e["baseline"]]
+    warp = r["result"]["schedule"].partition("@")[2]
+    assert warp and all(e["schedule"].partition("@")[2] == warp for e in moved)
+    assert r["beats_every_baseline_on_its_timesteps"] == all(e["result_better_on_all_groups"] for e in moved)
+    assert all(len(e["held_out"]["groups"]["loss"]) == 3 for e in r["ablations"])
     stock = run(tmp_path / "stock", small_config(generations=6, own_timesteps=False))
     assert stock.schedule.timesteps is None and stock.report["ablations"] == []
 
