@@ -322,3 +322,21 @@ def test_cli_bad_input(case, tmp_path, capsys, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != "model") == (
         ["s.json"] if case == "family" else ["alloc.json"] if case == "rank" else []
     )
+
+
+@pytest.mark.parametrize("method", ["uniform", "adaptive"])
+def test_layers_that_do_not_reach_the_output_get_no_adapter(method, tmp_path):
+    """Qwen-Image's last block still computes its text stream's output projections, which nothing reads: they get
+    no gradient, so the sensitivity measurement failed; now they get an empty spectrum and rank 0 under both methods."""
+    from rstr.families import load_model
+
+    f = load_model("digits-qwenimage")
+    schedule = GuidanceSchedule.first_k(f.default_scale, 3, 1, family=f.name, sampler=f.sampler, default_steps=3)
+    teacher = GuidanceSchedule.first_k(f.default_scale, 3, 3, family=f.name, sampler=f.sampler, default_steps=3)
+    result = calibrate(f, schedule, tmp_path / "a", preset=TINY, budget=0.05, allocation=method, teacher=teacher, progress=False)
+    rows = {r["name"]: r for r in json.loads((tmp_path / "a" / "allocation.json").read_text())["modules"]}
+    last = max(int(name.split(".")[1]) for name in rows)
+    dead = {f"transformer_blocks.{last}.attn.to_add_out", f"transformer_blocks.{last}.txt_mlp.net.2"}
+    assert all(rows[name]["rank"] == 0 and rows[name]["sensitivity"] == 0 for name in dead)
+    assert all(result.ranks[name] == 0 for name in dead) and result.params > 0
+    assert result.validation_after < result.validation_before

@@ -214,8 +214,9 @@ def _initial_state(
     spectra = measure_sensitivity(family, schedule, pool.take(slice(0, p.probe)), modules, p, settings["seed"])
     if isinstance(allocation, Path):
         ranks = ranks_from_file(allocation, modules)
-    else:
-        ranks = allocate(modules, settings["budget_params"], allocation, spectra)
+    else:  # layers that do not reach the output get no adapter under either method
+        live = [m for m in modules if spectra[m.name]]
+        ranks = {m.name: 0 for m in modules} | allocate(live, settings["budget_params"], allocation, spectra)
     return {
         "settings": settings,
         "iteration": 0,

@@ -37,7 +37,10 @@ FISHER_IMAGES = 4  # images per gradient sample of the sensitivity's Fisher esti
 def measure_sensitivity(
     family: Family, schedule: GuidanceSchedule, data: CalibrationData, modules: Sequence[TargetModule], p: Preset, seed: int
 ) -> dict[str, list[float]]:
-    """Each module's loss drop per added rank: the probe's rank-1 drop, spread over ranks like its Fisher eigenvalues."""
+    """Each module's loss drop per added rank: the probe's rank-1 drop, spread over ranks like its Fisher eigenvalues.
+
+    A module that does not reach the output (no gradient: e.g. the text stream's last projections in
+    a dual-stream block whose text output nothing reads) gets an empty list: no rank buys anything."""
     drops = probe_drops(family, schedule, data, modules, p, seed)
     spectra = gradient_spectra(family, schedule, data, modules)
     return {name: [drops[name] * s / (spectrum[0] or 1.0) for s in spectrum] for name, spectrum in spectra.items()}
@@ -66,7 +69,8 @@ def probe_drops(
 def gradient_spectra(
     family: Family, schedule: GuidanceSchedule, data: CalibrationData, modules: Sequence[TargetModule]
 ) -> dict[str, list[float]]:
-    """Eigenvalues (descending) of each module's ``sum_b G_b G_b^T`` or ``sum_b G_b^T G_b``, the smaller, over image groups."""
+    """Eigenvalues (descending) of each module's ``sum_b G_b G_b^T`` or ``sum_b G_b^T G_b``, the smaller, over image groups;
+    an empty list for a module whose weight gets no gradient."""
     weights = {m.name: family.transformer.get_submodule(m.name).weight for m in modules}
     grams: dict[str, torch.Tensor] = {}
     saved = {name: w.requires_grad for name, w in weights.items()}
@@ -75,11 +79,13 @@ def gradient_spectra(
             w.requires_grad_(True)
         for lo in range(0, len(data), FISHER_IMAGES):
             loss = endpoint_loss(family, schedule, data.take(slice(lo, lo + FISHER_IMAGES)))
-            for name, g in zip(weights, torch.autograd.grad(loss, list(weights.values()))):
+            for name, g in zip(weights, torch.autograd.grad(loss, list(weights.values()), allow_unused=True)):
+                if g is None:
+                    continue
                 g = g.double()
                 gg = g @ g.T if g.shape[0] <= g.shape[1] else g.T @ g  # output side if out <= in, else input side
                 grams[name] = grams[name] + gg if name in grams else gg
     finally:
         for name, w in weights.items():
             w.requires_grad_(saved[name])
-    return {name: torch.linalg.eigvalsh(gg).flip(0).clamp_min(0).tolist() for name, gg in grams.items()}
+    return {name: torch.linalg.eigvalsh(grams[name]).flip(0).clamp_min(0).tolist() if name in grams else [] for name in weights}
