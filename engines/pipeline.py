@@ -194,8 +194,12 @@ class Pipeline:
 
 
 def decode(decoder: Decoder | None, latents: np.ndarray) -> np.ndarray | None:
-    """Images in [0, 1], ``[B, H, W, C]``, for bundles whose latents are pixels; else None."""
+    """Images in [0, 1], ``[B, H, W, C]``, for bundles whose latents are pixels (``[B, C, H, W]``, or 2x2-packed
+    ``[B, H*W/4, 4C]`` as FLUX and Qwen-Image pack them); else None."""
     if decoder is None or decoder.kind != "pixels":
         return None
     lo, hi = decoder.range
+    if latents.ndim == 3:  # packed: token (h, w) holds channels x 2 x 2 pixels
+        b, c, s = len(latents), decoder.channels, decoder.size
+        latents = latents.reshape(b, s // 2, s // 2, c, 2, 2).transpose(0, 3, 1, 4, 2, 5).reshape(b, c, s, s)
     return np.clip((latents - lo) / (hi - lo), 0.0, 1.0).transpose(0, 2, 3, 1)

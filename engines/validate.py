@@ -159,6 +159,13 @@ def _decoder(data: Mapping[str, Any]) -> str | None:
     lo, hi = decoder["range"]
     if not (_finite(lo) and _finite(hi) and lo < hi):
         return "decoder.range must be two finite numbers [lo, hi] with lo < hi"
+    if decoder["kind"] == "pixels":
+        c, s, rest = decoder["channels"], decoder["size"], list(data["sample"]["shape"][1:])
+        if rest != [c, s, s] and not (s % 2 == 0 and rest == [s * s // 4, 4 * c]):
+            return (
+                f"a pixels decoder of {c} x {s} x {s} images needs samples [{c}, {s}, {s}] or, 2x2-packed, "
+                f"[{s * s // 4}, {4 * c}]; sample.shape is {shape_text(data['sample']['shape'])}"
+            )
     return None
 
 

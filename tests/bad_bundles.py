@@ -229,6 +229,11 @@ CASES: dict[str, Case] = {
     "decoder-range-reversed": Case(
         "rules", "decoder.range must be two finite numbers [lo, hi] with lo < hi", _set("decoder", "range", [1.0, -1.0])
     ),
+    "pixels-decoder-shape": Case(
+        "rules",
+        "a pixels decoder of 1 x 6 x 6 images needs samples [1, 6, 6] or, 2x2-packed, [9, 4]; sample.shape is [2, 1, 8, 8]",
+        _set("decoder", "size", 6),
+    ),
     "denoiser-without-timestep": Case(
         "rules",
         "graphs.denoiser.inputs are [class_labels, sample]; the runtime binds [class_labels, sample, timestep]",

@@ -86,3 +86,24 @@ def rstr_run() -> Path:
     if why is not None:
         pytest.skip(why)
     return cpp_build.build()
+
+
+@pytest.fixture(scope="session")
+def packed_pixel_bundle(tmp_path_factory) -> Path:
+    """A bundle of the reference digits-qwenimage (pixel-space, 2x2-packed latents [B, 16, 4]), batch 2, 3 steps
+    with the first guided, and ``cond.npz`` beside it: classes 3 and 7 through the model's class table."""
+    import numpy as np
+    from rstr.export.build import BuildOptions, build
+
+    from rstr.families import load_model
+    from rstr.schedule import GuidanceSchedule
+
+    tmp = tmp_path_factory.mktemp("packed")
+    family = load_model("digits-qwenimage")
+    schedule = GuidanceSchedule.first_k(family.default_scale, 3, 1, family=family.name, sampler=family.sampler, default_steps=3)
+    schedule.save(tmp / "schedule.json")
+    build(BuildOptions(model=family.path, schedule=tmp / "schedule.json", out=tmp / "bundle", measure=False, batch=2))
+    cond, uncond = family.conditioning_for(torch.tensor([3, 7]))
+    arrays = {k: v.numpy() for k, v in cond.items()} | {f"uncond_{k}": v.numpy() for k, v in uncond.items()}
+    np.savez(tmp / "cond.npz", **arrays)
+    return tmp / "bundle"

@@ -371,3 +371,25 @@ def test_vae_decoder_missing_from_graphs_is_refused(rstr_run, vae_bundle, tmp_pa
     np.save(noise, np.zeros((BATCH, 4, 8, 8), np.float32))
     copy = edited_copy(vae_bundle, tmp_path, lambda m, _: m["graphs"].pop("vae_decoder"))
     assert_error(run(rstr_run, copy, "--out", tmp_path / "x.png", "--class", "3", "--noise", noise), "not one of the graphs")
+
+
+def test_packed_pixel_images_match_python(rstr_run, packed_pixel_bundle, tmp_path):
+    """2x2-packed pixel latents (digits-qwenimage) are unpacked by the C++ decoder as by Python's."""
+    from rstr.engines.pipeline import Pipeline
+
+    noise, images = tmp_path / "noise.npy", tmp_path / "images.npy"
+    np.save(noise, np.random.default_rng(0).standard_normal((BATCH, 16, 4), dtype=np.float32))
+    cond = dict(np.load(packed_pixel_bundle.parent / "cond.npz"))
+    uncond = {k.removeprefix("uncond_"): cond.pop(k) for k in list(cond) if k.startswith("uncond_")}
+    args = []
+    for flag, arrays in (("--cond", cond), ("--uncond", uncond)):
+        for name, value in arrays.items():
+            np.save(tmp_path / f"{flag[2:]}-{name}.npy", value)
+            args += [flag, f"{name}={tmp_path / f'{flag[2:]}-{name}.npy'}"]
+    proc = run(rstr_run, packed_pixel_bundle, "--out", tmp_path / "x.png", "--images", images, *args, "--noise", noise)
+    assert proc.returncode == 0, proc.stderr
+    with Pipeline.load(packed_pixel_bundle, backend="onnxruntime-cpu") as pipe:
+        want = pipe(cond, uncond=uncond, noise=np.load(noise)).images
+    got = np.load(images)
+    assert got.shape == want.shape == (BATCH, 8, 8, 1)
+    assert rel(got, want) <= 1e-5

@@ -158,3 +158,18 @@ def test_half_precision_build_checks_its_decoder_against_an_fp32_vae(tmp_path):
     with _fp32_vae_on_cpu(family):
         assert next(family.vae.parameters()).dtype == torch.float32 and family.vae is not vae
     assert family.vae is vae and next(vae.parameters()).dtype == torch.float16
+
+
+def test_packed_pixel_latents_decode_to_the_familys_images(packed_pixel_bundle):
+    """FLUX and Qwen-Image pack 2x2 pixels per token; the runtime unpacks them as the family does (digits-qwenimage)."""
+    from rstr.families import load_model
+
+    family = load_model("digits-qwenimage")
+    cond = dict(np.load(packed_pixel_bundle.parent / "cond.npz"))
+    uncond = {k.removeprefix("uncond_"): cond.pop(k) for k in list(cond) if k.startswith("uncond_")}
+    noise = family.noise(2, torch.Generator().manual_seed(0)).numpy()
+    with Pipeline.load(packed_pixel_bundle, backend="onnxruntime-cpu") as pipe:
+        result = pipe(cond, uncond=uncond, noise=noise)
+    assert result.latents.shape == (2, 16, 4) and result.images.shape == (2, 8, 8, 1)
+    want = (family.to_images(torch.from_numpy(result.latents)).clamp(-1, 1) / 2 + 0.5).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(result.images, want, atol=1e-6)

@@ -280,10 +280,24 @@ Tensor Runner::decode(const Tensor& latents) {
   if (d.kind != DecoderKind::Pixels)
     throw InputError("this bundle has no decoder this runtime implements: it returns latents only (decode them yourself)");
   const auto& s = latents.shape();
-  if (s.size() != 4) throw InputError("a pixels decoder needs latents [B, C, H, W], got " + shape_string(s));
-  const int64_t B = s[0], C = s[1], H = s[2], W = s[3];
+  const bool packed = s.size() == 3;  // 2x2-packed [B, H*W/4, 4C] (FLUX, Qwen-Image): token (h, w) holds C x 2 x 2 pixels
+  if (s.size() != 4 && !packed)
+    throw InputError("a pixels decoder needs latents [B, C, H, W] or [B, H*W/4, 4C], got " + shape_string(s));
+  const int64_t B = s[0], C = packed ? d.channels : s[1], H = packed ? d.size : s[2], W = packed ? d.size : s[3];
+  std::vector<float> unpacked;
+  if (packed) {
+    unpacked.resize(static_cast<size_t>(B * C * H * W));
+    const std::vector<float>& p = latents.f32();
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t h = 0; h < H; ++h)
+          for (int64_t w = 0; w < W; ++w) {
+            const int64_t token = (h / 2) * (W / 2) + w / 2, feature = (c * 2 + h % 2) * 2 + w % 2;
+            unpacked[static_cast<size_t>(((b * C + c) * H + h) * W + w)] = p[static_cast<size_t>((b * (H * W / 4) + token) * 4 * C + feature)];
+          }
+  }
   std::vector<float> out(static_cast<size_t>(B * H * W * C));
-  const std::vector<float>& v = latents.f32();
+  const std::vector<float>& v = packed ? unpacked : latents.f32();
   for (int64_t b = 0; b < B; ++b)
     for (int64_t c = 0; c < C; ++c)
       for (int64_t h = 0; h < H; ++h)

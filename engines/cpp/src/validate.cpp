@@ -154,6 +154,17 @@ Problem decoder_rule(const json& m) {
   const json& range = m.at("decoder").at("range");
   if (!(finite(range[0]) && finite(range[1]) && range[0].get<double>() < range[1].get<double>()))
     return "decoder.range must be two finite numbers [lo, hi] with lo < hi";
+  const json& d = m.at("decoder");
+  if (d.at("kind") == "pixels") {
+    const json& shape = m.at("sample").at("shape");
+    const json rest(shape.begin() + 1, shape.end());
+    const int64_t c = d.at("channels").get<int64_t>(), s = d.at("size").get<int64_t>();
+    if (rest != json::array({c, s, s}) && !(s % 2 == 0 && rest == json::array({s * s / 4, 4 * c})))
+      return "a pixels decoder of " + std::to_string(c) + " x " + std::to_string(s) + " x " + std::to_string(s) +
+             " images needs samples [" + std::to_string(c) + ", " + std::to_string(s) + ", " + std::to_string(s) +
+             "] or, 2x2-packed, [" + std::to_string(s * s / 4) + ", " + std::to_string(4 * c) + "]; sample.shape is " +
+             shape_text(shape);
+  }
   return std::nullopt;
 }
 
