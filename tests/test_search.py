@@ -176,7 +176,11 @@ def test_baselines_seed_the_population_and_result_beats_them(tmp_path):
     assert result.schedule.compute_fraction <= 0.5
     assert r["result"]["search"]["mean"]["loss"] <= min(b["search"]["mean"]["loss"] for b in r["baselines"] if b["in_budget"])
     assert len(r["result"]["held_out"]["groups"]["loss"]) == 3
-    assert r["result"]["schedule"] in [e["schedule"] for e in r["finalists"]] and len(r["finalists"]) == 2
+    assert r["result"]["schedule"] == r["finalists"][0]["schedule"]
+    evolved = [e for e in r["finalists"] if e["label"] == "evolved"]
+    from_baselines = {e["label"] for e in r["finalists"] if e["label"].startswith("baseline: ")}
+    assert len(evolved) <= 2 and len(r["finalists"]) == len(evolved) + len(from_baselines)
+    assert len(from_baselines) >= 3  # the best of each in-budget kind competes (one may also be an evolved finalist)
     front = [(e["compute_fraction"], e["search"]["mean"]["loss"]) for e in r["pareto_front"]]
     assert front == sorted(front) and all(a[1] > b[1] for a, b in zip(front, front[1:]))
     steps_const = sorted(b["passes_per_image"] // 2 for b in r["baselines"] if b["kind"] == "constant" and b["in_budget"])

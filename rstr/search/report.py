@@ -64,6 +64,7 @@ def search_report(
     for e, (_, g) in zip(moved, ablations):
         e["baseline"] = g.key != result.with_warp(None).key  # a simple schedule on the result's timesteps
         e["result_better_on_all_groups"] = all(a < t for a, t in zip(held, e["held_out"]["groups"][metric]))
+    labels = {b.genome.key: f"baseline: {b.label}" for b in chosen}
     front = pareto_front([(Genome.from_key(k), run.state.search[k]) for k in run.state.ga_keys], run.objective)
     bfront = pareto_front([(b.genome, run.state.search[b.genome.key]) for b in grid if b.in_budget], run.objective)
     return {
@@ -84,7 +85,10 @@ def search_report(
             "full_cfg_passes_per_image": 2 * run.config.steps,
         },
         "result": res,
-        "finalists": [_entry(run, Genome.from_key(k)) for k in sorted(run.state.validation, key=run.final_rank)],
+        "finalists": [
+            _entry(run, Genome.from_key(k), label=labels.get(k, "evolved"))
+            for k in sorted(run.state.validation, key=run.final_rank)
+        ],
         "baselines": baselines,
         "beats_every_in_budget_baseline": all(b["result_better_on_all_groups"] for b in baselines if b["in_budget"]),
         "beats_every_baseline_on_its_timesteps": all(e["result_better_on_all_groups"] for e in moved if e["baseline"]),
@@ -183,7 +187,7 @@ def markdown_report(r: dict[str, Any], schedule_name: str, schedule_png: str, pa
         + (f", class accuracy >= {r['objective']['min_accuracy']}" if "min_accuracy" in r["objective"] else "")
         + ").",
         f"Search seeds {r['seeds']['search']} (one group of {c['search_num']} images), validation seeds {r['seeds']['validation']} "
-        f"(the {c['finalists']} finalists only), held-out seeds {r['seeds']['held_out']} ({groups} groups of "
+        f"(the {c['finalists']} best evolved schedules and the best baseline of each kind), held-out seeds {r['seeds']['held_out']} ({groups} groups of "
         f"{r['seeds']['held_out_num']} images, never seen by the search). Every schedule starts from the same noise.",
         f"Population {c['population']}, {c['generations']} generations, {r['evaluations']['search_seeds']} schedules scored "
         f"on search seeds, {r['seconds']:.0f} s (this run).",
@@ -203,12 +207,14 @@ def markdown_report(r: dict[str, Any], schedule_name: str, schedule_png: str, pa
         ),
         f"![schedule]({schedule_png})",
         "",
-        f"Finalists, ranked by the mean over the search and validation groups ({metric}):",
+        f"Finalists, ranked by the mean over the search and validation groups ({metric}); the first is the result, "
+        "so a simple schedule that beats every evolved one on both groups is the result itself:",
         "",
-        "| schedule | passes/image | search | validation |",
-        "|---|---|---|---|",
+        "| schedule | what | passes/image | search | validation |",
+        "|---|---|---|---|---|",
         *[
-            f"| `{e['schedule']}` | {e['passes_per_image']} | {e['search']['mean'][metric]:.4f} | {e['validation']['mean'][metric]:.4f} |"
+            f"| `{e['schedule']}` | {e.get('label', 'evolved')} | {e['passes_per_image']} | {e['search']['mean'][metric]:.4f} | "
+            f"{e['validation']['mean'][metric]:.4f} |"
             for e in r["finalists"]
         ],
         "",

@@ -180,6 +180,10 @@ class _Search:
             chosen = self.select_baselines(grid)
             self.evolve(chosen, out)
             finalists = sorted(self.state.ga_keys, key=lambda k: self.rank(Genome.from_key(k)))[: self.config.finalists]
+            # the best baseline of each kind competes too: the result is never a schedule that a simple one
+            # beats on the search pool (search + validation seeds)
+            kinds = self.best_of_each_kind(chosen, lambda b: self.rank(b.genome))
+            finalists += [b.genome.key for b in kinds if b.genome.key not in finalists]
             self.score([Genome.from_key(k) for k in finalists], "validation", "finalists")
             self.save(out)
             result = Genome.from_key(min(finalists, key=self.final_rank))
@@ -205,15 +209,18 @@ class _Search:
         if result.warp is None:
             return []
         metric = self.objective.metric
-        best: dict[str, Baseline] = {}
-        for b in sorted(
-            (b for b in chosen if b.in_budget), key=lambda b: statistics.fmean(self.state.held_out[b.genome.key][metric])
-        ):
-            best.setdefault(b.kind, b)
+        best = self.best_of_each_kind(chosen, lambda b: statistics.fmean(self.state.held_out[b.genome.key][metric]))
         return [
             ("search result on the stock timesteps", result.with_warp(None)),
-            *((f"{b.label} on the result's timesteps", b.genome.with_warp(result.warp)) for b in best.values()),
+            *((f"{b.label} on the result's timesteps", b.genome.with_warp(result.warp)) for b in best),
         ]
+
+    def best_of_each_kind(self, chosen: list[Baseline], key: Callable[[Baseline], Any]) -> list[Baseline]:
+        """The best in-budget baseline of each kind, ``key`` ranking (lower is better)."""
+        best: dict[str, Baseline] = {}
+        for b in sorted((b for b in chosen if b.in_budget), key=key):
+            best.setdefault(b.kind, b)
+        return list(best.values())
 
     def select_baselines(self, grid: list[Baseline]) -> list[Baseline]:
         """Best (on search seeds) constant CFG per step count, best first-k, best interval, and the fixed ones."""
