@@ -325,7 +325,7 @@ def search(
         str | None,
         typer.Option(
             "--preset",
-            help="full (default): the search the reports quote, 2000 images per candidate and 3 held-out groups of 2000; ~2 minutes with --device cuda, about 2-3 hours on two CPU cores (--images 500: ~30-50 minutes, coarser). cpu: the same comparison at 1000 images per candidate and a smaller evolution, ~1-1.5 hours per budget on two CPU cores for the reference models. fast: ~2 minutes on CPU with small image counts (what `rstr-export build` runs).",
+            help="full (default): the search the reports quote, 2000 images per candidate and 3 held-out groups of 2000; ~2 minutes with --device cuda, about 2-3 hours on two CPU cores (--images 500: ~30-50 minutes, coarser). cpu: the same held-out comparison with 1000 images per candidate and a smaller evolution, 1-2 hours per budget on two CPU cores for a reference model. fast: ~2 minutes on CPU with small image counts (what `rstr-export build` runs).",
         ),
     ] = None,
     seed: Annotated[

@@ -98,6 +98,7 @@ def _resize(m: dict, _: Path) -> None:
         desc["shape"] = [d if i < 2 else 4 for i, d in enumerate(desc["shape"])]
 
     shrink(m["sample"])
+    m["decoder"]["size"] = 4  # the pixels decoder's images are the latents
     for graph in m["graphs"].values():
         for desc in graph["inputs"] + graph["outputs"]:
             if len(desc["shape"]) == 4:

@@ -80,7 +80,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         constant_counts=2,
         warp_seeds=True,
     ),
-    # The reports' search where no GPU is at hand (about an hour per budget on two CPU cores for a
+    # The reports' search where no GPU is at hand (1-2 hours per budget on two CPU cores for a
     # reference model, where `full` takes several): candidates on 1000 images, still 3 held-out
     # groups of 2000.  Search-seed FDs then carry more finite-sample bias than held-out ones; the
     # bias is near-constant across schedules of similar spread, so it ranks alike.  A smaller
