@@ -91,7 +91,8 @@ def rstr_run() -> Path:
 @pytest.fixture(scope="session")
 def packed_pixel_bundle(tmp_path_factory) -> Path:
     """A bundle of the reference digits-qwenimage (pixel-space, 2x2-packed latents [B, 16, 4]), batch 2, 3 steps
-    with the first guided, and ``cond.npz`` beside it: classes 3 and 7 through the model's class table."""
+    with the first guided, and ``cond.npz`` / ``uncond.npz`` beside it: classes 3 and 7 through the model's class
+    table, and its negative rows."""
     import numpy as np
     from rstr.export.build import BuildOptions, build
 
@@ -103,7 +104,6 @@ def packed_pixel_bundle(tmp_path_factory) -> Path:
     schedule = GuidanceSchedule.first_k(family.default_scale, 3, 1, family=family.name, sampler=family.sampler, default_steps=3)
     schedule.save(tmp / "schedule.json")
     build(BuildOptions(model=family.path, schedule=tmp / "schedule.json", out=tmp / "bundle", measure=False, batch=2))
-    cond, uncond = family.conditioning_for(torch.tensor([3, 7]))
-    arrays = {k: v.numpy() for k, v in cond.items()} | {f"uncond_{k}": v.numpy() for k, v in uncond.items()}
-    np.savez(tmp / "cond.npz", **arrays)
+    for name, arrays in zip(("cond", "uncond"), family.conditioning_for(torch.tensor([3, 7]))):
+        np.savez(tmp / f"{name}.npz", **{k: v.numpy() for k, v in arrays.items()})
     return tmp / "bundle"

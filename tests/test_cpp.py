@@ -379,8 +379,7 @@ def test_packed_pixel_images_match_python(rstr_run, packed_pixel_bundle, tmp_pat
 
     noise, images = tmp_path / "noise.npy", tmp_path / "images.npy"
     np.save(noise, np.random.default_rng(0).standard_normal((BATCH, 16, 4), dtype=np.float32))
-    cond = dict(np.load(packed_pixel_bundle.parent / "cond.npz"))
-    uncond = {k.removeprefix("uncond_"): cond.pop(k) for k in list(cond) if k.startswith("uncond_")}
+    cond, uncond = (dict(np.load(packed_pixel_bundle.parent / f"{name}.npz")) for name in ("cond", "uncond"))
     args = []
     for flag, arrays in (("--cond", cond), ("--uncond", uncond)):
         for name, value in arrays.items():

@@ -165,8 +165,7 @@ def test_packed_pixel_latents_decode_to_the_familys_images(packed_pixel_bundle):
     from rstr.families import load_model
 
     family = load_model("digits-qwenimage")
-    cond = dict(np.load(packed_pixel_bundle.parent / "cond.npz"))
-    uncond = {k.removeprefix("uncond_"): cond.pop(k) for k in list(cond) if k.startswith("uncond_")}
+    cond, uncond = (dict(np.load(packed_pixel_bundle.parent / f"{name}.npz")) for name in ("cond", "uncond"))
     noise = family.noise(2, torch.Generator().manual_seed(0)).numpy()
     with Pipeline.load(packed_pixel_bundle, backend="onnxruntime-cpu") as pipe:
         result = pipe(cond, uncond=uncond, noise=noise)

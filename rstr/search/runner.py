@@ -235,10 +235,7 @@ class _Search:
         """The best baseline of each kind, then the next best ones up to half the population; the rest are random
         members or, with ``config.warp_seeds``, the best baselines (in rank order) on random timestep warps."""
         ranked = sorted((b for b in chosen if b.in_budget), key=lambda b: self.rank(b.genome))
-        kinds: dict[str, Genome] = {}
-        for b in ranked:
-            kinds.setdefault(b.kind, b.genome)
-        seeds = list(kinds.values())
+        seeds = [b.genome for b in self.best_of_each_kind(chosen, lambda b: self.rank(b.genome))]
         for b in ranked:
             if len(seeds) < self.config.population // 2 and b.genome.key not in {g.key for g in seeds}:
                 seeds.append(b.genome)

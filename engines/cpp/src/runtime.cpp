@@ -284,25 +284,18 @@ Tensor Runner::decode(const Tensor& latents) {
   if (s.size() != 4 && !packed)
     throw InputError("a pixels decoder needs latents [B, C, H, W] or [B, H*W/4, 4C], got " + shape_string(s));
   const int64_t B = s[0], C = packed ? d.channels : s[1], H = packed ? d.size : s[2], W = packed ? d.size : s[3];
-  std::vector<float> unpacked;
-  if (packed) {
-    unpacked.resize(static_cast<size_t>(B * C * H * W));
-    const std::vector<float>& p = latents.f32();
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t c = 0; c < C; ++c)
-        for (int64_t h = 0; h < H; ++h)
-          for (int64_t w = 0; w < W; ++w) {
-            const int64_t token = (h / 2) * (W / 2) + w / 2, feature = (c * 2 + h % 2) * 2 + w % 2;
-            unpacked[static_cast<size_t>(((b * C + c) * H + h) * W + w)] = p[static_cast<size_t>((b * (H * W / 4) + token) * 4 * C + feature)];
-          }
-  }
+  // index of pixel (b, c, h, w) in the latents: NCHW, or token (h/2, w/2) holding C x 2 x 2 features
+  const auto at = [&](int64_t b, int64_t c, int64_t h, int64_t w) {
+    return static_cast<size_t>(packed ? (b * (H * W / 4) + (h / 2) * (W / 2) + w / 2) * 4 * C + (c * 2 + h % 2) * 2 + w % 2
+                                      : ((b * C + c) * H + h) * W + w);
+  };
   std::vector<float> out(static_cast<size_t>(B * H * W * C));
-  const std::vector<float>& v = packed ? unpacked : latents.f32();
+  const std::vector<float>& v = latents.f32();
   for (int64_t b = 0; b < B; ++b)
     for (int64_t c = 0; c < C; ++c)
       for (int64_t h = 0; h < H; ++h)
         for (int64_t w = 0; w < W; ++w) {
-          const float t = (v[static_cast<size_t>(((b * C + c) * H + h) * W + w)] - d.lo) / (d.hi - d.lo);
+          const float t = (v[at(b, c, h, w)] - d.lo) / (d.hi - d.lo);
           out[static_cast<size_t>(((b * H + h) * W + w) * C + c)] = t < 0.0f ? 0.0f : (t > 1.0f ? 1.0f : t);
         }
   return Tensor::float32({B, H, W, C}, std::move(out));
