@@ -35,6 +35,16 @@ def noise_for_seeds(family: Family, seeds: range | SeedRange) -> torch.Tensor:
     return torch.cat([family.noise(1, torch.Generator("cpu").manual_seed(int(s))) for s in seeds])
 
 
+def eval_batch(device: torch.device | str) -> int:
+    """Images per sampler call: 50 on a CPU, 500 on a GPU.
+
+    On a CPU, batches of a few hundred images make activations of tens of MB, which glibc's malloc
+    maps and unmaps on every call: the page faults cost up to a quarter of the throughput
+    (docs/benchmarks-eval-batch.md).  Results do not depend on it: every image has its own noise.
+    """
+    return 500 if torch.device(device).type == "cuda" else 50
+
+
 # Another way to turn (cond, uncond or None, noise) into final latents, e.g. a bundle on its runtime.
 Generate = Callable[[dict[str, torch.Tensor], "dict[str, torch.Tensor] | None", torch.Tensor], torch.Tensor]
 
@@ -98,7 +108,7 @@ def evaluate(
     num: int,
     groups: int,
     seed_start: int,
-    batch_size: int = 500,
+    batch_size: int | None = None,
     progress: bool = True,
     extractor: FeatureExtractor | None = None,
     reference: GaussianStats | None = None,
@@ -117,6 +127,7 @@ def evaluate(
     ``generate(cond, uncond, noise)`` replaces the PyTorch sampler, e.g. to score a bundle on its
     runtime (:func:`rstr.compare.score_bundle`); it must run ``schedule``.
     """
+    batch_size = eval_batch(family.device) if batch_size is None else batch_size
     if batch_size < 1:
         raise RstrError(f"batch_size {batch_size} must be at least 1")
     if family.num_classes is None:

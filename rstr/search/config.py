@@ -54,7 +54,7 @@ class SearchConfig:
     own_timesteps: bool = True
     sigma: float = 0.2
     min_accuracy: float = 0.98
-    batch_size: int = 500
+    batch_size: int | None = None  # images per sampler call; None: the device's (rstr.evaluate.eval_batch)
 
     def to_json(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from rstr.errors import RstrError
-from rstr.evaluate import evaluate, noise_for_seeds
+from rstr.evaluate import eval_batch, evaluate, noise_for_seeds
 from rstr.families.base import Family
 from rstr.sampler import sample
 from rstr.schedule import GuidanceSchedule
@@ -61,7 +61,7 @@ class DigitsFD(Objective):
     """
 
     min_accuracy: float = 0.98
-    batch_size: int = 500
+    batch_size: int | None = None  # images per sampler call; None: the device's (rstr.evaluate.eval_batch)
     name: ClassVar[str] = "digits-fd"
     metric: ClassVar[str] = "fd"
 
@@ -88,7 +88,7 @@ class TeacherFidelity(Objective):
 
     scale: float
     steps: int
-    batch_size: int = 500
+    batch_size: int | None = None  # images per sampler call; None: the device's (rstr.evaluate.eval_batch)
     name: ClassVar[str] = "teacher-fidelity"
     metric: ClassVar[str] = "teacher_mse"
     _teacher: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -102,11 +102,11 @@ class TeacherFidelity(Objective):
     def _latents(self, family: Family, schedule: GuidanceSchedule, seeds: range) -> torch.Tensor:
         noise = noise_for_seeds(family, seeds)
         labels = torch.arange(len(seeds)) % (family.num_classes or 1)
-        outs = []
+        outs, n = [], self.batch_size or eval_batch(family.device)
         with torch.inference_mode():
-            for lo in range(0, len(seeds), self.batch_size):
-                cond, uncond = family.conditioning_for(labels[lo : lo + self.batch_size])
-                outs.append(sample(family, schedule, cond, uncond=uncond, noise=noise[lo : lo + self.batch_size]).float().cpu())
+            for lo in range(0, len(seeds), n):
+                cond, uncond = family.conditioning_for(labels[lo : lo + n])
+                outs.append(sample(family, schedule, cond, uncond=uncond, noise=noise[lo : lo + n]).float().cpu())
         return torch.cat(outs)
 
     def measure(self, family: Family, schedule: GuidanceSchedule, *, seed_start: int, num: int, groups: int) -> Metrics:
