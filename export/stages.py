@@ -14,6 +14,11 @@ report uses, so the report on held-out seeds stays an independent measurement:
   Otherwise the adapter is trained and kept only if the calibrated model is no worse than the
   uncalibrated one under the schedule (**adapter gate**).
 
+Gates score the gate groups one at a time and stop a comparison at the first group where the
+candidate's FD is higher: "no worse on every group" has then failed whatever the other groups say
+(the record shows the groups scored).  The adapter gate's side without the adapter is the schedule
+gate's score of the shipped schedule, completed where it stopped early.
+
 Models without a quality measure here (``family.quality == "teacher"``) are not gated: the
 search result and the adapter ship, and the records say that nothing was compared.
 """
@@ -22,11 +27,12 @@ from __future__ import annotations
 
 import copy
 import logging
+import statistics
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rstr.compare import Comparison, compare, score
+from rstr.compare import Comparison, Side, score
 from rstr.families.base import Family
 from rstr.schedule import GuidanceSchedule
 from rstr.seeds import GATE_SEEDS
@@ -44,6 +50,7 @@ class Gate:
     decision: str
     comparisons: list[Comparison] = field(default_factory=list)
     chosen: int | None = None  # the comparison of what ships
+    scores: list[GateScores] = field(default_factory=list, repr=False)  # the candidates' gate scores, by comparison
 
     @property
     def shipped(self) -> Comparison | None:
@@ -61,8 +68,34 @@ class Gate:
         }
 
 
-def _gate_kw() -> dict:
-    return dict(seed_start=GATE_SEEDS.start, num=GATE_NUM, groups=GATE_GROUPS)
+class GateScores:
+    """One (model, schedule) on the gate seeds, scored group by group as the decisions need them."""
+
+    def __init__(self, family: Family, schedule: GuidanceSchedule, label: str) -> None:
+        self.family, self.schedule, self.label = family, schedule, label
+        self.fd: list[float] = []
+        self.accuracy: list[float] = []
+
+    def upto(self, groups: int) -> None:
+        """Score the gate groups before ``groups`` not scored yet (group ``g``: seeds ``start + g * GATE_NUM`` on)."""
+        for g in range(len(self.fd), groups):
+            s = score(self.family, self.schedule, self.label, seed_start=GATE_SEEDS.start + g * GATE_NUM, num=GATE_NUM, groups=1)
+            self.fd += s.fd
+            self.accuracy += s.accuracy
+
+    def side(self, groups: int) -> Side:
+        s = self.schedule
+        return Side(self.label, s.describe(), s.passes_per_image, s.compute_fraction, self.fd[:groups], self.accuracy[:groups])
+
+
+def gate_compare(candidate: GateScores, baseline: GateScores) -> Comparison:
+    """Paired, group by group; stops after the first group where the candidate's FD is higher (it cannot pass)."""
+    for g in range(1, GATE_GROUPS + 1):
+        candidate.upto(g)
+        baseline.upto(g)
+        if candidate.fd[g - 1] > baseline.fd[g - 1]:
+            break
+    return Comparison(candidate.side(g), baseline.side(g), GATE_SEEDS.start, GATE_NUM, g)
 
 
 def run_stage1(family: Family, preset: str, budget: float, seed: int, workdir: Path) -> list[GuidanceSchedule]:
@@ -89,18 +122,20 @@ def gate_schedule(family: Family, candidates: list[GuidanceSchedule]) -> tuple[G
         f"schedule gate: the search result against the stock model's constant CFG ({stock.describe()}), "
         f"{GATE_GROUPS} x {GATE_NUM} gate seeds, paired"
     )
-    stock_side = score(family, stock, "stock constant CFG", **_gate_kw())
+    stock_side = GateScores(family, stock, "stock constant CFG")
     gate = Gate("schedule", "")
     for i, candidate in enumerate(candidates[:MAX_CANDIDATES]):
         label = "search result" if i == 0 else f"fallback {i}"
-        c = compare((family, candidate, label), stock_side, **_gate_kw())
+        scores = GateScores(family, candidate, label)
+        c = gate_compare(scores, stock_side)
         gate.comparisons.append(c)
+        gate.scores.append(scores)
         log.info(f"  {label} ({candidate.describe()}): {c.describe()}")
         if c.no_worse:
             gate.decision = f"{label} ships: no worse than the stock model's constant CFG on every gate group ({c.verdict})"
             gate.chosen = i
             return candidate, gate
-    gate.chosen = min(range(len(gate.comparisons)), key=lambda i: sum(gate.comparisons[i].differences))
+    gate.chosen = min(range(len(gate.comparisons)), key=lambda i: statistics.fmean(gate.comparisons[i].differences))
     gate.decision = (
         f"no candidate is no worse than the stock model's constant CFG on every gate group; "
         f"{gate.comparisons[gate.chosen].candidate.label} ships (the smallest loss)"
@@ -133,7 +168,11 @@ def run_stage2(
         )
     calibrated = copy.deepcopy(family)
     apply_adapter(calibrated, out)
-    c = compare((calibrated, schedule, "with the adapter"), (family, schedule, "without the adapter"), **_gate_kw())
+    without = GateScores(family, schedule, "without the adapter")
+    if schedule_gate is not None and schedule_gate.chosen is not None and schedule_gate.scores:
+        known = schedule_gate.scores[schedule_gate.chosen]  # the same model and schedule on the same seeds
+        without.fd, without.accuracy = list(known.fd), list(known.accuracy)
+    c = gate_compare(GateScores(calibrated, schedule, "with the adapter"), without)
     log.info(f"adapter gate: {c.describe()}")
     if c.no_worse:
         return out, Gate("adapter", "adapter merged: no worse than the uncalibrated model on every gate group", [c], 0)

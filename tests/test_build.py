@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -95,7 +96,21 @@ def test_schedule_gate_falls_back_when_the_search_result_loses(gate_result):
     assert gate.decision.startswith("fallback 1 ships")
     record = gate.to_json()
     assert record["comparisons"][0]["baseline"]["label"] == "stock constant CFG" and record["chosen"] == 1
-    assert record["comparisons"][0]["baseline"] == record["comparisons"][1]["baseline"]  # one stock score, paired with both
+    # the loser is worse on the first group, so the gate stops there; the one stock score is paired with both
+    assert gate.comparisons[0].groups == 1 and len(gate.comparisons[0].candidate.fd) == 1
+    assert gate.comparisons[1].groups == stages.GATE_GROUPS
+    assert gate.comparisons[0].baseline.fd == gate.comparisons[1].baseline.fd[:1]
+
+
+def test_gate_scores_group_by_group_as_one_evaluation_would(gate_result, monkeypatch):
+    """Scoring the gate groups one at a time gives the numbers of one evaluation over all of them."""
+    from rstr.compare import score
+    from rstr.seeds import GATE_SEEDS
+
+    monkeypatch.setattr(stages, "GATE_NUM", SMALL)
+    _, (_, gate) = gate_result
+    whole = score(load_model(), GuidanceSchedule.load(SEARCHED_50), "x", seed_start=GATE_SEEDS.start, num=SMALL, groups=2)
+    assert gate.shipped.candidate.fd == pytest.approx(whole.fd, rel=1e-6)
 
 
 def test_stage2_is_skipped_when_the_schedule_beats_its_teacher(gate_result, tmp_path):
@@ -159,6 +174,27 @@ def test_schedule_gate_ships_the_smallest_loss_when_nothing_passes(monkeypatch):
     worse = GuidanceSchedule.conditional_only(2, family="dit", sampler="ddim", default_steps=25)
     schedule, gate = stages.gate_schedule(load_model(), [worse, bad])
     assert gate.decision.startswith("no candidate is no worse") and gate.shipped is not None
-    assert schedule == [worse, bad][gate.chosen] and sum(gate.shipped.differences) == min(
-        sum(c.differences) for c in gate.comparisons
+    assert schedule == [worse, bad][gate.chosen] and statistics.fmean(gate.shipped.differences) == min(
+        statistics.fmean(c.differences) for c in gate.comparisons
     )
+
+
+def test_adapter_gate_reuses_the_schedule_gates_scores(monkeypatch, tmp_path):
+    """The side without the adapter is the schedule gate's score of the shipped schedule: its first group is not
+    scored again, and the group the schedule gate skipped is scored now."""
+    from rstr.seeds import GATE_SEEDS
+
+    monkeypatch.setattr(stages, "GATE_NUM", 30)
+    family = load_model()
+    bad = GuidanceSchedule.conditional_only(4, family="dit", sampler="ddim", default_steps=25)
+    schedule, gate = stages.gate_schedule(family, [bad])
+    assert gate.shipped.groups == 1  # worse on the first group: the schedule gate stopped there
+    starts: list[int] = []
+    real = stages.score
+    monkeypatch.setattr(stages, "score", lambda *a, **kw: starts.append(kw["seed_start"]) or real(*a, **kw))
+    tiny = Preset(pool=8, probe=4, probe_iterations=2, validation=4, batch_size=4, iterations=2, lr=1e-3, checkpoint_every=2)
+    _, adapter_gate = stages.run_stage2(family, schedule, gate, tiny, 0, tmp_path)
+    c = adapter_gate.comparisons[0]
+    assert c.baseline.label == "without the adapter" and c.baseline.fd[0] == gate.shipped.candidate.fd[0]
+    assert starts.count(GATE_SEEDS.start) == 1  # only the side with the adapter, on the first group
+    assert len(c.candidate.fd) == c.groups and starts.count(GATE_SEEDS.start + 30) == 2 * (c.groups - 1)
