@@ -13,7 +13,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from rstr.engines.manifest import Decoder, Engine, Manifest, Plan, Step, TensorDesc
+from rstr.engines.endpoints import Decoder
+from rstr.engines.manifest import Engine, Manifest, Plan, Step, TensorDesc
 from rstr.engines.validate import GRAPHS, entry_problem, file_problems, graph_file_problem, sha256_file
 
 from rstr._io import read_json

@@ -7,17 +7,19 @@ embeds) before it reads any value, then the rules a schema cannot state
 (:func:`rstr.engines.validate.document_problem`).  Every problem is one :class:`BundleError` line.
 
 The plan's batch rule, *a guided step runs 2B denoiser rows ([cond; uncond]), an unguided step
-B*, is written once, in :meth:`Plan.rows`.  Torch-free, like all of ``rstr.engines``.
+B*, is written once, in :meth:`Plan.rows`.  The sections at the plan's two ends (decoder, text,
+classes) are in :mod:`rstr.engines.endpoints`.  Torch-free, like all of ``rstr.engines``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 from rstr.engines import schema
+from rstr.engines.endpoints import Classes, Decoder, Text, omit_none
 from rstr.engines.validate import document_problem
 
 from rstr.errors import BundleError
@@ -27,10 +29,6 @@ VERSION = 1
 DTYPES = {"float32": np.float32, "int64": np.int64}
 _MISSING = object()
 REQUIRED = "required"  # conditioning.unconditional: the caller passes this input's unconditional rows
-
-
-def _omit_none(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in d.items() if v is not None}
 
 
 @dataclass(frozen=True)
@@ -87,7 +85,7 @@ class Conditioning:
 
     def to_json(self) -> dict[str, Any]:
         rules = {k: v if v == REQUIRED else {"fill": v} for k, v in self.unconditional.items()}
-        return _omit_none({"inputs": [d.to_json() for d in self.inputs], "unconditional": rules, "num_classes": self.num_classes})
+        return omit_none({"inputs": [d.to_json() for d in self.inputs], "unconditional": rules, "num_classes": self.num_classes})
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> Conditioning:
@@ -208,65 +206,6 @@ class Plan:
 
 
 @dataclass(frozen=True)
-class Decoder:
-    """How latents become ``size x size x channels`` images with values in ``range``.
-
-    ``pixels``: the latents are the image, ``(x - lo) / (hi - lo)`` clipped to [0, 1];
-    ``vae``: the bundle graph ``graph`` (``vae_decoder``) maps the final latents to images in [0, 1].
-    """
-
-    kind: str
-    channels: int
-    size: int
-    range: tuple[float, float]
-    graph: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        out = {"kind": self.kind, "channels": self.channels, "size": self.size, "range": list(self.range)}
-        return _omit_none({**out, "graph": self.graph})
-
-    @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> Decoder:
-        return cls(d["kind"], d["channels"], d["size"], tuple(d["range"]), d.get("graph"))
-
-
-@dataclass(frozen=True)
-class TextEncoderDesc:
-    """One text encoder: its graph, tokenizer file, how prompts are tokenized, and the conditioning input it fills."""
-
-    graph: str
-    tokenizer: str  # a tokenizers-package JSON file inside the bundle
-    max_length: int  # prompts are padded (with pad_id / pad_token) and truncated to this many tokens
-    pad_id: int
-    pad_token: str
-    output: str  # the conditioning input its embeddings fill
-    preprocess: str = "none"  # "lower-strip": the prompt is lower-cased and stripped first
-    mask: str | None = None  # the conditioning input the attention mask fills (it is also the graph's attention_mask)
-
-    def to_json(self) -> dict[str, Any]:
-        return _omit_none(asdict(self))
-
-    @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> TextEncoderDesc:
-        return cls(**d)  # the schema allows these keys only
-
-
-@dataclass(frozen=True)
-class Text:
-    """Prompts in: the text encoders, run in order, and the negative prompt of guided steps by default."""
-
-    encoders: tuple[TextEncoderDesc, ...]
-    negative_prompt: str = ""
-
-    def to_json(self) -> dict[str, Any]:
-        return {"encoders": [e.to_json() for e in self.encoders], "negative_prompt": self.negative_prompt}
-
-    @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> Text:
-        return cls(tuple(TextEncoderDesc.from_json(e) for e in d["encoders"]), d["negative_prompt"])
-
-
-@dataclass(frozen=True)
 class Engine:
     """A TensorRT engine for one graph, built for one TensorRT release and GPU (engines/tensorrt)."""
 
@@ -282,7 +221,7 @@ class Engine:
     profiles: tuple[Mapping[str, Any], ...] = ()  # [{"batch": N, "inputs": {name: {"min", "opt", "max"}}}]
 
     def to_json(self) -> dict[str, Any]:
-        return _omit_none(
+        return omit_none(
             {
                 "backend": self.backend,
                 "graph": self.graph,
@@ -391,7 +330,7 @@ class FileEntry:
     bytes: int | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return _omit_none({"sha256": self.sha256, "bytes": self.bytes})
+        return omit_none({"sha256": self.sha256, "bytes": self.bytes})
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> FileEntry:
@@ -411,6 +350,7 @@ class Manifest:
     provenance: Provenance
     decoder: Decoder | None = None
     text: Text | None = None
+    classes: Classes | None = None
     engines: tuple[Engine, ...] = ()
     verification: VerificationRecord | None = None
     summary: Mapping[str, Any] | None = None  # the build's measurements, free-form (report.md)
@@ -443,6 +383,7 @@ class Manifest:
             "plan": self.plan.to_json(),
             "decoder": None if self.decoder is None else self.decoder.to_json(),
             **({"text": self.text.to_json()} if self.text is not None else {}),
+            **({"classes": self.classes.to_json()} if self.classes is not None else {}),
             "engines": [e.to_json() for e in self.engines],
             "provenance": self.provenance.to_json(),
         }
@@ -474,7 +415,7 @@ class Manifest:
             raise BundleError(f"{source}: {problem}")
         batch = data["batch"]
         decoder, verification = data.get("decoder"), data.get("verification")
-        text = data.get("text")
+        text, classes = data.get("text"), data.get("classes")
         return cls(
             family=data["family"],
             dtype=data["dtype"],
@@ -486,6 +427,7 @@ class Manifest:
             provenance=Provenance.from_json(data["provenance"]),
             decoder=None if decoder is None else Decoder.from_json(decoder),
             text=None if text is None else Text.from_json(text),
+            classes=None if classes is None else Classes.from_json(classes),
             engines=tuple(Engine.from_json(e) for e in data.get("engines", ())),
             verification=None if verification is None else VerificationRecord.from_json(verification),
             summary=data.get("summary"),

@@ -27,13 +27,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 from rstr.engines.base import InputError, Runner
 from rstr.engines.bundle import Bundle
-from rstr.engines.manifest import Decoder
+from rstr.engines.endpoints import Decoder
 from rstr.engines.noise import standard_normal
 
 from rstr.errors import BackendUnavailable
 
 if TYPE_CHECKING:
-    from rstr.engines.text import PromptEncoder
+    from rstr.engines.text import ClassTable, PromptEncoder
 
 BACKENDS = ("auto", "tensorrt", "onnxruntime", "onnxruntime-cpu", "onnxruntime-cuda")
 log = logging.getLogger("rstr")
@@ -108,6 +108,7 @@ class Pipeline:
         self.runner = runner
         self.decoder = ImageDecoder(bundle)
         self._prompts: PromptEncoder | None = None  # loaded on the first call with prompts
+        self._classes: ClassTable | None = None  # loaded on the first call with class labels (bundles with a class table)
         self._prompts_lock = threading.Lock()
 
     @classmethod
@@ -123,6 +124,7 @@ class Pipeline:
         self.runner.deactivate()
         self.decoder.close()
         self._prompts = None
+        self._classes = None
 
     def __enter__(self) -> Pipeline:
         return self
@@ -152,7 +154,9 @@ class Pipeline:
 
         ``prompt`` (bundles with text encoders): one string for every row, or B strings; the
         negative prompt of guided steps defaults to the bundle's (``""``).  Inputs no encoder
-        fills (FLUX's distilled ``guidance``) come in ``conditioning``.
+        fills (FLUX's distilled ``guidance``) come in ``conditioning``.  Bundles with a class table
+        (``manifest.classes``) take ``{"class_labels": ...}`` too: the table's rows are the
+        conditioning, its empty prompt the guided steps' unconditional input.
         """
         if (seed is None) == (noise is None):
             raise InputError("give exactly one of seed= or noise=")
@@ -163,6 +167,8 @@ class Pipeline:
             conditioning, uncond = self._from_prompts(prompt, negative_prompt, conditioning, uncond)
         elif negative_prompt is not None:
             raise InputError("negative_prompt= needs prompt=")
+        elif self.bundle.manifest.classes is not None and isinstance(conditioning, dict) and "class_labels" in conditioning:
+            conditioning, uncond = self._from_classes(conditioning, uncond)
         latents = self.runner.infer(noise, {} if conditioning is None else conditioning, uncond)
         return Result(latents, self.decoder(latents))
 
@@ -190,6 +196,20 @@ class Pipeline:
         if uncond is None and self.bundle.plan.num_guided:
             negative = encoder.negative_prompt if negative_prompt is None else negative_prompt
             uncond = {**extra, **encoder(self._rows(negative, "negative_prompt"))}
+        return cond, uncond
+
+    def _from_classes(self, conditioning: dict, uncond: dict | None) -> tuple[dict, dict | None]:
+        """Conditioning (and, for guided steps, the empty prompt's rows) from class labels through the class table."""
+        from rstr.engines.text import ClassTable
+
+        with self._prompts_lock:
+            if self._classes is None:
+                self._classes = ClassTable(self.bundle)
+        table = self._classes
+        extra = {k: v for k, v in conditioning.items() if k != "class_labels"}
+        cond = {**table(conditioning["class_labels"]), **extra}
+        if uncond is None and self.bundle.plan.num_guided:
+            uncond = {**table.negative(), **extra}
         return cond, uncond
 
 

@@ -1,10 +1,12 @@
-"""Prompts to conditioning: a bundle's tokenizers (the ``tokenizers`` package) and text encoder graphs.
+"""Prompts to conditioning: a bundle's tokenizers (the ``tokenizers`` package) and text encoder graphs, or its class table.
 
 A bundle with a ``text`` section (docs/bundle.md) holds, per encoder, a tokenizer file and a
 graph; :class:`PromptEncoder` tokenizes prompts the way the stock pipeline does (the
 manifest's preparation, right padding with its pad token to ``max_length``, truncation),
 runs the graphs with ONNX Runtime and returns the conditioning inputs they fill, as float32
-arrays.  No torch, no transformers.
+arrays.  A bundle with a ``classes`` section takes class labels instead (:class:`ClassTable`: the
+digits reference models' "text encoder", a table of prompt embeddings by class).  No torch, no
+transformers.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 from rstr.engines.base import InputError
 from rstr.engines.bundle import Bundle, safe_member
-from rstr.engines.manifest import TextEncoderDesc
+from rstr.engines.endpoints import TextEncoderDesc
 
 from rstr.errors import BundleError, RstrError
 
@@ -61,3 +63,37 @@ class PromptEncoder:
             if desc.mask is not None:
                 out[desc.mask] = tokens["attention_mask"].astype(np.float32)
         return out
+
+
+class ClassTable:
+    """The bundle's class table graph on ONNX Runtime: class labels in, every conditioning input out."""
+
+    def __init__(self, bundle: Bundle, device: str = "cpu"):
+        from rstr.engines.onnxruntime import open_session
+
+        classes = bundle.manifest.classes
+        if classes is None:
+            raise InputError("this bundle has no class table; pass its conditioning inputs")
+        self.classes, self.batch = classes, bundle.batch
+        self.session = open_session(bundle, classes.graph, device)
+        self.outputs = [o.name for o in self.session.get_outputs()]
+
+    def __call__(self, labels) -> dict[str, np.ndarray]:
+        """The conditioning of class ``labels`` (B integers in 0..num_classes - 1)."""
+        arr = np.asarray(labels)
+        n = self.classes.num_classes
+        if arr.shape != (self.batch,) or arr.dtype.kind not in "iu":
+            raise InputError(
+                f"class_labels must be one integer per row ({self.batch} for this bundle), got {arr.dtype} {list(arr.shape)}"
+            )
+        bad = arr[(arr < 0) | (arr >= n)]
+        if bad.size:
+            raise InputError(f"class label {int(bad[0])} is out of range; this model has classes 0..{n - 1}")
+        return self._rows(arr)
+
+    def negative(self) -> dict[str, np.ndarray]:
+        """The empty prompt's conditioning, B rows: the guided steps' unconditional input."""
+        return self._rows(np.full(self.batch, self.classes.negative_row))
+
+    def _rows(self, labels: np.ndarray) -> dict[str, np.ndarray]:
+        return dict(zip(self.outputs, self.session.run(None, {"class_labels": labels.astype(np.int64)})))

@@ -12,8 +12,9 @@ order and the same words):
    is finite and the step counts agree; the decoder range is ``lo < hi``; each graph declares
    exactly the tensors the plan walk binds, shaped like the sample and one another (the step
    graphs of a multistep plan of history k also ``history``/``next_history`` and ``[k + 1]``
-   coefficients); the other graphs are the VAE decoder's and the text encoders', each named
-   by its user and declaring the tensors that user binds; every graph, tokenizer and engine
+   coefficients); the other graphs are the VAE decoder's, the text encoders' and the class
+   table's (``class_labels`` in, every conditioning input out, ``negative_row`` a row of the
+   table), each named by its user and declaring the tensors that user binds; every graph, tokenizer and engine
    file is listed in ``files``.
 2. :func:`file_problems`: every ``files`` entry is a plain relative path inside the bundle with
    no symbolic link on the way, exists, and has the listed size and sha256.
@@ -225,18 +226,21 @@ def _graphs(data: Mapping[str, Any]) -> str | None:
 
 
 def graph_users(data: Mapping[str, Any]) -> dict[str, str]:
-    """The graphs beside the plan's and who runs each: ``decoder`` or ``text.encoders[i]`` (unchecked names)."""
+    """The graphs beside the plan's and who runs each: ``decoder``, ``text.encoders[i]`` or ``classes`` (unchecked names)."""
     users = {}
     decoder, text = data.get("decoder"), data.get("text")
     if decoder is not None and decoder.get("graph") is not None:
         users[decoder["graph"]] = "decoder"
     for i, encoder in enumerate(text["encoders"] if text is not None else ()):
         users.setdefault(encoder["graph"], f"text.encoders[{i}]")
+    if data.get("classes") is not None:
+        users.setdefault(data["classes"]["graph"], "classes")
     return users
 
 
 def _other_graphs(data: Mapping[str, Any]) -> str | None:
-    """The VAE decoder's and the text encoders' graphs: each named once, beside the plan's, bound as its user binds it."""
+    """The VAE decoder's, the text encoders' and the class table's graphs: each named once, beside the plan's, bound as
+    its user binds it."""
     graphs, batch, users = data["graphs"], data["batch"], graph_users(data)
     decoder, text = data.get("decoder"), data.get("text")
     if decoder is not None and decoder["kind"] == "vae" and decoder.get("graph") is None:
@@ -263,9 +267,19 @@ def _other_graphs(data: Mapping[str, Any]) -> str | None:
         wanted[name] = {"input_ids": ids, "embeddings": ("float32", tuple(cond[encoder["output"]]["shape"][1:]))}
         if encoder.get("mask") is not None:
             wanted[name]["attention_mask"] = ids
+    classes = data.get("classes")
+    if classes is not None:
+        name, n = classes["graph"], classes["num_classes"]
+        if users[name] != "classes":
+            return f"classes.graph '{name}' is {users[name]}'s too; the class table has a graph of its own"
+        if classes["negative_row"] > n:
+            return f"classes.negative_row {classes['negative_row']} is not a row of the table (0..{n}, the classes then the empty prompt)"
+        if "class_labels" in cond:
+            return "classes is set but the denoiser takes class_labels itself; a class table fills the other inputs"
+        wanted[name] = {"class_labels": ("int64", ()), **{c: (d["dtype"], tuple(d["shape"][1:])) for c, d in cond.items()}}
     for name in sorted(set(graphs) - set(GRAPHS)):
         if name not in wanted:
-            return f"graphs.{name} is run by neither the decoder nor a text encoder"
+            return f"graphs.{name} is run by neither the decoder, a text encoder nor the class table"
         tensors = [d for kind in ("inputs", "outputs") for d in graphs[name][kind]]
         for desc in tensors:
             problem = _tensor_problem(f"graphs.{name} tensor '{desc['name']}'", desc, batch)

@@ -20,18 +20,11 @@ from pathlib import Path
 import torch
 from rich.markup import escape
 from rstr.engines.bundle import Bundle
-from rstr.engines.manifest import (
-    Conditioning,
-    Decoder,
-    Engine,
-    Graph,
-    Manifest,
-    Provenance,
-    TensorDesc,
-    Text,
-    VerificationRecord,
-)
+from rstr.engines.endpoints import Classes, Decoder, Text
+from rstr.engines.manifest import Conditioning, Engine, Graph, Manifest, Provenance, TensorDesc, VerificationRecord
 from rstr.export.bundle import versions, write_manifest
+from rstr.export.classes import GRAPH as CLASS_GRAPH
+from rstr.export.classes import class_graph, classes_section, export_class_table, has_class_table
 from rstr.export.decoder import GRAPH as DECODER_GRAPH
 from rstr.export.decoder import decoder_graph, decoder_section, export_vae_decoder
 from rstr.export.graphs import export_denoiser, export_steps, graph_description
@@ -257,6 +250,10 @@ def build(opts: BuildOptions) -> BuildResult:
             export_text_encoders(family, root)
             graphs.update(text_graphs(family))
         text = text_section(family)
+        if has_class_table(family):
+            log.info("exporting the class table (class labels in)")
+            export_class_table(family, root / f"{CLASS_GRAPH}.onnx")
+            graphs[CLASS_GRAPH] = class_graph(family)
 
         decoder = decoder_section(family)
         manifest = Manifest(
@@ -268,6 +265,7 @@ def build(opts: BuildOptions) -> BuildResult:
             plan=plan,
             decoder=None if decoder is None else Decoder.from_json(decoder),
             text=None if text is None else Text.from_json(text),
+            classes=Classes.from_json(classes_section(family)) if has_class_table(family) else None,
             provenance=Provenance(
                 model=str(family.path),
                 model_sha256=None if family.path is None else model_sha256(family.path),

@@ -275,7 +275,12 @@ def verify(
 @app.command()
 def run(
     bundle: BundleArg,
-    classes: Annotated[str, typer.Option("--class", help="Class label(s), comma-separated, one per batch row.")] = "0",
+    classes: Annotated[
+        str,
+        typer.Option(
+            "--class", help="Class label(s), comma-separated, one per batch row (DiT bundles and bundles with a class table)."
+        ),
+    ] = "0",
     cond: Annotated[Path | None, typer.Option(help=".npz of conditioning arrays (and uncond_<name> for negatives).")] = None,
     seed: Annotated[
         int,

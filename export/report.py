@@ -66,6 +66,8 @@ def write_report(root: Path, manifest: dict, family: Family, schedule: GuidanceS
                 "",
                 *comparison_table([Comparison.from_json(c) for c in gate["comparisons"]]),
             ]
+            if any(c["groups"] < gate["groups"] for c in gate["comparisons"]):
+                lines += ["", "A candidate worse on a group is not scored on the groups after it: it has failed the gate."]
     if s.get("speed"):
         sp = s["speed"]
         lines += [

@@ -6,7 +6,7 @@ schedule.  fp32 bundles must agree to 1e-4 relative on the final latents, reduce
 ones (:mod:`rstr.export.precision`) to their own tolerance (:data:`PRECISION_TOLERANCE`,
 docs/bundle.md: it catches a wrong graph, not the quality loss, which the precision gate
 measures); on failure the per-step table says where they diverge.  The decoder and text
-encoder graphs are checked on their own (a half-precision VAE against an fp32 copy of it on the
+encoder graphs and the class table's are checked on their own (a half-precision VAE against an fp32 copy of it on the
 CPU, where PyTorch's half-precision convolutions are very slow).  The reference is computed first
 (:func:`reference_run`), so that a build can free the PyTorch weights before ONNX Runtime
 loads the graphs (:func:`check_bundle`).
@@ -27,6 +27,7 @@ from rstr.engines.bundle import Bundle
 from rstr.engines.noise import standard_normal
 from rstr.engines.onnxruntime import OnnxRuntimeRunner, open_session
 from rstr.engines.validate import entry_problem
+from rstr.export.classes import class_reference, has_class_table
 from rstr.export.text import text_reference
 
 from rstr.errors import RstrError
@@ -55,7 +56,9 @@ class Verification:
     tolerance: float
     per_step: list[float]
     backend: str
-    graphs: dict[str, float] = field(default_factory=dict)  # the other graphs (decoder, text encoders), each on its own
+    graphs: dict[str, float] = field(
+        default_factory=dict
+    )  # the other graphs (decoder, text encoders, class table), each on its own
 
     @property
     def passed(self) -> bool:
@@ -155,6 +158,7 @@ class Reference:
     trace: list[np.ndarray]  # x after each step
     images: np.ndarray | None = None  # the latents through the model's VAE, when it has one
     text: dict[str, tuple[dict[str, np.ndarray], np.ndarray]] = field(default_factory=dict)  # encoder: (tokens, output)
+    classes: tuple[dict[str, np.ndarray], list[np.ndarray]] | None = None  # every row's labels, the table's rows
 
 
 @contextmanager
@@ -201,7 +205,8 @@ def reference_run(family: Family, schedule: GuidanceSchedule, batch: int, *, see
     if family.vae is not None:
         with torch.no_grad(), _fp32_vae_on_cpu(family):
             images = family.decode(latents).cpu().numpy()
-    return Reference(noise, cond, uncond, final, trace, images, text_reference(family))
+    classes = class_reference(family) if has_class_table(family) else None
+    return Reference(noise, cond, uncond, final, trace, images, text_reference(family), classes)
 
 
 def check_bundle(bundle: Bundle, ref: Reference, *, raise_on_failure: bool = True) -> Verification:
@@ -221,6 +226,10 @@ def check_bundle(bundle: Bundle, ref: Reference, *, raise_on_failure: bool = Tru
         graphs[decoder.graph] = rel(run_graph(bundle, decoder.graph, {"latents": ref.latents})[0], ref.images)
     for name, (tokens, expected) in ref.text.items():
         graphs[name] = rel(run_graph(bundle, name, tokens)[0], expected)
+    if ref.classes is not None and bundle.manifest.classes is not None:
+        labels, rows = ref.classes
+        got_rows = run_graph(bundle, bundle.manifest.classes.graph, labels)
+        graphs[bundle.manifest.classes.graph] = max(rel(g, e) for g, e in zip(got_rows, rows))
     result = Verification(rel(got, ref.latents), tolerance(bundle), per_step, backend, graphs)
     if raise_on_failure and not result.passed:
         if result.max_rel_error <= result.tolerance:

@@ -215,7 +215,10 @@ def _drop_init_noise_sigma(m, _):
 SCHEMA_VIOLATIONS = {
     "step-guided-not-bool": (_set(("plan", "steps", 1, "guided"), "yes"), "plan.steps[1].guided must be a boolean (got string)"),
     "missing-field": (_drop_init_noise_sigma, "plan: missing field(s) init_noise_sigma"),
-    "unknown-field": (_set(("colour",), "blue"), "unknown field(s) colour; allowed: batch, conditioning, decoder, dtype"),
+    "unknown-field": (
+        _set(("colour",), "blue"),
+        "unknown field(s) colour; allowed: batch, classes, conditioning, decoder, dtype",
+    ),
     "batch-zero": (_set(("batch",), 0), "batch is 0; it must be at least 1"),
     "unknown-dtype": (_set(("dtype",), "fp8"), 'dtype is "fp8"; expected one of "fp32", "fp16", "bf16"'),
     "bad-unconditional": (

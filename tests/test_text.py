@@ -151,7 +151,7 @@ def _edited(bundle, dest, edit=None):
         ("missing", "file 'text_encoder.onnx' listed in manifest.json is missing"),
         ("unnamed", "text.encoders[0].graph 'text_encoder' is not one of the graphs beside the plan's"),
         ("tokenizer-unlisted", "text.encoders[0].tokenizer 'tokenizers/text_encoder.json' is not listed in files"),
-        ("stray-graph", "graphs.text_encoder is run by neither the decoder nor a text encoder"),
+        ("stray-graph", "graphs.text_encoder is run by neither the decoder, a text encoder nor the class table"),
     ],
 )
 def test_text_graph_missing_or_tampered_is_one_line_in_every_reader(built, tmp_path, case, words, request):

@@ -272,12 +272,13 @@ std::vector<std::string> other_graph_names(const json& m) {
   return names;
 }
 
-/// See _other_graphs in engines/validate.py: the decoder's and the text encoders' graphs.
+/// See _other_graphs in engines/validate.py: the decoder's, the text encoders' and the class table's graphs.
 Problem other_graphs_rule(const json& m) {
   const json& graphs = m.at("graphs");
   const uint64_t batch = u64(m.at("batch"));
   const json* decoder = m.contains("decoder") && !m.at("decoder").is_null() ? &m.at("decoder") : nullptr;
   const json* encoders = m.contains("text") && !m.at("text").is_null() ? &m.at("text").at("encoders") : nullptr;
+  const json* classes = m.contains("classes") && !m.at("classes").is_null() ? &m.at("classes") : nullptr;
   // Who runs each graph, in the order Python's graph_users() fills its dict.
   std::vector<std::pair<std::string, std::string>> users;
   const auto user_of = [&users](const std::string& graph) -> const std::string* {
@@ -290,6 +291,8 @@ Problem other_graphs_rule(const json& m) {
     const std::string graph = (*encoders)[i].at("graph").get<std::string>();
     if (!user_of(graph)) users.emplace_back(graph, "text.encoders[" + std::to_string(i) + "]");
   }
+  if (classes && !user_of(classes->at("graph").get<std::string>()))
+    users.emplace_back(classes->at("graph").get<std::string>(), "classes");
   if (decoder) {
     const std::string kind = decoder->at("kind").get<std::string>();
     if (kind == "vae" && !decoder->contains("graph")) return std::string("decoder.graph is missing; a vae decoder names its graph");
@@ -322,8 +325,21 @@ Problem other_graphs_rule(const json& m) {
     wanted[graph] = {{"input_ids", ids}, {"embeddings", Wanted{"float32", rest_of(cond.at(e.at("output").get<std::string>())->at("shape"))}}};
     if (e.contains("mask")) wanted[graph]["attention_mask"] = ids;
   }
+  if (classes) {
+    const std::string graph = classes->at("graph").get<std::string>();
+    const uint64_t n = u64(classes->at("num_classes")), negative = u64(classes->at("negative_row"));
+    if (*user_of(graph) != "classes")
+      return "classes.graph '" + graph + "' is " + *user_of(graph) + "'s too; the class table has a graph of its own";
+    if (negative > n)
+      return "classes.negative_row " + std::to_string(negative) + " is not a row of the table (0.." + std::to_string(n) +
+             ", the classes then the empty prompt)";
+    if (cond.count("class_labels"))
+      return std::string("classes is set but the denoiser takes class_labels itself; a class table fills the other inputs");
+    wanted[graph] = {{"class_labels", Wanted{"int64", json::array()}}};
+    for (const auto& [name, d] : cond) wanted[graph][name] = Wanted{d->at("dtype").get<std::string>(), rest_of(d->at("shape"))};
+  }
   for (const auto& name : other_graph_names(m)) {
-    if (!wanted.count(name)) return "graphs." + name + " is run by neither the decoder nor a text encoder";
+    if (!wanted.count(name)) return "graphs." + name + " is run by neither the decoder, a text encoder nor the class table";
     std::vector<const json*> tensors;
     for (const char* kind : {"inputs", "outputs"})
       for (const auto& d : graphs.at(name).at(kind)) tensors.push_back(&d);
