@@ -367,7 +367,7 @@ def search(
         bool | None,
         typer.Option(
             "--stock-timesteps/--own-timesteps",
-            help="--own-timesteps (default, DDIM models): the search may also warp where the steps sit in time, and the schedule carries its timesteps; --stock-timesteps keeps the sampler's spacing.",
+            help="--own-timesteps (default; deterministic DDIM and flow-matching Euler): the search may also warp where the steps sit in time, and the schedule carries its timesteps; --stock-timesteps keeps the sampler's spacing.",
         ),
     ] = None,
     out: Annotated[

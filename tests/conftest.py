@@ -91,7 +91,7 @@ def rstr_run() -> Path:
 @pytest.fixture(scope="session")
 def packed_pixel_bundle(tmp_path_factory) -> Path:
     """A bundle of the reference digits-qwenimage (pixel-space, 2x2-packed latents [B, 16, 4]), batch 2, 3 steps
-    with the first guided, and ``cond.npz`` / ``uncond.npz`` beside it: classes 3 and 7 through the model's class
+    on its own timesteps with the first guided, and ``cond.npz`` / ``uncond.npz`` beside it: classes 3 and 7 through the model's class
     table, and its negative rows."""
     import numpy as np
     from rstr.export.build import BuildOptions, build
@@ -101,7 +101,15 @@ def packed_pixel_bundle(tmp_path_factory) -> Path:
 
     tmp = tmp_path_factory.mktemp("packed")
     family = load_model("digits-qwenimage")
-    schedule = GuidanceSchedule.first_k(family.default_scale, 3, 1, family=family.name, sampler=family.sampler, default_steps=3)
+    first = GuidanceSchedule.first_k(family.default_scale, 3, 1, family=family.name, sampler=family.sampler, default_steps=3)
+    schedule = GuidanceSchedule(  # on a grid of its own, as Stage-1 finds them: sigmas 0.95, 0.56, 0.22, then 0
+        family=first.family,
+        sampler=first.sampler,
+        guided=first.guided,
+        scales=first.scales,
+        default_steps=3,
+        timesteps=(950, 560, 220),
+    )
     schedule.save(tmp / "schedule.json")
     build(BuildOptions(model=family.path, schedule=tmp / "schedule.json", out=tmp / "bundle", measure=False, batch=2))
     for name, arrays in zip(("cond", "uncond"), family.conditioning_for(torch.tensor([3, 7]))):

@@ -143,6 +143,31 @@ def test_text_pipelines_follow_the_schedule(kind):
         assert rows == [B] * schedule.passes_per_image
 
 
+def own_timesteps(family) -> GuidanceSchedule:
+    """:func:`sparse` on a grid of its own that starts below the stock pipelines' sigma 1."""
+    s = sparse(family)
+    return GuidanceSchedule(
+        family=s.family, sampler=s.sampler, guided=s.guided, scales=s.scales, default_steps=4, timesteps=(950, 600, 300, 80)
+    )
+
+
+@pytest.mark.parametrize("kind", ["flux", "qwenimage"])
+def test_flow_pipelines_follow_a_schedule_with_its_own_timesteps(kind):
+    """The pipelines shift the sigmas they pass; the pinned scheduler runs the schedule's grid as given."""
+    family, pipe, call = text_pipeline(kind)
+    cond, uncond = text_conditioning(family, B, 0), text_conditioning(family, B, 1)
+    schedule = own_timesteps(family)
+    expected = sample(family, schedule, cond, uncond=uncond, generator=torch.Generator().manual_seed(0))
+    stock = sample(family, sparse(family), cond, uncond=uncond, generator=torch.Generator().manual_seed(0))
+    assert not torch.allclose(expected, stock, atol=1e-3)
+    scheduler = pipe.scheduler
+    with rd.apply(pipe, schedule):
+        got = call(pipe, family, cond, uncond, generator=torch.Generator().manual_seed(0))
+        assert [float(t) for t in pipe.scheduler.timesteps] == [950.0, 600.0, 300.0, 80.0]
+    assert_close(got, expected)
+    assert pipe.scheduler is scheduler
+
+
 def test_remove_restores_the_stock_pipeline():
     family, pipe, call = text_pipeline("pixart")
     cond, uncond = text_conditioning(family, B, 0), text_conditioning(family, B, 1)
@@ -203,7 +228,7 @@ def test_guider_round_trip(tmp_path):
     loaded = rd.ScheduledGuidance.from_pretrained(tmp_path)
     assert json.loads((tmp_path / "guider_config.json").read_text())["schedule"] == schedule.to_dict()
     assert loaded.schedule == schedule and loaded.new().schedule == schedule
-    assert loaded.call_kwargs() == {"num_inference_steps": 20, "timesteps": list(schedule.timesteps)}
+    assert loaded.call_kwargs() == {"num_inference_steps": 20}  # its timesteps come from rd.pinned_scheduler
     c, u = torch.randn(2, 4), torch.randn(2, 4)
     for i, t in enumerate(schedule.timesteps):
         outs = []
@@ -226,18 +251,20 @@ def _batches(guider, c, u):
     return batches
 
 
-def test_qwenimage_modular_pipeline_with_the_guider(tmp_path):
+@pytest.mark.parametrize("grid", ["stock", "own"])
+def test_qwenimage_modular_pipeline_with_the_guider(tmp_path, grid):
     from diffusers.modular_pipelines.qwenimage.modular_blocks_qwenimage import QwenImageCoreDenoiseStep
 
     from rstr.families.flux import pack_latents
 
     family = tiny_qwenimage()
     cond, uncond = text_conditioning(family, B, 0), text_conditioning(family, B, 1)
-    schedule = sparse(family)
+    schedule = sparse(family) if grid == "stock" else own_timesteps(family)
     rd.ScheduledGuidance.from_schedule(schedule).save_pretrained(tmp_path)
     guider = rd.ScheduledGuidance.from_pretrained(tmp_path)
     pipe = QwenImageCoreDenoiseStep().init_pipeline()
-    pipe.update_components(transformer=family.transformer, scheduler=family.fresh_scheduler(), guider=guider)
+    scheduler = family.fresh_scheduler() if grid == "stock" else rd.pinned_scheduler(family.fresh_scheduler(), schedule)
+    pipe.update_components(transformer=family.transformer, scheduler=scheduler, guider=guider)
     expected = sample(family, schedule, cond, uncond=uncond, generator=torch.Generator().manual_seed(0))
     rows = count_rows(family)
     size = family.latent_size * 8

@@ -160,14 +160,55 @@ def test_own_timesteps_drive_ddim_and_the_step_plan():
         assert math.isclose(step.coef_eps, (1 - a_prev) ** 0.5 - (a_prev * (1 - a) / a) ** 0.5, rel_tol=1e-4, abs_tol=1e-6)
 
 
-def test_own_timesteps_need_a_ddim_sampler():
+def test_own_timesteps_drive_flow_matching_euler_and_the_step_plan():
+    """On flow matching a schedule's timesteps are the sigmas t / T, used as given: on an unshifted scheduler the
+    stock grid reproduces the stock sampler; on any grid the plan is Euler between consecutive sigmas, then to 0."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from rstr.export.plan import build_plan
+    from tiny import text_conditioning, tiny_flux
+
+    from rstr.sampler import sample
+
+    family = tiny_flux()
+    family.scheduler = FlowMatchEulerDiscreteScheduler()  # shift 1, no dynamic shifting: sigmas 1, .75, .5, .25
+    kw = dict(family="flux", sampler=family.sampler, guided=(True, True, False, False), scales=(2.0, 1.5, None, None))
+    stock = GuidanceSchedule(default_steps=4, **kw)
+    same = GuidanceSchedule(default_steps=4, timesteps=(1000, 750, 500, 250), **kw)
+    own = GuidanceSchedule(default_steps=4, timesteps=(950, 600, 300, 80), **kw)
+    cond, uncond = text_conditioning(family, 2, 0), text_conditioning(family, 2, 1)
+    noise = family.noise(2, torch.Generator().manual_seed(0))
+    run = lambda s: sample(family, s, cond, uncond=uncond, noise=noise)  # noqa: E731
+    assert torch.allclose(run(same), run(stock), atol=1e-6)
+    assert not torch.allclose(run(own), run(stock), atol=1e-3)
+    plan = build_plan(family, own, batch=1)
+    sigmas = [t / 1000 for t in own.timesteps] + [0.0]
+    for step, t, s, s_next in zip(plan.steps, own.timesteps, sigmas, sigmas[1:]):
+        assert step.timestep == t and math.isclose(step.model_timestep, t / 1000, rel_tol=1e-6)
+        assert math.isclose(step.coef_sample, 1.0, rel_tol=1e-6)
+        assert math.isclose(step.coef_eps, s_next - s, rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("timesteps", [(1001, 500), (500, 0)])
+def test_flow_matching_timesteps_outside_1_to_t_are_refused(timesteps):
     from tiny import tiny_flux
 
     family = tiny_flux()
     schedule = GuidanceSchedule(
-        family="flux", sampler=family.sampler, guided=(False, False), scales=(None, None), default_steps=2, timesteps=(900, 0)
+        family="flux", sampler=family.sampler, guided=(False, False), scales=(None, None), default_steps=2, timesteps=timesteps
     )
-    with pytest.raises(
-        ScheduleError, match="need a deterministic DDIM scheduler; this model uses FlowMatchEulerDiscreteScheduler"
-    ):
+    with pytest.raises(ScheduleError, match=r"timesteps \[.*\] must be strictly decreasing integers in \[1, 1000\]"):
+        family.scheduler_for(schedule)
+
+
+def test_own_timesteps_need_a_deterministic_sampler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from tiny import tiny_flux
+
+    family = tiny_flux()
+    family.scheduler = FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)
+    schedule = GuidanceSchedule(
+        family="flux", sampler=family.sampler, guided=(False, False), scales=(None, None), default_steps=2, timesteps=(900, 400)
+    )
+    with pytest.raises(ScheduleError, match="need deterministic DDIM or flow-matching Euler; this model uses FlowMatchEuler"):
         family.scheduler_for(schedule)

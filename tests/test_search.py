@@ -120,6 +120,35 @@ def test_warp_genes_place_the_steps():
     assert Genome.span(8, 0, 2, 2.0).timesteps(1000) is None  # baselines keep the stock spacing
 
 
+def test_flow_matching_grids_end_above_zero_and_mutate_from_the_stock_spacing():
+    """Flow-matching Euler steps to sigma 0 after its last step: a warped grid has n points above 0 and may start at
+    sigma 1; the space fits its stock spacing (sigma 1, shifted towards high noise: rho < 1) for mutation to start from."""
+    from tiny import tiny_flux
+
+    from rstr.search.config import space
+
+    g = Genome.span(4, 0, 1, 2.0).with_warp((1.0, 1.0))
+    assert g.timesteps(1000, last_at_zero=False) == (1000, 750, 500, 250)
+    assert g.schedule("flux", "flow_euler", 8, 1000, last_at_zero=False).timesteps == (1000, 750, 500, 250)
+    dense = Genome.span(60, 0, 0, 1.0).with_warp((0.8, 2.0)).timesteps(1000, last_at_zero=False)
+    assert dense[-1] == 1 and all(a > b for a, b in zip(dense, dense[1:]))
+    family = tiny_flux()
+    stock = GuidanceSchedule.conditional_only(8, family=family.name, sampler=family.sampler)
+    flow = space(small_config(), 1.0, family.scheduler_for(stock))
+    assert flow.own_timesteps and not flow.last_at_zero and flow.start_range[1] == 1.0
+    assert flow.stock_warp is not None and flow.stock_warp[0] == 1.0 and 0.3 < flow.stock_warp[1] < 1.0
+    rng = np.random.default_rng(0)
+    warped = [mutate(Genome.span(6, 0, 1, 2.0), flow, rng, p_steps=0.0, p_scale=0.0, p_warp=1.0) for _ in range(50)]
+    starts = [m.warp[0] for m in warped if m.warp is not None]
+    assert len(starts) == 50 and statistics.median(starts) > 0.97  # around the stock start, sigma 1
+    for m in warped:
+        m.schedule("flux", "flow_euler", 8, flow.num_train, flow.last_at_zero)  # GuidanceSchedule validates the timesteps
+    ddim = space(
+        small_config(), 1.0, tiny_dit().scheduler_for(GuidanceSchedule.conditional_only(8, family="dit", sampler="ddim"))
+    )
+    assert ddim.own_timesteps and ddim.last_at_zero and ddim.stock_warp is None
+
+
 def test_repair_unguides_steps_nearest_scale_one():
     g = Genome((True,) * 10, (3.0, 1.1, 2.0, 0.9, 1.0, 2.5, 1.5, 3.5, 1.2, 4.0))
     fixed = repair(g, SPACE)  # 10 steps + 10 guided = 20 passes; budget 15 -> drop 5 guided steps

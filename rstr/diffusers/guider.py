@@ -15,7 +15,8 @@ fraction of the steps, with one scale; a searched schedule needs a per-step patt
 per-step scales.  The guider saves and loads like diffusers' guiders
 (``save_pretrained`` / ``from_pretrained``, ``guider_config.json``) with the whole schedule in
 its config, so the schedule's step count and timesteps travel with it: pass
-:meth:`ScheduledGuidance.call_kwargs` to the pipeline call.
+:meth:`ScheduledGuidance.call_kwargs` to the pipeline call (and, for a schedule with its own
+timesteps, give the pipeline :func:`rstr.diffusers.pinned_scheduler`).
 """
 
 from __future__ import annotations
@@ -57,16 +58,13 @@ class ScheduledGuidance(BaseGuidance):
         return cls(schedule=schedule.to_dict(), enabled=enabled)
 
     def call_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments that make a pipeline run the schedule's steps.
+        """Keyword arguments that make a pipeline run the schedule's steps: ``num_inference_steps``.
 
-        ``num_inference_steps`` always; ``timesteps`` too when the schedule carries its own
-        (a DDIM schedule from ``rstr search --own-timesteps``: the pipeline's scheduler must accept
-        them, e.g. :class:`rstr.families.ddim.DDIMAtTimesteps`).
+        A schedule with its own timesteps (``rstr search`` searches them by default) also needs the
+        pipeline's scheduler pinned to them: ``pipe.update_components(scheduler=rstr.diffusers.pinned_scheduler(
+        scheduler, schedule))``, since the pipelines shift whatever sigmas they are given.
         """
-        kwargs: dict[str, Any] = {"num_inference_steps": self.schedule.num_steps}
-        if self.schedule.timesteps is not None:
-            kwargs["timesteps"] = list(self.schedule.timesteps)
-        return kwargs
+        return {"num_inference_steps": self.schedule.num_steps}
 
     # ------------------------------------------------------------------ step state
     def set_state(self, step: int, num_inference_steps: int, timestep: torch.LongTensor) -> None:

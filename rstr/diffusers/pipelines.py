@@ -18,9 +18,9 @@ block) restores it.  Three changes, all undone by :func:`remove`:
    PixArt guide eps before dropping learned sigma, Qwen-Image rescales to the conditional norm,
    exactly as rstr's families do; the parity tests check it).  DiTPipeline's unconditional rows
    get the model's own null class instead of the hard-coded ImageNet 1000.
-3. **The scheduler**, when the schedule carries its own timesteps (DDIM, from Stage-1): a
-   :class:`~rstr.families.ddim.DDIMAtTimesteps` pinned to them, since ``DiTPipeline`` cannot
-   pass ``timesteps=``.  An adapter (``adapter=``) is attached as peft LoRA layers and unloaded
+3. **The scheduler**, when the schedule carries its own timesteps (from Stage-1): the
+   pipeline's scheduler pinned to them (:func:`pinned_scheduler`), since ``DiTPipeline`` cannot
+   pass ``timesteps=`` and the flow-matching pipelines shift whatever sigmas they pass.  An adapter (``adapter=``) is attached as peft LoRA layers and unloaded
    again on :func:`remove`.
 
 How each pipeline lays out CFG (which argument turns it on; whether conditional and
@@ -46,6 +46,7 @@ from rstr.diffusers.guider import ScheduledGuidance
 from rstr.errors import RstrError, ScheduleError
 from rstr.families import Family, family_for_transformer
 from rstr.families.ddim import DDIMAtTimesteps
+from rstr.families.timesteps import FlowMatchAtTimesteps, at_timesteps
 from rstr.schedule import GuidanceSchedule
 
 PIPELINE_SCALE = 2.0  # the CFG scale the pipeline runs with; the hook turns it into each step's own
@@ -69,16 +70,42 @@ LAYOUTS: dict[str, CFGLayout] = {
 }
 
 
-class PinnedTimesteps(DDIMAtTimesteps):
-    """DDIM on a schedule's own timesteps whatever step count the pipeline asks for (it asks for the schedule's)."""
+class _Pinned:
+    """``set_timesteps`` that sets the schedule's own timesteps, whatever step count, sigmas or timesteps a pipeline passes."""
 
     pinned: tuple[int, ...] = ()
 
     def set_timesteps(
-        self, num_inference_steps: int | None = None, device: str | torch.device | None = None, timesteps: object = None
+        self,
+        num_inference_steps: int | None = None,
+        device: str | torch.device | None = None,
+        sigmas: object = None,
+        mu: object = None,
+        timesteps: object = None,
     ) -> None:
-        """The pinned timesteps, whatever step count or timesteps the pipeline passes."""
-        super().set_timesteps(device=device, timesteps=self.pinned)
+        super().set_timesteps(device=device, timesteps=self.pinned)  # type: ignore[misc]  # a mixin before the scheduler
+
+
+class PinnedDDIM(_Pinned, DDIMAtTimesteps):  # type: ignore[misc]  # takes (and ignores) the sigmas DDIM lacks
+    """DDIM pinned to a schedule's own timesteps (``DiTPipeline`` cannot pass ``timesteps=``)."""
+
+
+class PinnedFlowMatch(_Pinned, FlowMatchAtTimesteps):
+    """Flow-matching Euler pinned to a schedule's own timesteps (the pipelines shift any sigmas they pass)."""
+
+
+def pinned_scheduler(scheduler: Any, schedule: GuidanceSchedule) -> Any:
+    """A scheduler with ``scheduler``'s configuration that always runs ``schedule``'s own timesteps.
+
+    For pipelines that cannot pass them: ``apply`` installs one, and a modular pipeline driven by
+    :class:`ScheduledGuidance` takes one with ``pipe.update_components(scheduler=...)``.
+    """
+    if schedule.timesteps is None:
+        raise ScheduleError("the schedule has no timesteps of its own; the pipeline's own scheduler runs it")
+    own = at_timesteps(scheduler, schedule.timesteps)  # refuses a scheduler that cannot take them
+    pinned = (PinnedDDIM if isinstance(own, DDIMAtTimesteps) else PinnedFlowMatch).from_config(own.config)
+    pinned.pinned = schedule.timesteps
+    return pinned
 
 
 class _CallName(StateManager):
@@ -306,8 +333,7 @@ def apply(pipe: Any, schedule: GuidanceSchedule | ScheduledGuidance, adapter: st
     applied = Applied(pipe, schedule, LAYOUTS[name], type(pipe), ScheduleHook(schedule, LAYOUTS[name], family))
     pinned = None
     if schedule.timesteps is not None:
-        pinned = PinnedTimesteps.from_config(family.scheduler_for(schedule).config)
-        pinned.pinned = schedule.timesteps
+        pinned = pinned_scheduler(pipe.scheduler, schedule)
     if adapter is not None:  # the last check that can fail; nothing is changed before it
         from rstr.calibrate import load_adapter
 

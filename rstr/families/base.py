@@ -306,7 +306,7 @@ class Family(ABC):
         if schedule.timesteps is None:
             self.set_timesteps(scheduler, schedule.num_steps)
             return scheduler
-        from rstr.families.ddim import at_timesteps
+        from rstr.families.timesteps import at_timesteps
 
         return at_timesteps(scheduler, schedule.timesteps, device=self.device)
 

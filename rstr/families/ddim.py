@@ -80,20 +80,3 @@ class DDIMAtTimesteps(DDIMScheduler):
         if not return_dict:
             return (prev_sample, x0)
         return DDIMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
-
-
-def supports_own_timesteps(scheduler) -> bool:
-    """True when a schedule's own timesteps can drive ``scheduler`` (deterministic DDIM)."""
-    return isinstance(scheduler, DDIMScheduler) and not scheduler.config.clip_sample and not scheduler.config.thresholding
-
-
-def at_timesteps(scheduler, timesteps: Sequence[int], device: str | torch.device | None = None) -> DDIMAtTimesteps:
-    """A :class:`DDIMAtTimesteps` with ``scheduler``'s configuration, set to ``timesteps``."""
-    if not supports_own_timesteps(scheduler):
-        raise ScheduleError(
-            f"the schedule carries its own timesteps, which need a deterministic DDIM scheduler; this model uses "
-            f"{type(scheduler).__name__}: drop 'timesteps' from the schedule"
-        )
-    own = DDIMAtTimesteps.from_config(scheduler.config)
-    own.set_timesteps(timesteps=timesteps, device=device)
-    return own

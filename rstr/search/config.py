@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
+
 from rstr.errors import RstrError
-from rstr.families.ddim import supports_own_timesteps
+from rstr.families.timesteps import last_step_at_zero, supports_own_timesteps
 from rstr.search.genome import MIN_STEPS, SearchSpace
 
 
@@ -145,10 +147,15 @@ def preset_config(
 
 def space(config: SearchConfig, w0: float, scheduler: Any = None) -> SearchSpace:
     """The search space of ``config`` for a model whose default CFG scale is ``w0`` and whose sampler is
-    ``scheduler``: ``warp`` genes only when the config allows them and the scheduler takes own timesteps."""
+    ``scheduler`` (set to the stock spacing of ``config.steps``): ``warp`` genes only when the config allows
+    them and the scheduler takes own timesteps (:mod:`rstr.families.timesteps`)."""
     lo, hi = min(config.baseline_scales), max(config.baseline_scales)
     own = config.own_timesteps and scheduler is not None and supports_own_timesteps(scheduler)
     num_train = int(scheduler.config.num_train_timesteps) if scheduler is not None else 1000
+    grid: dict[str, Any] = {}
+    if own and not last_step_at_zero(scheduler):
+        # the grid may start at the stock pipelines' sigma 1; mutation starts from the warp nearest their spacing
+        grid = {"last_at_zero": False, "start_range": (0.80, 1.0), "stock_warp": _nearest_warp(scheduler, num_train)}
     return SearchSpace.for_budget(
         config.budget,
         config.steps,
@@ -158,4 +165,17 @@ def space(config: SearchConfig, w0: float, scheduler: Any = None) -> SearchSpace
         sigma=config.sigma * w0,
         own_timesteps=own,
         num_train=num_train,
+        **grid,
     )
+
+
+def _nearest_warp(scheduler: Any, num_train: int) -> tuple[float, float] | None:
+    """``(start, rho)`` whose grid ``start * (1 - i / n) ** rho`` fits the scheduler's timesteps best (least
+    squares in log space), or None when it has fewer than two."""
+    s = np.asarray([float(t) / num_train for t in scheduler.timesteps])
+    n = len(s)
+    if n < 2:
+        return None
+    a = np.log(1 - np.arange(1, n) / n)
+    rho = float(np.dot(a, np.log(s[1:] / s[0])) / np.dot(a, a))
+    return float(s[0]), rho

@@ -35,8 +35,9 @@ class Genome:
 
     ``warp`` = ``(start, rho)`` places the steps in time (:meth:`timesteps`): the first timestep
     at ``start`` of the training range, the others at ``start * (1 - i / (n - 1)) ** rho`` of it
-    down to 0 (``rho > 1`` spends more steps at low noise).  ``None`` keeps the sampler's stock
-    spacing -- what every baseline uses.  Two genes instead of one per step: the grid stays
+    down to 0 (``rho > 1`` spends more steps at low noise), or, where the sampler steps to 0
+    after its last step (flow matching), at ``start * (1 - i / n) ** rho``.  ``None`` keeps the
+    sampler's stock spacing -- what every baseline uses.  Two genes instead of one per step: the grid stays
     smooth, moves with the step count, and the search cannot overfit the noise of one seed group
     with a jagged grid (AutoDiffusion searches timesteps freely; we found a smooth warp enough).
     """
@@ -83,25 +84,37 @@ class Genome:
     def with_warp(self, warp: tuple[float, float] | None) -> Genome:
         return Genome(self.guided, self.scales, warp)
 
-    def timesteps(self, num_train: int) -> tuple[int, ...] | None:
-        """The scheduler timesteps of the ``warp`` genes (strictly decreasing, last 0), or None for the stock spacing."""
+    def timesteps(self, num_train: int, last_at_zero: bool = True) -> tuple[int, ...] | None:
+        """The scheduler timesteps of the ``warp`` genes, strictly decreasing, or None for the stock spacing.
+
+        ``last_at_zero``: the grid's last step is timestep 0 (DDIM); otherwise it is the last
+        point above 0 of an ``n + 1``-point grid ending at 0, and the first may be ``num_train``
+        (flow matching: sigma 1)."""
         if self.warp is None:
             return None
         start, rho = self.warp
-        n, first = self.num_steps, min(num_train - 1, round(start * num_train))
-        ts = [round(first * (1 - i / (n - 1)) ** rho) for i in range(n)] if n > 1 else [first]
+        n = self.num_steps
+        if last_at_zero:
+            first = min(num_train - 1, round(start * num_train))
+            ts = [round(first * (1 - i / (n - 1)) ** rho) for i in range(n)] if n > 1 else [first]
+        else:
+            first = min(num_train, round(start * num_train))
+            ts = [round(first * (1 - i / n) ** rho) for i in range(n)]
+            ts[-1] = max(ts[-1], 1)
         for i in range(n - 2, -1, -1):  # rounding may tie neighbours at low noise: keep them distinct
             ts[i] = max(ts[i], ts[i + 1] + 1)
         return tuple(ts)
 
-    def schedule(self, family: str, sampler: str, default_steps: int, num_train: int = 1000) -> GuidanceSchedule:
+    def schedule(
+        self, family: str, sampler: str, default_steps: int, num_train: int = 1000, last_at_zero: bool = True
+    ) -> GuidanceSchedule:
         return GuidanceSchedule(
             family=family,
             sampler=sampler,
             guided=self.guided,
             scales=tuple(s if g else None for g, s in zip(self.guided, self.scales)),
             default_steps=default_steps,
-            timesteps=self.timesteps(num_train),
+            timesteps=self.timesteps(num_train, last_at_zero),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -129,7 +142,10 @@ class SearchSpace:
     ``[0, w_max]``; random members draw scales from ``init_scales``, mutation perturbs them
     with std ``sigma``.  With ``own_timesteps`` genomes may carry ``warp`` genes: ``start`` in
     ``start_range`` (perturbed with std ``start_sigma``), ``rho`` in ``rho_range`` (std
-    ``rho_sigma``), over ``num_train`` training timesteps.
+    ``rho_sigma``), over ``num_train`` training timesteps, on a grid whose last step is at 0
+    or not (``last_at_zero``, :meth:`Genome.timesteps`).  ``stock_warp`` is the warp nearest the
+    sampler's stock spacing, where mutation starts a genome that has none; ``None``: DDIM's
+    leading spacing, ``((n - 1) / n, 1)`` for ``n`` steps.
     """
 
     default_steps: int
@@ -140,6 +156,8 @@ class SearchSpace:
     sigma: float = 0.3
     own_timesteps: bool = False
     num_train: int = 1000
+    last_at_zero: bool = True
+    stock_warp: tuple[float, float] | None = None
     start_range: tuple[float, float] = (0.80, 0.99)
     rho_range: tuple[float, float] = (0.5, 2.0)
     start_sigma: float = 0.02
@@ -221,8 +239,7 @@ def mutate(
     * perturb each scale with probability ``p_scale`` by Gaussian noise of std ``space.sigma``,
       clipped to ``[0, w_max]`` and snapped to the 0.05 grid;
     * with ``space.own_timesteps``, with probability ``p_warp`` perturb the ``warp`` genes
-      (a genome on the stock spacing first gets the warp nearest to it: ``start`` at
-      ``(n - 1) / n``, where DDIM's leading spacing starts, and ``rho = 1``).
+      (a genome on the stock spacing first gets the warp nearest to it, ``space.stock_warp``).
     """
     counts = space.step_counts
     if len(counts) > 1 and rng.random() < p_steps:
@@ -239,7 +256,7 @@ def mutate(
     scales = tuple(quantize(float(np.clip(s + d, 0.0, space.w_max))) if m else s for s, d, m in zip(genome.scales, noise, moved))
     warp = genome.warp
     if space.own_timesteps and rng.random() < p_warp:
-        start, rho = warp if warp is not None else ((n - 1) / n, 1.0)
+        start, rho = warp if warp is not None else space.stock_warp or ((n - 1) / n, 1.0)
         warp = space.clip_warp(start + rng.normal(0.0, space.start_sigma), rho + rng.normal(0.0, space.rho_sigma))
     return repair(Genome(guided, scales, warp), space)
 

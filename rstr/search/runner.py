@@ -94,7 +94,8 @@ class _Search:
         on_checkpoint: Callable[[SearchState], None] | None,
     ) -> None:
         self.family, self.config, self.dir, self.objective = family, config, checkpoint_dir, objective
-        self.space = space(config, family.default_scale, family.scheduler)
+        stock = GuidanceSchedule.conditional_only(config.steps, family=family.name, sampler=family.sampler)
+        self.space = space(config, family.default_scale, family.scheduler_for(stock))
         self.progress, self.on_checkpoint = progress, on_checkpoint
         self.model = model_identity(family)
         self.state = SearchState.fresh(config.seed)
@@ -107,7 +108,7 @@ class _Search:
 
     # ------------------------------------------------------------------- bookkeeping
     def schedule_of(self, g: Genome) -> GuidanceSchedule:
-        return g.schedule(self.family.name, self.family.sampler, self.config.steps, self.space.num_train)
+        return g.schedule(self.family.name, self.family.sampler, self.config.steps, self.space.num_train, self.space.last_at_zero)
 
     def rank(self, g: Genome) -> RankKey:
         m = self.state.search[g.key]
