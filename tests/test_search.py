@@ -232,6 +232,13 @@ def test_own_timesteps_are_searched_and_ablated(tmp_path):
     assert warp and all(e["schedule"].partition("@")[2] == warp for e in moved)
     assert r["beats_every_baseline_on_its_timesteps"] == all(e["result_better_on_all_groups"] for e in moved)
     assert all(len(e["held_out"]["groups"]["loss"]) == 3 for e in r["ablations"])
+    # the best baseline of each kind also competed on the best evolved schedule's timesteps, and lost
+    # (or is the result, and says so) on the search pool
+    regridded = [e for e in r["finalists"] if e["label"].endswith("on the searched timesteps")]
+    assert len(regridded) == len(kinds) and all(e["schedule"].partition("@")[2] for e in regridded)
+    pooled = {e["schedule"]: e["search"]["mean"]["loss"] + e["validation"]["mean"]["loss"] for e in r["finalists"]}
+    assert pooled[r["result"]["schedule"]] == min(pooled.values())
+    assert ("simple" in r["result"]) == r["finalists"][0]["label"].startswith("baseline: ")
     stock = run(tmp_path / "stock", small_config(generations=6, own_timesteps=False))
     assert stock.schedule.timesteps is None and stock.report["ablations"] == []
 

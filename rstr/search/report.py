@@ -47,10 +47,12 @@ def search_report(
     result: Genome,
     grid: list[Baseline],
     chosen: list[Baseline],
+    regridded: list[tuple[str, Genome]],
     ablations: list[tuple[str, Genome]],
     seconds: float,
 ) -> dict[str, Any]:
-    """``search-report.json``: the result against the selected baselines, the fronts and the run's history."""
+    """``search-report.json``: the result against the selected baselines, the fronts and the run's history.
+    ``regridded`` are the baselines that competed as finalists on the searched timesteps, labelled."""
     metric = run.objective.metric
     res = _entry(run, result, label="search result")
     held = res["held_out"]["groups"][metric]
@@ -65,6 +67,9 @@ def search_report(
         e["baseline"] = g.key != result.with_warp(None).key  # a simple schedule on the result's timesteps
         e["result_better_on_all_groups"] = all(a < t for a, t in zip(held, e["held_out"]["groups"][metric]))
     labels = {b.genome.key: f"baseline: {b.label}" for b in chosen}
+    labels.update({g.key: f"baseline: {label}" for label, g in regridded})
+    if result.key in labels:
+        res["simple"] = labels[result.key].removeprefix("baseline: ")  # no evolved schedule did better
     front = pareto_front([(Genome.from_key(k), run.state.search[k]) for k in run.state.ga_keys], run.objective)
     bfront = pareto_front([(b.genome, run.state.search[b.genome.key]) for b in grid if b.in_budget], run.objective)
     return {
@@ -187,7 +192,8 @@ def markdown_report(r: dict[str, Any], schedule_name: str, schedule_png: str, pa
         + (f", class accuracy >= {r['objective']['min_accuracy']}" if "min_accuracy" in r["objective"] else "")
         + ").",
         f"Search seeds {r['seeds']['search']} (one group of {c['search_num']} images), validation seeds {r['seeds']['validation']} "
-        f"(the {c['finalists']} best evolved schedules and the best baseline of each kind), held-out seeds {r['seeds']['held_out']} ({groups} groups of "
+        f"(the {c['finalists']} best evolved schedules and the best baseline of each kind, on the stock timesteps and on the "
+        f"best evolved schedule's), held-out seeds {r['seeds']['held_out']} ({groups} groups of "
         f"{r['seeds']['held_out_num']} images, never seen by the search). Every schedule starts from the same noise.",
         f"Population {c['population']}, {c['generations']} generations, {r['evaluations']['search_seeds']} schedules scored "
         f"on search seeds, {r['seconds']:.0f} s (this run).",
@@ -196,6 +202,11 @@ def markdown_report(r: dict[str, Any], schedule_name: str, schedule_png: str, pa
         "",
         f"{res['describe']}; per step (`-` = unguided): `{res['schedule'].partition('@')[0]}`.",
         "",
+        *(
+            [f"**The result is a simple schedule** ({res['simple']}): no evolved schedule beat it on the search pool.", ""]
+            if res.get("simple")
+            else []
+        ),
         *(
             [
                 f"Its own timesteps (searched warp `@start^rho` = `{res['schedule'].partition('@')[2]}`; the baselines use the "

@@ -181,10 +181,14 @@ class _Search:
             chosen = self.select_baselines(grid)
             self.evolve(chosen, out)
             finalists = sorted(self.state.ga_keys, key=lambda k: self.rank(Genome.from_key(k)))[: self.config.finalists]
-            # the best baseline of each kind competes too: the result is never a schedule that a simple one
-            # beats on the search pool (search + validation seeds)
+            # the best baseline of each kind competes too, on the stock timesteps and on the best evolved
+            # schedule's: the result is never a schedule that a simple one beats on the search pool (search +
+            # validation seeds), on either grid
             kinds = self.best_of_each_kind(chosen, lambda b: self.rank(b.genome))
-            finalists += [b.genome.key for b in kinds if b.genome.key not in finalists]
+            regridded = self.regridded(Genome.from_key(finalists[0]), kinds)
+            self.score([g for _, g in regridded], "search", "baselines on the searched timesteps")
+            candidates = [*finalists, *(b.genome.key for b in kinds), *(g.key for _, g in regridded)]
+            finalists = list(dict.fromkeys(candidates))
             self.score([Genome.from_key(k) for k in finalists], "validation", "finalists")
             self.save(out)
             result = Genome.from_key(min(finalists, key=self.final_rank))
@@ -199,9 +203,15 @@ class _Search:
             *(b.genome for b in sorted((b for b in chosen if b.in_budget), key=lambda b: self.rank(b.genome))),
         ]
         candidates = [self.schedule_of(g) for g in {g.key: g for g in ranked}.values()]
-        return SearchResult(
-            candidates[0], search_report(self, result, grid, chosen, ablations, time.perf_counter() - t0), candidates
-        )
+        report = search_report(self, result, grid, chosen, regridded, ablations, time.perf_counter() - t0)
+        return SearchResult(candidates[0], report, candidates)
+
+    def regridded(self, best: Genome, kinds: list[Baseline]) -> list[tuple[str, Genome]]:
+        """The baselines ``kinds`` moved onto the timesteps of ``best`` (the best evolved schedule), labelled;
+        none when ``best`` keeps the stock spacing."""
+        if best.warp is None:
+            return []
+        return [(f"{b.label} on the searched timesteps", b.genome.with_warp(best.warp)) for b in kinds]
 
     def ablations(self, result: Genome, chosen: list[Baseline]) -> list[tuple[str, Genome]]:
         """Where a result with its own timesteps gains: its guidance on the stock timesteps, and the best
