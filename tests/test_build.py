@@ -25,7 +25,7 @@ from rstr.families import REFERENCE_MODEL, load_model
 from rstr.schedule import GuidanceSchedule
 from rstr.seeds import HELD_OUT_SEEDS
 
-SEARCHED_50 = Path(__file__).parent.parent / "docs" / "search" / "budget-50" / "schedule.json"
+SEARCHED_50 = Path(__file__).parent.parent / "docs" / "search" / "digits-dit" / "budget-50" / "schedule.json"
 SMALL = 200  # images per group in these tests (at 60 the FD is mostly finite-sample bias and ranks nothing)
 
 

@@ -19,7 +19,7 @@ from rstr.sampler import sample
 from rstr.schedule import GuidanceSchedule
 
 ROOT = Path(__file__).resolve().parent.parent
-BUDGET_50 = ROOT / "docs" / "search" / "budget-50" / "schedule.json"
+BUDGET_50 = ROOT / "docs" / "search" / "digits-dit" / "budget-50" / "schedule.json"
 B = 2
 GUIDED = (True, False, True, False)
 

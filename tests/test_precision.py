@@ -175,7 +175,9 @@ def test_gate_ships_only_a_reduced_bundle_that_is_no_worse_and_faster(difference
 def test_gate_on_the_reference_model_compares_bundles_on_gate_seeds(tmp_path, monkeypatch):
     """The real gate path, on fewer gate images: both bundles scored through ONNX Runtime, paired, recorded."""
     monkeypatch.setattr(stages, "GATE_NUM", 40)
-    schedule = GuidanceSchedule.load(Path(__file__).resolve().parent.parent / "docs" / "search" / "budget-30" / "schedule.json")
+    schedule = GuidanceSchedule.load(
+        Path(__file__).resolve().parent.parent / "docs" / "search" / "digits-dit" / "budget-30" / "schedule.json"
+    )
     schedule.save(tmp_path / "s.json")
     build(BuildOptions(schedule=tmp_path / "s.json", out=tmp_path / "b", measure=False, precision="auto"))
     bundle = Bundle.open(tmp_path / "b")

@@ -187,8 +187,7 @@ class _Search:
             kinds = self.best_of_each_kind(chosen, lambda b: self.rank(b.genome))
             regridded = self.regridded(Genome.from_key(finalists[0]), kinds)
             self.score([g for _, g in regridded], "search", "baselines on the searched timesteps")
-            candidates = [*finalists, *(b.genome.key for b in kinds), *(g.key for _, g in regridded)]
-            finalists = list(dict.fromkeys(candidates))
+            finalists = list(dict.fromkeys([*finalists, *(b.genome.key for b in kinds), *(g.key for _, g in regridded)]))
             self.score([Genome.from_key(k) for k in finalists], "validation", "finalists")
             self.save(out)
             result = Genome.from_key(min(finalists, key=self.final_rank))
