@@ -71,6 +71,7 @@ class BuildOptions:
     height: int | None = None  # output size and prompt tokens; None: the model's (rstr.families.size)
     width: int | None = None
     max_text_len: int | None = None
+    teacher: Path | None = None  # Stage-2's teacher schedule (default: constant CFG at full steps)
 
     @property
     def size(self) -> dict[str, int]:
@@ -202,6 +203,12 @@ def build(opts: BuildOptions) -> BuildResult:
     check_runs_in_dtype(family, opts.dtype)
     if opts.schedule is not None:
         build_plan(family, GuidanceSchedule.load(opts.schedule), opts.batch)  # refuse a misfit before any work
+    teacher = None
+    if opts.teacher is not None:
+        if opts.schedule is not None or opts.adapter is not None:
+            raise RstrError("--teacher is Stage-2's, which --schedule and --adapter skip; drop --teacher or both of them")
+        teacher = GuidanceSchedule.load(opts.teacher)
+        teacher.check_fits(family.name, family.sampler)
     if opts.require_better and family.quality != "digits":
         raise RstrError("--require-better needs a model with a quality measure here (a digits classifier); drop it")
     if opts.precision != "auto":
@@ -223,7 +230,7 @@ def build(opts: BuildOptions) -> BuildResult:
             gate = None
         adapter = opts.adapter
         if adapter is None and opts.schedule is None:
-            adapter, adapter_gate = run_stage2(family, schedule, gate, opts.preset, opts.seed, stages)
+            adapter, adapter_gate = run_stage2(family, schedule, gate, opts.preset, opts.seed, stages, teacher)
             gates["adapter"] = adapter_gate.to_json()
             log.info(adapter_gate.decision)
         schedule.save(root / "schedule.json")

@@ -45,6 +45,14 @@ def build(
         Path | None, typer.Option(help="Schedule JSON from `rstr search`; skips Stage-1 (and Stage-2 unless --adapter).")
     ] = None,
     adapter: Annotated[Path | None, typer.Option(help="Adapter directory from `rstr calibrate`; skips Stage-2.")] = None,
+    teacher: Annotated[
+        Path | None,
+        typer.Option(
+            help="Schedule JSON Stage-2 calibrates toward (default: constant CFG at full steps). Where the searched "
+            "schedule already beats constant CFG, Stage-2 is skipped unless a better teacher is given here, e.g. a "
+            "`rstr search` result at a larger --budget."
+        ),
+    ] = None,
     out: Annotated[Path, typer.Option(help="Bundle directory to write (refused if it exists, unless --force).")] = Path(
         "rstr-bundle"
     ),
@@ -120,6 +128,7 @@ def build(
     * `rstr-export build`: the whole job on the reference model
     * `rstr-export build --model digits-flux --out flux-bundle`: another model
     * `rstr-export build --schedule s.json --adapter calib/ --out b/`: your own Stage-1/Stage-2 results
+    * `rstr-export build --budget 0.3 --teacher budget-50/schedule.json`: calibrate toward a better teacher
     * `rstr-export build --require-better --quiet`: for CI, exit 1 unless the bundle beats the stock model
     """
     from rstr._cli import set_threads, setup_output
@@ -155,6 +164,7 @@ def build(
             height=height,
             width=width,
             max_text_len=max_text_len,
+            teacher=teacher,
         )
     )
     s = result.summary

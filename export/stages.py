@@ -8,9 +8,10 @@ report uses, so the report on held-out seeds stays an independent measurement:
   at full steps on every gate group.  If it is worse, the best in-budget baselines of the same
   search (ranked on search seeds) are tried in turn; the first that passes ships.  If none
   passes, the best of them ships and the gate record says so.
-* **Stage-2**: when the shipped schedule already beats constant CFG (its teacher) on every gate
-  group, calibrating toward the teacher can only make it more like the teacher, i.e. worse
-  (measured on the reference model, docs/stage2.md), so Stage-2 is skipped with that reason.
+* **Stage-2**: when the shipped schedule already beats constant CFG (its default teacher) on every
+  gate group, calibrating toward it can only make it more like the teacher, i.e. worse (measured
+  on the reference model, docs/stage2.md), so Stage-2 is skipped with that reason, unless the
+  user gives a better teacher (``--teacher``, e.g. a Stage-1 result at a larger budget).
   Otherwise the adapter is trained and kept only if the calibrated model is no worse than the
   uncalibrated one under the schedule (**adapter gate**).
 
@@ -145,21 +146,34 @@ def gate_schedule(family: Family, candidates: list[GuidanceSchedule]) -> tuple[G
 
 
 def run_stage2(
-    family: Family, schedule: GuidanceSchedule, schedule_gate: Gate | None, preset: str, seed: int, workdir: Path
+    family: Family,
+    schedule: GuidanceSchedule,
+    schedule_gate: Gate | None,
+    preset: str,
+    seed: int,
+    workdir: Path,
+    teacher: GuidanceSchedule | None = None,
 ) -> tuple[Path | None, Gate]:
-    """Stage-2 when it can help; the adapter directory (None when skipped or when it costs quality) and the gate record."""
+    """Stage-2 when it can help; the adapter directory (None when skipped or when it costs quality) and the gate record.
+
+    ``teacher`` (default: constant CFG at full steps) is what the student is calibrated toward.  The skip
+    rule compares with constant CFG, so it applies to the default teacher only; a given teacher is trusted
+    to be better than the student, and the adapter gate still keeps the adapter only where it helps.
+    """
     from rstr.calibrate import apply_adapter, calibrate
 
     shipped = schedule_gate.shipped if schedule_gate is not None else None
-    if shipped is not None and shipped.verdict == "better":
+    if teacher is None and shipped is not None and shipped.verdict == "better":
         return None, Gate(
             "adapter",
             "Stage-2 skipped: the schedule already beats its constant-CFG teacher on every gate "
-            "group, and calibrating toward the teacher would make it worse (docs/stage2.md)",
+            "group, and calibrating toward the teacher would make it worse (docs/stage2.md); "
+            "--teacher takes a better one",
         )
     out = workdir / "adapter"
-    log.info(f"[bold]Stage-2[/bold] calibrating LoRA against the constant-CFG teacher ({preset} preset)")
-    calibrate(family, schedule, out, preset=preset, seed=seed, progress=True)
+    what = "the constant-CFG teacher" if teacher is None else f"the teacher {teacher.describe()}"
+    log.info(f"[bold]Stage-2[/bold] calibrating LoRA against {what} ({preset} preset)")
+    calibrate(family, schedule, out, preset=preset, seed=seed, progress=True, teacher=teacher)
     if family.quality != "digits":
         return out, Gate(
             "adapter",

@@ -120,6 +120,26 @@ def test_stage2_is_skipped_when_the_schedule_beats_its_teacher(gate_result, tmp_
     assert adapter is None and decision.decision.startswith("Stage-2 skipped") and not (tmp_path / "adapter").exists()
 
 
+def test_a_given_teacher_runs_stage2_where_the_schedule_beats_constant_cfg(gate_result, monkeypatch, tmp_path):
+    """--teacher lifts the skip rule (it compares with constant CFG only) and is what the student is calibrated toward."""
+    monkeypatch.setattr(stages, "GATE_NUM", SMALL)  # the gate's scores, reused for the side without the adapter
+    _, (schedule, gate) = gate_result
+    family = load_model()
+    teacher = GuidanceSchedule.constant(1.5, 25, family="dit", sampler="ddim", default_steps=25)
+    tiny = Preset(pool=8, probe=4, probe_iterations=2, validation=4, batch_size=4, iterations=2, lr=1e-3, checkpoint_every=2)
+    _, decision = stages.run_stage2(family, schedule, gate, tiny, 0, tmp_path, teacher)
+    assert not decision.decision.startswith("Stage-2 skipped") and decision.comparisons
+    record = json.loads((tmp_path / "adapter" / "calibration.json").read_text())
+    assert GuidanceSchedule.from_dict(record["teacher"]) == teacher
+
+
+def test_teacher_is_refused_where_stage2_does_not_run(tmp_path):
+    for given in ({"schedule": SEARCHED_50}, {"adapter": tmp_path}):
+        with pytest.raises(RstrError, match="--teacher is Stage-2's, which --schedule and --adapter skip"):
+            build(BuildOptions(teacher=SEARCHED_50, out=tmp_path / "b", measure=False, **given))
+    assert not (tmp_path / "b").exists()
+
+
 def test_require_better_refuses_a_losing_bundle_and_writes_nothing(tmp_path, small_groups):
     bad = tmp_path / "bad.json"
     GuidanceSchedule.conditional_only(4, family="dit", sampler="ddim", default_steps=25).save(bad)
