@@ -1,7 +1,7 @@
 """The rules of a bundle that its JSON Schema cannot state, checked by every reader.
 
 Three layers, run in this order by :meth:`rstr.engines.bundle.Bundle.open` (and by the C++
-runtime's ``Bundle::open`` in engines/cpp/src/validate.cpp, with the same rules in the same
+runtime's ``Bundle::open`` in engines/cpp/src/validate.cpp and validate_files.cpp, with the same rules in the same
 order and the same words):
 
 1. :func:`document_problem`: a schema-valid ``manifest.json`` must also make sense: the sample

@@ -3,7 +3,7 @@
 :func:`make_corpus` copies the good bundle once per case and applies the case's mutation; the
 case's ``reason`` is a fragment that the one error line of every reader (``Bundle.open`` /
 ``Pipeline.load``, ``rstr-export run``, ``rstr-export verify`` and the C++ ``rstr-run``) must
-contain.  tests/test_hardening.py runs the corpus through all four and also checks that their
+contain.  tests/test_hardening_bundles.py runs the corpus through all four and also checks that their
 lines agree word for word once the bundle's path is taken out.
 
 Areas: ``json`` (the manifest as a document), ``schema``, ``rules`` (what the schema cannot

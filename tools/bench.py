@@ -13,7 +13,7 @@ Per model, every row runs on the same noise, conditioning and nominal step count
    QwenImagePipeline), PyTorch eager, constant CFG -- the baseline;
 2. ``diffusers-compile`` the same with ``torch.compile`` on its transformer (what a PyTorch user does);
 3. ``cache-dit@T`` the same pipeline with cache-dit's DBCache configured to cache on the model
-   (blocks that fit, threshold T swept, ``bench_setup.cache_dit_config``);
+   (blocks that fit, threshold T swept, ``bench_pipelines.cache_dit_config``);
 4. ``rstr-torch`` rstr's sampler with the rstr 50% schedule, PyTorch eager;
 5. ``ort-cfg``    the exported bundle on ONNX Runtime (CPU), constant CFG;
 6. ``ort-rstr[30][-P]`` the bundle on ONNX Runtime (CPU) at the 50% (``rstr``) or 30% (``rstr30``)
@@ -26,9 +26,10 @@ after one warm-up call per row, and reported as the median with the min-max spre
 ``docs/benchmarks.md`` (written by this script) for what each column measures.
 
 This file is the runner: it sets up each model's rows (``bench_rows.ModelBench``, from the
-models, inputs, pipelines and bundles of ``bench_setup.py``), calls the measurements of
-``bench_measure.py`` in order (each returns a record), collects the records' JSON per model
-and hands it to ``bench_report.py``, which writes the report, ``results.json`` and the plots.
+models and inputs of ``bench_setup.py`` and the pipelines and bundles of ``bench_pipelines.py``),
+calls the measurements of ``bench_measure.py`` in order (each returns a record), collects the
+records' JSON per model and hands it to ``bench_report.py``, which writes the report (its numbers
+from ``bench_numbers.py``), ``results.json`` and the plots (``bench_plots.py``).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_measure as measure  # noqa: E402
+import bench_pipelines as pipelines  # noqa: E402
 import bench_setup as setup  # noqa: E402
 from bench_measure import Memory, Overhead, log  # noqa: E402
 from bench_rows import ModelBench, at_batch  # noqa: E402
@@ -101,7 +103,7 @@ def child_main(args) -> int:
         bundle = Bundle.open(args._bundle)
         imports = measure.status_mb()
         for b in batches:
-            noise, cond, uncond = setup.bundle_inputs_np(bundle, b)
+            noise, cond, uncond = pipelines.bundle_inputs_np(bundle, b)
             with OnnxRuntimeRunner(at_batch(bundle, b), threads=args.threads) as runner:
                 runner.infer(noise, cond, uncond)
     else:
@@ -167,8 +169,8 @@ def bench_model(spec, args, source_schedules: dict) -> dict:
     for key, flops in measure.model_flops(mb, runs, pass_flops, args.count_full_runs and spec.key != "dit-xl").items():
         rows[key].update(asdict(flops))
     for key in [k for k in runs if is_cache_dit(k)]:  # what its FLOP-counted batch-1 run cached
-        rows[key]["cache_dit_stats"] = setup.cache_dit_stats(mb.pipes[key])
-        rows[key]["cache_dit_config"] = setup.cache_dit_config(mb.family, mb.steps, float(key.split("@")[1]))
+        rows[key]["cache_dit_stats"] = pipelines.cache_dit_stats(mb.pipes[key])
+        rows[key]["cache_dit_config"] = pipelines.cache_dit_config(mb.family, mb.steps, float(key.split("@")[1]))
 
     if spec.key == "ref" and not args.no_quality:
         log(f"  quality: {args.quality_groups} x {args.quality_num} held-out images per row")
@@ -216,7 +218,7 @@ def machine() -> dict:
         "torch": torch.__version__,
         "onnxruntime": onnxruntime.__version__,
         "diffusers": diffusers.__version__,
-        "cache_dit": setup.cache_dit_version(),
+        "cache_dit": pipelines.cache_dit_version(),
         "platform": platform.platform(),
     }
 
@@ -373,7 +375,7 @@ def main(argv=None) -> int:
         "schedule_describe": sched.describe(),
         "schedule_sources": where,
         "source_schedules": {k: {"schedule": v.to_dict(), "describe": v.describe()} for k, v in scheds.items()},
-        "tensorrt": setup.tensorrt_unavailable() or "available",
+        "tensorrt": pipelines.tensorrt_unavailable() or "available",
         "models": {},
     }
     c = measure.contention_probe(args.threads)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import bench_measure as measure
+import bench_pipelines as pipelines
 import bench_setup as setup
 import numpy as np
 from bench_measure import log
@@ -98,9 +99,9 @@ class ModelBench:
         if ROW_SCHEDULE[key] not in self.schedules:
             return f"no searched schedule within {setup.SCHEDULE_BUDGETS[ROW_SCHEDULE[key]]:.0%} under docs/search/"
         if is_cache_dit(key):
-            return setup.cache_dit_unavailable(self.family)
+            return pipelines.cache_dit_unavailable(self.family)
         if ROW_ENGINE[key] == "trt":
-            return setup.tensorrt_unavailable()
+            return pipelines.tensorrt_unavailable()
         if ROW_ENGINE[key] == "ort" and ROW_PRECISION[key] == "bf16":
             return setup.CPU_BF16
         return None
@@ -124,12 +125,14 @@ class ModelBench:
     def pipeline(self, key: str, copy_transformer: bool = True):
         if key not in self.pipes:
             if key == "diffusers":
-                self.pipes[key] = setup.stock_pipeline(self.family, self.family.transformer)
+                self.pipes[key] = pipelines.stock_pipeline(self.family, self.family.transformer)
             elif key == "diffusers-compile":
-                self.pipes[key] = setup.compiled_pipeline(self.family, copy_transformer=copy_transformer)
+                self.pipes[key] = pipelines.compiled_pipeline(self.family, copy_transformer=copy_transformer)
             else:
                 threshold = float(key.split("@")[1])
-                self.pipes[key] = setup.cache_dit_pipeline(self.family, self.steps, threshold, copy_transformer=copy_transformer)
+                self.pipes[key] = pipelines.cache_dit_pipeline(
+                    self.family, self.steps, threshold, copy_transformer=copy_transformer
+                )
         return self.pipes[key]
 
     def torch_row(self, key: str, copy_transformer: bool = True) -> Callable[[int], Any]:
@@ -138,7 +141,7 @@ class ModelBench:
         f = self.family
         if key != "rstr-torch":
             pipe = self.pipeline(key, copy_transformer)
-            return lambda b: setup.call_pipeline(pipe, f, self.inputs[b], self.steps, self.scale)
+            return lambda b: pipelines.call_pipeline(pipe, f, self.inputs[b], self.steps, self.scale)
         return lambda b: sample(f, self.rstr, self.inputs[b].cond, uncond=self.inputs[b].uncond, noise=self.inputs[b].noise)
 
     # -------------------------------------------------------------------------- bundles
@@ -153,7 +156,7 @@ class ModelBench:
 
     def bundle(self, kind: str, backend: str = "onnxruntime", precision: str = "fp32"):
         if (kind, backend, precision) not in self.bundles:
-            self.bundles[kind, backend, precision] = setup.build_bundle(
+            self.bundles[kind, backend, precision] = pipelines.build_bundle(
                 self.dir,
                 self.schedules[kind],
                 self.bundle_dir(kind, backend, precision),
@@ -304,7 +307,9 @@ class ModelBench:
             outs = []
             for lo in range(0, num, chunk):
                 inp = setup.Inputs(min(chunk, num - lo), seeds[lo : lo + chunk], None, {}, None, labels[lo : lo + chunk].tolist())
-                outs.append(setup.call_pipeline(self.pipeline(key), f, inp, self.steps, self.scale) * 2 - 1)  # [0,1] -> [-1,1]
+                outs.append(
+                    pipelines.call_pipeline(self.pipeline(key), f, inp, self.steps, self.scale) * 2 - 1  # [0,1] -> [-1,1]
+                )
             return torch.cat(outs)
 
         yield generate

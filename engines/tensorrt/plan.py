@@ -1,7 +1,7 @@
 """Pure TensorRT planning: optimization profiles, engine compatibility, step bindings and records.
 
 Everything here is computed from a bundle's typed manifest (no TensorRT, no CUDA), and is the
-tested part of the backend (tests/test_tensorrt.py); :mod:`.build` and :mod:`.runner` feed it
+tested part of the backend (tests/test_tensorrt_plan.py); :mod:`.build` and :mod:`.runner` feed it
 to TensorRT.
 """
 

@@ -2,6 +2,8 @@
 // same rules, in the same order, in the same words).
 #pragma once
 
+#include <algorithm>
+#include <cstdint>
 #include <filesystem>
 #include <map>
 #include <nlohmann/json.hpp>
@@ -31,5 +33,21 @@ std::optional<std::string> graph_file_problem(const std::filesystem::path& dir, 
 
 /// "[batch, 1, 8, 8]".
 std::string shape_text(const nlohmann::json& shape);
+
+// Helpers shared by validate.cpp (the document) and validate_files.cpp (the files and graphs).
+
+inline bool is_int(const nlohmann::json& v) { return v.is_number_integer() || v.is_number_unsigned(); }
+
+/// A schema-checked non-negative integer (dimensions, batch, counts) as uint64.
+inline uint64_t u64(const nlohmann::json& v) {
+  return v.is_number_unsigned() ? v.get<uint64_t>() : static_cast<uint64_t>(v.get<int64_t>());
+}
+
+inline std::string join_sorted(std::vector<std::string> names) {
+  std::sort(names.begin(), names.end());
+  std::string out;
+  for (const auto& n : names) out += (out.empty() ? "" : ", ") + n;
+  return "[" + out + "]";
+}
 
 }  // namespace rstr::validate
